@@ -1,0 +1,95 @@
+// pybind11 bindings of the CPU kernels. Tensors arrive as raw addresses (`tensor.data_ptr()`)
+// that pyserve/kernels/cpu.py has checked for dtype, shape and contiguity; the module never links
+// libtorch, so it builds in seconds and works with any torch version.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/attention.h"
+#include "cpu/denoise.h"
+#include "cpu/sampling.h"
+
+namespace py = pybind11;
+using pyserve::cpu::DenoiseArgs;
+using pyserve::cpu::DenseAttentionArgs;
+using pyserve::cpu::PagedAttentionArgs;
+using pyserve::cpu::SampleArgs;
+using pyserve::cpu::WriteKVArgs;
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyserve CPU kernels (fp32)";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.attr("MAX_HEAD_DIM") = pyserve::cpu::kMaxHeadDim;
+  m.attr("MAX_BLOCK_SIZE") = pyserve::cpu::kMaxBlockSize;
+  m.attr("MAX_GROUP") = pyserve::cpu::kMaxGroup;
+
+  m.def("num_threads", [] { return omp_get_max_threads(); });
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
+
+  m.def(
+      "paged_attention",
+      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables, uintptr_t seq_lens,
+         uintptr_t query_start, uintptr_t out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+         int block_size, int max_blocks, float scale, int window) {
+        pyserve::cpu::paged_attention(PagedAttentionArgs{
+            ptr<const float>(q), ptr<const float>(k_cache), ptr<const float>(v_cache),
+            ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens), ptr<const int32_t>(query_start),
+            ptr<float>(out), num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, window});
+      },
+      nogil);
+
+  m.def(
+      "dense_attention",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int batch, int num_heads, int num_kv_heads, int q_len,
+         int kv_len, int head_dim, float scale, bool causal) {
+        pyserve::cpu::dense_attention(DenseAttentionArgs{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
+                                                         ptr<float>(out), batch, num_heads, num_kv_heads, q_len,
+                                                         kv_len, head_dim, scale, causal});
+      },
+      nogil);
+
+  m.def(
+      "write_kv",
+      [](uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots, long num_tokens,
+         int num_kv_heads, int head_dim) {
+        pyserve::cpu::write_kv(WriteKVArgs{ptr<const float>(k), ptr<const float>(v), ptr<float>(k_cache),
+                                           ptr<float>(v_cache), ptr<const int64_t>(slots), num_tokens, num_kv_heads,
+                                           head_dim});
+      },
+      nogil);
+
+  m.def(
+      "sample",
+      [](uintptr_t logits, int batch, int vocab, long row_stride, uintptr_t temperature, uintptr_t top_p,
+         uintptr_t min_p, uintptr_t repetition, uintptr_t presence, uintptr_t frequency, uintptr_t top_k,
+         uintptr_t seed, uintptr_t step, uintptr_t prompt, uintptr_t prompt_off, uintptr_t output,
+         uintptr_t output_off, uintptr_t bias_tok, uintptr_t bias_off, uintptr_t bias_val, int num_logprobs,
+         uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens, uintptr_t top_logprobs) {
+        pyserve::cpu::sample(SampleArgs{
+            ptr<const float>(logits), batch, vocab, row_stride, ptr<const float>(temperature),
+            ptr<const float>(top_p), ptr<const float>(min_p), ptr<const float>(repetition),
+            ptr<const float>(presence), ptr<const float>(frequency), ptr<const int32_t>(top_k),
+            ptr<const int64_t>(seed), ptr<const int64_t>(step), ptr<const int32_t>(prompt),
+            ptr<const int32_t>(prompt_off), ptr<const int32_t>(output), ptr<const int32_t>(output_off),
+            ptr<const int32_t>(bias_tok), ptr<const int32_t>(bias_off), ptr<const float>(bias_val), num_logprobs,
+            ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)});
+      },
+      nogil);
+
+  m.def(
+      "denoise_step",
+      [](uintptr_t x, uintptr_t cond, uintptr_t uncond, uintptr_t prev_x0, uintptr_t coef, uintptr_t seed,
+         uintptr_t step, uintptr_t x_next, uintptr_t x0, int batch, long numel) {
+        pyserve::cpu::denoise_step(DenoiseArgs{ptr<const float>(x), ptr<const float>(cond), ptr<const float>(uncond),
+                                               ptr<const float>(prev_x0), ptr<const float>(coef),
+                                               ptr<const int64_t>(seed), ptr<const int64_t>(step), ptr<float>(x_next),
+                                               ptr<float>(x0), batch, numel});
+      },
+      nogil);
+}

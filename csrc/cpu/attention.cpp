@@ -1,0 +1,303 @@
+// CPU attention (fp32): paged attention over a block-table KV cache, KV writes by slot, and dense
+// attention. One online-softmax core serves all three callers: a work item is a set of query rows
+// that share one KV head (all heads of a GQA group, several tokens of a prefill chunk), and it walks
+// the keys tile by tile, so each key and value is read once for the whole group.
+#include "cpu/attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/vec.h"
+
+namespace pyserve::cpu {
+namespace {
+
+constexpr int kMaxRows = 64;       // query rows per work item
+constexpr int kMaxTile = 64;       // keys per tile
+constexpr int kSplitKeys = 512;    // keys per split of a long decode
+
+struct Tile {
+  const float* k;  // first key of the tile; later keys follow at `stride`
+  const float* v;
+  int first_pos;   // position of the first key
+  int len;
+};
+
+// The state of a work item's rows: running max, running sum and unnormalised output.
+struct RowState {
+  int n = 0;
+  int dim = 0;
+  const float* q[kMaxRows];
+  int pos[kMaxRows];
+  float m[kMaxRows];
+  float l[kMaxRows];
+  alignas(32) float o[kMaxRows * 256];
+  alignas(32) float s[kMaxRows * kMaxTile];
+};
+
+// S[r][j] = scale * q_r . k_j for four rows at a time, sharing each key load.
+void scores(RowState& st, const Tile& t, int stride, float scale) {
+  const int d = st.dim;
+  for (int j = 0; j < t.len; ++j) {
+    const float* k = t.k + static_cast<long>(j) * stride;
+    int r = 0;
+#ifdef PYSERVE_AVX2
+    for (; d % 8 == 0 && r + 4 <= st.n; r += 4) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < d; i += 8) {
+        __m256 kv = _mm256_loadu_ps(k + i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r] + i), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 1] + i), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 2] + i), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 3] + i), kv, a3);
+      }
+      st.s[r * kMaxTile + j] = hsum(a0) * scale;
+      st.s[(r + 1) * kMaxTile + j] = hsum(a1) * scale;
+      st.s[(r + 2) * kMaxTile + j] = hsum(a2) * scale;
+      st.s[(r + 3) * kMaxTile + j] = hsum(a3) * scale;
+    }
+#endif
+    for (; r < st.n; ++r) st.s[r * kMaxTile + j] = dot(st.q[r], k, d) * scale;
+  }
+}
+
+// O[r] += sum_j P[r][j] * v_j, six rows by sixteen columns held in registers.
+void accumulate_values(RowState& st, const Tile& t, int stride) {
+  const int d = st.dim;
+  int r = 0;
+#ifdef PYSERVE_AVX2
+  if (d % 16 == 0) {
+    for (; r + 6 <= st.n; r += 6) {
+      for (int c = 0; c < d; c += 16) {
+        __m256 acc[6][2];
+        for (int i = 0; i < 6; ++i) {
+          acc[i][0] = _mm256_load_ps(st.o + (r + i) * d + c);
+          acc[i][1] = _mm256_load_ps(st.o + (r + i) * d + c + 8);
+        }
+        for (int j = 0; j < t.len; ++j) {
+          const float* v = t.v + static_cast<long>(j) * stride + c;
+          __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+          for (int i = 0; i < 6; ++i) {
+            __m256 p = _mm256_broadcast_ss(st.s + (r + i) * kMaxTile + j);
+            acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
+          }
+        }
+        for (int i = 0; i < 6; ++i) {
+          _mm256_store_ps(st.o + (r + i) * d + c, acc[i][0]);
+          _mm256_store_ps(st.o + (r + i) * d + c + 8, acc[i][1]);
+        }
+      }
+    }
+  }
+#endif
+  for (; r < st.n; ++r)
+    for (int j = 0; j < t.len; ++j) {
+      float p = st.s[r * kMaxTile + j];
+      if (p != 0.0f) scale_add(st.o + r * d, 1.0f, p, t.v + static_cast<long>(j) * stride, d);
+    }
+}
+
+// One tile of the online softmax: mask, rescale the running state, accumulate P.V.
+void attend_tile(RowState& st, const Tile& t, int stride, float scale, bool causal, int window) {
+  scores(st, t, stride, scale);
+  const int d = st.dim;
+  for (int r = 0; r < st.n; ++r) {
+    float* s = st.s + r * kMaxTile;
+    for (int j = 0; j < t.len; ++j) {
+      int dist = st.pos[r] - (t.first_pos + j);
+      if ((causal && dist < 0) || (window > 0 && dist >= window)) s[j] = -INFINITY;
+    }
+    float tile_max = max_of(s, t.len);
+    if (tile_max == -INFINITY) {
+      std::fill(s, s + t.len, 0.0f);
+      continue;
+    }
+    float m_new = std::max(st.m[r], tile_max);
+    float alpha = std::exp(st.m[r] - m_new);
+    st.l[r] = st.l[r] * alpha + exp_sub_sum(s, m_new, t.len);
+    if (alpha != 1.0f) scale_add(st.o + r * d, alpha, 0.0f, st.o + r * d, d);
+    st.m[r] = m_new;
+  }
+  accumulate_values(st, t, stride);
+}
+
+void reset(RowState& st) {
+  std::fill(st.m, st.m + st.n, -INFINITY);
+  std::fill(st.l, st.l + st.n, 0.0f);
+  std::fill(st.o, st.o + st.n * st.dim, 0.0f);
+}
+
+void write_normalised(const RowState& st, int r, float* out) {
+  float inv = st.l[r] > 0.0f ? 1.0f / st.l[r] : 0.0f;
+  for (int i = 0; i < st.dim; ++i) out[i] = st.o[r * st.dim + i] * inv;
+}
+
+// A unit of parallel work: some query tokens of one sequence, one KV head, a range of blocks.
+struct WorkItem {
+  int seq, kv_head, tok_begin, tok_end, blk_begin, blk_end;
+  int split;  // index into the split scratch, or -1 when the item covers all keys
+};
+
+}  // namespace
+
+void paged_attention(const PagedAttentionArgs& a) {
+  const int group = a.num_heads / a.num_kv_heads;
+  const int tok_tile = std::max(1, kMaxRows / group);
+  const int split_blocks = std::max(1, kSplitKeys / a.block_size);
+  const int stride = a.num_kv_heads * a.head_dim;
+
+  std::vector<WorkItem> items;
+  std::vector<int> split_first;  // per split group: index of its first partial row set
+  int n_partials = 0;
+  for (int s = 0; s < a.num_seqs; ++s) {
+    int q0 = a.query_start[s], qlen = a.query_start[s + 1] - q0, ctx = a.seq_lens[s];
+    if (qlen == 0) continue;
+    int n_blocks = (ctx + a.block_size - 1) / a.block_size;
+    // The window limits which blocks any of these queries can see.
+    int first_blk = a.window > 0 ? std::max(0, ctx - qlen - a.window + 1) / a.block_size : 0;
+    int span = n_blocks - first_blk;
+    bool split = qlen == 1 && span > 2 * split_blocks;
+    for (int h = 0; h < a.num_kv_heads; ++h) {
+      if (split) {
+        for (int b = first_blk; b < n_blocks; b += split_blocks)
+          items.push_back({s, h, 0, 1, b, std::min(n_blocks, b + split_blocks), n_partials++});
+      } else {
+        for (int t = 0; t < qlen; t += tok_tile)
+          items.push_back({s, h, t, std::min(qlen, t + tok_tile), first_blk, n_blocks, -1});
+      }
+    }
+  }
+  // Partials of split decode: per (split, head in group): m, l, and D outputs.
+  std::vector<float> part_ml(static_cast<size_t>(n_partials) * group * 2);
+  std::vector<float> part_o(static_cast<size_t>(n_partials) * group * a.head_dim);
+
+#pragma omp parallel
+  {
+    auto* st = new RowState();
+    st->dim = a.head_dim;
+#pragma omp for schedule(dynamic, 1)
+    for (size_t w = 0; w < items.size(); ++w) {
+      const WorkItem& it = items[w];
+      int q0 = a.query_start[it.seq], qlen = a.query_start[it.seq + 1] - q0, ctx = a.seq_lens[it.seq];
+      st->n = (it.tok_end - it.tok_begin) * group;
+      for (int t = it.tok_begin, r = 0; t < it.tok_end; ++t)
+        for (int g = 0; g < group; ++g, ++r) {
+          st->q[r] = a.q + (static_cast<long>(q0 + t) * a.num_heads + it.kv_head * group + g) * a.head_dim;
+          st->pos[r] = ctx - qlen + t;
+        }
+      reset(*st);
+      int max_pos = ctx - qlen + it.tok_end - 1, min_pos = ctx - qlen + it.tok_begin;
+      const int32_t* table = a.block_tables + static_cast<long>(it.seq) * a.max_blocks;
+      for (int b = it.blk_begin; b < it.blk_end; ++b) {
+        int first = b * a.block_size;
+        if (first > max_pos) break;
+        int len = std::min(a.block_size, ctx - first);
+        if (a.window > 0 && first + len - 1 <= min_pos - a.window) continue;
+        long base = static_cast<long>(table[b]) * a.block_size * stride + it.kv_head * a.head_dim;
+        Tile tile{a.k_cache + base, a.v_cache + base, first, len};
+        attend_tile(*st, tile, stride, a.scale, true, a.window);
+      }
+      for (int r = 0; r < st->n; ++r) {
+        int t = it.tok_begin + r / group, head = it.kv_head * group + r % group;
+        if (it.split < 0) {
+          write_normalised(*st, r, a.out + (static_cast<long>(q0 + t) * a.num_heads + head) * a.head_dim);
+        } else {
+          long p = static_cast<long>(it.split) * group + r;
+          part_ml[2 * p] = st->m[r];
+          part_ml[2 * p + 1] = st->l[r];
+          std::memcpy(&part_o[p * a.head_dim], st->o + r * a.head_dim, sizeof(float) * a.head_dim);
+        }
+      }
+    }
+    delete st;
+  }
+  if (n_partials == 0) return;
+
+  // Merge the splits of each (sequence, KV head): consecutive items with split >= 0.
+  std::vector<std::pair<size_t, size_t>> runs;
+  for (size_t w = 0; w < items.size();) {
+    if (items[w].split < 0) { ++w; continue; }
+    size_t e = w + 1;
+    while (e < items.size() && items[e].split >= 0 && items[e].seq == items[w].seq &&
+           items[e].kv_head == items[w].kv_head)
+      ++e;
+    runs.push_back({w, e});
+    w = e;
+  }
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < runs.size(); ++i) {
+    auto [w0, w1] = runs[i];
+    const WorkItem& it = items[w0];
+    int q0 = a.query_start[it.seq];
+    for (int g = 0; g < group; ++g) {
+      float m = -INFINITY;
+      for (size_t w = w0; w < w1; ++w) m = std::max(m, part_ml[2 * (items[w].split * group + g)]);
+      float* out = a.out + (static_cast<long>(q0) * a.num_heads + it.kv_head * group + g) * a.head_dim;
+      std::fill(out, out + a.head_dim, 0.0f);
+      float total = 0.0f;
+      for (size_t w = w0; w < w1; ++w) {
+        long p = static_cast<long>(items[w].split) * group + g;
+        if (part_ml[2 * p + 1] == 0.0f) continue;
+        float f = std::exp(part_ml[2 * p] - m);
+        total += part_ml[2 * p + 1] * f;
+        scale_add(out, 1.0f, f, &part_o[p * a.head_dim], a.head_dim);
+      }
+      if (total > 0.0f) scale_add(out, 1.0f / total, 0.0f, out, a.head_dim);
+    }
+  }
+}
+
+void dense_attention(const DenseAttentionArgs& a) {
+  const int group = a.num_heads / a.num_kv_heads;
+  const int tok_tile = std::max(1, kMaxRows / group);
+  const int n_tok_tiles = (a.q_len + tok_tile - 1) / tok_tile;
+  const long n_items = static_cast<long>(a.batch) * a.num_kv_heads * n_tok_tiles;
+  const int offset = a.kv_len - a.q_len;  // causal masks align the last query with the last key
+#pragma omp parallel
+  {
+    auto* st = new RowState();
+    st->dim = a.head_dim;
+#pragma omp for schedule(dynamic, 1)
+    for (long w = 0; w < n_items; ++w) {
+      int tile_idx = w % n_tok_tiles, h = (w / n_tok_tiles) % a.num_kv_heads, b = w / n_tok_tiles / a.num_kv_heads;
+      int t0 = tile_idx * tok_tile, t1 = std::min(a.q_len, t0 + tok_tile);
+      st->n = (t1 - t0) * group;
+      for (int t = t0, r = 0; t < t1; ++t)
+        for (int g = 0; g < group; ++g, ++r) {
+          st->q[r] = a.q + ((static_cast<long>(b) * a.num_heads + h * group + g) * a.q_len + t) * a.head_dim;
+          st->pos[r] = offset + t;
+        }
+      reset(*st);
+      long kv_base = (static_cast<long>(b) * a.num_kv_heads + h) * a.kv_len * a.head_dim;
+      int end = a.causal ? std::min(a.kv_len, offset + t1) : a.kv_len;
+      for (int k0 = 0; k0 < end; k0 += kMaxTile) {
+        Tile tile{a.k + kv_base + static_cast<long>(k0) * a.head_dim, a.v + kv_base + static_cast<long>(k0) * a.head_dim,
+                  k0, std::min(kMaxTile, end - k0)};
+        attend_tile(*st, tile, a.head_dim, a.scale, a.causal, 0);
+      }
+      for (int r = 0; r < st->n; ++r) {
+        int t = t0 + r / group, head = h * group + r % group;
+        write_normalised(*st, r, a.out + ((static_cast<long>(b) * a.num_heads + head) * a.q_len + t) * a.head_dim);
+      }
+    }
+    delete st;
+  }
+}
+
+void write_kv(const WriteKVArgs& a) {
+  const long row = static_cast<long>(a.num_kv_heads) * a.head_dim;
+#pragma omp parallel for schedule(static)
+  for (long i = 0; i < a.num_tokens; ++i) {
+    long slot = a.slots[i];
+    if (slot < 0) continue;
+    std::memcpy(a.k_cache + slot * row, a.k + i * row, sizeof(float) * row);
+    std::memcpy(a.v_cache + slot * row, a.v + i * row, sizeof(float) * row);
+  }
+}
+
+}  // namespace pyserve::cpu

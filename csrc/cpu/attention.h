@@ -1,0 +1,49 @@
+// CPU attention kernels (fp32, contiguous inputs checked by the Python facade).
+#pragma once
+#include <cstdint>
+
+namespace pyserve::cpu {
+
+// Limits of the CPU kernels' fixed-size scratch; the facade checks them.
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxBlockSize = 64;
+constexpr int kMaxGroup = 64;
+
+struct PagedAttentionArgs {
+  const float* q;            // [T, H, D]
+  const float* k_cache;      // [num_blocks, block_size, Hkv, D]
+  const float* v_cache;
+  const int32_t* block_tables;  // [S, max_blocks]
+  const int32_t* seq_lens;      // [S]
+  const int32_t* query_start;   // [S + 1]
+  float* out;                // [T, H, D]
+  int num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  float scale;
+  int window;  // 0 = no sliding window
+};
+
+struct DenseAttentionArgs {
+  const float* q;  // [B, H, Lq, D]
+  const float* k;  // [B, Hkv, Lk, D]
+  const float* v;
+  float* out;      // [B, H, Lq, D]
+  int batch, num_heads, num_kv_heads, q_len, kv_len, head_dim;
+  float scale;
+  bool causal;
+};
+
+struct WriteKVArgs {
+  const float* k;  // [T, Hkv, D]
+  const float* v;
+  float* k_cache;  // [num_blocks * block_size, Hkv, D]
+  float* v_cache;
+  const int64_t* slots;  // [T], -1 skips
+  long num_tokens;
+  int num_kv_heads, head_dim;
+};
+
+void paged_attention(const PagedAttentionArgs& args);
+void dense_attention(const DenseAttentionArgs& args);
+void write_kv(const WriteKVArgs& args);
+
+}  // namespace pyserve::cpu

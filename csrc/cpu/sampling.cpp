@@ -1,0 +1,173 @@
+// CPU fused sampler: penalties, logit bias, temperature, top-k / top-p / min-p, a seeded draw and
+// logprobs in one pass per row. The vocabulary is never fully sorted on the common path: top-k
+// and top-n come from a bounded heap, and top-p looks only at the largest logits unless their
+// mass falls short of p.
+#include "cpu/sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/vec.h"
+#include "philox.h"
+
+namespace pyserve::cpu {
+namespace {
+
+using Scored = std::pair<float, int>;  // (value, token)
+
+// Larger value first; among equal values the lower token id first (torch.topk's order).
+inline bool before(const Scored& a, const Scored& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+// The k largest entries of x, in `before` order.
+void top_entries(const float* x, int n, int k, std::vector<Scored>& out) {
+  out.clear();
+  k = std::min(k, n);
+  if (k <= 0) return;
+  // A heap whose top is the worst kept entry: most candidates are rejected with one compare.
+  for (int i = 0; i < n; ++i) {
+    if (static_cast<int>(out.size()) < k) {
+      out.push_back({x[i], i});
+      std::push_heap(out.begin(), out.end(), before);
+    } else if (x[i] > out.front().first) {
+      std::pop_heap(out.begin(), out.end(), before);
+      out.back() = {x[i], i};
+      std::push_heap(out.begin(), out.end(), before);
+    }
+  }
+  std::sort_heap(out.begin(), out.end(), before);
+}
+
+struct RowScratch {
+  std::vector<float> x;
+  std::vector<uint8_t> seen;
+  std::vector<int> counts;
+  std::vector<Scored> top;
+  explicit RowScratch(int vocab) : x(vocab), seen(vocab, 0), counts(vocab, 0) {}
+};
+
+void apply_penalties(const SampleArgs& a, int row, RowScratch& w) {
+  float* x = w.x.data();
+  const int32_t* out_b = a.output + a.output_off[row];
+  const int32_t* out_e = a.output + a.output_off[row + 1];
+  const float rep = a.repetition_penalty[row];
+  if (rep != 1.0f) {
+    auto penalise = [&](const int32_t* b, const int32_t* e) {
+      for (const int32_t* t = b; t < e; ++t)
+        if (!w.seen[*t]) {
+          w.seen[*t] = 1;
+          x[*t] = x[*t] > 0 ? x[*t] / rep : x[*t] * rep;
+        }
+    };
+    penalise(a.prompt + a.prompt_off[row], a.prompt + a.prompt_off[row + 1]);
+    penalise(out_b, out_e);
+    for (const int32_t* t = a.prompt + a.prompt_off[row]; t < a.prompt + a.prompt_off[row + 1]; ++t) w.seen[*t] = 0;
+    for (const int32_t* t = out_b; t < out_e; ++t) w.seen[*t] = 0;
+  }
+  const float freq = a.frequency_penalty[row], pres = a.presence_penalty[row];
+  if (freq != 0.0f || pres != 0.0f) {
+    for (const int32_t* t = out_b; t < out_e; ++t) ++w.counts[*t];
+    for (const int32_t* t = out_b; t < out_e; ++t)
+      if (w.counts[*t] > 0) {
+        x[*t] -= freq * w.counts[*t] + pres;
+        w.counts[*t] = 0;  // each distinct token once; also leaves the scratch clean
+      }
+  }
+  for (int i = a.bias_off[row]; i < a.bias_off[row + 1]; ++i) x[a.bias_tok[i]] += a.bias_val[i];
+}
+
+// The logit threshold that top-k / top-p / min-p put on a row (keep x >= threshold).
+float candidate_threshold(const SampleArgs& a, int row, RowScratch& w, float x_max, float inv_t) {
+  const int vocab = a.vocab;
+  const float* x = w.x.data();
+  float threshold = -INFINITY;
+  const int k = a.top_k[row];
+  const bool use_k = k > 0 && k < vocab;
+  const float top_p = a.top_p[row];
+  if (use_k) {
+    top_entries(x, vocab, k, w.top);
+    threshold = w.top.back().first;
+  }
+  if (top_p < 1.0f) {
+    // The candidate set's mass (ties at the top-k threshold stay in), then its largest entries.
+    float total = sum_exp_above(x, vocab, x_max, inv_t, threshold);
+    if (!use_k) top_entries(x, vocab, std::min(vocab, 1024), w.top);
+    auto nucleus_end = [&](const std::vector<Scored>& sorted, float* last) {
+      float before_mass = 0.0f;
+      for (const Scored& e : sorted) {
+        if (e.first < threshold) break;
+        if (before_mass >= top_p * total) return true;
+        *last = e.first;
+        before_mass += std::exp((e.first - x_max) * inv_t);
+      }
+      return before_mass >= top_p * total;
+    };
+    float last = threshold;
+    if (!nucleus_end(w.top, &last) && !use_k) {
+      // The largest 1024 hold too little mass (a flat distribution): sort what remains.
+      w.top.clear();
+      for (int i = 0; i < vocab; ++i) w.top.push_back({x[i], i});
+      std::sort(w.top.begin(), w.top.end(), before);
+      nucleus_end(w.top, &last);
+    }
+    threshold = std::max(threshold, last);
+  }
+  const float min_p = a.min_p[row];
+  if (min_p > 0.0f) threshold = std::max(threshold, x_max + std::log(min_p) / inv_t);
+  return threshold;
+}
+
+void sample_row(const SampleArgs& a, int row, RowScratch& w) {
+  const int vocab = a.vocab;
+  const float* logits = a.logits + static_cast<long>(row) * a.row_stride;
+  std::memcpy(w.x.data(), logits, sizeof(float) * vocab);
+  float raw_max = max_of(logits, vocab);
+  float raw_lse = raw_max + std::log(sum_exp_above(logits, vocab, raw_max, 1.0f, -INFINITY));
+
+  apply_penalties(a, row, w);
+  const float* x = w.x.data();
+  const float x_max = max_of(x, vocab);
+  int token = 0;
+  const float temperature = a.temperature[row];
+  if (temperature <= 0.0f) {
+    while (x[token] != x_max) ++token;  // first maximum
+  } else {
+    const float inv_t = 1.0f / temperature;
+    float threshold = candidate_threshold(a, row, w, x_max, inv_t);
+    float total = sum_exp_above(x, vocab, x_max, inv_t, threshold);
+    float target = uniform(a.seed[row], static_cast<uint32_t>(a.step[row]), 0, kSampleStream) * total;
+    float cdf = 0.0f;
+    token = -1;
+    for (int i = 0; i < vocab; ++i) {
+      if (x[i] < threshold) continue;
+      cdf += std::exp((x[i] - x_max) * inv_t);
+      token = i;
+      if (cdf > target) break;
+    }
+  }
+  a.tokens[row] = token;
+  a.logprobs[row] = logits[token] - raw_lse;
+  if (a.num_logprobs > 0) {
+    top_entries(logits, vocab, a.num_logprobs, w.top);
+    for (int i = 0; i < a.num_logprobs; ++i) {
+      a.top_tokens[static_cast<long>(row) * a.num_logprobs + i] = w.top[i].second;
+      a.top_logprobs[static_cast<long>(row) * a.num_logprobs + i] = w.top[i].first - raw_lse;
+    }
+  }
+}
+
+}  // namespace
+
+void sample(const SampleArgs& a) {
+#pragma omp parallel if (a.batch > 1)
+  {
+    RowScratch w(a.vocab);
+#pragma omp for schedule(dynamic, 1)
+    for (int row = 0; row < a.batch; ++row) sample_row(a, row, w);
+  }
+}
+
+}  // namespace pyserve::cpu

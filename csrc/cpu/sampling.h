@@ -1,0 +1,27 @@
+// CPU fused sampler (fp32 logits, per-row parameters; see pyserve.kernels.sample).
+#pragma once
+#include <cstdint>
+
+namespace pyserve::cpu {
+
+struct SampleArgs {
+  const float* logits;  // [B, V], rows `row_stride` apart
+  int batch, vocab;
+  long row_stride;
+  const float *temperature, *top_p, *min_p;
+  const float *repetition_penalty, *presence_penalty, *frequency_penalty;
+  const int32_t* top_k;
+  const int64_t *seed, *step;
+  const int32_t *prompt, *prompt_off, *output, *output_off;  // CSR token lists
+  const int32_t *bias_tok, *bias_off;
+  const float* bias_val;
+  int num_logprobs;
+  int64_t* tokens;        // [B]
+  float* logprobs;        // [B]
+  int64_t* top_tokens;    // [B, num_logprobs]
+  float* top_logprobs;    // [B, num_logprobs]
+};
+
+void sample(const SampleArgs& args);
+
+}  // namespace pyserve::cpu

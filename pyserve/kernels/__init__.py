@@ -1,0 +1,146 @@
+"""The kernel core: one entry point per op, argument checks, and dispatch to a back-end.
+
+Back-ends: `reference` (pure torch, the ground truth), `cpu` (C++), `cuda` (CUDA C++) and `triton`.
+Each op picks one from its tensors' device (see `dispatch`); `backend=` or the environment
+variable PYSERVE_KERNEL_BACKEND forces one.
+
+Example:
+    >>> import torch
+    >>> from pyserve import kernels
+    >>> q, k, v = (torch.randn(1, 4, 16, 64) for _ in range(3))
+    >>> kernels.dense_attention(q, k, v).shape
+    torch.Size([1, 4, 16, 64])
+"""
+
+import torch
+
+from . import checks
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, KernelInputError
+from .dispatch import BACKENDS, BackendUnavailable, available, backend_for
+from .types import Coef, SampleResult, SamplingRow, SamplingTensors
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "SampleResult", "SamplingRow", "SamplingTensors",
+    "available", "dense_attention", "denoise_step", "paged_attention", "sample", "write_kv",
+]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
+    """Store new keys/values [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] in place.
+
+    Token i goes to slot `slot_mapping[i]` = block * block_size + offset; a slot of -1 is skipped.
+    """
+    dev = k.device
+    checks.tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES)
+    checks.tensor(v, "v", dtypes=FLOAT_DTYPES, device=dev, shape=tuple(k.shape))
+    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, *k.shape[1:]))
+    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
+    checks.tensor(slot_mapping, "slot_mapping", dtypes=INDEX_DTYPES, device=dev, shape=(k.shape[0],))
+    backend_for(dev, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, scale: float | None = None,
+                    sliding_window: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Causal attention for a mixed batch of prefill chunks and decode steps over a paged KV cache.
+
+    q [T, H, D]: the new tokens of all sequences back to back; sequence s owns rows
+    query_start_loc[s]:query_start_loc[s+1] and they are the last of its seq_lens[s] tokens (whose
+    keys/values must already be in the cache). k_cache/v_cache [num_blocks, block_size, Hkv, D] with
+    H a multiple of Hkv (GQA/MQA); block_tables [S, max_blocks]. `sliding_window` > 0 lets a query
+    at position p see keys at p - window + 1 .. p. Returns [T, H, D] in q's dtype.
+    """
+    dev = q.device
+    checks.tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    t, h, d = q.shape
+    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, None, d))
+    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
+    hkv = k_cache.shape[2]
+    checks.check(h % hkv == 0, f"q has {h} heads, which is not a multiple of the cache's {hkv} KV heads")
+    checks.tensor(block_tables, "block_tables", ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    s = block_tables.shape[0]
+    checks.tensor(seq_lens, "seq_lens", dtypes=INDEX_DTYPES, device=dev, shape=(s,))
+    checks.tensor(query_start_loc, "query_start_loc", dtypes=INDEX_DTYPES, device=dev, shape=(s + 1,))
+    checks.check(sliding_window >= 0, f"sliding_window must be >= 0, got {sliding_window}")
+    if dev.type == "cpu" and s > 0:  # cheap on the CPU; on a GPU it would force a sync
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
+        checks.check(int(query_start_loc[-1]) == t, f"query_start_loc[-1] must equal q.shape[0] = {t}")
+        checks.check(bool((q_lens >= 0).all()) and bool((q_lens <= seq_lens).all()),
+                     "each sequence's query length must be between 0 and its seq_len")
+        checks.check(int(seq_lens.max()) <= block_tables.shape[1] * k_cache.shape[1],
+                     "a seq_len exceeds what its block table can address")
+    scale = d**-0.5 if scale is None else float(scale)
+    return backend_for(dev, backend).paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                     scale, int(sliding_window))
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    causal: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Attention over q [B, H, Lq, D] and k/v [B, Hkv, Lk, D]; causal masks align the last query
+    with the last key. Returns [B, H, Lq, D]."""
+    dev = q.device
+    checks.tensor(q, "q", ndim=4, dtypes=FLOAT_DTYPES)
+    b, h, _, d = q.shape
+    checks.tensor(k, "k", ndim=4, dtypes=(q.dtype,), device=dev, shape=(b, None, None, d))
+    checks.tensor(v, "v", dtypes=(q.dtype,), device=dev, shape=tuple(k.shape))
+    checks.check(h % k.shape[1] == 0, f"q has {h} heads, which is not a multiple of k's {k.shape[1]} heads")
+    scale = d**-0.5 if scale is None else float(scale)
+    return backend_for(dev, backend).dense_attention(q, k, v, scale, causal)
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int = 0,
+           backend: str | None = None) -> SampleResult:
+    """Choose one token per row of logits [B, V] with that row's parameters.
+
+    Per row: repetition penalty (divides positive, multiplies negative logits of prompt and output
+    tokens), presence and frequency penalties (over output counts), logit bias; then greedy when
+    temperature is 0, else temperature, top-k, top-p, min-p and a draw from the counter-based
+    generator keyed by (seed, step), so a seeded row's token does not depend on its batch.
+    Log-probabilities (of the chosen token and the top `num_logprobs`) are of the raw logits.
+    """
+    dev = logits.device
+    checks.tensor(logits, "logits", ndim=2, dtypes=FLOAT_DTYPES)
+    batch, vocab = logits.shape
+    checks.check(params.batch_size == batch, f"params has {params.batch_size} rows, logits has {batch}")
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "step"):
+        checks.tensor(getattr(params, name), f"params.{name}", device=dev, shape=(batch,))
+    for name in ("prompt_offsets", "output_offsets", "bias_offsets"):
+        checks.tensor(getattr(params, name), f"params.{name}", device=dev, shape=(batch + 1,))
+    checks.check(0 <= num_logprobs <= vocab, f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
+    if dev.type == "cpu":
+        for name in ("prompt_tokens", "output_tokens", "bias_tokens"):
+            ids = getattr(params, name)
+            checks.check(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
+                         f"params.{name} holds token ids outside [0, {vocab})")
+        checks.check(bool((params.top_p > 0).all()) and bool((params.top_p <= 1).all()),
+                     "params.top_p must be in (0, 1]")
+        checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
+        checks.check(bool((params.repetition_penalty > 0).all()), "params.repetition_penalty must be > 0")
+    return backend_for(dev, backend).sample(logits, params, num_logprobs)
+
+
+def denoise_step(x: torch.Tensor, cond: torch.Tensor, coef: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, *,
+                 uncond: torch.Tensor | None = None, prev_x0: torch.Tensor | None = None,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused scheduler step for every row of latents x [B, ...].
+
+    cond (and uncond, for classifier-free guidance) are the denoiser's outputs for x; coef
+    [B, Coef.COUNT] holds each row's coefficients (see `Coef` and `schedulers`); prev_x0 is the
+    previous step's x0 for multistep solvers; noise is drawn per row from (seed, step).
+    Returns (x_next, x0).
+    """
+    dev = x.device
+    checks.tensor(x, "x", dtypes=FLOAT_DTYPES)
+    checks.check(x.dim() >= 2, f"x must be [batch, ...], got shape {tuple(x.shape)}")
+    batch = x.shape[0]
+    checks.tensor(cond, "cond", device=dev, shape=tuple(x.shape))
+    if uncond is not None:
+        checks.tensor(uncond, "uncond", device=dev, shape=tuple(x.shape))
+    if prev_x0 is not None:
+        checks.tensor(prev_x0, "prev_x0", device=dev, shape=tuple(x.shape))
+    checks.tensor(coef, "coef", dtypes=FLOAT_DTYPES, device=dev, shape=(batch, Coef.COUNT))
+    checks.tensor(seed, "seed", dtypes=INDEX_DTYPES, device=dev, shape=(batch,))
+    checks.tensor(step, "step", dtypes=INDEX_DTYPES, device=dev, shape=(batch,))
+    return backend_for(dev, backend).denoise_step(x, cond, uncond, prev_x0, coef, seed, step)

@@ -1,0 +1,97 @@
+"""The C++ CPU back-end (`pyserve._C`): fp32 compute; other dtypes are converted at the edges."""
+
+import torch
+
+from .checks import check
+from .types import SampleResult, SamplingTensors
+
+try:
+    from pyserve import _C
+    AVAILABLE = True
+except ImportError:  # the extension was not built
+    _C = None
+    AVAILABLE = False
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def _opt(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if k_cache.dtype != torch.float32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the cpu back-end needs contiguous float32 KV caches")
+    slots = slot_mapping.to(torch.int64).contiguous()
+    k, v = _f32(k), _f32(v)
+    _C.write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                k.shape[0], k.shape[1], k.shape[2])
+
+
+def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
+    check(head_dim <= _C.MAX_HEAD_DIM, f"the cpu back-end supports head_dim <= {_C.MAX_HEAD_DIM}, got {head_dim}")
+    check(group <= _C.MAX_GROUP, f"the cpu back-end supports <= {_C.MAX_GROUP} query heads per KV head")
+    check(block_size <= _C.MAX_BLOCK_SIZE, f"the cpu back-end supports block_size <= {_C.MAX_BLOCK_SIZE}")
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
+    _check_limits(q.shape[2], q.shape[1] // k_cache.shape[2], k_cache.shape[1])
+    qf, kc, vc = _f32(q), _f32(k_cache), _f32(v_cache)
+    bt, sl, qs = _i32(block_tables), _i32(seq_lens), _i32(query_start_loc)
+    out = torch.empty_like(qf)
+    _C.paged_attention(qf.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(),
+                       out.data_ptr(), sl.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+                       bt.shape[1], float(scale), int(sliding_window))
+    return out.to(q.dtype)
+
+
+def dense_attention(q, k, v, scale, causal=False):
+    _check_limits(q.shape[3], q.shape[1] // k.shape[1])
+    qf, kf, vf = _f32(q), _f32(k), _f32(v)
+    out = torch.empty_like(qf)
+    b, h, lq, d = q.shape
+    _C.dense_attention(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), out.data_ptr(), b, h, k.shape[1], lq, k.shape[2],
+                       d, float(scale), bool(causal))
+    return out.to(q.dtype)
+
+
+def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> SampleResult:
+    x = logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)
+    batch, vocab = x.shape
+    f = {name: _f32(getattr(p, name)) for name in
+         ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+          "bias_values")}
+    i = {name: _i32(getattr(p, name)) for name in
+         ("top_k", "prompt_tokens", "prompt_offsets", "output_tokens", "output_offsets", "bias_tokens",
+          "bias_offsets")}
+    seed, step = p.seed.to(torch.int64).contiguous(), p.step.to(torch.int64).contiguous()
+    tokens = torch.empty(batch, dtype=torch.int64)
+    logprobs = torch.empty(batch, dtype=torch.float32)
+    top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64)
+    top_logprobs = torch.empty(batch, num_logprobs, dtype=torch.float32)
+    _C.sample(x.data_ptr(), batch, vocab, x.stride(0), f["temperature"].data_ptr(), f["top_p"].data_ptr(),
+              f["min_p"].data_ptr(), f["repetition_penalty"].data_ptr(), f["presence_penalty"].data_ptr(),
+              f["frequency_penalty"].data_ptr(), i["top_k"].data_ptr(), seed.data_ptr(), step.data_ptr(),
+              i["prompt_tokens"].data_ptr(), i["prompt_offsets"].data_ptr(), i["output_tokens"].data_ptr(),
+              i["output_offsets"].data_ptr(), i["bias_tokens"].data_ptr(), i["bias_offsets"].data_ptr(),
+              f["bias_values"].data_ptr(), num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
+              top_tokens.data_ptr(), top_logprobs.data_ptr())
+    return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
+
+
+def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):
+    batch = x.shape[0]
+    xf, cf = _f32(x), _f32(cond)
+    uf = None if uncond is None else _f32(uncond)
+    pf = None if prev_x0 is None else _f32(prev_x0)
+    coef, seed, step = _f32(coef), seed.to(torch.int64).contiguous(), step.to(torch.int64).contiguous()
+    x_next, x0 = torch.empty_like(xf), torch.empty_like(xf)
+    _C.denoise_step(xf.data_ptr(), cf.data_ptr(), _opt(uf), _opt(pf), coef.data_ptr(), seed.data_ptr(),
+                    step.data_ptr(), x_next.data_ptr(), x0.data_ptr(), batch, xf[0].numel() if batch else 0)
+    return x_next.to(x.dtype), x0.to(x.dtype)

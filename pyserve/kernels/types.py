@@ -1,0 +1,121 @@
+"""Typed inputs and outputs of the kernel ops that take more than a few tensors."""
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class SamplingRow:
+    """One row's sampling parameters, as a request states them."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 (or >= vocab) means off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    step: int = 0  # index of the token being drawn; with seed, it fixes the random draw
+    prompt_tokens: Sequence[int] = ()
+    output_tokens: Sequence[int] = ()
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+def _csr(lists: list[Sequence], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = [0]
+    for items in lists:
+        offsets.append(offsets[-1] + len(items))
+    flat = [x for items in lists for x in items]
+    return torch.tensor(flat, dtype=dtype), torch.tensor(offsets, dtype=torch.int32)
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters for a batch, as flat tensors (ragged lists in CSR form)."""
+
+    temperature: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int32
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    seed: torch.Tensor  # [B] int64
+    step: torch.Tensor  # [B] int64
+    prompt_tokens: torch.Tensor  # [sum] int32
+    prompt_offsets: torch.Tensor  # [B + 1] int32
+    output_tokens: torch.Tensor  # [sum] int32
+    output_offsets: torch.Tensor  # [B + 1] int32
+    bias_tokens: torch.Tensor  # [sum] int32
+    bias_values: torch.Tensor  # [sum] float32
+    bias_offsets: torch.Tensor  # [B + 1] int32
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingTensors":
+        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([getattr(r, name) for r in rows], dtype=dtype)
+
+        prompt, prompt_off = _csr([r.prompt_tokens for r in rows], torch.int32)
+        output, output_off = _csr([r.output_tokens for r in rows], torch.int32)
+        bias_tok, bias_off = _csr([list(r.logit_bias) for r in rows], torch.int32)
+        bias_val, _ = _csr([list(r.logit_bias.values()) for r in rows], torch.float32)
+        t = cls(
+            temperature=col("temperature", torch.float32),
+            top_k=col("top_k", torch.int32),
+            top_p=col("top_p", torch.float32),
+            min_p=col("min_p", torch.float32),
+            repetition_penalty=col("repetition_penalty", torch.float32),
+            presence_penalty=col("presence_penalty", torch.float32),
+            frequency_penalty=col("frequency_penalty", torch.float32),
+            seed=col("seed", torch.int64),
+            step=col("step", torch.int64),
+            prompt_tokens=prompt,
+            prompt_offsets=prompt_off,
+            output_tokens=output,
+            output_offsets=output_off,
+            bias_tokens=bias_tok,
+            bias_values=bias_val,
+            bias_offsets=bias_off,
+        )
+        return t.to(device)
+
+    def to(self, device: torch.device | str) -> "SamplingTensors":
+        return SamplingTensors(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [B] int64, the chosen token of each row
+    logprobs: torch.Tensor  # [B] float32, its log-probability under the model's raw distribution
+    top_tokens: torch.Tensor  # [B, n] int64, the n most likely tokens (raw distribution)
+    top_logprobs: torch.Tensor  # [B, n] float32
+
+
+class Coef:
+    """Columns of the per-row denoising coefficient table (see `denoise_step`).
+
+    guided = uncond + GUIDANCE * (cond - uncond)
+    x0     = X0_X * x + X0_OUT * guided, then clamped to [-CLIP, CLIP] when CLIP > 0
+    eps    = EPS_X * x + EPS_OUT * guided
+    x_next = NEXT_X * x + NEXT_X0 * x0 + NEXT_EPS * eps + NEXT_PREV_X0 * prev_x0 + NOISE * z
+    """
+
+    GUIDANCE = 0
+    X0_X = 1
+    X0_OUT = 2
+    EPS_X = 3
+    EPS_OUT = 4
+    CLIP = 5
+    NEXT_X = 6
+    NEXT_X0 = 7
+    NEXT_EPS = 8
+    NEXT_PREV_X0 = 9
+    NOISE = 10
+    COUNT = 11

@@ -1,0 +1,44 @@
+"""Builds the kernel extensions with CMake.
+
+`pyserve._C` (CPU kernels) always builds. `pyserve._C_cuda` builds when nvcc is found;
+PYSERVE_CUDA=0 skips it and PYSERVE_CUDA=1 makes a missing CUDA compiler an error.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pybind11
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPYSERVE_CUDA={os.environ.get('PYSERVE_CUDA', 'AUTO')}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+
+setup(ext_modules=[CMakeExtension("pyserve._C")], cmdclass={"build_ext": CMakeBuild})

@@ -1,0 +1,124 @@
+"""Every attention back-end against the pure-torch reference."""
+
+import math
+
+import pytest
+import torch
+
+from pyserve import kernels
+from pyserve.kernels import reference
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+
+
+def paged_case(specs, heads, kv_heads, head_dim, block_size, dtype=torch.float32, seed=0):
+    """Random q and a cache with shuffled blocks; specs = [(context_len, query_len), ...]."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in specs]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=g)
+    max_blocks = max(blocks_per_seq) + 1
+    tables = torch.zeros(len(specs), max_blocks, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(blocks_per_seq):
+        tables[s, :n] = order[used:used + n]
+        used += n
+    t = sum(qlen for _, qlen in specs)
+    q = torch.randn(t, heads, head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    seq_lens = torch.tensor([ctx for ctx, _ in specs], dtype=torch.int32)
+    qsl = torch.tensor([0] + [qlen for _, qlen in specs], dtype=torch.int32).cumsum(0).to(torch.int32)
+    return q, k_cache, v_cache, tables, seq_lens, qsl
+
+
+def tolerance(dtype):
+    return {"atol": 2e-2, "rtol": 2e-2} if dtype != torch.float32 else {"atol": 2e-4, "rtol": 2e-4}
+
+
+# Mixed batches: prefill from scratch, prefill after a cached prefix ending mid-block, decode steps,
+# a long decode that takes the split-KV path, and single-token contexts.
+MIXED = [(37, 37), (70, 5), (1, 1), (300, 1), (1500, 1), (129, 64)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_paged_attention_matches_reference(backend, device, block_size, heads, kv_heads, head_dim):
+    case = paged_case(MIXED, heads, kv_heads, head_dim, block_size, seed=head_dim + heads)
+    expected = reference.paged_attention(*case, scale=head_dim**-0.5)
+    got = kernels.paged_attention(*(t.to(device) for t in case), backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_paged_attention_sliding_window(backend, device, window):
+    case = paged_case([(90, 30), (200, 1), (33, 33)], 8, 2, 64, 16, seed=window)
+    expected = reference.paged_attention(*case, scale=0.1, sliding_window=window)
+    got = kernels.paged_attention(*(t.to(device) for t in case), scale=0.1, sliding_window=window, backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_attention_half_precision(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16")
+    case = paged_case([(50, 10), (80, 1)], 4, 2, 64, 16, dtype=dtype, seed=3)
+    expected = reference.paged_attention(*case, scale=0.125)
+    got = kernels.paged_attention(*(t.to(device) for t in case), scale=0.125, backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().float(), expected.float(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_write_kv_matches_reference(backend, device):
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(9, 2, 64, generator=g)
+    v = torch.randn(9, 2, 64, generator=g)
+    slots = torch.tensor([0, 5, 17, 31, -1, 40, 41, 63, 2])
+    want_k, want_v = torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)
+    reference.write_kv(k, v, want_k, want_v, slots)
+    got_k, got_v = want_k.new_zeros(want_k.shape).to(device), want_v.new_zeros(want_v.shape).to(device)
+    kernels.write_kv(k.to(device), v.to(device), got_k, got_v, slots.to(device), backend=backend)
+    assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+    assert torch.count_nonzero(want_k.view(-1, 2, 64)[4 * 16 - 1 - 1]) == 0  # slot 62 untouched
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 77, 77, 64), (1, 8, 2, 33, 130, 128), (3, 2, 1, 1, 9, 64)])
+def test_dense_attention_matches_reference(backend, device, causal, shape):
+    b, h, hkv, lq, lk, d = shape
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    expected = reference.dense_attention(q, k, v, d**-0.5, causal)
+    got = kernels.dense_attention(q.to(device), k.to(device), v.to(device), causal=causal, backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+def test_dense_reference_matches_torch_sdpa():
+    q, k, v = (torch.randn(2, 4, 50, 64) for _ in range(3))
+    for causal in (False, True):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(reference.dense_attention(q, k, v, 64**-0.5, causal), want, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_attention_rejects_bad_arguments():
+    q, kc, vc, bt, sl, qsl = paged_case([(20, 4)], 4, 2, 64, 16)
+    with pytest.raises(kernels.KernelInputError, match="q has 3 heads"):
+        kernels.paged_attention(q[:, :3], kc, vc, bt, sl, qsl)
+    with pytest.raises(kernels.KernelInputError, match="block_tables"):
+        kernels.paged_attention(q, kc, vc, bt.float(), sl, qsl)
+    with pytest.raises(kernels.KernelInputError, match="query_start_loc"):
+        kernels.paged_attention(q, kc, vc, bt, sl, qsl[:1])
+    with pytest.raises(kernels.KernelInputError, match="seq_len"):
+        kernels.paged_attention(q, kc, vc, bt, sl * 100, qsl)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.paged_attention(q, kc, vc, bt, sl, qsl, backend="nope")
