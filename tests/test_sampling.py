@@ -1,0 +1,138 @@
+"""The fused sampler on every back-end against the reference, by exact match where the result is
+deterministic and by a chi-square test where it is a draw."""
+
+import pytest
+import torch
+from scipy import stats
+
+from pyserve import kernels
+from pyserve.kernels import reference
+from pyserve.kernels.types import SamplingRow, SamplingTensors
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+
+
+def logits_for(batch, vocab, seed=0, scale=3.0):
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def run(backend, device, logits, rows, num_logprobs=0):
+    params = SamplingTensors.from_rows(rows, device)
+    return kernels.sample(logits.to(device), params, num_logprobs=num_logprobs, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 7, 1001, 32003])
+def test_greedy_is_exact_with_logprobs(backend, device, vocab):
+    logits = logits_for(5, vocab, seed=vocab)
+    rows = [SamplingRow(temperature=0.0) for _ in range(5)]
+    n = min(vocab, 5)
+    got = run(backend, device, logits, rows, num_logprobs=n)
+    want = reference.sample(logits, SamplingTensors.from_rows(rows), num_logprobs=n)
+    assert torch.equal(got.tokens.cpu(), logits.argmax(-1))
+    torch.testing.assert_close(got.logprobs.cpu(), want.logprobs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.top_tokens.cpu(), want.top_tokens)
+    torch.testing.assert_close(got.top_logprobs.cpu(), want.top_logprobs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_penalties_and_bias_match_reference(backend, device):
+    vocab = 50
+    logits = logits_for(6, vocab, seed=1, scale=1.0)
+    rows = [
+        SamplingRow(temperature=0.0, repetition_penalty=1.8, prompt_tokens=[logits[0].argmax().item(), 3, 3]),
+        SamplingRow(temperature=0.0, repetition_penalty=0.5, output_tokens=[1, 2, 2, 9]),
+        SamplingRow(temperature=0.0, frequency_penalty=0.7, output_tokens=[logits[2].argmax().item()] * 3),
+        SamplingRow(temperature=0.0, presence_penalty=2.5, output_tokens=[logits[3].argmax().item(), 4]),
+        SamplingRow(temperature=0.0, logit_bias={7: 10.0, 8: -100.0}),
+        SamplingRow(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2,
+                    prompt_tokens=list(range(0, 50, 3)), output_tokens=[5, 5, 6, logits[5].argmax().item()],
+                    logit_bias={11: 1.5}),
+    ]
+    params = SamplingTensors.from_rows(rows)
+    want = reference.sample(logits, params)
+    got = run(backend, device, logits, rows)
+    assert torch.equal(got.tokens.cpu(), want.tokens)
+    # Each penalty changed the outcome from the plain argmax for at least most rows.
+    assert (want.tokens != logits.argmax(-1)).sum() >= 4
+    # And the reference penalties themselves follow their definitions.
+    x = reference.processed_logits(logits, params, 2)
+    assert torch.isclose(x[rows[2].output_tokens[0]], logits[2, rows[2].output_tokens[0]] - 2.1)
+
+
+FILTERS = [
+    dict(top_k=5),
+    dict(top_p=0.7),
+    dict(min_p=0.2),
+    dict(top_k=20, top_p=0.8, temperature=0.7),
+    dict(temperature=1.5, min_p=0.05, top_p=0.95),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_filtered_distribution_chi_square(backend, device, filters):
+    vocab, draws = 40, 4000
+    row_logits = logits_for(1, vocab, seed=7, scale=1.5)
+    logits = row_logits.expand(draws, vocab).contiguous()
+    rows = [SamplingRow(seed=1234, step=i, **filters) for i in range(draws)]
+    got = run(backend, device, logits, rows).tokens.cpu()
+
+    temp = filters.get("temperature", 1.0)
+    keep = reference.candidate_mask(row_logits[0], temp, filters.get("top_k", 0), filters.get("top_p", 1.0),
+                                    filters.get("min_p", 0.0))
+    probs = torch.softmax(row_logits[0] / temp, 0) * keep
+    probs = probs / probs.sum()
+    assert keep[got].all(), "a filtered-out token was drawn"
+    counts = torch.bincount(got, minlength=vocab)[keep].numpy()
+    expected = probs[keep].double().numpy()
+    expected = expected / expected.sum() * draws
+    _, p_value = stats.chisquare(counts, expected)
+    assert p_value > 1e-3, (counts, expected)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_seeded_rows_do_not_depend_on_the_batch(backend, device):
+    vocab = 1000
+    logits = logits_for(8, vocab, seed=3)
+    rows = [SamplingRow(temperature=0.9, top_k=(0, 50)[i % 2], top_p=(1.0, 0.9)[i % 3 == 0], seed=100 + i, step=i)
+            for i in range(8)]
+    alone = torch.stack([run(backend, device, logits[i:i + 1], rows[i:i + 1]).tokens.cpu()[0] for i in range(8)])
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    shuffled = run(backend, device, logits[perm], [rows[i] for i in perm]).tokens.cpu()
+    together = run(backend, device, logits, rows).tokens.cpu()
+    want = reference.sample(logits, SamplingTensors.from_rows(rows)).tokens
+    assert torch.equal(together, alone)
+    assert torch.equal(shuffled, together[perm])
+    assert torch.equal(together, want), "back-end and reference disagree on seeded draws"
+
+
+def test_seeded_draws_are_the_same_on_one_and_two_threads():
+    if "cpu" not in kernels.available():
+        pytest.skip("the cpu back-end is not built")
+    from pyserve import _C
+    logits = logits_for(16, 5000, seed=9)
+    rows = [SamplingRow(temperature=1.0, top_p=0.95, seed=i, step=3) for i in range(16)]
+    before = _C.num_threads()
+    try:
+        _C.set_num_threads(1)
+        one = run("cpu", "cpu", logits, rows).tokens
+        _C.set_num_threads(2)
+        two = run("cpu", "cpu", logits, rows).tokens
+    finally:
+        _C.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_sampling_rejects_bad_arguments():
+    logits = logits_for(2, 10)
+    with pytest.raises(kernels.KernelInputError, match="params has 1 rows"):
+        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow()]))
+    with pytest.raises(kernels.KernelInputError, match="top_p"):
+        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow(top_p=1.5)] * 2))
+    with pytest.raises(kernels.KernelInputError, match="output_tokens"):
+        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow(output_tokens=[10])] * 2))
+    with pytest.raises(kernels.KernelInputError, match="num_logprobs"):
+        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow()] * 2), num_logprobs=11)
