@@ -55,6 +55,15 @@ def test_paged_attention_matches_reference(backend, device, block_size, heads, k
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("window", [0, 100])
+def test_long_decode_only_batch_splits_keys(backend, device, window):
+    case = paged_case([(2100, 1), (600, 1), (3, 1), (1030, 1)], 8, 2, 64, 16, seed=5)
+    expected = reference.paged_attention(*case, scale=0.125, sliding_window=window)
+    got = kernels.paged_attention(*(t.to(device) for t in case), scale=0.125, sliding_window=window, backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("window", [1, 7, 40])
 def test_paged_attention_sliding_window(backend, device, window):
     case = paged_case([(90, 30), (200, 1), (33, 33)], 8, 2, 64, 16, seed=window)

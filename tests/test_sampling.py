@@ -75,6 +75,10 @@ FILTERS = [
 @pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 def test_filtered_distribution_chi_square(backend, device, filters):
     vocab, draws = 40, 4000
+    if backend == "triton" and device == "cpu":  # the interpreter runs ~0.1 s per row here
+        if filters not in (FILTERS[3], FILTERS[4]):
+            pytest.skip("covered on a GPU; the interpreter runs the combined filters only")
+        vocab, draws = 16, 400
     row_logits = logits_for(1, vocab, seed=7, scale=1.5)
     logits = row_logits.expand(draws, vocab).contiguous()
     rows = [SamplingRow(seed=1234, step=i, **filters) for i in range(draws)]

@@ -1,0 +1,16 @@
+"""Triton back-end: GPU kernels that also run on the CPU under TRITON_INTERPRET=1 (for tests)."""
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    AVAILABLE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+except ImportError:
+    AVAILABLE = False
+
+if AVAILABLE:
+    from .attention import dense_attention, paged_attention, write_kv  # noqa: F401
+    from .denoise import denoise_step  # noqa: F401
+    from .sampling import sample  # noqa: F401

@@ -1,0 +1,183 @@
+"""Triton attention: paged (mixed prefill/decode, split-KV for long contexts), KV writes, dense."""
+
+import torch
+import triton
+import triton.language as tl
+
+_SPLIT_KEYS = 512  # keys per split when a long context is divided among programs
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, row, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = (offs < row) & (slot >= 0)
+    src = i.to(tl.int64) * row + offs
+    tl.store(kc_ptr + slot * row + offs, tl.load(k_ptr + src, mask=mask).to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + slot * row + offs, tl.load(v_ptr + src, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    row = k.shape[1] * k.shape[2]
+    if k.shape[0]:
+        _write_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache,
+                                        slot_mapping.contiguous(), row, BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _paged_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, m_ptr, l_ptr,
+                  scale, window, max_blocks, num_tokens,
+                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, PARTIAL: tl.constexpr):
+    tile, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2) % H
+    split = tl.program_id(2) // H
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + seq)
+    if tile * BLOCK_M < q_len:
+        kv_head = head // (H // HKV)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        pos = ctx - q_len + rows
+        dims = tl.arange(0, D)
+        tok = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + (tok[:, None] * H + head) * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        max_pos = ctx - q_len + tl.minimum(tile * BLOCK_M + BLOCK_M, q_len) - 1
+        first_blk = tl.where(window > 0, tl.maximum(ctx - q_len + tile * BLOCK_M - window + 1, 0) // BLOCK_SIZE, 0)
+        end_blk = max_pos // BLOCK_SIZE + 1
+        if PARTIAL:
+            first_blk = tl.maximum(first_blk, split * SPLIT_BLOCKS)
+            end_blk = tl.minimum(end_blk, split * SPLIT_BLOCKS + SPLIT_BLOCKS)
+        keys = tl.arange(0, BLOCK_SIZE)
+        for blk in range(first_blk, end_blk):
+            phys = tl.load(bt_ptr + seq * max_blocks + blk).to(tl.int64)
+            kv_off = ((phys * BLOCK_SIZE + keys[:, None]) * HKV + kv_head) * D + dims[None, :]
+            k = tl.load(kc_ptr + kv_off)
+            v = tl.load(vc_ptr + kv_off)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            key_pos = blk * BLOCK_SIZE + keys
+            dist = pos[:, None] - key_pos[None, :]
+            ok = (dist >= 0) & (key_pos[None, :] < ctx) & row_ok[:, None]
+            if window > 0:
+                ok = ok & (dist < window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m = m_new
+        if PARTIAL:
+            part = (split * num_tokens + tok) * H + head
+            tl.store(out_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+            tl.store(m_ptr + part, m, mask=row_ok)
+            tl.store(l_ptr + part, l, mask=row_ok)
+        else:
+            out = acc / tl.where(l > 0, l, 1.0)[:, None]
+            tl.store(out_ptr + (tok[:, None] * H + head) * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_kernel(part_ptr, m_ptr, l_ptr, out_ptr, num_tokens, num_splits, H: tl.constexpr, D: tl.constexpr):
+    tok, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    dims = tl.arange(0, D)
+    m_all = tl.full((), float("-inf"), tl.float32)
+    for sp in range(0, num_splits):
+        m_all = tl.maximum(m_all, tl.load(m_ptr + (sp * num_tokens + tok) * H + head))
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for sp in range(0, num_splits):
+        idx = (sp * num_tokens + tok) * H + head
+        f = tl.exp(tl.load(m_ptr + idx) - m_safe)
+        total += tl.load(l_ptr + idx) * f
+        acc += tl.load(part_ptr + idx * D + dims) * f
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + (tok * H + head) * D + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
+    t, h, d = q.shape
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q)
+    if t == 0 or num_seqs == 0:
+        return out
+    block_size = k_cache.shape[1]
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    max_q = int(q_lens.max())
+    block_m = max(16, min(64, triton.next_power_of_2(max_q)))
+    split_blocks = max(1, _SPLIT_KEYS // block_size)
+    # Split the keys among programs only for decode-only batches with long contexts.
+    num_splits = triton.cdiv(int(seq_lens.max()), split_blocks * block_size) if max_q == 1 else 1
+    args = (q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32).contiguous(),
+            seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous())
+    grid = (triton.cdiv(max_q, block_m), num_seqs, h * num_splits)
+    meta = dict(H=h, HKV=k_cache.shape[2], D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, SPLIT_BLOCKS=split_blocks)
+    if num_splits == 1:
+        _paged_kernel[grid](*args, out, out, out, scale, sliding_window, block_tables.shape[1], t,
+                            PARTIAL=False, **meta)
+        return out
+    parts = torch.zeros(num_splits, t, h, d, dtype=torch.float32, device=q.device)
+    m = torch.full((num_splits, t, h), float("-inf"), dtype=torch.float32, device=q.device)
+    l = torch.zeros((num_splits, t, h), dtype=torch.float32, device=q.device)
+    _paged_kernel[grid](*args, parts, m, l, scale, sliding_window, block_tables.shape[1], t, PARTIAL=True, **meta)
+    _merge_kernel[(t, h)](parts, m, l, out, t, num_splits, H=h, D=d)
+    return out
+
+
+@triton.jit
+def _dense_kernel(q_ptr, k_ptr, v_ptr, out_ptr, scale, q_len, kv_len,
+                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, head = bh // H, bh % H
+    kv = (b * HKV + head // (H // HKV)).to(tl.int64) * kv_len * D
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    dims = tl.arange(0, D)
+    q_base = bh.to(tl.int64) * q_len * D
+    q = tl.load(q_ptr + q_base + rows[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    offset = kv_len - q_len
+    end = kv_len
+    if CAUSAL:
+        end = tl.minimum(kv_len, offset + tile * BLOCK_M + BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < kv_len
+        k = tl.load(k_ptr + kv + cols[:, None] * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + kv + cols[:, None] * D + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        ok = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + offset)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + q_base + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def dense_attention(q, k, v, scale, causal=False):
+    b, h, lq, d = q.shape
+    out = torch.empty_like(q)
+    block_m = 64 if lq > 32 else 16
+    grid = (triton.cdiv(lq, block_m), b * h)
+    _dense_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), out, scale, lq, k.shape[2], H=h,
+                        HKV=k.shape[1], D=d, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=64)
+    return out
