@@ -22,8 +22,23 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def build_cuda() -> bool:
+    mode = os.environ.get("PYSERVE_CUDA", "auto").lower()
+    if mode in ("0", "off", "false", "no"):
+        return False
+    found = shutil.which("nvcc") is not None or Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc").exists()
+    if mode in ("1", "on", "true", "yes") and not found:
+        sys.exit("PYSERVE_CUDA=1 but no nvcc was found (set CUDA_HOME or PATH)")
+    return found
+
+
 class CMakeBuild(build_ext):
+    """One CMake build produces every extension; later extensions find their file already built."""
+
     def build_extension(self, ext: CMakeExtension) -> None:
+        if getattr(self, "_cmake_done", False):
+            return
+        self._cmake_done = True
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -32,7 +47,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DPYSERVE_CUDA={os.environ.get('PYSERVE_CUDA', 'AUTO')}",
+            f"-DPYSERVE_CUDA={'ON' if build_cuda() else 'OFF'}",
         ]
         if shutil.which("ninja"):
             args.append("-GNinja")
@@ -41,4 +56,7 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
 
-setup(ext_modules=[CMakeExtension("pyserve._C")], cmdclass={"build_ext": CMakeBuild})
+extensions = [CMakeExtension("pyserve._C")]
+if build_cuda():
+    extensions.append(CMakeExtension("pyserve._C_cuda"))
+setup(ext_modules=extensions, cmdclass={"build_ext": CMakeBuild})

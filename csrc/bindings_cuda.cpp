@@ -1,0 +1,18 @@
+// pybind11 bindings of the CUDA kernels (module pyserve._C_cuda). Kept apart from pyserve._C so a
+// machine without a GPU driver never loses the CPU kernels. Arguments are device addresses and
+// sizes that pyserve/kernels/cuda.py has checked; `stream` is torch's current CUDA stream.
+#include <pybind11/pybind11.h>
+
+#include "cuda/kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyserve CUDA kernels (fp32, fp16, bf16)";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("write_kv", &pyserve::cuda::write_kv, nogil);
+  m.def("paged_attention", &pyserve::cuda::paged_attention, nogil);
+  m.def("dense_attention", &pyserve::cuda::dense_attention, nogil);
+  m.def("sample", &pyserve::cuda::sample, nogil);
+  m.def("denoise_step", &pyserve::cuda::denoise_step, nogil);
+}

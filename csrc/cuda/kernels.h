@@ -1,0 +1,31 @@
+// Host entry points of the CUDA kernels (defined in the .cu files, bound in bindings_cuda.cpp).
+// Pointers are device addresses checked by pyserve/kernels/cuda.py; `stream` is a cudaStream_t.
+#pragma once
+#include <cstdint>
+
+namespace pyserve::cuda {
+
+void write_kv(int dtype, uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
+              long num_tokens, int row, uintptr_t stream);
+
+void paged_attention(int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
+                     uintptr_t seq_lens, uintptr_t query_start, uintptr_t out, uintptr_t scratch, int num_tokens,
+                     int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks,
+                     float scale, int window, int num_splits, int split_keys, uintptr_t stream);
+
+void dense_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int batch, int num_heads,
+                     int num_kv_heads, int q_len, int kv_len, int head_dim, float scale, bool causal,
+                     uintptr_t stream);
+
+void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab, long row_stride,
+            uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t repetition,
+            uintptr_t presence, uintptr_t frequency, uintptr_t seed, uintptr_t step, uintptr_t prompt,
+            uintptr_t prompt_off, uintptr_t output, uintptr_t output_off, uintptr_t bias_tok, uintptr_t bias_off,
+            uintptr_t bias_val, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
+            uintptr_t top_logprobs, uintptr_t stream);
+
+void denoise_step(int dtype, uintptr_t x, uintptr_t cond, uintptr_t uncond, uintptr_t prev_x0, uintptr_t coef,
+                  uintptr_t seed, uintptr_t step, uintptr_t x_next, uintptr_t x0, int batch, long numel,
+                  uintptr_t stream);
+
+}  // namespace pyserve::cuda

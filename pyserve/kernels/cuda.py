@@ -1,0 +1,99 @@
+"""The CUDA C++ back-end (`pyserve._C_cuda`): fp32, fp16 and bf16 tensors on a CUDA device."""
+
+import torch
+
+from .checks import check
+from .types import SampleResult, SamplingTensors
+
+try:
+    from pyserve import _C_cuda
+    AVAILABLE = torch.cuda.is_available()
+except ImportError:  # built without nvcc
+    _C_cuda = None
+    AVAILABLE = False
+
+_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_SPLIT_KEYS = 512
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def _check_head_dim(d: int) -> None:
+    check(d % 32 == 0 and d <= 256, f"the cuda back-end needs head_dim a multiple of 32 and <= 256, got {d}")
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    k, v = k.to(k_cache.dtype).contiguous(), v.to(k_cache.dtype).contiguous()
+    _C_cuda.write_kv(_DTYPE[k_cache.dtype], k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                     slot_mapping.to(torch.int64).contiguous().data_ptr(), k.shape[0], k.shape[1] * k.shape[2],
+                     _stream())
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
+    t, h, d = q.shape
+    _check_head_dim(d)
+    q = q.to(k_cache.dtype).contiguous()
+    out = torch.empty_like(q)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    decode_only = bool((q_lens <= 1).all()) if q_lens.numel() else True
+    num_splits = max(1, -(-int(seq_lens.max()) // _SPLIT_KEYS)) if decode_only and seq_lens.numel() else 1
+    scratch = torch.empty(num_splits * t * h * (d + 2) if num_splits > 1 else 1, dtype=torch.float32,
+                          device=q.device)
+    _C_cuda.paged_attention(_DTYPE[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                            _i32(block_tables).data_ptr(), _i32(seq_lens).data_ptr(),
+                            _i32(query_start_loc).data_ptr(), out.data_ptr(), scratch.data_ptr(), t,
+                            seq_lens.shape[0], h, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
+                            float(scale), int(sliding_window), num_splits, _SPLIT_KEYS, _stream())
+    return out
+
+
+def dense_attention(q, k, v, scale, causal=False):
+    b, h, lq, d = q.shape
+    _check_head_dim(d)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    _C_cuda.dense_attention(_DTYPE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h,
+                            k.shape[1], lq, k.shape[2], d, float(scale), bool(causal), _stream())
+    return out
+
+
+def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> SampleResult:
+    batch, vocab = logits.shape
+    dev = logits.device
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    scratch = torch.zeros(4, batch, vocab, dtype=torch.float32, device=dev)
+    tokens = torch.empty(batch, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=dev)
+    top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64, device=dev)
+    top_logprobs = torch.empty(batch, num_logprobs, dtype=torch.float32, device=dev)
+    kept = [_f32(p.temperature), _i32(p.top_k), _f32(p.top_p), _f32(p.min_p), _f32(p.repetition_penalty),
+            _f32(p.presence_penalty), _f32(p.frequency_penalty), p.seed.long().contiguous(),
+            p.step.long().contiguous(), _i32(p.prompt_tokens), _i32(p.prompt_offsets), _i32(p.output_tokens),
+            _i32(p.output_offsets), _i32(p.bias_tokens), _i32(p.bias_offsets), _f32(p.bias_values)]
+    _C_cuda.sample(_DTYPE[logits.dtype], logits.data_ptr(), scratch.data_ptr(), batch, vocab, logits.stride(0),
+                   *(t.data_ptr() for t in kept), num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
+                   top_tokens.data_ptr(), top_logprobs.data_ptr(), _stream())
+    return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
+
+
+def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):
+    batch = x.shape[0]
+    x, cond = x.contiguous(), cond.to(x.dtype).contiguous()
+    uncond = None if uncond is None else uncond.to(x.dtype).contiguous()
+    prev_x0 = None if prev_x0 is None else prev_x0.to(x.dtype).contiguous()
+    x_next, x0 = torch.empty_like(x), torch.empty_like(x)
+    _C_cuda.denoise_step(_DTYPE[x.dtype], x.data_ptr(), cond.data_ptr(), 0 if uncond is None else uncond.data_ptr(),
+                         0 if prev_x0 is None else prev_x0.data_ptr(), _f32(coef).data_ptr(),
+                         seed.long().contiguous().data_ptr(), step.long().contiguous().data_ptr(), x_next.data_ptr(),
+                         x0.data_ptr(), batch, x[0].numel() if batch else 0, _stream())
+    return x_next, x0
