@@ -1,0 +1,267 @@
+"""Kernel benchmark: pyserve's kernels against the usual torch / diffusers baselines, in one run.
+
+    python bench/kernels.py            # full CPU table -> bench/results/kernels-cpu.json
+    python bench/kernels.py --quick    # a few cases per op, for a smoke run
+
+Each row: {op, case, backend, baseline, ours_ms, baseline_ms, speedup} (+ bandwidth figures for
+decode). With a CUDA device the GPU rows go to bench/results/kernels-gpu.json.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pyserve import kernels
+from pyserve.kernels import schedulers
+from pyserve.kernels.types import SamplingRow, SamplingTensors
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timeit(fn: Callable[[], object], budget_s: float = 0.4, min_runs: int = 3, sync: Callable = lambda: None) -> float:
+    """Median milliseconds of fn() over at least min_runs calls and about budget_s seconds."""
+    fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < budget_s:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str = "cpu") -> float:
+    """Bytes read plus written per second by a large tensor copy."""
+    n = 256 * 2**20 // 4
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ms = timeit(lambda: dst.copy_(src), sync=sync)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def row(op, case, backend, baseline, ours_ms, baseline_ms, **extra):
+    r = dict(op=op, case=case, backend=backend, baseline=baseline, ours_ms=round(ours_ms, 4),
+             baseline_ms=round(baseline_ms, 4), speedup=round(baseline_ms / ours_ms, 3), **extra)
+    print(f"{op:<18} {case:<44} {backend:<6} {ours_ms:>10.3f} {baseline_ms:>10.3f} {r['speedup']:>8.2f}x"
+          + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def paged_inputs(batch, ctx, q_len, heads, kv_heads, dim, block, dtype=torch.float32, device="cpu"):
+    blocks_per_seq = math.ceil(ctx / block)
+    num_blocks = batch * blocks_per_seq
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    tables = perm.view(batch, blocks_per_seq)
+    k_cache = torch.randn(num_blocks, block, kv_heads, dim, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch * q_len, heads, dim, dtype=dtype, device=device)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+    return q, k_cache, v_cache, tables, seq_lens, qsl
+
+
+def gather_then_sdpa(q, k_cache, v_cache, tables, ctx):
+    """The torch baseline for paged decode: gather each sequence's blocks, then SDPA."""
+    batch = tables.shape[0]
+    heads, dim = q.shape[1], q.shape[2]
+    k = k_cache[tables.long()].reshape(batch, -1, *k_cache.shape[2:])[:, :ctx].transpose(1, 2)
+    v = v_cache[tables.long()].reshape(batch, -1, *v_cache.shape[2:])[:, :ctx].transpose(1, 2)
+    qb = q.view(batch, -1, heads, dim).transpose(1, 2)
+    return F.scaled_dot_product_attention(qb, k, v, enable_gqa=True)
+
+
+def bench_prefill(quick, device="cpu", backend="cpu", dtype=torch.float32, sync=lambda: None):
+    rows = []
+    heads = 8
+    cases = [(512, 64), (512, 128), (2048, 64), (2048, 128)]
+    for length, dim in cases[:2] if quick else cases:
+        q, kc, vc, tables, seq_lens, qsl = paged_inputs(1, length, length, heads, heads, dim, 16, dtype, device)
+        dense = [torch.randn(1, heads, length, dim, dtype=dtype, device=device) for _ in range(3)]
+        base = timeit(lambda: F.scaled_dot_product_attention(*dense, is_causal=True), sync=sync)
+        ours_paged = timeit(lambda: kernels.paged_attention(q, kc, vc, tables, seq_lens, qsl, backend=backend),
+                            sync=sync)
+        ours_dense = timeit(lambda: kernels.dense_attention(*dense, causal=True, backend=backend), sync=sync)
+        flops = 4 * heads * length * length * dim / 2  # causal: half of QK^T and PV
+        case = f"causal L={length} D={dim} H={heads} {str(dtype)[6:]}"
+        rows.append(row("prefill_paged", case, backend, "torch_sdpa", ours_paged, base,
+                        gflops=round(flops / ours_paged / 1e6, 1)))
+        rows.append(row("prefill_dense", case, backend, "torch_sdpa", ours_dense, base,
+                        gflops=round(flops / ours_dense / 1e6, 1)))
+    return rows
+
+
+def bench_decode(quick, copy_gbs, device="cpu", backend="cpu", dtype=torch.float32, sync=lambda: None):
+    rows = []
+    heads, kv_heads, dim, block = 32, 8, 128, 16
+    cases = [(1, 512), (1, 2048), (1, 8192), (8, 2048), (8, 8192), (64, 512), (64, 2048)]
+    for batch, ctx in cases[:3] if quick else cases:
+        q, kc, vc, tables, seq_lens, qsl = paged_inputs(batch, ctx, 1, heads, kv_heads, dim, block, dtype, device)
+        base = timeit(lambda: gather_then_sdpa(q, kc, vc, tables, ctx), sync=sync)
+        ours = timeit(lambda: kernels.paged_attention(q, kc, vc, tables, seq_lens, qsl, backend=backend), sync=sync)
+        kv_bytes = 2 * batch * ctx * kv_heads * dim * kc.element_size()
+        gbs = kv_bytes / (ours * 1e-3) / 1e9
+        rows.append(row("paged_decode", f"batch={batch} ctx={ctx} H={heads}/{kv_heads} D={dim}", backend,
+                        "gather+sdpa", ours, base, gb_per_s=round(gbs, 1),
+                        pct_of_copy_bw=round(100 * gbs / copy_gbs, 1)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sort_based_sampler(logits, prompt, output, top_k, top_p, rep, pres, freq, gen):
+    """The usual logits-processor chain: penalties, temperature, top-k, top-p by full sort, multinomial."""
+    x = logits.clone()
+    if rep != 1.0:
+        seen = torch.cat([prompt, output], dim=1)
+        picked = x.gather(1, seen)
+        x.scatter_(1, seen, torch.where(picked > 0, picked / rep, picked * rep))
+    if pres or freq:
+        counts = torch.zeros_like(x).scatter_add_(1, output, torch.ones_like(output, dtype=x.dtype))
+        x = x - freq * counts - pres * (counts > 0).to(x.dtype)
+    kth = torch.topk(x, top_k, dim=-1).values[:, -1:]
+    x = x.masked_fill(x < kth, float("-inf"))
+    sorted_x, idx = torch.sort(x, descending=False, dim=-1)
+    cum = sorted_x.softmax(-1).cumsum(-1)
+    remove = cum <= 1 - top_p
+    remove[:, -1] = False
+    x = x.scatter(1, idx, sorted_x.masked_fill(remove, float("-inf")))
+    return torch.multinomial(x.softmax(-1), 1, generator=gen)
+
+
+def bench_sampling(quick, device="cpu", backend="cpu", sync=lambda: None):
+    rows = []
+    batches = [1, 8, 64]
+    vocabs = [32000, 128256, 151936]
+    for vocab in vocabs[:1] if quick else vocabs:
+        for batch in batches[::2] if quick else batches:
+            for penalties in (False, True):
+                logits = torch.randn(batch, vocab, device=device) * 4
+                prompt = torch.randint(0, vocab, (batch, 256), device=device)
+                output = torch.randint(0, vocab, (batch, 64), device=device)
+                rep, pres, freq = (1.1, 0.5, 0.5) if penalties else (1.0, 0.0, 0.0)
+                params = SamplingTensors.from_rows([
+                    SamplingRow(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=rep, presence_penalty=pres,
+                                frequency_penalty=freq, seed=i, step=7,
+                                prompt_tokens=prompt[i].tolist() if penalties else (),
+                                output_tokens=output[i].tolist() if penalties else ())
+                    for i in range(batch)], device)
+                gen = torch.Generator(device=device).manual_seed(0)
+                base = timeit(lambda: sort_based_sampler(logits, prompt, output, 50, 0.9, rep, pres, freq, gen),
+                              sync=sync)
+                ours = timeit(lambda: kernels.sample(logits, params, backend=backend), sync=sync)
+                case = f"batch={batch} vocab={vocab} top_k=50 top_p=0.9" + (" +penalties" if penalties else "")
+                rows.append(row("sampling", case, backend, "sort_chain", ours, base))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoising
+
+
+SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, steps_offset=1, set_alpha_to_one=False, timestep_spacing="linspace")
+DIFFUSERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+             "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+def bench_denoise(quick, device="cpu", backend="cpu", sync=lambda: None):
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # step() without scale_model_input() is intended here
+    rows = []
+    steps, index, guidance = 30, 10, 7.5
+    for name, cls_name in DIFFUSERS.items():
+        for batch in ((1, 16) if quick else (1, 4, 16)):
+            shape = (batch, 4, 64, 64)
+            x, cond, uncond, prev = (torch.randn(shape, device=device) for _ in range(4))
+            theirs = getattr(diffusers, cls_name).from_config(SD_CONFIG)
+            theirs.set_timesteps(steps, device=device)
+            t = theirs.timesteps[index]
+            kwargs = {"eta": 1.0} if name == "ddim" else {}
+            ours_sched = (schedulers.DDIM(SD_CONFIG, steps, eta=1.0) if name == "ddim"
+                          else schedulers.SCHEDULERS[name](SD_CONFIG, steps))
+            coef = torch.tensor([ours_sched.coefficients(index, guidance)] * batch, device=device)
+            seed = torch.arange(batch, device=device)
+            step = torch.full((batch,), index, device=device)
+
+            def baseline():
+                theirs._step_index = index
+                if name == "dpmpp_2m":
+                    theirs.model_outputs = [prev, prev]
+                    theirs.lower_order_nums = 1
+                guided = uncond + guidance * (cond - uncond)
+                return theirs.step(guided, t, x, **kwargs).prev_sample
+
+            base = timeit(baseline, sync=sync)
+            ours = timeit(lambda: kernels.denoise_step(x, cond, coef, seed, step, uncond=uncond,
+                                                       prev_x0=prev if ours_sched.uses_prev_x0 else None,
+                                                       backend=backend), sync=sync)
+            rows.append(row("denoise_step", f"{name} batch={batch} 4x64x64 cfg", backend, "diffusers_step", ours,
+                            base))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few cases per op")
+    parser.add_argument("--ops", default="prefill,decode,sampling,denoise")
+    args = parser.parse_args()
+    ops = args.ops.split(",")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"measured CPU copy bandwidth: {copy_gbs:.1f} GB/s (read + write)")
+    print(f"{'op':<18} {'case':<44} {'backend':<6} {'ours_ms':>10} {'base_ms':>10} {'speedup':>9}")
+    rows = []
+    if "prefill" in ops:
+        rows += bench_prefill(args.quick)
+    if "decode" in ops:
+        rows += bench_decode(args.quick, copy_gbs)
+    if "sampling" in ops:
+        rows += bench_sampling(args.quick)
+    if "denoise" in ops:
+        rows += bench_denoise(args.quick)
+    out = RESULTS / "kernels-cpu.json"
+    out.write_text(json.dumps(dict(copy_bandwidth_gbs=round(copy_gbs, 1), threads=torch.get_num_threads(),
+                                   rows=rows), indent=1))
+    print(f"wrote {out}")
+
+    if torch.cuda.is_available():
+        sync = torch.cuda.synchronize
+        gpu_copy = copy_bandwidth_gbs("cuda")
+        gpu_rows = []
+        for backend in [b for b in ("cuda", "triton") if b in kernels.available()]:
+            if "prefill" in ops:
+                gpu_rows += bench_prefill(args.quick, "cuda", backend, torch.bfloat16, sync)
+            if "decode" in ops:
+                gpu_rows += bench_decode(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
+            if "sampling" in ops:
+                gpu_rows += bench_sampling(args.quick, "cuda", backend, sync)
+            if "denoise" in ops:
+                gpu_rows += bench_denoise(args.quick, "cuda", backend, sync)
+        out = RESULTS / "kernels-gpu.json"
+        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_bandwidth_gbs=round(gpu_copy, 1),
+                                       rows=gpu_rows), indent=1))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
