@@ -67,7 +67,7 @@ def paged_inputs(batch, ctx, q_len, heads, kv_heads, dim, block, dtype=torch.flo
     num_blocks = batch * blocks_per_seq
     perm = torch.randperm(num_blocks, device=device).to(torch.int32)
     tables = perm.view(batch, blocks_per_seq)
-    k_cache = torch.randn(num_blocks, block, kv_heads, dim, dtype=dtype, device=device)
+    k_cache = torch.randn(num_blocks, kv_heads, block, dim, dtype=dtype, device=device)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(batch * q_len, heads, dim, dtype=dtype, device=device)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
@@ -79,8 +79,9 @@ def gather_then_sdpa(q, k_cache, v_cache, tables, ctx):
     """The torch baseline for paged decode: gather each sequence's blocks, then SDPA."""
     batch = tables.shape[0]
     heads, dim = q.shape[1], q.shape[2]
-    k = k_cache[tables.long()].reshape(batch, -1, *k_cache.shape[2:])[:, :ctx].transpose(1, 2)
-    v = v_cache[tables.long()].reshape(batch, -1, *v_cache.shape[2:])[:, :ctx].transpose(1, 2)
+    kv_heads = k_cache.shape[1]
+    k = k_cache[tables.long()].transpose(1, 2).reshape(batch, kv_heads, -1, dim)[:, :, :ctx]
+    v = v_cache[tables.long()].transpose(1, 2).reshape(batch, kv_heads, -1, dim)[:, :, :ctx]
     qb = q.view(batch, -1, heads, dim).transpose(1, 2)
     return F.scaled_dot_product_attention(qb, k, v, enable_gqa=True)
 

@@ -57,10 +57,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "write_kv",
       [](uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots, long num_tokens,
-         int num_kv_heads, int head_dim) {
+         int num_kv_heads, int block_size, int head_dim) {
         pyserve::cpu::write_kv(WriteKVArgs{ptr<const float>(k), ptr<const float>(v), ptr<float>(k_cache),
                                            ptr<float>(v_cache), ptr<const int64_t>(slots), num_tokens, num_kv_heads,
-                                           head_dim});
+                                           block_size, head_dim});
       },
       nogil);
 

@@ -27,8 +27,8 @@ def paged_case(specs, heads, kv_heads, head_dim, block_size, dtype=torch.float32
         used += n
     t = sum(qlen for _, qlen in specs)
     q = torch.randn(t, heads, head_dim, generator=g).to(dtype)
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g).to(dtype)
     seq_lens = torch.tensor([ctx for ctx, _ in specs], dtype=torch.int32)
     qsl = torch.tensor([0] + [qlen for _, qlen in specs], dtype=torch.int32).cumsum(0).to(torch.int32)
     return q, k_cache, v_cache, tables, seq_lens, qsl
@@ -90,12 +90,14 @@ def test_write_kv_matches_reference(backend, device):
     k = torch.randn(9, 2, 64, generator=g)
     v = torch.randn(9, 2, 64, generator=g)
     slots = torch.tensor([0, 5, 17, 31, -1, 40, 41, 63, 2])
-    want_k, want_v = torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)
+    want_k, want_v = torch.zeros(4, 2, 16, 64), torch.zeros(4, 2, 16, 64)
     reference.write_kv(k, v, want_k, want_v, slots)
     got_k, got_v = want_k.new_zeros(want_k.shape).to(device), want_v.new_zeros(want_v.shape).to(device)
     kernels.write_kv(k.to(device), v.to(device), got_k, got_v, slots.to(device), backend=backend)
     assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
-    assert torch.count_nonzero(want_k.view(-1, 2, 64)[4 * 16 - 1 - 1]) == 0  # slot 62 untouched
+    # Slot 17 is block 1, offset 1; slot 62 (block 3, offset 14) was never written.
+    assert torch.equal(want_k[1, :, 1], k[2]) and torch.equal(want_v[1, :, 1], v[2])
+    assert torch.count_nonzero(want_k[3, :, 14]) == 0
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

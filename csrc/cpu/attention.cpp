@@ -19,6 +19,7 @@ namespace {
 constexpr int kMaxRows = 64;       // query rows per work item
 constexpr int kMaxTile = 64;       // keys per tile
 constexpr int kSplitKeys = 512;    // keys per split of a long decode
+constexpr int kPrefetchTiles = 1;  // how far ahead paged tiles are requested
 
 struct Tile {
   const float* k;  // first key of the tile; later keys follow at `stride`
@@ -65,41 +66,55 @@ void scores(RowState& st, const Tile& t, int stride, float scale) {
   }
 }
 
-// O[r] += sum_j P[r][j] * v_j, six rows by sixteen columns held in registers.
-void accumulate_values(RowState& st, const Tile& t, int stride) {
+// O[r..r+R) += sum_j P[r][j] * v_j with R rows by sixteen columns held in registers.
+template <int R>
+void accumulate_rows(RowState& st, const Tile& t, int stride, int r) {
   const int d = st.dim;
-  int r = 0;
 #ifdef PYSERVE_AVX2
-  if (d % 16 == 0) {
-    for (; r + 6 <= st.n; r += 6) {
-      for (int c = 0; c < d; c += 16) {
-        __m256 acc[6][2];
-        for (int i = 0; i < 6; ++i) {
-          acc[i][0] = _mm256_load_ps(st.o + (r + i) * d + c);
-          acc[i][1] = _mm256_load_ps(st.o + (r + i) * d + c + 8);
-        }
-        for (int j = 0; j < t.len; ++j) {
-          const float* v = t.v + static_cast<long>(j) * stride + c;
-          __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
-          for (int i = 0; i < 6; ++i) {
-            __m256 p = _mm256_broadcast_ss(st.s + (r + i) * kMaxTile + j);
-            acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
-          }
-        }
-        for (int i = 0; i < 6; ++i) {
-          _mm256_store_ps(st.o + (r + i) * d + c, acc[i][0]);
-          _mm256_store_ps(st.o + (r + i) * d + c + 8, acc[i][1]);
-        }
+  for (int c = 0; c < d; c += 16) {
+    __m256 acc[R][2];
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = _mm256_load_ps(st.o + (r + i) * d + c);
+      acc[i][1] = _mm256_load_ps(st.o + (r + i) * d + c + 8);
+    }
+    for (int j = 0; j < t.len; ++j) {
+      const float* v = t.v + static_cast<long>(j) * stride + c;
+      __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+      for (int i = 0; i < R; ++i) {
+        __m256 p = _mm256_broadcast_ss(st.s + (r + i) * kMaxTile + j);
+        acc[i][0] = _mm256_fmadd_ps(p, v0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(p, v1, acc[i][1]);
       }
     }
-  }
-#endif
-  for (; r < st.n; ++r)
-    for (int j = 0; j < t.len; ++j) {
-      float p = st.s[r * kMaxTile + j];
-      if (p != 0.0f) scale_add(st.o + r * d, 1.0f, p, t.v + static_cast<long>(j) * stride, d);
+    for (int i = 0; i < R; ++i) {
+      _mm256_store_ps(st.o + (r + i) * d + c, acc[i][0]);
+      _mm256_store_ps(st.o + (r + i) * d + c + 8, acc[i][1]);
     }
+  }
+#else
+  for (int i = r; i < r + R; ++i)
+    for (int j = 0; j < t.len; ++j)
+      scale_add(st.o + i * d, 1.0f, st.s[i * kMaxTile + j], t.v + static_cast<long>(j) * stride, d);
+#endif
+}
+
+// O[r] += sum_j P[r][j] * v_j for every row, in groups of up to six rows.
+void accumulate_values(RowState& st, const Tile& t, int stride) {
+  int r = 0;
+  if (st.dim % 16 == 0) {
+    for (; r + 6 <= st.n; r += 6) accumulate_rows<6>(st, t, stride, r);
+    switch (st.n - r) {
+      case 5: accumulate_rows<5>(st, t, stride, r); break;
+      case 4: accumulate_rows<4>(st, t, stride, r); break;
+      case 3: accumulate_rows<3>(st, t, stride, r); break;
+      case 2: accumulate_rows<2>(st, t, stride, r); break;
+      case 1: accumulate_rows<1>(st, t, stride, r); break;
+    }
+    return;
+  }
+  for (; r < st.n; ++r)
+    for (int j = 0; j < t.len; ++j)
+      scale_add(st.o + r * st.dim, 1.0f, st.s[r * kMaxTile + j], t.v + static_cast<long>(j) * stride, st.dim);
 }
 
 // One tile of the online softmax: mask, rescale the running state, accumulate P.V.
@@ -126,6 +141,16 @@ void attend_tile(RowState& st, const Tile& t, int stride, float scale, bool caus
   accumulate_values(st, t, stride);
 }
 
+// Ask for a tile's keys and values ahead of use: paged blocks sit at scattered addresses that
+// the hardware prefetcher cannot predict, so decode would otherwise wait on memory for every row.
+void prefetch_tile(const Tile& t, int stride, int dim) {
+  for (int j = 0; j < t.len; ++j)
+    for (int i = 0; i < dim; i += 16) {
+      __builtin_prefetch(t.k + static_cast<long>(j) * stride + i);
+      __builtin_prefetch(t.v + static_cast<long>(j) * stride + i);
+    }
+}
+
 void reset(RowState& st) {
   std::fill(st.m, st.m + st.n, -INFINITY);
   std::fill(st.l, st.l + st.n, 0.0f);
@@ -149,7 +174,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int group = a.num_heads / a.num_kv_heads;
   const int tok_tile = std::max(1, kMaxRows / group);
   const int split_blocks = std::max(1, kSplitKeys / a.block_size);
-  const int stride = a.num_kv_heads * a.head_dim;
+  const int stride = a.head_dim;  // between consecutive keys of one block and head
 
   std::vector<WorkItem> items;
   std::vector<int> split_first;  // per split group: index of its first partial row set
@@ -193,13 +218,18 @@ void paged_attention(const PagedAttentionArgs& a) {
       reset(*st);
       int max_pos = ctx - qlen + it.tok_end - 1, min_pos = ctx - qlen + it.tok_begin;
       const int32_t* table = a.block_tables + static_cast<long>(it.seq) * a.max_blocks;
-      for (int b = it.blk_begin; b < it.blk_end; ++b) {
+      auto tile_at = [&](int b) {
         int first = b * a.block_size;
-        if (first > max_pos) break;
-        int len = std::min(a.block_size, ctx - first);
-        if (a.window > 0 && first + len - 1 <= min_pos - a.window) continue;
-        long base = static_cast<long>(table[b]) * a.block_size * stride + it.kv_head * a.head_dim;
-        Tile tile{a.k_cache + base, a.v_cache + base, first, len};
+        long base = ((static_cast<long>(table[b]) * a.num_kv_heads + it.kv_head) * a.block_size) * a.head_dim;
+        return Tile{a.k_cache + base, a.v_cache + base, first, std::min(a.block_size, ctx - first)};
+      };
+      const int end = std::min(it.blk_end, max_pos / a.block_size + 1);
+      for (int b = it.blk_begin; b < std::min(end, it.blk_begin + kPrefetchTiles); ++b)
+        prefetch_tile(tile_at(b), stride, a.head_dim);
+      for (int b = it.blk_begin; b < end; ++b) {
+        if (b + kPrefetchTiles < end) prefetch_tile(tile_at(b + kPrefetchTiles), stride, a.head_dim);
+        Tile tile = tile_at(b);
+        if (a.window > 0 && tile.first_pos + tile.len - 1 <= min_pos - a.window) continue;
         attend_tile(*st, tile, stride, a.scale, true, a.window);
       }
       for (int r = 0; r < st->n; ++r) {
@@ -293,10 +323,14 @@ void write_kv(const WriteKVArgs& a) {
   const long row = static_cast<long>(a.num_kv_heads) * a.head_dim;
 #pragma omp parallel for schedule(static)
   for (long i = 0; i < a.num_tokens; ++i) {
-    long slot = a.slots[i];
+    const long slot = a.slots[i];
     if (slot < 0) continue;
-    std::memcpy(a.k_cache + slot * row, a.k + i * row, sizeof(float) * row);
-    std::memcpy(a.v_cache + slot * row, a.v + i * row, sizeof(float) * row);
+    const long block = slot / a.block_size, offset = slot % a.block_size;
+    for (int h = 0; h < a.num_kv_heads; ++h) {
+      const long dst = ((block * a.num_kv_heads + h) * a.block_size + offset) * a.head_dim;
+      std::memcpy(a.k_cache + dst, a.k + i * row + h * a.head_dim, sizeof(float) * a.head_dim);
+      std::memcpy(a.v_cache + dst, a.v + i * row + h * a.head_dim, sizeof(float) * a.head_dim);
+    }
   }
 }
 

@@ -11,7 +11,7 @@ constexpr int kMaxGroup = 64;
 
 struct PagedAttentionArgs {
   const float* q;            // [T, H, D]
-  const float* k_cache;      // [num_blocks, block_size, Hkv, D]
+  const float* k_cache;      // [num_blocks, Hkv, block_size, D]
   const float* v_cache;
   const int32_t* block_tables;  // [S, max_blocks]
   const int32_t* seq_lens;      // [S]
@@ -35,11 +35,11 @@ struct DenseAttentionArgs {
 struct WriteKVArgs {
   const float* k;  // [T, Hkv, D]
   const float* v;
-  float* k_cache;  // [num_blocks * block_size, Hkv, D]
+  float* k_cache;  // [num_blocks, Hkv, block_size, D]
   float* v_cache;
   const int64_t* slots;  // [T], -1 skips
   long num_tokens;
-  int num_kv_heads, head_dim;
+  int num_kv_heads, block_size, head_dim;
 };
 
 void paged_attention(const PagedAttentionArgs& args);

@@ -13,13 +13,17 @@ constexpr int kWarps = 4;
 constexpr int kMaxPerLane = 8;  // head_dim <= 256, a multiple of 32
 
 template <typename T>
-__global__ void write_kv_kernel(const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* slots, int row) {
+__global__ void write_kv_kernel(const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* slots,
+                                int num_kv_heads, int block_size, int head_dim) {
   const long i = blockIdx.x;
   const long slot = slots[i];
   if (slot < 0) return;
+  const long row = static_cast<long>(num_kv_heads) * head_dim;
+  const long block = slot / block_size, offset = slot % block_size;
   for (int c = threadIdx.x; c < row; c += blockDim.x) {
-    k_cache[slot * row + c] = k[i * row + c];
-    v_cache[slot * row + c] = v[i * row + c];
+    const long dst = ((block * num_kv_heads + c / head_dim) * block_size + offset) * head_dim + c % head_dim;
+    k_cache[dst] = k[i * row + c];
+    v_cache[dst] = v[i * row + c];
   }
 }
 
@@ -92,7 +96,7 @@ __global__ void paged_kernel(const T* q, const T* k_cache, const T* v_cache, con
   const int kv_head = head / (num_heads / num_kv_heads);
   const int* table = block_tables + static_cast<long>(seq) * max_blocks;
   auto key_offset = [=](int j) {
-    return ((static_cast<long>(table[j / block_size]) * block_size + j % block_size) * num_kv_heads + kv_head) *
+    return ((static_cast<long>(table[j / block_size]) * num_kv_heads + kv_head) * block_size + j % block_size) *
            head_dim;
   };
   float *sm_m = smem, *sm_l = smem + kWarps + 1, *sm_o = smem + 2 * (kWarps + 1);
@@ -153,13 +157,13 @@ size_t smem_bytes(int head_dim) { return sizeof(float) * (2 * (kWarps + 1) + kWa
 }  // namespace
 
 void write_kv(int dtype, uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
-              long num_tokens, int row, uintptr_t stream) {
+              long num_tokens, int num_kv_heads, int block_size, int head_dim, uintptr_t stream) {
   if (num_tokens == 0) return;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     write_kv_kernel<T><<<num_tokens, 128, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
         reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v), reinterpret_cast<T*>(k_cache),
-        reinterpret_cast<T*>(v_cache), reinterpret_cast<const int64_t*>(slots), row);
+        reinterpret_cast<T*>(v_cache), reinterpret_cast<const int64_t*>(slots), num_kv_heads, block_size, head_dim);
   });
   check(cudaGetLastError(), "write_kv");
 }

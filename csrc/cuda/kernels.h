@@ -6,7 +6,7 @@
 namespace pyserve::cuda {
 
 void write_kv(int dtype, uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots,
-              long num_tokens, int row, uintptr_t stream);
+              long num_tokens, int num_kv_heads, int block_size, int head_dim, uintptr_t stream);
 
 void paged_attention(int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
                      uintptr_t seq_lens, uintptr_t query_start, uintptr_t out, uintptr_t scratch, int num_tokens,

@@ -27,14 +27,15 @@ __all__ = [
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
-    """Store new keys/values [T, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] in place.
+    """Store new keys/values [T, Hkv, D] into the caches [num_blocks, Hkv, block_size, D] in place.
 
     Token i goes to slot `slot_mapping[i]` = block * block_size + offset; a slot of -1 is skipped.
     """
     dev = k.device
     checks.tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES)
     checks.tensor(v, "v", dtypes=FLOAT_DTYPES, device=dev, shape=tuple(k.shape))
-    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, *k.shape[1:]))
+    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev,
+                  shape=(None, k.shape[1], None, k.shape[2]))
     checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
     checks.tensor(slot_mapping, "slot_mapping", dtypes=INDEX_DTYPES, device=dev, shape=(k.shape[0],))
     backend_for(dev, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -47,8 +48,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q [T, H, D]: the new tokens of all sequences back to back; sequence s owns rows
     query_start_loc[s]:query_start_loc[s+1] and they are the last of its seq_lens[s] tokens (whose
-    keys/values must already be in the cache). k_cache/v_cache [num_blocks, block_size, Hkv, D] with
-    H a multiple of Hkv (GQA/MQA); block_tables [S, max_blocks]. `sliding_window` > 0 lets a query
+    keys/values must already be in the cache). k_cache/v_cache [num_blocks, Hkv, block_size, D], so
+    one block of one KV head is contiguous; H is a multiple of Hkv (GQA/MQA); block_tables
+    [S, max_blocks]. `sliding_window` > 0 lets a query
     at position p see keys at p - window + 1 .. p. Returns [T, H, D] in q's dtype.
     """
     dev = q.device
@@ -56,7 +58,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     t, h, d = q.shape
     checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, None, d))
     checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
-    hkv = k_cache.shape[2]
+    hkv = k_cache.shape[1]
     checks.check(h % hkv == 0, f"q has {h} heads, which is not a multiple of the cache's {hkv} KV heads")
     checks.tensor(block_tables, "block_tables", ndim=2, dtypes=INDEX_DTYPES, device=dev)
     s = block_tables.shape[0]
@@ -68,7 +70,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         checks.check(int(query_start_loc[-1]) == t, f"query_start_loc[-1] must equal q.shape[0] = {t}")
         checks.check(bool((q_lens >= 0).all()) and bool((q_lens <= seq_lens).all()),
                      "each sequence's query length must be between 0 and its seq_len")
-        checks.check(int(seq_lens.max()) <= block_tables.shape[1] * k_cache.shape[1],
+        checks.check(int(seq_lens.max()) <= block_tables.shape[1] * k_cache.shape[2],
                      "a seq_len exceeds what its block table can address")
     scale = d**-0.5 if scale is None else float(scale)
     return backend_for(dev, backend).paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

@@ -31,7 +31,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     slots = slot_mapping.to(torch.int64).contiguous()
     k, v = _f32(k), _f32(v)
     _C.write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                k.shape[0], k.shape[1], k.shape[2])
+                k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2])
 
 
 def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
@@ -41,12 +41,12 @@ def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
-    _check_limits(q.shape[2], q.shape[1] // k_cache.shape[2], k_cache.shape[1])
+    _check_limits(q.shape[2], q.shape[1] // k_cache.shape[1], k_cache.shape[2])
     qf, kc, vc = _f32(q), _f32(k_cache), _f32(v_cache)
     bt, sl, qs = _i32(block_tables), _i32(seq_lens), _i32(query_start_loc)
     out = torch.empty_like(qf)
     _C.paged_attention(qf.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(),
-                       out.data_ptr(), sl.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+                       out.data_ptr(), sl.shape[0], q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
                        bt.shape[1], float(scale), int(sliding_window))
     return out.to(q.dtype)
 

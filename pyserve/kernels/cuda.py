@@ -35,7 +35,7 @@ def _check_head_dim(d: int) -> None:
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     k, v = k.to(k_cache.dtype).contiguous(), v.to(k_cache.dtype).contiguous()
     _C_cuda.write_kv(_DTYPE[k_cache.dtype], k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                     slot_mapping.to(torch.int64).contiguous().data_ptr(), k.shape[0], k.shape[1] * k.shape[2],
+                     slot_mapping.to(torch.int64).contiguous().data_ptr(), k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2],
                      _stream())
 
 
@@ -52,7 +52,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     _C_cuda.paged_attention(_DTYPE[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             _i32(block_tables).data_ptr(), _i32(seq_lens).data_ptr(),
                             _i32(query_start_loc).data_ptr(), out.data_ptr(), scratch.data_ptr(), t,
-                            seq_lens.shape[0], h, k_cache.shape[2], d, k_cache.shape[1], block_tables.shape[1],
+                            seq_lens.shape[0], h, k_cache.shape[1], d, k_cache.shape[2], block_tables.shape[1],
                             float(scale), int(sliding_window), num_splits, _SPLIT_KEYS, _stream())
     return out
 

@@ -17,8 +17,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """Store token i's key/value at cache slot `slot_mapping[i]` (block * block_size + offset); -1 skips."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    block_size = k_cache.shape[2]
+    k_cache[slots // block_size, :, slots % block_size] = k[keep].to(k_cache.dtype)
+    v_cache[slots // block_size, :, slots % block_size] = v[keep].to(v_cache.dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -49,18 +50,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q [T, H, D] holds the new tokens of every sequence back to back; sequence s owns rows
     query_start_loc[s]:query_start_loc[s+1], which are the last tokens of its seq_lens[s] tokens.
-    k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [S, max_blocks].
+    k_cache/v_cache [num_blocks, Hkv, block_size, D]; block_tables [S, max_blocks].
     A query at position p sees keys at positions j with j <= p and p - j < sliding_window (if > 0).
     """
     out = torch.empty(q.shape, dtype=torch.float32)
-    block_size = k_cache.shape[1]
+    block_size = k_cache.shape[2]
     for s in range(len(seq_lens)):
         start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
         ctx = int(seq_lens[s])
         n_blocks = (ctx + block_size - 1) // block_size
         blocks = block_tables[s, :n_blocks].long()
-        k = k_cache[blocks].flatten(0, 1)[:ctx]
-        v = v_cache[blocks].flatten(0, 1)[:ctx]
+        k = k_cache[blocks].transpose(1, 2).flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+        v = v_cache[blocks].transpose(1, 2).flatten(0, 1)[:ctx]
         q_pos = torch.arange(ctx - (end - start), ctx)
         allowed = _allowed(q_pos, torch.arange(ctx), True, sliding_window)
         out[start:end] = _attend(q[start:end], k, v, allowed, scale)

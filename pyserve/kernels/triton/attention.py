@@ -8,21 +8,23 @@ _SPLIT_KEYS = 512  # keys per split when a long context is divided among program
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, row, BLOCK: tl.constexpr):
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, HKV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     D: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     slot = tl.load(slot_ptr + i).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    mask = (offs < row) & (slot >= 0)
-    src = i.to(tl.int64) * row + offs
-    tl.store(kc_ptr + slot * row + offs, tl.load(k_ptr + src, mask=mask).to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + slot * row + offs, tl.load(v_ptr + src, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
+    mask = (offs < HKV * D) & (slot >= 0)
+    src = i.to(tl.int64) * HKV * D + offs
+    dst = (((slot // BLOCK_SIZE) * HKV + offs // D) * BLOCK_SIZE + slot % BLOCK_SIZE) * D + offs % D
+    tl.store(kc_ptr + dst, tl.load(k_ptr + src, mask=mask).to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, tl.load(v_ptr + src, mask=mask).to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    row = k.shape[1] * k.shape[2]
     if k.shape[0]:
-        _write_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache,
-                                        slot_mapping.contiguous(), row, BLOCK=triton.next_power_of_2(row))
+        _write_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous(),
+                                        HKV=k.shape[1], BLOCK_SIZE=k_cache.shape[2], D=k.shape[2],
+                                        BLOCK=triton.next_power_of_2(k.shape[1] * k.shape[2]))
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def _paged_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
         keys = tl.arange(0, BLOCK_SIZE)
         for blk in range(first_blk, end_blk):
             phys = tl.load(bt_ptr + seq * max_blocks + blk).to(tl.int64)
-            kv_off = ((phys * BLOCK_SIZE + keys[:, None]) * HKV + kv_head) * D + dims[None, :]
+            kv_off = ((phys * HKV + kv_head) * BLOCK_SIZE + keys[:, None]) * D + dims[None, :]
             k = tl.load(kc_ptr + kv_off)
             v = tl.load(vc_ptr + kv_off)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
@@ -109,7 +111,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     out = torch.empty_like(q)
     if t == 0 or num_seqs == 0:
         return out
-    block_size = k_cache.shape[1]
+    block_size = k_cache.shape[2]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     max_q = int(q_lens.max())
     block_m = max(16, min(64, triton.next_power_of_2(max_q)))
@@ -119,7 +121,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     args = (q.contiguous(), k_cache, v_cache, block_tables.to(torch.int32).contiguous(),
             seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous())
     grid = (triton.cdiv(max_q, block_m), num_seqs, h * num_splits)
-    meta = dict(H=h, HKV=k_cache.shape[2], D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, SPLIT_BLOCKS=split_blocks)
+    meta = dict(H=h, HKV=k_cache.shape[1], D=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, SPLIT_BLOCKS=split_blocks)
     if num_splits == 1:
         _paged_kernel[grid](*args, out, out, out, scale, sliding_window, block_tables.shape[1], t,
                             PARTIAL=False, **meta)
