@@ -21,11 +21,16 @@ constexpr int kMaxTile = 64;       // keys per tile
 constexpr int kSplitKeys = 512;    // keys per split of a long decode
 constexpr int kPrefetchTiles = 1;  // how far ahead paged tiles are requested
 
+// Up to kMaxTile consecutive key positions; their rows may lie in different cache blocks.
 struct Tile {
-  const float* k;  // first key of the tile; later keys follow at `stride`
-  const float* v;
-  int first_pos;   // position of the first key
-  int len;
+  const float* k[kMaxTile];
+  const float* v[kMaxTile];
+  int first_pos;  // position of the first key
+  int len = 0;
+  void add(const float* key, const float* value) {
+    k[len] = key;
+    v[len++] = value;
+  }
 };
 
 // The state of a work item's rows: running max, running sum and unnormalised output.
@@ -38,13 +43,14 @@ struct RowState {
   float l[kMaxRows];
   alignas(32) float o[kMaxRows * 256];
   alignas(32) float s[kMaxRows * kMaxTile];
+  Tile tiles[2];  // the tile in use and the one being prefetched
 };
 
 // S[r][j] = scale * q_r . k_j for four rows at a time, sharing each key load.
-void scores(RowState& st, const Tile& t, int stride, float scale) {
+void scores(RowState& st, const Tile& t, float scale) {
   const int d = st.dim;
   for (int j = 0; j < t.len; ++j) {
-    const float* k = t.k + static_cast<long>(j) * stride;
+    const float* k = t.k[j];
     int r = 0;
 #ifdef PYSERVE_AVX2
     for (; d % 8 == 0 && r + 4 <= st.n; r += 4) {
@@ -68,7 +74,7 @@ void scores(RowState& st, const Tile& t, int stride, float scale) {
 
 // O[r..r+R) += sum_j P[r][j] * v_j with R rows by sixteen columns held in registers.
 template <int R>
-void accumulate_rows(RowState& st, const Tile& t, int stride, int r) {
+void accumulate_rows(RowState& st, const Tile& t, int r) {
   const int d = st.dim;
 #ifdef PYSERVE_AVX2
   for (int c = 0; c < d; c += 16) {
@@ -78,7 +84,7 @@ void accumulate_rows(RowState& st, const Tile& t, int stride, int r) {
       acc[i][1] = _mm256_load_ps(st.o + (r + i) * d + c + 8);
     }
     for (int j = 0; j < t.len; ++j) {
-      const float* v = t.v + static_cast<long>(j) * stride + c;
+      const float* v = t.v[j] + c;
       __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
       for (int i = 0; i < R; ++i) {
         __m256 p = _mm256_broadcast_ss(st.s + (r + i) * kMaxTile + j);
@@ -94,32 +100,31 @@ void accumulate_rows(RowState& st, const Tile& t, int stride, int r) {
 #else
   for (int i = r; i < r + R; ++i)
     for (int j = 0; j < t.len; ++j)
-      scale_add(st.o + i * d, 1.0f, st.s[i * kMaxTile + j], t.v + static_cast<long>(j) * stride, d);
+      scale_add(st.o + i * d, 1.0f, st.s[i * kMaxTile + j], t.v[j], d);
 #endif
 }
 
 // O[r] += sum_j P[r][j] * v_j for every row, in groups of up to six rows.
-void accumulate_values(RowState& st, const Tile& t, int stride) {
+void accumulate_values(RowState& st, const Tile& t) {
   int r = 0;
   if (st.dim % 16 == 0) {
-    for (; r + 6 <= st.n; r += 6) accumulate_rows<6>(st, t, stride, r);
+    for (; r + 6 <= st.n; r += 6) accumulate_rows<6>(st, t, r);
     switch (st.n - r) {
-      case 5: accumulate_rows<5>(st, t, stride, r); break;
-      case 4: accumulate_rows<4>(st, t, stride, r); break;
-      case 3: accumulate_rows<3>(st, t, stride, r); break;
-      case 2: accumulate_rows<2>(st, t, stride, r); break;
-      case 1: accumulate_rows<1>(st, t, stride, r); break;
+      case 5: accumulate_rows<5>(st, t, r); break;
+      case 4: accumulate_rows<4>(st, t, r); break;
+      case 3: accumulate_rows<3>(st, t, r); break;
+      case 2: accumulate_rows<2>(st, t, r); break;
+      case 1: accumulate_rows<1>(st, t, r); break;
     }
     return;
   }
   for (; r < st.n; ++r)
-    for (int j = 0; j < t.len; ++j)
-      scale_add(st.o + r * st.dim, 1.0f, st.s[r * kMaxTile + j], t.v + static_cast<long>(j) * stride, st.dim);
+    for (int j = 0; j < t.len; ++j) scale_add(st.o + r * st.dim, 1.0f, st.s[r * kMaxTile + j], t.v[j], st.dim);
 }
 
 // One tile of the online softmax: mask, rescale the running state, accumulate P.V.
-void attend_tile(RowState& st, const Tile& t, int stride, float scale, bool causal, int window) {
-  scores(st, t, stride, scale);
+void attend_tile(RowState& st, const Tile& t, float scale, bool causal, int window) {
+  scores(st, t, scale);
   const int d = st.dim;
   for (int r = 0; r < st.n; ++r) {
     float* s = st.s + r * kMaxTile;
@@ -138,16 +143,16 @@ void attend_tile(RowState& st, const Tile& t, int stride, float scale, bool caus
     if (alpha != 1.0f) scale_add(st.o + r * d, alpha, 0.0f, st.o + r * d, d);
     st.m[r] = m_new;
   }
-  accumulate_values(st, t, stride);
+  accumulate_values(st, t);
 }
 
 // Ask for a tile's keys and values ahead of use: paged blocks sit at scattered addresses that
 // the hardware prefetcher cannot predict, so decode would otherwise wait on memory for every row.
-void prefetch_tile(const Tile& t, int stride, int dim) {
+void prefetch_tile(const Tile& t, int dim) {
   for (int j = 0; j < t.len; ++j)
     for (int i = 0; i < dim; i += 16) {
-      __builtin_prefetch(t.k + static_cast<long>(j) * stride + i);
-      __builtin_prefetch(t.v + static_cast<long>(j) * stride + i);
+      __builtin_prefetch(t.k[j] + i);
+      __builtin_prefetch(t.v[j] + i);
     }
 }
 
@@ -174,7 +179,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int group = a.num_heads / a.num_kv_heads;
   const int tok_tile = std::max(1, kMaxRows / group);
   const int split_blocks = std::max(1, kSplitKeys / a.block_size);
-  const int stride = a.head_dim;  // between consecutive keys of one block and head
+  const int tile_blocks = std::max(1, kMaxTile / a.block_size);
 
   std::vector<WorkItem> items;
   std::vector<int> split_first;  // per split group: index of its first partial row set
@@ -218,19 +223,31 @@ void paged_attention(const PagedAttentionArgs& a) {
       reset(*st);
       int max_pos = ctx - qlen + it.tok_end - 1, min_pos = ctx - qlen + it.tok_begin;
       const int32_t* table = a.block_tables + static_cast<long>(it.seq) * a.max_blocks;
-      auto tile_at = [&](int b) {
-        int first = b * a.block_size;
-        long base = ((static_cast<long>(table[b]) * a.num_kv_heads + it.kv_head) * a.block_size) * a.head_dim;
-        return Tile{a.k_cache + base, a.v_cache + base, first, std::min(a.block_size, ctx - first)};
-      };
+      // Tiles of whole blocks, up to kMaxTile keys, starting at block b.
       const int end = std::min(it.blk_end, max_pos / a.block_size + 1);
-      for (int b = it.blk_begin; b < std::min(end, it.blk_begin + kPrefetchTiles); ++b)
-        prefetch_tile(tile_at(b), stride, a.head_dim);
-      for (int b = it.blk_begin; b < end; ++b) {
-        if (b + kPrefetchTiles < end) prefetch_tile(tile_at(b + kPrefetchTiles), stride, a.head_dim);
-        Tile tile = tile_at(b);
-        if (a.window > 0 && tile.first_pos + tile.len - 1 <= min_pos - a.window) continue;
-        attend_tile(*st, tile, stride, a.scale, true, a.window);
+      auto tile_at = [&](int b, Tile& tile) {
+        tile.first_pos = b * a.block_size;
+        tile.len = 0;
+        for (int blk = b; blk < std::min(end, b + tile_blocks); ++blk) {
+          const long base = (static_cast<long>(table[blk]) * a.num_kv_heads + it.kv_head) * a.block_size * a.head_dim;
+          const int keys = std::min(a.block_size, ctx - blk * a.block_size);
+          for (int j = 0; j < keys; ++j) tile.add(a.k_cache + base + j * a.head_dim, a.v_cache + base + j * a.head_dim);
+        }
+      };
+      Tile* cur = &st->tiles[0];
+      Tile* next = &st->tiles[1];
+      if (it.blk_begin < end) {
+        tile_at(it.blk_begin, *cur);
+        prefetch_tile(*cur, a.head_dim);
+      }
+      for (int b = it.blk_begin; b < end; b += tile_blocks) {
+        if (b + tile_blocks < end) {
+          tile_at(b + tile_blocks, *next);
+          prefetch_tile(*next, a.head_dim);
+        }
+        const bool before_window = a.window > 0 && cur->first_pos + cur->len - 1 <= min_pos - a.window;
+        if (!before_window) attend_tile(*st, *cur, a.scale, true, a.window);
+        std::swap(cur, next);
       }
       for (int r = 0; r < st->n; ++r) {
         int t = it.tok_begin + r / group, head = it.kv_head * group + r % group;
@@ -305,10 +322,13 @@ void dense_attention(const DenseAttentionArgs& a) {
       reset(*st);
       long kv_base = (static_cast<long>(b) * a.num_kv_heads + h) * a.kv_len * a.head_dim;
       int end = a.causal ? std::min(a.kv_len, offset + t1) : a.kv_len;
+      Tile& tile = st->tiles[0];
       for (int k0 = 0; k0 < end; k0 += kMaxTile) {
-        Tile tile{a.k + kv_base + static_cast<long>(k0) * a.head_dim, a.v + kv_base + static_cast<long>(k0) * a.head_dim,
-                  k0, std::min(kMaxTile, end - k0)};
-        attend_tile(*st, tile, a.head_dim, a.scale, a.causal, 0);
+        tile.first_pos = k0;
+        tile.len = 0;
+        for (int j = k0; j < std::min(end, k0 + kMaxTile); ++j)
+          tile.add(a.k + kv_base + static_cast<long>(j) * a.head_dim, a.v + kv_base + static_cast<long>(j) * a.head_dim);
+        attend_tile(*st, tile, a.scale, a.causal, 0);
       }
       for (int r = 0; r < st->n; ++r) {
         int t = t0 + r / group, head = h * group + r % group;

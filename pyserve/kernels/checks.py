@@ -18,16 +18,21 @@ def check(cond: bool, message: str) -> None:
 
 def tensor(t: object, name: str, *, ndim: int | None = None, dtypes: tuple = (), device: torch.device | None = None,
            shape: tuple | None = None) -> torch.Tensor:
-    """Check one tensor argument; `shape` entries of None match any size."""
-    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    assert isinstance(t, torch.Tensor)
-    if ndim is not None:
-        check(t.dim() == ndim, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes:
-        check(t.dtype in dtypes, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None:
-        check(t.device == device, f"{name} is on {t.device}, expected {device}")
+    """Check one tensor argument; `shape` entries of None match any size.
+
+    Runs on every kernel call, so messages are only formatted once a check has failed.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise KernelInputError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes and t.dtype not in dtypes:
+        raise KernelInputError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise KernelInputError(f"{name} is on {t.device}, expected {device}")
     if shape is not None:
-        ok = len(shape) == t.dim() and all(s is None or s == n for s, n in zip(shape, t.shape))
-        check(ok, f"{name} must have shape {tuple('*' if s is None else s for s in shape)}, got {tuple(t.shape)}")
+        sizes = t.shape
+        if sizes != shape and (len(shape) != len(sizes) or any(s is not None and s != n for s, n in zip(shape, sizes))):
+            expected = tuple("*" if s is None else s for s in shape)
+            raise KernelInputError(f"{name} must have shape {expected}, got {tuple(sizes)}")
     return t

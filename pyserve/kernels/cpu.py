@@ -13,12 +13,20 @@ except ImportError:  # the extension was not built
     AVAILABLE = False
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
+    return _as(t, torch.float32)
 
 
 def _i32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int32).contiguous()
+    return _as(t, torch.int32)
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    return _as(t, torch.int64)
 
 
 def _opt(t: torch.Tensor | None) -> int:
@@ -28,7 +36,7 @@ def _opt(t: torch.Tensor | None) -> int:
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if k_cache.dtype != torch.float32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the cpu back-end needs contiguous float32 KV caches")
-    slots = slot_mapping.to(torch.int64).contiguous()
+    slots = _i64(slot_mapping)
     k, v = _f32(k), _f32(v)
     _C.write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
                 k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2])
@@ -70,7 +78,7 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
     i = {name: _i32(getattr(p, name)) for name in
          ("top_k", "prompt_tokens", "prompt_offsets", "output_tokens", "output_offsets", "bias_tokens",
           "bias_offsets")}
-    seed, step = p.seed.to(torch.int64).contiguous(), p.step.to(torch.int64).contiguous()
+    seed, step = _i64(p.seed), _i64(p.step)
     tokens = torch.empty(batch, dtype=torch.int64)
     logprobs = torch.empty(batch, dtype=torch.float32)
     top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64)
@@ -90,8 +98,10 @@ def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):
     xf, cf = _f32(x), _f32(cond)
     uf = None if uncond is None else _f32(uncond)
     pf = None if prev_x0 is None else _f32(prev_x0)
-    coef, seed, step = _f32(coef), seed.to(torch.int64).contiguous(), step.to(torch.int64).contiguous()
+    coef, seed, step = _f32(coef), _i64(seed), _i64(step)
     x_next, x0 = torch.empty_like(xf), torch.empty_like(xf)
     _C.denoise_step(xf.data_ptr(), cf.data_ptr(), _opt(uf), _opt(pf), coef.data_ptr(), seed.data_ptr(),
-                    step.data_ptr(), x_next.data_ptr(), x0.data_ptr(), batch, xf[0].numel() if batch else 0)
-    return x_next.to(x.dtype), x0.to(x.dtype)
+                    step.data_ptr(), x_next.data_ptr(), x0.data_ptr(), batch, xf.numel() // batch if batch else 0)
+    if x.dtype != torch.float32:
+        return x_next.to(x.dtype), x0.to(x.dtype)
+    return x_next, x0
