@@ -28,6 +28,19 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
 
 
 @triton.jit
+def _softmax_step(s, ok, v, m, l, acc):
+    """One key tile of the online softmax: scores s where ok, values v; returns the new (m, l, acc)."""
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l, acc
+
+
+@triton.jit
 def _paged_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, m_ptr, l_ptr,
                   scale, window, max_blocks, num_tokens,
                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -67,14 +80,7 @@ def _paged_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
             ok = (dist >= 0) & (key_pos[None, :] < ctx) & row_ok[:, None]
             if window > 0:
                 ok = ok & (dist < window)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m = m_new
+            m, l, acc = _softmax_step(s, ok, v, m, l, acc)
         if PARTIAL:
             part = (split * num_tokens + tok) * H + head
             tl.store(out_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
@@ -162,14 +168,7 @@ def _dense_kernel(q_ptr, k_ptr, v_ptr, out_ptr, scale, q_len, kv_len,
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + offset)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
+        m, l, acc = _softmax_step(s, ok, v, m, l, acc)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + q_base + rows[:, None] * D + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
