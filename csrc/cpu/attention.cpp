@@ -46,30 +46,52 @@ struct RowState {
   Tile tiles[2];  // the tile in use and the one being prefetched
 };
 
-// S[r][j] = scale * q_r . k_j for four rows at a time, sharing each key load.
+#ifdef PYSERVE_AVX2
+// The eight sums of a[r][c] (four rows by two keys), as [r0k0, r0k1, r1k0, r1k1, ..., r3k1].
+inline __m256 hsum_4x2(const __m256 a[4][2]) {
+  __m256 h0 = _mm256_hadd_ps(a[0][0], a[0][1]), h1 = _mm256_hadd_ps(a[1][0], a[1][1]);
+  __m256 h2 = _mm256_hadd_ps(a[2][0], a[2][1]), h3 = _mm256_hadd_ps(a[3][0], a[3][1]);
+  __m256 g0 = _mm256_hadd_ps(h0, h1), g1 = _mm256_hadd_ps(h2, h3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+#endif
+
+// S[r][j] = scale * q_r . k_j: four rows by two keys at a time, so each key load serves four
+// rows and one shuffle tree reduces eight dot products.
 void scores(RowState& st, const Tile& t, float scale) {
   const int d = st.dim;
-  for (int j = 0; j < t.len; ++j) {
-    const float* k = t.k[j];
-    int r = 0;
+  int j = 0;
 #ifdef PYSERVE_AVX2
-    for (; d % 8 == 0 && r + 4 <= st.n; r += 4) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int i = 0; i < d; i += 8) {
-        __m256 kv = _mm256_loadu_ps(k + i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r] + i), kv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 1] + i), kv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 2] + i), kv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(st.q[r + 3] + i), kv, a3);
+  const int full_rows = d % 8 == 0 ? st.n / 4 * 4 : 0;
+  for (; j + 2 <= t.len && full_rows > 0; j += 2) {
+    const float* k0 = t.k[j];
+    const float* k1 = t.k[j + 1];
+    for (int r = 0; r < full_rows; r += 4) {
+      __m256 acc[4][2];
+      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+      for (int c = 0; c < d; c += 8) {
+        __m256 kv0 = _mm256_loadu_ps(k0 + c), kv1 = _mm256_loadu_ps(k1 + c);
+        for (int i = 0; i < 4; ++i) {
+          __m256 qv = _mm256_loadu_ps(st.q[r + i] + c);
+          acc[i][0] = _mm256_fmadd_ps(qv, kv0, acc[i][0]);
+          acc[i][1] = _mm256_fmadd_ps(qv, kv1, acc[i][1]);
+        }
       }
-      st.s[r * kMaxTile + j] = hsum(a0) * scale;
-      st.s[(r + 1) * kMaxTile + j] = hsum(a1) * scale;
-      st.s[(r + 2) * kMaxTile + j] = hsum(a2) * scale;
-      st.s[(r + 3) * kMaxTile + j] = hsum(a3) * scale;
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, _mm256_mul_ps(hsum_4x2(acc), _mm256_set1_ps(scale)));
+      for (int i = 0; i < 4; ++i) {
+        st.s[(r + i) * kMaxTile + j] = sums[2 * i];
+        st.s[(r + i) * kMaxTile + j + 1] = sums[2 * i + 1];
+      }
     }
-#endif
-    for (; r < st.n; ++r) st.s[r * kMaxTile + j] = dot(st.q[r], k, d) * scale;
+    for (int r = full_rows; r < st.n; ++r) {
+      st.s[r * kMaxTile + j] = dot(st.q[r], k0, d) * scale;
+      st.s[r * kMaxTile + j + 1] = dot(st.q[r], k1, d) * scale;
+    }
   }
+#endif
+  for (; j < t.len; ++j)
+    for (int r = 0; r < st.n; ++r) st.s[r * kMaxTile + j] = dot(st.q[r], t.k[j], d) * scale;
 }
 
 // O[r..r+R) += sum_j P[r][j] * v_j with R rows by sixteen columns held in registers.
