@@ -19,7 +19,7 @@ namespace {
 constexpr int kMaxRows = 64;       // query rows per work item
 constexpr int kMaxTile = 64;       // keys per tile
 constexpr int kSplitKeys = 512;    // keys per split of a long decode
-constexpr int kPrefetchTiles = 1;  // how far ahead paged tiles are requested
+constexpr int kPackedMinRows = 12;  // rows from which transposing a key tile pays off
 
 // Up to kMaxTile consecutive key positions; their rows may lie in different cache blocks.
 struct Tile {
@@ -43,6 +43,7 @@ struct RowState {
   float l[kMaxRows];
   alignas(32) float o[kMaxRows * 256];
   alignas(32) float s[kMaxRows * kMaxTile];
+  alignas(32) float kt[256 * kMaxTile];  // the tile's keys transposed, [dim][key]
   Tile tiles[2];  // the tile in use and the one being prefetched
 };
 
@@ -56,12 +57,81 @@ inline __m256 hsum_4x2(const __m256 a[4][2]) {
 }
 #endif
 
+#ifdef PYSERVE_AVX2
+// S[r..r+R)[j..j+16) from the transposed key tile: query elements are broadcast against sixteen
+// keys, the same register blocking as P.V, with no horizontal sums.
+template <int R>
+void scores_packed_rows(RowState& st, int r, int cols, float scale) {
+  const int d = st.dim;
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int j = 0; j < cols; j += 16) {
+    __m256 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int c = 0; c < d; ++c) {
+      const __m256 k0 = _mm256_load_ps(st.kt + c * kMaxTile + j), k1 = _mm256_load_ps(st.kt + c * kMaxTile + j + 8);
+      for (int i = 0; i < R; ++i) {
+        const __m256 q = _mm256_broadcast_ss(st.q[r + i] + c);
+        acc[i][0] = _mm256_fmadd_ps(q, k0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(q, k1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      _mm256_store_ps(st.s + (r + i) * kMaxTile + j, _mm256_mul_ps(acc[i][0], vs));
+      _mm256_store_ps(st.s + (r + i) * kMaxTile + j + 8, _mm256_mul_ps(acc[i][1], vs));
+    }
+  }
+}
+
+// Eight keys' rows (8 x 8 floats at column c) transposed into kt[c..c+8][j..j+8].
+inline void transpose8(const Tile& t, int j, int c, float* kt) {
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(t.k[j + i] + c);
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_store_ps(kt + (c + i) * kMaxTile + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_store_ps(kt + (c + i + 4) * kMaxTile + j, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// Prefill tiles (many rows): transpose the keys once, then a register-blocked product.
+void scores_packed(RowState& st, const Tile& t, float scale) {
+  const int d = st.dim, cols = (t.len + 15) / 16 * 16;
+  int j = 0;
+  for (; j + 8 <= t.len; j += 8)
+    for (int c = 0; c < d; c += 8) transpose8(t, j, c, st.kt);
+  for (; j < cols; ++j)  // the ragged end, zero-padded to whole vectors
+    for (int c = 0; c < d; ++c) st.kt[c * kMaxTile + j] = j < t.len ? t.k[j][c] : 0.0f;
+  int r = 0;
+  for (; r + 6 <= st.n; r += 6) scores_packed_rows<6>(st, r, cols, scale);
+  switch (st.n - r) {
+    case 5: scores_packed_rows<5>(st, r, cols, scale); break;
+    case 4: scores_packed_rows<4>(st, r, cols, scale); break;
+    case 3: scores_packed_rows<3>(st, r, cols, scale); break;
+    case 2: scores_packed_rows<2>(st, r, cols, scale); break;
+    case 1: scores_packed_rows<1>(st, r, cols, scale); break;
+  }
+}
+#endif
+
 // S[r][j] = scale * q_r . k_j: four rows by two keys at a time, so each key load serves four
 // rows and one shuffle tree reduces eight dot products.
 void scores(RowState& st, const Tile& t, float scale) {
   const int d = st.dim;
   int j = 0;
 #ifdef PYSERVE_AVX2
+  if (st.n >= kPackedMinRows && d % 8 == 0) {
+    scores_packed(st, t, scale);
+    return;
+  }
   const int full_rows = d % 8 == 0 ? st.n / 4 * 4 : 0;
   for (; j + 2 <= t.len && full_rows > 0; j += 2) {
     const float* k0 = t.k[j];
