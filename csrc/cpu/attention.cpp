@@ -44,7 +44,8 @@ struct RowState {
   alignas(32) float o[kMaxRows * 256];
   alignas(32) float s[kMaxRows * kMaxTile];
   alignas(32) float kt[256 * kMaxTile];  // the tile's keys transposed, [dim][key]
-  Tile tiles[2];  // the tile in use and the one being prefetched
+  Tile tiles[2];                // the tile in use and the one being prefetched
+  const Tile* ahead = nullptr;  // the next tile, requested a key at a time during this one
 };
 
 #ifdef PYSERVE_AVX2
@@ -122,6 +123,16 @@ void scores_packed(RowState& st, const Tile& t, float scale) {
 }
 #endif
 
+// Request keys [j0, j1) of a tile (keys and values), spread over the work of the current tile
+// so that only a few lines are in flight at once.
+inline void prefetch_keys(const Tile& t, int j0, int j1, int dim) {
+  for (int j = j0; j < std::min(j1, t.len); ++j)
+    for (int i = 0; i < dim; i += 16) {
+      __builtin_prefetch(t.k[j] + i);
+      __builtin_prefetch(t.v[j] + i);
+    }
+}
+
 // S[r][j] = scale * q_r . k_j: four rows by two keys at a time, so each key load serves four
 // rows and one shuffle tree reduces eight dot products.
 void scores(RowState& st, const Tile& t, float scale) {
@@ -136,6 +147,7 @@ void scores(RowState& st, const Tile& t, float scale) {
   for (; j + 2 <= t.len && full_rows > 0; j += 2) {
     const float* k0 = t.k[j];
     const float* k1 = t.k[j + 1];
+    if (st.ahead) prefetch_keys(*st.ahead, j, j + 2, d);
     for (int r = 0; r < full_rows; r += 4) {
       __m256 acc[4][2];
       for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -333,9 +345,10 @@ void paged_attention(const PagedAttentionArgs& a) {
         prefetch_tile(*cur, a.head_dim);
       }
       for (int b = it.blk_begin; b < end; b += tile_blocks) {
+        st->ahead = nullptr;
         if (b + tile_blocks < end) {
           tile_at(b + tile_blocks, *next);
-          prefetch_tile(*next, a.head_dim);
+          st->ahead = next;
         }
         const bool before_window = a.window > 0 && cur->first_pos + cur->len - 1 <= min_pos - a.window;
         if (!before_window) attend_tile(*st, *cur, a.scale, true, a.window);
