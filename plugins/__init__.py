@@ -1,0 +1,1 @@
+"""First-party pyserve plugins, one package per architecture family."""

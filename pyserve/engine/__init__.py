@@ -1,0 +1,1 @@
+"""Engines: drive models through the task protocols (llm/ for text generation)."""

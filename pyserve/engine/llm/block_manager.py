@@ -1,0 +1,92 @@
+"""KV-cache blocks: allocation, reference counts and prefix caching.
+
+A full block is identified by a hash chained over the tokens of every block before it, so equal
+prefixes map to the same blocks. Freed blocks keep their hash and sit in an LRU list; a later
+prompt with the same prefix takes them back, and allocation evicts the least recently freed.
+"""
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
+        self.cached: dict[int, int] = {}  # hash -> block
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @staticmethod
+    def chain_hash(parent: int | None, tokens: list[int]) -> int:
+        return hash((parent, tuple(tokens)))
+
+    def _take(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old = self.block_hash[block]
+        if old is not None and self.cached.get(old) == block:
+            del self.cached[old]  # evicted: its contents are about to be overwritten
+        self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Give a new sequence the cached blocks of its longest cached prefix of full blocks."""
+        if not self.caching or seq.block_table:
+            return
+        bs = self.block_size
+        parent = None
+        # Leave at least one token to compute, so the step produces logits for it.
+        for i in range((len(seq.token_ids) - 1) // bs):
+            h = self.chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(h)
+            parent = h
+        seq.num_computed = len(seq.block_table) * bs
+
+    def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
+        """Allocate blocks so that seq can hold num_tokens; False (nothing allocated) if short."""
+        needed = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if needed > self.num_free:
+            return False
+        for _ in range(max(needed, 0)):
+            seq.block_table.append(self._take())
+        return True
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Record hashes of blocks that the last step filled, for later prefix hits."""
+        if not self.caching:
+            return
+        bs = self.block_size
+        while len(seq.block_hashes) < seq.num_computed // bs:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = self.chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            seq.block_hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks that reach zero become free (keeping their hash)."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed = 0

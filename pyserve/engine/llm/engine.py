@@ -1,0 +1,173 @@
+"""The LLM engine loop: admit requests, schedule a step, run it, apply stop rules, emit outputs."""
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ...tasks import KVCache, TextGenerationModel
+from ...tokenizer import IncrementalDetokenizer
+from .block_manager import BlockManager
+from .params import InvalidParameter, SamplingParams
+from .runner import ModelRunner, SampledToken
+from .scheduler import Scheduler
+from .sequence import CompletionOutput, RequestOutput, Sequence
+
+log = logging.getLogger("pyserve.engine")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache allocated once from a memory budget.
+
+    Example:
+        engine = LLMEngine(model)
+        engine.add_request("r1", "Hello", SamplingParams(max_tokens=8, temperature=0))
+        while engine.has_unfinished():
+            for out in engine.step():
+                print(out.request_id, out.text)
+    """
+
+    def __init__(self, model: TextGenerationModel, *, kv_cache_memory: int = 512 * 2**20, block_size: int = 16,
+                 max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 num_blocks: int | None = None):
+        spec = model.spec
+        self.model = model
+        self.tokenizer = model.tokenizer
+        bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.dtype.itemsize
+        self.num_blocks = num_blocks or max(1, kv_cache_memory // bytes_per_block)
+        cache = KVCache.allocate(spec.num_layers, self.num_blocks, spec.num_kv_heads, block_size, spec.head_dim,
+                                 spec.dtype, spec.device)
+        self.blocks = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, cache, block_size)
+        self.requests: dict[str, Request] = {}
+        self.eos_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
+        self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
+        self._rng = random.Random()
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
+                 self.num_blocks * bytes_per_block / 2**20)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        if request_id in self.requests:
+            raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
+        params = (params or SamplingParams()).resolved(self.defaults)
+        params.validate(self.model.spec.vocab_size)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidParameter("prompt", "this model has no tokenizer: send token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            if any(not 0 <= t < self.model.spec.vocab_size for t in ids):
+                raise InvalidParameter("prompt", f"token ids must be in [0, {self.model.spec.vocab_size})")
+        if not ids:
+            raise InvalidParameter("prompt", "is empty")
+        limit = self.model.spec.max_model_len
+        if len(ids) >= limit:
+            raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
+        seqs = []
+        for i in range(params.n):
+            seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + i * 0x9E3779B97F4A7C15) % 2**63
+            seq = Sequence(request_id, i, ids, params, seed)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        log.info("request %s added: %d prompt tokens, n=%d, max_tokens=%s", request_id, len(ids), params.n,
+                 params.max_tokens)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request now; its blocks are freed at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+        log.info("request %s aborted", request_id)
+        return self._output(request, finished=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return the outputs of requests that progressed."""
+        step = self.scheduler.schedule()
+        if not step.items:
+            return []
+        sampled = self.runner.run(step, self.eos_ids)
+        for seq, n in step.items:
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+        touched: dict[str, Request] = {}
+        for s in sampled:
+            self._accept(s)
+            touched[s.seq.request_id] = self.requests[s.seq.request_id]
+        outputs = []
+        for request in touched.values():
+            done = all(seq.finish_reason is not None for seq in request.seqs)
+            outputs.append(self._output(request, finished=done))
+            if done:
+                del self.requests[request.request_id]
+                log.info("request %s finished: %s", request.request_id,
+                         ", ".join(f"{len(s.output_ids)} tokens ({s.finish_reason})" for s in request.seqs))
+        return outputs
+
+    def _accept(self, s: SampledToken) -> None:
+        seq, p = s.seq, s.seq.params
+        seq.append(s.token)
+        if p.logprobs is not None:
+            seq.logprobs.append({"token_id": s.token, "logprob": s.logprob, "top": s.top})
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.add(s.token)
+        may_stop = len(seq.output_ids) >= p.min_tokens
+        reason = None
+        if may_stop and ((not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids):
+            reason = "stop"
+        elif may_stop and p.stop and self._cut_at_stop_string(seq):
+            seq.finish_reason = "stop"  # text already cut: nothing held back is wanted
+            self.scheduler.finish(seq)
+            return
+        elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        elif len(seq.token_ids) >= self.model.spec.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if seq.detokenizer is not None:
+                seq.text += seq.detokenizer.flush()
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _cut_at_stop_string(seq: Sequence) -> bool:
+        hits = [at for at in (seq.text.find(stop) for stop in seq.params.stop) if at >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+        return bool(hits)
+
+    def _output(self, request: Request, finished: bool) -> RequestOutput:
+        outs = [CompletionOutput(seq.index, seq.text, list(seq.output_ids), seq.finish_reason,
+                                 list(seq.logprobs) if request.params.logprobs is not None else None)
+                for seq in request.seqs]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free

@@ -1,0 +1,82 @@
+"""Turns a scheduled step into the model's flat batch, runs it, and samples the rows that end."""
+
+from dataclasses import dataclass
+
+import torch
+
+from ... import kernels
+from ...kernels.types import SamplingRow, SamplingTensors
+from ...tasks import AttentionMetadata, KVCache, TextGenerationModel
+from .scheduler import ScheduledStep
+from .sequence import Sequence
+
+
+@dataclass
+class SampledToken:
+    seq: Sequence
+    token: int
+    logprob: float
+    top: dict[int, float]
+
+
+class ModelRunner:
+    def __init__(self, model: TextGenerationModel, cache: KVCache, block_size: int):
+        self.model, self.cache, self.block_size = model, cache, block_size
+        self.device = model.spec.device
+
+    def _metadata(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids, positions, slots, seq_lens, starts, sample_rows = [], [], [], [], [0], []
+        for seq, n in step.items:
+            first = seq.num_computed
+            ids += seq.token_ids[first:first + n]
+            for pos in range(first, first + n):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            seq_lens.append(first + n)
+            starts.append(starts[-1] + n)
+            if first + n == len(seq.token_ids):
+                sample_rows.append(starts[-1] - 1)
+        width = max(len(seq.block_table) for seq, _ in step.items)
+        tables = torch.zeros(len(step.items), width, dtype=torch.int32)
+        for i, (seq, _) in enumerate(step.items):
+            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev))
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
+                meta, sample_rows)
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep, eos_ids: list[int]) -> list[SampledToken]:
+        input_ids, positions, meta, rows = self._metadata(step)
+        hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        sampling = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden[rows])
+        params = SamplingTensors.from_rows([self._row(seq, eos_ids) for seq in sampling], self.device)
+        num_logprobs = max((seq.params.logprobs or 0) for seq in sampling)
+        result = kernels.sample(logits, params, num_logprobs=num_logprobs)
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
+        top_ids, top_lps = result.top_tokens.tolist(), result.top_logprobs.tolist()
+        return [SampledToken(seq, tokens[i], logprobs[i],
+                             dict(zip(top_ids[i][:seq.params.logprobs or 0], top_lps[i][:seq.params.logprobs or 0])))
+                for i, seq in enumerate(sampling)]
+
+    @staticmethod
+    def _row(seq: Sequence, eos_ids: list[int]) -> SamplingRow:
+        p = seq.params
+        bias = dict(p.logit_bias)
+        if len(seq.output_ids) < p.min_tokens:  # too early to stop: ban the tokens that would
+            for token in ([] if p.ignore_eos else eos_ids) + list(p.stop_token_ids):
+                bias[token] = float("-inf")
+        return SamplingRow(
+            temperature=p.temperature, top_k=max(p.top_k, 0), top_p=p.top_p, min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, seed=seq.seed, step=len(seq.output_ids),
+            prompt_tokens=seq.prompt_ids if p.repetition_penalty != 1.0 else (),
+            output_tokens=seq.output_ids, logit_bias=bias)

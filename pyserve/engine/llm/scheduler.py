@@ -1,0 +1,88 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each brings.
+
+Each step has a token budget. Running sequences go first (a decode brings one token, a
+sequence still prefilling brings its next chunk); waiting sequences are admitted in order while
+budget, blocks and the running cap allow, their prompts split across steps when long (chunked
+prefill). When blocks run out, the most recently admitted running sequence is preempted: its
+blocks are freed and it waits to be recomputed.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    items: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.max_tokens
+        items: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.ensure_capacity(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                items.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.ensure_capacity(seq, seq.num_computed + n):
+                if not self.running:  # nothing will free blocks: the cache is too small for any step
+                    self.blocks.release(seq)
+                    raise MemoryError(f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold one step of "
+                                      f"request {seq.request_id}")
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            items.append((seq, n))
+            budget -= n
+        return ScheduledStep(items)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = Status.FINISHED

@@ -1,0 +1,50 @@
+"""Offline batch generation, in the shape vLLM users know.
+
+    from pyserve import LLM, SamplingParams
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Hello", "Once upon"], SamplingParams(max_tokens=32, temperature=0))
+    outs[0].text, outs[0].token_ids
+"""
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from .engine.llm import LLMEngine, RequestOutput, SamplingParams
+from .plugin import PluginRegistry
+
+
+class LLM:
+    def __init__(self, model: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None,
+                 plugin_dirs: list[str] | None = None, **engine_args):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        plugin = PluginRegistry.discover(plugin_dirs).for_model(model)
+        self.model = plugin.load(Path(model), device=device, dtype=dtype)
+        self.engine = LLMEngine(self.model, **engine_args)
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params_list):
+            self.engine.add_request(request_id, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate replies to conversations, rendered with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.model.tokenizer
+        # The template writes the special tokens itself, so encoding must not add them again.
+        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True), add_special_tokens=False)
+                   for c in conversations]
+        return self.generate(prompts, params)

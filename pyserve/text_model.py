@@ -1,0 +1,47 @@
+"""A helper for text-generation plugins: wrap a torch module that follows the task protocol with
+the spec and tokenizer the engine needs, loading weights and tokenizer from a model directory."""
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .tasks import TextModelSpec
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+
+class TextModel:
+    """Satisfies `pyserve.tasks.TextGenerationModel` for a module with forward/compute_logits."""
+
+    def __init__(self, module: torch.nn.Module, spec: TextModelSpec, tokenizer: Tokenizer | None):
+        self.module, self.spec, self.tokenizer = module, spec, tokenizer
+
+    def forward(self, input_ids, positions, meta, cache):
+        return self.module(input_ids, positions, meta, cache)
+
+    def compute_logits(self, hidden):
+        return self.module.compute_logits(hidden)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, build: Callable[[dict], torch.nn.Module], *, device: str = "cpu",
+             dtype: torch.dtype | None = None, num_kv_heads: Callable[[dict], int], head_dim: Callable[[dict], int],
+             transform=None, optional: tuple[str, ...] = ()) -> "TextModel":
+        model_dir = Path(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+        with torch.device("meta"):
+            module = build(cfg)
+        module = module.to_empty(device=device).to(dtype)
+        if hasattr(module, "reset_buffers"):  # buffers computed from the config, not loaded
+            module.reset_buffers()
+        load_weights(module, model_dir, transform=transform,
+                     optional=optional + tuple(n for n, _ in module.named_buffers()))
+        module.eval().requires_grad_(False)
+        max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+        spec = TextModelSpec(num_layers=cfg.get("num_hidden_layers") or cfg["n_layer"], num_kv_heads=num_kv_heads(cfg),
+                             head_dim=head_dim(cfg), vocab_size=cfg["vocab_size"], max_model_len=max_len,
+                             dtype=dtype, device=torch.device(device))
+        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        return cls(module, spec, tokenizer)

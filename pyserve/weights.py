@@ -1,0 +1,59 @@
+"""Loading safetensors checkpoints (single file or sharded) into a module, by parameter name."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, optional: tuple[str, ...] = (),
+                 ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy every tensor of the checkpoint into the parameter or buffer of the same name.
+
+    `transform(name, tensor)` may rename or reshape a tensor (returns (name, tensor)). Missing
+    parameters (other than `optional` ones), unknown tensors and shape mismatches raise one error
+    that names them all.
+    """
+    params = dict(module.named_parameters()) | dict(module.named_buffers())
+    loaded, unexpected, mismatched = set(), [], []
+    files = checkpoint_files(model_dir)
+    with torch.no_grad():
+        for path in tqdm(files, desc=f"loading {model_dir.name}", unit="file", disable=len(files) < 2, leave=False):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.startswith(ignore_prefixes):
+                        continue
+                    tensor = f.get_tensor(name)
+                    if transform is not None:
+                        name, tensor = transform(name, tensor)
+                    target = params.get(name)
+                    if target is None:
+                        unexpected.append(name)
+                    elif tuple(target.shape) != tuple(tensor.shape):
+                        mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                    else:
+                        target.copy_(tensor.to(target.dtype))
+                        loaded.add(name)
+    missing = [n for n in params if n not in loaded and n not in optional]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(sorted(missing))}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+    if mismatched:
+        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    if problems:
+        raise ValueError(f"checkpoint {model_dir} does not fit the model: " + " | ".join(problems))
