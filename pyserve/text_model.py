@@ -27,7 +27,8 @@ class TextModel:
     @classmethod
     def load(cls, model_dir: str | Path, build: Callable[[dict], torch.nn.Module], *, device: str = "cpu",
              dtype: torch.dtype | None = None, num_kv_heads: Callable[[dict], int], head_dim: Callable[[dict], int],
-             transform=None, optional: tuple[str, ...] = ()) -> "TextModel":
+             transform=None, optional: tuple[str, ...] = (), ignore_prefixes: tuple[str, ...] = (),
+             ignore_suffixes: tuple[str, ...] = ()) -> "TextModel":
         model_dir = Path(model_dir)
         cfg = json.loads((model_dir / "config.json").read_text())
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
@@ -36,8 +37,8 @@ class TextModel:
         module = module.to_empty(device=device).to(dtype)
         if hasattr(module, "reset_buffers"):  # buffers computed from the config, not loaded
             module.reset_buffers()
-        load_weights(module, model_dir, transform=transform,
-                     optional=optional + tuple(n for n, _ in module.named_buffers()))
+        load_weights(module, model_dir, transform=transform, ignore_prefixes=ignore_prefixes,
+                     ignore_suffixes=ignore_suffixes, optional=optional + tuple(n for n, _ in module.named_buffers()))
         module.eval().requires_grad_(False)
         max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
         spec = TextModelSpec(num_layers=cfg.get("num_hidden_layers") or cfg["n_layer"], num_kv_heads=num_kv_heads(cfg),

@@ -20,7 +20,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, optional: tuple[str, ...] = (),
-                 ignore_prefixes: tuple[str, ...] = ()) -> None:
+                 ignore_prefixes: tuple[str, ...] = (), ignore_suffixes: tuple[str, ...] = ()) -> None:
     """Copy every tensor of the checkpoint into the parameter or buffer of the same name.
 
     `transform(name, tensor)` may rename or reshape a tensor (returns (name, tensor)). Missing
@@ -28,13 +28,13 @@ def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, op
     that names them all.
     """
     params = dict(module.named_parameters()) | dict(module.named_buffers())
-    loaded, unexpected, mismatched = set(), [], []
+    seen, unexpected, mismatched = set(), [], []
     files = checkpoint_files(model_dir)
     with torch.no_grad():
         for path in tqdm(files, desc=f"loading {model_dir.name}", unit="file", disable=len(files) < 2, leave=False):
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name.startswith(ignore_prefixes):
+                    if name.startswith(ignore_prefixes) or name.endswith(ignore_suffixes):
                         continue
                     tensor = f.get_tensor(name)
                     if transform is not None:
@@ -44,10 +44,11 @@ def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, op
                         unexpected.append(name)
                     elif tuple(target.shape) != tuple(tensor.shape):
                         mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                        seen.add(name)  # present, though wrong: reported as a mismatch only
                     else:
                         target.copy_(tensor.to(target.dtype))
-                        loaded.add(name)
-    missing = [n for n in params if n not in loaded and n not in optional]
+                        seen.add(name)
+    missing = [n for n in params if n not in seen and n not in optional]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(sorted(missing))}")

@@ -17,6 +17,7 @@ VARIANTS = {
                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     "mistral-window": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {}),
+    "gpt2": ("gpt2", {}),
 }
 
 PROMPTS = [[0, 5, 9, 40, 7], [0, 100, 3, 17, 22, 31, 8, 64, 12, 90, 4, 5, 6, 7, 8, 9, 10, 11, 44, 51, 52],

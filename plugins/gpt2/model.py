@@ -1,0 +1,90 @@
+"""GPT-2 over pyserve's paged KV cache: learned positions, LayerNorm, GELU (tanh), Conv1D weights.
+
+Parameter names follow the Hugging Face checkpoint; Conv1D keeps its [in, out] weight layout.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyserve import kernels
+from pyserve.tasks import AttentionMetadata, KVCache
+
+
+class Conv1D(nn.Module):
+    """y = x @ weight + bias, with weight [in, out] as GPT-2 checkpoints store it."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.heads = cfg["n_head"]
+        self.head_dim = cfg["n_embd"] // self.heads
+        self.c_attn = Conv1D(cfg["n_embd"], 3 * cfg["n_embd"])
+        self.c_proj = Conv1D(cfg["n_embd"], cfg["n_embd"])
+
+    def forward(self, x, meta: AttentionMetadata, k_cache, v_cache):
+        t = x.shape[0]
+        q, k, v = self.c_attn(x).view(t, 3, self.heads, self.head_dim).unbind(1)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                      meta.query_start_loc)
+        return self.c_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        inner = cfg.get("n_inner") or 4 * cfg["n_embd"]
+        self.c_fc = Conv1D(cfg["n_embd"], inner)
+        self.c_proj = Conv1D(inner, cfg["n_embd"])
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.ln_1 = nn.LayerNorm(cfg["n_embd"], eps=eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg["n_embd"], eps=eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, meta, k_cache, v_cache):
+        x = x + self.attn(self.ln_1(x), meta, k_cache, v_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.wte = nn.Embedding(cfg["vocab_size"], cfg["n_embd"])
+        self.wpe = nn.Embedding(cfg["n_positions"], cfg["n_embd"])
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg["n_layer"]))
+        self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg.get("layer_norm_epsilon", 1e-5))
+
+
+class GPT2LMHeadModel(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.transformer = Transformer(cfg)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+        for block, k_cache, v_cache in zip(self.transformer.h, cache.keys, cache.values):
+            x = block(x, meta, k_cache, v_cache)
+        return self.transformer.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.transformer.wte.weight).float()  # the head is tied to wte
