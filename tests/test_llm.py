@@ -165,3 +165,68 @@ def test_incremental_detokenizer_handles_multibyte_characters(llama_dir):
     assert "".join(pieces) + detok.flush() == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert any(piece == "" for piece in pieces)  # some tokens end inside a character and wait
+
+
+def test_async_engine_streams_and_frees_blocks_on_cancel(llama_dir, llama_reference):
+    import asyncio
+
+    from pyserve.engine.llm import AsyncLLMEngine
+
+    llm = LLM(llama_dir, device="cpu")
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def collect(ids):
+        outs = [out async for out in engine.generate(ids, GREEDY)]
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        return outs[-1].token_ids
+
+    async def cancel_midway():
+        stream = engine.generate(PROMPTS[1], SamplingParams(max_tokens=200, ignore_eos=True))
+        async for out in stream:
+            if len(out.token_ids) >= 3:
+                break
+        await stream.aclose()
+
+    async def main():
+        results = await asyncio.gather(*(collect(ids) for ids in PROMPTS), cancel_midway())
+        return results[:-1]
+
+    try:
+        assert asyncio.run(main()) == llama_reference
+        assert llm.engine.num_free_blocks() == llm.engine.num_blocks
+        assert not llm.engine.has_unfinished()
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_model_step_fails_only_its_requests(llama_dir):
+    llm = LLM(llama_dir, device="cpu")
+    engine = llm.engine
+    original = engine.runner.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    engine.runner.model.forward = flaky
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=4, temperature=0))
+    failed = engine.step()
+    assert failed[0].error == "RuntimeError: boom" and failed[0].finished
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].token_ids) == 4
+    assert engine.num_free_blocks() == engine.num_blocks
+
+
+def test_generation_config_supplies_defaults(tmp_path):
+    import json
+
+    model_dir = make_model(tmp_path / "defaults", "llama")
+    (model_dir / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.8, "top_k": 5}))
+    llm = LLM(model_dir, device="cpu")
+    resolved = SamplingParams().resolved(llm.engine.defaults)
+    assert (resolved.temperature, resolved.top_p, resolved.top_k) == (0.6, 0.8, 5)
+    assert SamplingParams(temperature=0.0).resolved(llm.engine.defaults).temperature == 0.0

@@ -111,7 +111,11 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.items:
             return []
-        sampled = self.runner.run(step, self.eos_ids)
+        try:
+            sampled = self.runner.run(step, self.eos_ids)
+        except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
+            log.exception("model step failed; failing %d request(s)", len(step.items))
+            return self._fail({seq.request_id for seq, _ in step.items}, f"{type(exc).__name__}: {exc}")
         for seq, n in step.items:
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
@@ -160,6 +164,20 @@ class LLMEngine:
         if hits:
             seq.text = seq.text[:min(hits)]
         return bool(hits)
+
+    def _fail(self, request_ids: set[str], error: str) -> list[RequestOutput]:
+        outputs = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                seq.finish_reason = seq.finish_reason or "error"
+                self.scheduler.finish(seq)
+            out = self._output(request, finished=True)
+            out.error = error
+            outputs.append(out)
+        return outputs
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         outs = [CompletionOutput(seq.index, seq.text, list(seq.output_ids), seq.finish_reason,

@@ -59,6 +59,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None  # set when the model failed on this request's step
 
     @property
     def text(self) -> str:
