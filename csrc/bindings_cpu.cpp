@@ -8,11 +8,13 @@
 
 #include "cpu/attention.h"
 #include "cpu/denoise.h"
+#include "cpu/linear.h"
 #include "cpu/sampling.h"
 
 namespace py = pybind11;
 using pyserve::cpu::DenoiseArgs;
 using pyserve::cpu::DenseAttentionArgs;
+using pyserve::cpu::LinearArgs;
 using pyserve::cpu::PagedAttentionArgs;
 using pyserve::cpu::SampleArgs;
 using pyserve::cpu::WriteKVArgs;
@@ -28,6 +30,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_HEAD_DIM") = pyserve::cpu::kMaxHeadDim;
   m.attr("MAX_BLOCK_SIZE") = pyserve::cpu::kMaxBlockSize;
   m.attr("MAX_GROUP") = pyserve::cpu::kMaxGroup;
+  m.attr("MAX_LINEAR_ROWS") = pyserve::cpu::kMaxLinearRows;
 
   m.def("num_threads", [] { return omp_get_max_threads(); });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });
@@ -79,6 +82,14 @@ PYBIND11_MODULE(_C, m) {
             ptr<const int32_t>(prompt_off), ptr<const int32_t>(output), ptr<const int32_t>(output_off),
             ptr<const int32_t>(bias_tok), ptr<const int32_t>(bias_off), ptr<const float>(bias_val), num_logprobs,
             ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)});
+      },
+      nogil);
+
+  m.def(
+      "linear",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int m, int n, int k) {
+        pyserve::cpu::linear(LinearArgs{ptr<const float>(x), ptr<const float>(w), ptr<const float>(bias),
+                                        ptr<float>(out), m, n, k});
       },
       nogil);
 

@@ -39,6 +39,8 @@ class TextModel:
             module.reset_buffers()
         load_weights(module, model_dir, transform=transform, ignore_prefixes=ignore_prefixes,
                      ignore_suffixes=ignore_suffixes, optional=optional + tuple(n for n, _ in module.named_buffers()))
+        if hasattr(module, "post_load"):  # e.g. fusing projections once weights are in place
+            module.post_load()
         module.eval().requires_grad_(False)
         max_len = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
         spec = TextModelSpec(num_layers=cfg.get("num_hidden_layers") or cfg["n_layer"], num_kv_heads=num_kv_heads(cfg),

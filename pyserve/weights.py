@@ -30,24 +30,24 @@ def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, op
     params = dict(module.named_parameters()) | dict(module.named_buffers())
     seen, unexpected, mismatched = set(), [], []
     files = checkpoint_files(model_dir)
+    handles = [safe_open(str(path), framework="pt", device="cpu") for path in files]
+    names = [(h, name) for h in handles for name in h.keys()]
     with torch.no_grad():
-        for path in tqdm(files, desc=f"loading {model_dir.name}", unit="file", disable=len(files) < 2, leave=False):
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name.startswith(ignore_prefixes) or name.endswith(ignore_suffixes):
-                        continue
-                    tensor = f.get_tensor(name)
-                    if transform is not None:
-                        name, tensor = transform(name, tensor)
-                    target = params.get(name)
-                    if target is None:
-                        unexpected.append(name)
-                    elif tuple(target.shape) != tuple(tensor.shape):
-                        mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
-                        seen.add(name)  # present, though wrong: reported as a mismatch only
-                    else:
-                        target.copy_(tensor.to(target.dtype))
-                        seen.add(name)
+        for handle, name in tqdm(names, desc=f"loading {model_dir.name}", unit="tensor", leave=False):
+            if name.startswith(ignore_prefixes) or name.endswith(ignore_suffixes):
+                continue
+            tensor = handle.get_tensor(name)
+            if transform is not None:
+                name, tensor = transform(name, tensor)
+            target = params.get(name)
+            if target is None:
+                unexpected.append(name)
+            elif tuple(target.shape) != tuple(tensor.shape):
+                mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                seen.add(name)  # present, though wrong: reported as a mismatch only
+            else:
+                target.copy_(tensor.to(target.dtype))
+                seen.add(name)
     missing = [n for n in params if n not in seen and n not in optional]
     problems = []
     if missing:

@@ -133,3 +133,17 @@ def test_paged_attention_rejects_bad_arguments():
         kernels.paged_attention(q, kc, vc, bt, sl * 100, qsl)
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.paged_attention(q, kc, vc, bt, sl, qsl, backend="nope")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 19), (256, 768)])
+def test_linear_matches_torch(backend, device, rows, n, k):
+    g = torch.Generator().manual_seed(rows * n + k)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    for bias in (None, b):
+        want = torch.nn.functional.linear(x, w, bias)
+        got = kernels.linear(x.to(device), w.to(device), None if bias is None else bias.to(device), backend=backend)
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+    # Leading dimensions are kept, as in torch.nn.functional.linear.
+    assert kernels.linear(x.view(rows, 1, k).to(device), w.to(device), backend=backend).shape == (rows, 1, n)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyserve import kernels
+from pyserve.nn import Linear
 from pyserve.tasks import AttentionMetadata, KVCache
 
 
@@ -45,6 +46,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """A Linear whose output is the concatenation of the given ones' outputs."""
+    first = linears[0]
+    fused = Linear(first.in_features, sum(lin.out_features for lin in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused.requires_grad_(False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -65,13 +78,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * head_dim, hidden, bias=cfg.get("attention_bias", False))
+        self.o_proj = Linear(self.heads * head_dim, hidden, bias=cfg.get("attention_bias", False))
+
+    def fuse(self) -> None:
+        """One projection for q, k and v: one larger matrix-vector product per decode step."""
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                          self.kv_heads * self.head_dim], dim=-1)
+        q = apply_rope(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(t, self.kv_heads, self.head_dim)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       sliding_window=self.sliding_window)
@@ -83,10 +103,15 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
+
+    def fuse(self) -> None:
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -122,12 +147,18 @@ class LlamaForCausalLM(nn.Module):
         self.model = Backbone(cfg, self.head_dim, window)
         self.tied = cfg.get("tie_word_embeddings", False)
         if not self.tied:
-            self.lm_head = nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+            self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg, self.head_dim), persistent=False)
 
     def reset_buffers(self) -> None:
         self.inv_freq.copy_(rope_inv_freq(self.cfg, self.head_dim))
+
+    def post_load(self) -> None:
+        """Once weights are in (under their checkpoint names), fuse q/k/v and gate/up."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache) -> torch.Tensor:
@@ -140,4 +171,4 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return kernels.linear(hidden, weight).float()

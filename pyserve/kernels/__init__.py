@@ -21,8 +21,18 @@ from .types import Coef, SampleResult, SamplingRow, SamplingTensors
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "SampleResult", "SamplingRow", "SamplingTensors",
-    "available", "dense_attention", "denoise_step", "paged_attention", "sample", "write_kv",
+    "available", "dense_attention", "denoise_step", "linear", "paged_attention", "sample", "write_kv",
 ]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """x [..., K] times weight [N, K] (transposed) plus bias [N], as torch.nn.functional.linear.
+
+    On the CPU, decode-sized batches (up to 8 rows, fp32) run the C++ matrix-vector kernel, which
+    streams the weights faster than BLAS GEMV; everything else goes to torch.
+    """
+    return backend_for(x.device, backend).linear(x, weight, bias)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -42,6 +42,19 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
                 k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2])
 
 
+def linear(x, weight, bias=None):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    fits = (0 < rows <= _C.MAX_LINEAR_ROWS and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+            and (bias is None or bias.dtype == torch.float32))
+    if not fits:
+        return torch.nn.functional.linear(x, weight, bias)
+    xf = x.contiguous()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    _C.linear(xf.data_ptr(), weight.data_ptr(), _opt(None if bias is None else bias.contiguous()), out.data_ptr(),
+              rows, weight.shape[0], weight.shape[1])
+    return out
+
+
 def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
     check(head_dim <= _C.MAX_HEAD_DIM, f"the cpu back-end supports head_dim <= {_C.MAX_HEAD_DIM}, got {head_dim}")
     check(group <= _C.MAX_GROUP, f"the cpu back-end supports <= {_C.MAX_GROUP} query heads per KV head")

@@ -14,3 +14,4 @@ if AVAILABLE:
     from .attention import dense_attention, paged_attention, write_kv  # noqa: F401
     from .denoise import denoise_step  # noqa: F401
     from .sampling import sample  # noqa: F401
+    from ..reference import linear  # noqa: F401  (torch's GEMM on the GPU)
