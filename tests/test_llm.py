@@ -150,6 +150,18 @@ def test_text_prompts_stop_strings_and_chat(llama_dir):
     stopped = llm.generate("Hello world", sampled)[0]
     assert stopped.outputs[0].finish_reason == "stop"
     assert stopped.text == text[:text.find(text[at:at + 2])]
+    # A stop string that straddles two tokens still stops generation and is cut from the text.
+    from pyserve.tokenizer import IncrementalDetokenizer
+    sampled.stop = []
+    sample = llm.generate("Hello world", sampled)
+    detok = IncrementalDetokenizer(tok, sample[0].prompt_token_ids)
+    pieces = [detok.add(t) for t in sample[0].token_ids]
+    i = next(i for i in range(len(pieces) - 1) if pieces[i] and pieces[i + 1]
+             and "\ufffd" not in pieces[i][-1] + pieces[i + 1][0])
+    straddle = pieces[i][-1] + pieces[i + 1][0]
+    sampled.stop = [straddle]
+    cut = llm.generate("Hello world", sampled)[0]
+    assert cut.outputs[0].finish_reason == "stop" and cut.text == text[:text.find(straddle)]
     chat = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, temperature=0))[0]
     assert chat.prompt_token_ids[:1] == [0] and chat.prompt_token_ids.count(0) == 1
 
