@@ -1,12 +1,15 @@
 """The `pyserve` command.
 
+    pyserve serve MODEL_DIR [MODEL_DIR ...]      the OpenAI-compatible HTTP API on 127.0.0.1:8000
     pyserve plugins [--plugin-dir DIR]          what plugins were found, from where, and failures
     pyserve generate MODEL_DIR "Once upon" -n 32 offline generation, to try a model quickly
 """
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from .plugin import PluginRegistry
 
@@ -35,10 +38,47 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import torch
+
+    from .engine.llm import AsyncLLMEngine, LLMEngine
+    from .server import serve
+
+    if args.served_model_name and len(args.served_model_name) != len(args.models):
+        sys.exit("--served-model-name must be given once per model")
+    registry = PluginRegistry.discover(args.plugin_dir)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engines = {}
+    for i, model_dir in enumerate(args.models):
+        name = args.served_model_name[i] if args.served_model_name else Path(model_dir).name
+        model = registry.for_model(model_dir).load(Path(model_dir), device=device, dtype=dtype)
+        engine = LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
+                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        engines[name] = AsyncLLMEngine(engine)
+    serve(engines, args.host, args.port, args.api_key, args.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyserve", description="An inference server for generative models.")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="Hugging Face model directories")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("PYSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PYSERVE_API_KEY)")
+    s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
+    s.add_argument("--plugin-dir", action="append", default=[])
+    s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
+    s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
+    s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    s.set_defaults(run=_serve)
 
     p = sub.add_parser("plugins", help="list discovered plugins and any that failed to load")
     p.add_argument("--plugin-dir", action="append", default=[], help="a folder of drop-in plugins (repeatable)")

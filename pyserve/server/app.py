@@ -1,0 +1,216 @@
+"""The HTTP front-end (Starlette): OpenAI-compatible /v1 routes and health.
+
+It talks to engines only through `AsyncLLMEngine.generate` (an async stream of outputs); a client
+that goes away mid-stream closes that stream, which aborts the request and frees its blocks.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine.llm import AsyncLLMEngine
+from ..engine.llm.params import InvalidParameter
+from . import openai_api as oa
+
+log = logging.getLogger("pyserve.server")
+
+MAX_BODY_BYTES = 8 * 2**20
+OPEN_PATHS = ("/health", "/v2/health/live", "/v2/health/ready")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    engine: AsyncLLMEngine
+    created: int
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+
+class Guard(BaseHTTPMiddleware):
+    """API key, body size limit, and X-Request-Id echo, for every route."""
+
+    def __init__(self, app, api_key: str | None):
+        super().__init__(app)
+        self.api_key = api_key
+
+    async def dispatch(self, request: Request, call_next):
+        if self.api_key and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return _error(oa.BadRequest(401, "a valid API key is required (Authorization: Bearer ...)",
+                                            kind="authentication_error"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return _error(oa.BadRequest(413, f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+        response = await call_next(request)
+        if "x-request-id" in request.headers:
+            response.headers["X-Request-Id"] = request.headers["x-request-id"]
+        return response
+
+
+def _error(exc: oa.BadRequest) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _json_body(request: Request) -> dict:
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise oa.BadRequest(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise oa.BadRequest(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise oa.BadRequest(400, "the body must be a JSON object")
+    return body
+
+
+def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> Starlette:
+    served = {name: ServedModel(name, engine, int(time.time())) for name, engine in models.items()}
+
+    def model_for(body: dict) -> ServedModel:
+        name = oa._get(body, "model")
+        if name is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise oa.BadRequest(400, "model is required", "model")
+        if name not in served:
+            raise oa.BadRequest(404, f"the model {name!r} does not exist; served: {', '.join(served)}", "model",
+                                kind="not_found_error")
+        return served[name]
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "pyserve"} for m in served.values()]})
+
+    async def completions(request: Request) -> Response:
+        return await _generate(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, chat=True)
+
+    async def _generate(request: Request, chat: bool) -> Response:
+        try:
+            body = await _json_body(request)
+            model = model_for(body)
+            params = oa.sampling_params(body, chat)
+            prompt = _chat_prompt(body, model) if chat else _completion_prompt(body)
+            rid = request.headers.get("x-request-id") or oa.new_id("chatcmpl" if chat else "cmpl")
+            stream = model.engine.generate(prompt, params, request_id=f"{rid}-{oa.new_id('r')}")
+            first = await anext(stream)  # surfaces invalid prompts before any response is sent
+        except oa.BadRequest as exc:
+            return _error(exc)
+        except InvalidParameter as exc:
+            return _error(oa.BadRequest(400, str(exc), exc.field))
+        if oa._get(body, "stream", False):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(rid, model, first, stream, chat, include_usage),
+                                     media_type="text/event-stream")
+        out = first
+        async for out in stream:
+            pass
+        if out.error:
+            return _error(oa.BadRequest(500, f"the model failed: {out.error}", kind="server_error"))
+        shape = oa.chat_body if chat else oa.completion_body
+        return JSONResponse(shape(rid, model.name, out, model.tokenizer))
+
+    return Starlette(routes=[
+        Route("/health", health),
+        Route("/v1/models", list_models),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ], middleware=[Middleware(Guard, api_key=api_key)])
+
+
+def _completion_prompt(body: dict):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise oa.BadRequest(400, "prompt must be a non-empty string or list of token ids (one prompt per request)",
+                        "prompt")
+
+
+def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise oa.BadRequest(400, "messages must be a non-empty list", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise oa.BadRequest(400, f"messages[{i}] must be an object with a role", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        elif not isinstance(content, str):
+            raise oa.BadRequest(400, f"messages[{i}].content must be a string", "messages")
+    tok = model.tokenizer
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
+        raise oa.BadRequest(400, f"the chat template failed: {exc}", "messages") from None
+    return tok.encode(text, add_special_tokens=False)
+
+
+async def _sse(rid: str, model: ServedModel, first, stream, chat: bool, include_usage: bool):
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
+    sent = [0] * len(first.outputs)
+    started = [False] * len(first.outputs)
+
+    def chunk(choices, usage=None):
+        body = {"id": rid, "object": kind, "created": created, "model": model.name, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def outputs():
+        yield first
+        async for out in stream:
+            yield out
+
+    last = first
+    try:
+        async for out in outputs():
+            last = out
+            if out.error:
+                yield f"data: {json.dumps(oa.BadRequest(500, out.error, kind='server_error').body())}\n\n"
+                break
+            choices = []
+            for o in out.outputs:
+                delta = o.text[sent[o.index]:]
+                if not delta and o.finish_reason is None and started[o.index]:
+                    continue
+                sent[o.index] = len(o.text)
+                if chat:
+                    message = {"content": delta}
+                    if not started[o.index]:
+                        message["role"] = "assistant"
+                    choices.append({"index": o.index, "delta": message, "finish_reason": o.finish_reason,
+                                    "logprobs": None})
+                else:
+                    choices.append({"index": o.index, "text": delta, "finish_reason": o.finish_reason,
+                                    "logprobs": None})
+                started[o.index] = True
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], oa.usage_of(last).body())
+        yield "data: [DONE]\n\n"
+    finally:
+        await stream.aclose()  # a client that went away aborts the request

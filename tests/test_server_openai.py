@@ -1,0 +1,161 @@
+"""The OpenAI-compatible HTTP API against the official `openai` SDK, on a real local server."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from pyserve import LLM, SamplingParams
+from pyserve.engine.llm import AsyncLLMEngine
+from pyserve.server import start_in_thread
+
+from tiny_models import make_model
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = make_model(tmp_path_factory.mktemp("served"), "llama")
+    llm = LLM(model_dir, device="cpu")
+    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=KEY)
+    yield server, llm
+    server.stop()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def offline(llm, prompt, **kw):
+    return llm.generate(prompt, SamplingParams(**kw))[0]
+
+
+def test_models_and_completions_match_the_engine(client, served):
+    _, llm = served
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    resp = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0)
+    want = offline(llm, "Hello world", max_tokens=12, temperature=0)
+    assert resp.choices[0].text == want.text
+    assert resp.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert resp.usage.completion_tokens == len(want.token_ids)
+    assert resp.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_completion_concatenates_to_the_full_text(client, served):
+    _, llm = served
+    chunks = list(client.completions.create(model="tiny", prompt="Hello world", max_tokens=20, temperature=1.0,
+                                            seed=3, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    want = offline(llm, "Hello world", max_tokens=20, temperature=1.0, seed=3)
+    assert text == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_plain_and_streaming(client, served):
+    _, llm = served
+    messages = [{"role": "user", "content": "Hi there"}]
+    resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, n=2,
+                                          logprobs=True, top_logprobs=2)
+    want = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0))[0]
+    assert [c.message.content for c in resp.choices] == [want.text, want.text]
+    assert resp.choices[0].message.role == "assistant"
+    assert len(resp.choices[0].logprobs.content) == len(want.token_ids)
+    assert len(resp.choices[0].logprobs.content[0].top_logprobs) == 2
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == want.text
+
+
+def test_errors_use_the_openai_shape_and_name_the_field(client, served):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, top_p=1.5)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        client.completions.create(model="tiny", prompt="x" * 5000, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    bad = openai.OpenAI(base_url=served[0].url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def raw_post(url, data: bytes, headers=None):
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                                          **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def test_invalid_json_wrong_types_request_id_and_health(served):
+    server, _ = served
+    status, _, body = raw_post(server.url + "/v1/completions", b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, _, body = raw_post(server.url + "/v1/completions", json.dumps({"prompt": "x", "max_tokens": "7"}).encode())
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, headers, _ = raw_post(server.url + "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}).encode(),
+                                  {"X-Request-Id": "abc-123"})
+    assert status == 200 and headers.get("X-Request-Id") == "abc-123"
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:  # no key needed
+        assert r.status == 200
+
+
+def test_concurrent_streams_all_finish_and_free_their_blocks(served):
+    server, llm = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    want = offline(llm, "Hello world", max_tokens=8, temperature=0, ignore_eos=True).text
+    results, errors = [], []
+
+    def one():
+        try:
+            stream = client.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            results.append("".join(c.choices[0].text for c in stream if c.choices))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and results == [want] * 24
+    deadline = time.monotonic() + 10
+    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.engine.num_free_blocks() == llm.engine.num_blocks
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
+    import http.client
+
+    server, llm = served
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": "Hello world", "max_tokens": 2000, "stream": True,
+                       "ignore_eos": True, "temperature": 0})
+    conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}",
+                                                   "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.fp.readline()  # the first event arrived: the request is running
+    assert llm.engine.num_free_blocks() < llm.engine.num_blocks
+    conn.sock.close()
+    conn.close()
+    deadline = time.monotonic() + 20
+    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.engine.num_free_blocks() == llm.engine.num_blocks
+    assert not llm.engine.has_unfinished()
