@@ -62,7 +62,8 @@ def _serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyserve", description="An inference server for generative models.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (default: INFO for serve, WARNING otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(run=_generate)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.log_level = (args.log_level or ("INFO" if args.command == "serve" else "WARNING")).upper()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)
 
 

@@ -159,3 +159,37 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
         time.sleep(0.05)
     assert llm.engine.num_free_blocks() == llm.engine.num_blocks
     assert not llm.engine.has_unfinished()
+
+
+def scrape(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" not in sample.labels:
+                values[f"{sample.name}{{{labels}}}"] = sample.value
+    return values
+
+
+def test_metrics_move_as_requests_run(client, served):
+    server, _ = served
+    before = scrape(server)
+    client.completions.create(model="tiny", prompt="Hello world", max_tokens=6, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = scrape(server)
+    key = "pyserve_requests_total{model=tiny,status=length}"
+    assert after[key] == before.get(key, 0) + 1
+    gen = "pyserve_generation_tokens_total{model=tiny}"
+    assert after[gen] == before.get(gen, 0) + 6
+    ttft = "pyserve_time_to_first_token_seconds_count{model=tiny}"
+    assert after[ttft] == before.get(ttft, 0) + 1
+    assert after["pyserve_inter_token_latency_seconds_count{model=tiny}"] >= 5
+    assert after["pyserve_batch_size_tokens_count{model=tiny}"] > before.get(
+        "pyserve_batch_size_tokens_count{model=tiny}", 0)
+    assert after["pyserve_kv_cache_usage_ratio{model=tiny}"] == 0.0
+    assert "pyserve_requests_running{model=tiny}" in after and "pyserve_queue_time_seconds_count{model=tiny}" in after

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from ..engine.llm import AsyncLLMEngine
 from ..engine.llm.params import InvalidParameter
 from . import openai_api as oa
+from .metrics import Metrics
 
 log = logging.getLogger("pyserve.server")
 
@@ -77,6 +78,7 @@ async def _json_body(request: Request) -> dict:
 
 def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> Starlette:
     served = {name: ServedModel(name, engine, int(time.time())) for name, engine in models.items()}
+    metrics = Metrics(models)
 
     def model_for(body: dict) -> ServedModel:
         name = oa._get(body, "model")
@@ -91,6 +93,9 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -115,13 +120,18 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
             return _error(exc)
         except InvalidParameter as exc:
             return _error(oa.BadRequest(400, str(exc), exc.field))
+
+        def on_end(out, status=None):
+            metrics.finished(model.name, out, status)
+
         if oa._get(body, "stream", False):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(rid, model, first, stream, chat, include_usage),
+            return StreamingResponse(_sse(rid, model, first, stream, chat, include_usage, on_end),
                                      media_type="text/event-stream")
         out = first
         async for out in stream:
             pass
+        on_end(out)
         if out.error:
             return _error(oa.BadRequest(500, f"the model failed: {out.error}", kind="server_error"))
         shape = oa.chat_body if chat else oa.completion_body
@@ -129,6 +139,7 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
 
     return Starlette(routes=[
         Route("/health", health),
+        Route("/metrics", prometheus),
         Route("/v1/models", list_models),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -167,7 +178,7 @@ def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
-async def _sse(rid: str, model: ServedModel, first, stream, chat: bool, include_usage: bool):
+async def _sse(rid: str, model: ServedModel, first, stream, chat: bool, include_usage: bool, on_end):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
     sent = [0] * len(first.outputs)
@@ -214,3 +225,4 @@ async def _sse(rid: str, model: ServedModel, first, stream, chat: bool, include_
         yield "data: [DONE]\n\n"
     finally:
         await stream.aclose()  # a client that went away aborts the request
+        on_end(last, None if last.finished else "abort")

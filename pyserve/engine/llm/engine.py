@@ -2,7 +2,9 @@
 
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -12,7 +14,7 @@ from .block_manager import BlockManager
 from .params import InvalidParameter, SamplingParams
 from .runner import ModelRunner, SampledToken
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, Sequence
+from .sequence import CompletionOutput, RequestOutput, RequestTimes, Sequence
 
 log = logging.getLogger("pyserve.engine")
 
@@ -24,6 +26,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
 
 
 class LLMEngine:
@@ -54,6 +57,8 @@ class LLMEngine:
         self.eos_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         self._rng = random.Random()
+        # Called after every step with (sequences, tokens) in it; metrics hook in here.
+        self.on_step: Callable[[int, int], None] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
                  self.num_blocks * bytes_per_block / 2**20)
 
@@ -111,6 +116,12 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if not step.items:
             return []
+        now = time.monotonic()
+        for seq, _ in step.items:
+            times = self.requests[seq.request_id].times
+            times.first_scheduled = times.first_scheduled or now
+        if self.on_step is not None:
+            self.on_step(len(step.items), step.num_tokens)
         try:
             sampled = self.runner.run(step, self.eos_ids)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
@@ -124,8 +135,12 @@ class LLMEngine:
             self._accept(s)
             touched[s.seq.request_id] = self.requests[s.seq.request_id]
         outputs = []
+        now = time.monotonic()
         for request in touched.values():
+            request.times.first_token = request.times.first_token or now
             done = all(seq.finish_reason is not None for seq in request.seqs)
+            if done:
+                request.times.finished = now
             outputs.append(self._output(request, finished=done))
             if done:
                 del self.requests[request.request_id]
@@ -183,9 +198,15 @@ class LLMEngine:
         outs = [CompletionOutput(seq.index, seq.text, list(seq.output_ids), seq.finish_reason,
                                  list(seq.logprobs) if request.params.logprobs is not None else None)
                 for seq in request.seqs]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
+                             times=request.times)
 
     # -- introspection ---------------------------------------------------------------------
 
     def num_free_blocks(self) -> int:
         return self.blocks.num_free
+
+    def load(self) -> tuple[int, int, float]:
+        """(running sequences, waiting sequences, fraction of KV blocks in use)."""
+        used = 1.0 - self.blocks.num_free / self.num_blocks
+        return len(self.scheduler.running), len(self.scheduler.waiting), used

@@ -53,6 +53,16 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestTimes:
+    """Wall-clock times (time.monotonic) of a request's life, for metrics."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -60,6 +70,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None  # set when the model failed on this request's step
+    times: RequestTimes | None = None
 
     @property
     def text(self) -> str:
