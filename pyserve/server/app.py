@@ -1,4 +1,4 @@
-"""The HTTP front-end (Starlette): OpenAI-compatible /v1 routes and health.
+"""The HTTP front-end (Starlette): OpenAI-compatible /v1 routes, KServe V2 /v2 routes, health, metrics.
 
 It talks to engines only through `AsyncLLMEngine.generate` (an async stream of outputs); a client
 that goes away mid-stream closes that stream, which aborts the request and frees its blocks.
@@ -19,6 +19,7 @@ from starlette.routing import Route
 from ..engine.llm import AsyncLLMEngine
 from ..engine.llm.params import InvalidParameter
 from . import openai_api as oa
+from .kserve import kserve_routes
 from .metrics import Metrics
 
 log = logging.getLogger("pyserve.server")
@@ -143,6 +144,7 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
         Route("/v1/models", list_models),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *kserve_routes(served, metrics.finished),
     ], middleware=[Middleware(Guard, api_key=api_key)])
 
 
