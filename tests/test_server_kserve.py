@@ -13,12 +13,22 @@ from tiny_models import make_model
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model_dir = make_model(tmp_path_factory.mktemp("kserve"), "llama")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("kserve"), "llama")
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
     llm = LLM(model_dir, device="cpu")
     server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)})
     yield server, llm
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Expected outputs come from a second engine: the served one belongs to the server's thread."""
+    return LLM(model_dir, device="cpu")
 
 
 @pytest.fixture
@@ -47,8 +57,8 @@ def test_health_metadata_and_readiness(client):
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_infer_text_matches_the_engine(client, served, binary):
-    _, llm = served
+def test_infer_text_matches_the_engine(client, reference, binary):
+    llm = reference
     inputs, outputs = text_request("Hello world", binary, max_tokens=(10, "INT32", np.int32),
                                    temperature=(0.0, "FP32", np.float32))
     result = client.infer("tiny", inputs, outputs=outputs)

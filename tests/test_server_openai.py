@@ -19,12 +19,22 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    model_dir = make_model(tmp_path_factory.mktemp("served"), "llama")
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("served"), "llama")
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
     llm = LLM(model_dir, device="cpu")
     server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=KEY)
     yield server, llm
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Expected outputs come from a second engine: the served one belongs to the server's thread."""
+    return LLM(model_dir, device="cpu")
 
 
 @pytest.fixture
@@ -36,8 +46,8 @@ def offline(llm, prompt, **kw):
     return llm.generate(prompt, SamplingParams(**kw))[0]
 
 
-def test_models_and_completions_match_the_engine(client, served):
-    _, llm = served
+def test_models_and_completions_match_the_engine(client, reference):
+    llm = reference
     assert [m.id for m in client.models.list().data] == ["tiny"]
     resp = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0)
     want = offline(llm, "Hello world", max_tokens=12, temperature=0)
@@ -47,8 +57,8 @@ def test_models_and_completions_match_the_engine(client, served):
     assert resp.choices[0].finish_reason in ("stop", "length")
 
 
-def test_streaming_completion_concatenates_to_the_full_text(client, served):
-    _, llm = served
+def test_streaming_completion_concatenates_to_the_full_text(client, reference):
+    llm = reference
     chunks = list(client.completions.create(model="tiny", prompt="Hello world", max_tokens=20, temperature=1.0,
                                             seed=3, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -57,8 +67,8 @@ def test_streaming_completion_concatenates_to_the_full_text(client, served):
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
-def test_chat_plain_and_streaming(client, served):
-    _, llm = served
+def test_chat_plain_and_streaming(client, reference):
+    llm = reference
     messages = [{"role": "user", "content": "Hi there"}]
     resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, n=2,
                                           logprobs=True, top_logprobs=2)
@@ -112,10 +122,10 @@ def test_invalid_json_wrong_types_request_id_and_health(served):
         assert r.status == 200
 
 
-def test_concurrent_streams_all_finish_and_free_their_blocks(served):
+def test_concurrent_streams_all_finish_and_free_their_blocks(served, reference):
     server, llm = served
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    want = offline(llm, "Hello world", max_tokens=8, temperature=0, ignore_eos=True).text
+    want = offline(reference, "Hello world", max_tokens=8, temperature=0, ignore_eos=True).text
     results, errors = [], []
 
     def one():
