@@ -56,7 +56,7 @@ def _serve(args) -> int:
         engine = LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         engines[name] = AsyncLLMEngine(engine)
-    serve(engines, args.host, args.port, args.api_key, args.log_level)
+    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level)
     return 0
 
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
     s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="Hugging Face model directories")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI /v1, KServe /v2, /metrics)")
+    s.add_argument("--msgpack-port", type=int, default=8001, help="msgpack protocol port (0: off)")
     s.add_argument("--api-key", default=os.environ.get("PYSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PYSERVE_API_KEY)")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")

@@ -1,0 +1,49 @@
+"""The msgpack wire format shared by the server and `pyserve.client` (see docs/protocol.md).
+
+A frame is a 4-byte big-endian length followed by that many bytes of one msgpack map.
+"""
+
+import struct
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 16 * 2**20
+_LENGTH = struct.Struct(">I")
+
+# Error codes, HTTP-like so that they read the same on both APIs.
+BAD_REQUEST, NOT_FOUND, TOO_LARGE, SERVER_ERROR = 400, 404, 413, 500
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def encode(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(TOO_LARGE, f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return _LENGTH.pack(len(body)) + body
+
+
+def frame_length(header: bytes, limit: int = MAX_FRAME_BYTES) -> int:
+    (length,) = _LENGTH.unpack(header)
+    if length > limit:
+        raise ProtocolError(TOO_LARGE, f"frame of {length} bytes exceeds {limit}")
+    return length
+
+
+def decode(body: bytes) -> dict:
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - any malformed payload is the sender's error
+        raise ProtocolError(BAD_REQUEST, f"malformed msgpack frame: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(BAD_REQUEST, "a frame must hold a msgpack map")
+    return message
+
+
+def error_frame(request_id, code: int, message: str) -> bytes:
+    return encode({"type": "error", "id": request_id, "code": code, "message": message})
