@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -24,3 +25,30 @@ def backend_params(*, cpu_only_ok: bool = True) -> list:
             marks.append(pytest.mark.skip(reason=f"back-end {backend!r} is not built here"))
         params.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
     return params
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from tiny_models import make_model
+    return make_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    """Expected outputs come from a second engine: a served one belongs to the server's thread."""
+    from pyserve import LLM
+    return LLM(tiny_llama_dir, device="cpu")
+
+
+@contextlib.contextmanager
+def serving(model_dir, api_key=None):
+    """The tiny model behind a real server on free local ports; yields (server, its LLM)."""
+    from pyserve import LLM
+    from pyserve.engine.llm import AsyncLLMEngine
+    from pyserve.server import start_in_thread
+    llm = LLM(model_dir, device="cpu")
+    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=api_key)
+    try:
+        yield server, llm
+    finally:
+        server.stop()

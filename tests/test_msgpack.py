@@ -10,31 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyserve import LLM, SamplingParams
+from pyserve import SamplingParams
 from pyserve.client import AsyncClient, Client, RemoteError
-from pyserve.engine.llm import AsyncLLMEngine
 from pyserve.protocol import MAX_FRAME_BYTES, ProtocolError, decode, encode, frame_length
-from pyserve.server import start_in_thread
 
-from tiny_models import make_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("msgpack"), "llama")
+from conftest import serving
 
 
 @pytest.fixture(scope="module")
-def served(model_dir):
-    llm = LLM(model_dir, device="cpu")
-    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)})
-    yield server, llm
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return LLM(model_dir, device="cpu")
+def served(tiny_llama_dir):
+    with serving(tiny_llama_dir) as running:
+        yield running
 
 
 def wait_all_free(llm, seconds=20):

@@ -9,32 +9,17 @@ import urllib.request
 import openai
 import pytest
 
-from pyserve import LLM, SamplingParams
-from pyserve.engine.llm import AsyncLLMEngine
-from pyserve.server import start_in_thread
+from pyserve import SamplingParams
 
-from tiny_models import make_model
+from conftest import serving
 
 KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("served"), "llama")
-
-
-@pytest.fixture(scope="module")
-def served(model_dir):
-    llm = LLM(model_dir, device="cpu")
-    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=KEY)
-    yield server, llm
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    """Expected outputs come from a second engine: the served one belongs to the server's thread."""
-    return LLM(model_dir, device="cpu")
+def served(tiny_llama_dir):
+    with serving(tiny_llama_dir, api_key=KEY) as running:
+        yield running
 
 
 @pytest.fixture

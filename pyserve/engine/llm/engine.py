@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 from ...tasks import KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
