@@ -56,7 +56,7 @@ def _serve(args) -> int:
         engine = LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
         engines[name] = AsyncLLMEngine(engine)
-    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level)
+    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db)
     return 0
 
 
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--msgpack-port", type=int, default=8001, help="msgpack protocol port (0: off)")
     s.add_argument("--api-key", default=os.environ.get("PYSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $PYSERVE_API_KEY)")
+    s.add_argument("--feedback-db", default="pyserve-feedback.sqlite3",
+                   help="SQLite file where POST /v1/feedback ratings are kept")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")

@@ -188,3 +188,20 @@ def test_metrics_move_as_requests_run(client, served):
         "pyserve_batch_size_tokens_count{model=tiny}", 0)
     assert after["pyserve_kv_cache_usage_ratio{model=tiny}"] == 0.0
     assert "pyserve_requests_running{model=tiny}" in after and "pyserve_queue_time_seconds_count{model=tiny}" in after
+
+
+def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
+    db = tmp_path / "feedback.sqlite3"
+    with serving(tiny_llama_dir, api_key=KEY, feedback_db=str(db)) as (server, _):
+        status, _, body = raw_post(server.url + "/v1/feedback", json.dumps(
+            {"response_id": "cmpl-1", "rating": 1, "comment": "good", "user": "u1", "model": "tiny"}).encode())
+        assert status == 201 and body["id"] == 1
+        status, _, body = raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-2",
+                                                                            "rating": "great"}).encode())
+        assert status == 400 and body["error"]["param"] == "rating"
+    with serving(tiny_llama_dir, api_key=KEY, feedback_db=str(db)) as (server, _):  # a restart keeps it
+        raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-3", "rating": -1}).encode())
+        req = urllib.request.Request(server.url + "/v1/feedback/export", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            rows = [json.loads(line) for line in r.read().decode().splitlines()]
+    assert [(r["response_id"], r["rating"], r["comment"]) for r in rows] == [("cmpl-1", 1, "good"), ("cmpl-3", -1, None)]

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from ..engine.llm import AsyncLLMEngine
 from ..engine.llm.params import InvalidParameter
 from . import openai_api as oa
+from .feedback import FeedbackStore
 from .kserve import kserve_routes
 from .metrics import Metrics
 
@@ -77,9 +78,11 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> Starlette:
+def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None,
+              feedback_db: str | None = None) -> Starlette:
     served = {name: ServedModel(name, engine, int(time.time())) for name, engine in models.items()}
     metrics = Metrics(models)
+    feedback = FeedbackStore(feedback_db or ":memory:")
 
     def model_for(body: dict) -> ServedModel:
         name = oa._get(body, "model")
@@ -97,6 +100,27 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def add_feedback(request: Request) -> Response:
+        try:
+            body = await _json_body(request)
+            response_id = body.get("response_id")
+            rating = body.get("rating")
+            if not isinstance(response_id, str) or not response_id:
+                raise oa.BadRequest(400, "response_id must be a non-empty string", "response_id")
+            if not isinstance(rating, int) or isinstance(rating, bool) or not -1 <= rating <= 5:
+                raise oa.BadRequest(400, "rating must be an integer from -1 to 5 (-1/1 for thumbs)", "rating")
+            for name in ("comment", "user", "model"):
+                if body.get(name) is not None and not isinstance(body[name], str):
+                    raise oa.BadRequest(400, f"{name} must be a string", name)
+        except oa.BadRequest as exc:
+            return _error(exc)
+        row = feedback.add(response_id, rating, body.get("comment"), body.get("user"), body.get("model"))
+        log.info("feedback %d on %s: rating %d", row, response_id, rating)
+        return JSONResponse({"id": row, "object": "feedback"}, status_code=201)
+
+    async def export_feedback(request: Request) -> Response:
+        return Response(feedback.export_jsonl(), media_type="application/x-ndjson")
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -144,6 +168,8 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None) -> 
         Route("/v1/models", list_models),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/feedback", add_feedback, methods=["POST"]),
+        Route("/v1/feedback/export", export_feedback),
         *kserve_routes(served, metrics.finished),
     ], middleware=[Middleware(Guard, api_key=api_key)])
 
