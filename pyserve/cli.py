@@ -49,14 +49,19 @@ def _serve(args) -> int:
     registry = PluginRegistry.discover(args.plugin_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engines = {}
-    for i, model_dir in enumerate(args.models):
-        name = args.served_model_name[i] if args.served_model_name else Path(model_dir).name
-        model = registry.for_model(model_dir).load(Path(model_dir), device=device, dtype=dtype)
-        engine = LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
-                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-        engines[name] = AsyncLLMEngine(engine)
-    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db)
+    names = args.served_model_name or [Path(d).name for d in args.models]
+    known = dict(zip(names, args.models))
+
+    def load(name: str) -> AsyncLLMEngine:
+        model_dir = Path(known[name])  # KeyError: a model this server was not started with
+        model = registry.for_model(model_dir).load(model_dir, device=device, dtype=dtype)
+        return AsyncLLMEngine(LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
+                                        max_num_seqs=args.max_num_seqs,
+                                        max_num_batched_tokens=args.max_num_batched_tokens))
+
+    engines = {name: load(name) for name in names}
+    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db,
+          loader=load)
     return 0
 
 

@@ -63,3 +63,40 @@ def test_bad_requests_are_4xx(client):
     bogus.set_data_from_numpy(np.array([b"x"], dtype=object))
     with pytest.raises(InferenceServerException, match="unknown input"):
         client.infer("tiny", [bogus])
+
+
+def test_repository_unload_and_load(tiny_llama_dir):
+    import json
+    import urllib.request
+
+    from pyserve import LLM
+    from pyserve.engine.llm import AsyncLLMEngine
+
+    def loader(name):
+        if name != "second":
+            raise KeyError(name)
+        return AsyncLLMEngine(LLM(tiny_llama_dir, device="cpu").engine)
+
+    def post(url):
+        req = urllib.request.Request(url, data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with serving(tiny_llama_dir, loader=loader) as (server, _):
+        c = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+        try:
+            assert [m["name"] for m in c.get_model_repository_index()] == ["tiny"]
+            c.load_model("second")
+            assert c.is_model_ready("second")
+            assert {m["name"] for m in c.get_model_repository_index()} == {"tiny", "second"}
+            inputs, outputs = text_request("Hello", False)
+            assert c.infer("second", inputs, outputs=outputs).as_numpy("text_output") is not None
+            c.unload_model("second")
+            assert not c.is_model_ready("second")
+            status, body = post(server.url + "/v2/repository/models/unknown/load")
+            assert status == 404 and "unknown" in body["error"]
+        finally:
+            c.close()

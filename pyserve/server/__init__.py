@@ -56,8 +56,8 @@ class RunningServer:
 
 def start_in_thread(engines: dict[str, AsyncLLMEngine], host: str = "127.0.0.1", port: int = 0,
                     api_key: str | None = None, msgpack_port: int | None = 0,
-                    feedback_db: str | None = None) -> RunningServer:
-    config = uvicorn.Config(build_app(engines, api_key, feedback_db), host=host, port=port, log_level="warning",
+                    feedback_db: str | None = None, loader=None) -> RunningServer:
+    config = uvicorn.Config(build_app(engines, api_key, feedback_db, loader), host=host, port=port, log_level="warning",
                             lifespan="off")
     http = uvicorn.Server(config)
     bound: dict = {}
@@ -73,9 +73,9 @@ def start_in_thread(engines: dict[str, AsyncLLMEngine], host: str = "127.0.0.1",
 
 
 def serve(engines: dict[str, AsyncLLMEngine], host: str, port: int, msgpack_port: int | None, api_key: str | None,
-          log_level: str, feedback_db: str) -> None:
+          log_level: str, feedback_db: str, loader=None) -> None:
     """Serve until Ctrl-C or SIGTERM; uvicorn stops accepting, lets open requests finish, then exits."""
-    config = uvicorn.Config(build_app(engines, api_key, feedback_db), host=host, port=port, log_level=log_level.lower(),
+    config = uvicorn.Config(build_app(engines, api_key, feedback_db, loader), host=host, port=port, log_level=log_level.lower(),
                             lifespan="off", timeout_graceful_shutdown=30)
     print(f"pyserve: serving {', '.join(engines)}: OpenAI API on http://{host}:{port}/v1, KServe V2 on "
           f"http://{host}:{port}/v2" + (f", msgpack on {host}:{msgpack_port}" if msgpack_port else ""), flush=True)

@@ -4,10 +4,12 @@ It talks to engines only through `AsyncLLMEngine.generate` (an async stream of o
 that goes away mid-stream closes that stream, which aborts the request and frees its blocks.
 """
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -78,8 +80,10 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None,
-              feedback_db: str | None = None) -> Starlette:
+def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None, feedback_db: str | None = None,
+              loader: Callable[[str], AsyncLLMEngine] | None = None) -> Starlette:
+    """The app over `models` (name -> engine). With `loader`, the repository routes can load any
+    model it knows by name and unload served ones."""
     served = {name: ServedModel(name, engine, int(time.time())) for name, engine in models.items()}
     metrics = Metrics(models)
     feedback = FeedbackStore(feedback_db or ":memory:")
@@ -121,6 +125,35 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None,
 
     async def export_feedback(request: Request) -> Response:
         return Response(feedback.export_jsonl(), media_type="application/x-ndjson")
+
+    async def repository_index(request: Request) -> Response:
+        return JSONResponse([{"name": name, "version": "1", "state": "READY"} for name in served])
+
+    async def repository_load(request: Request) -> Response:
+        name = request.path_params["model"]
+        if name in served:
+            return JSONResponse({})
+        if loader is None:
+            return JSONResponse({"error": "this server cannot load models"}, status_code=400)
+        try:
+            engine = await asyncio.to_thread(loader, name)
+        except (KeyError, FileNotFoundError, LookupError) as exc:
+            return JSONResponse({"error": f"cannot load {name!r}: {exc}"}, status_code=404)
+        served[name] = ServedModel(name, engine, int(time.time()))
+        models[name] = engine
+        metrics.attach(name, engine)
+        log.info("model %s loaded", name)
+        return JSONResponse({})
+
+    async def repository_unload(request: Request) -> Response:
+        name = request.path_params["model"]
+        model = served.pop(name, None)
+        if model is None:
+            return JSONResponse({"error": f"model {name!r} is not served"}, status_code=404)
+        models.pop(name, None)
+        await asyncio.to_thread(model.engine.shutdown)
+        log.info("model %s unloaded", name)
+        return JSONResponse({})
 
     async def list_models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -170,6 +203,9 @@ def build_app(models: dict[str, AsyncLLMEngine], api_key: str | None = None,
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/feedback", add_feedback, methods=["POST"]),
         Route("/v1/feedback/export", export_feedback),
+        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         *kserve_routes(served, metrics.finished),
     ], middleware=[Middleware(Guard, api_key=api_key)])
 

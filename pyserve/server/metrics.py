@@ -46,9 +46,12 @@ class Metrics:
                                     buckets=_SIZES, registry=r)
         self.batch_tokens = Histogram("pyserve_batch_size_tokens", "Tokens per engine step", ["model"],
                                       buckets=_SIZES, registry=r)
-        r.register(EngineLoad(engines))
+        r.register(EngineLoad(engines))  # reads the live dict, so loaded models appear too
         for name, engine in engines.items():
-            engine.engine.on_step = self._step_observer(name)
+            self.attach(name, engine)
+
+    def attach(self, name: str, engine: AsyncLLMEngine) -> None:
+        engine.engine.on_step = self._step_observer(name)
 
     def _step_observer(self, model: str):
         def observe(num_seqs: int, num_tokens: int) -> None:
