@@ -7,6 +7,8 @@ import urllib.error
 import urllib.request
 
 import openai
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from pyserve import SamplingParams
@@ -221,3 +223,39 @@ def test_graceful_shutdown_lets_open_requests_finish(tiny_llama_dir):
         assert first.choices and not server.thread.is_alive()
         with pytest.raises(openai.APIConnectionError):  # and no new requests are taken
             client.models.list()
+
+
+def test_oversized_bodies_get_413(served):
+    import socket
+
+    server, _ = served
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:  # announce a huge body, send little
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {9 * 2**20}\r\n\r\n{{".encode())
+        reply = sock.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "exceeds" in reply
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+                           | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
+          "logit_bias", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+          "min_tokens", "ignore_eos", "stream", "stream_options", "user", "stop_token_ids"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8), st.booleans())
+def test_request_validation_only_ever_raises_bad_request(body, chat):
+    from pyserve.server import openai_api as oa
+    from pyserve.server.app import _completion_prompt
+
+    try:
+        params = oa.sampling_params(body, chat)
+        if not chat:
+            _completion_prompt(body)
+    except oa.BadRequest as exc:
+        assert 400 <= exc.status < 500 and exc.message
+    else:
+        params.validate()

@@ -29,7 +29,9 @@ _TYPES = {
 
 
 def _get(body: dict, name: str, default=None):
-    value = body.get(name, default)
+    value = body.get(name)
+    if value is None:  # absent and explicit null both mean "use the default"
+        return default
     expected = _TYPES.get(name)
     if value is not None and expected is not None:
         if isinstance(value, bool) and expected in (int, (int, float)):
