@@ -19,6 +19,16 @@ from typing import AsyncIterator, Iterator
 from .protocol import decode, encode, frame_length
 
 
+def to_wire(value) -> dict:
+    """A numpy array (or a list of bytes) as a wire tensor {dtype, shape, data}."""
+    if isinstance(value, list) and all(isinstance(v, bytes) for v in value):
+        return {"dtype": "bytes", "shape": [len(value)], "data": value}
+    import numpy as np
+    array = np.ascontiguousarray(value)
+    return {"dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
+            "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}
+
+
 class RemoteError(Exception):
     """The server answered with an error frame."""
 
@@ -114,6 +124,12 @@ class Client:
         rid = self._call("chat", {"model": model, "messages": messages, **params})
         return Completion.from_result(list(self._frames(rid))[-1]["result"])
 
+    def infer(self, model: str, inputs: dict, **parameters) -> dict:
+        """Tensors in, tensors out (KServe-style); e.g. {"text_input": [b"Hello"]} -> result["outputs"]."""
+        rid = self._call("infer", {"model": model, "inputs": {k: to_wire(v) for k, v in inputs.items()},
+                                   "parameters": parameters})
+        return list(self._frames(rid))[-1]["result"]
+
     def stream(self, model: str, prompt: str | list[int], **params) -> Iterator[Chunk]:
         """Chunks of new text as they are generated; leaving the loop early cancels the request."""
         rid = self._call("generate", {"model": model, "prompt": prompt, "stream": True, **params})
@@ -194,6 +210,10 @@ class AsyncClient:
     async def chat(self, model: str, messages: list[dict], **params) -> Completion:
         frames = [m async for m in self._frames("chat", {"model": model, "messages": messages, **params})]
         return Completion.from_result(frames[-1]["result"])
+
+    async def infer(self, model: str, inputs: dict, **parameters) -> dict:
+        params = {"model": model, "inputs": {k: to_wire(v) for k, v in inputs.items()}, "parameters": parameters}
+        return [m async for m in self._frames("infer", params)][-1]["result"]
 
     async def stream(self, model: str, prompt: str | list[int], **params) -> AsyncIterator[Chunk]:
         async for message in self._frames("generate", {"model": model, "prompt": prompt, "stream": True, **params}):

@@ -126,3 +126,16 @@ def test_frames_round_trip(message):
     frame = encode(message)
     assert frame_length(frame[:4]) == len(frame) - 4
     assert decode(frame[4:]) == msgpack.unpackb(msgpack.packb(message, use_bin_type=True), raw=False)
+
+
+def test_infer_on_tensors(served, reference):
+    import numpy as np
+
+    server, _ = served
+    want = reference.generate("Hello world", SamplingParams(max_tokens=6, temperature=0))[0].text
+    with Client("127.0.0.1", server.msgpack_port) as c:
+        result = c.infer("tiny", {"text_input": [b"Hello world"], "max_tokens": np.array([6], dtype=np.int32),
+                                  "temperature": np.array([0.0], dtype=np.float32)})
+        assert result["outputs"]["text_output"]["data"] == [want.encode()]
+        with pytest.raises(RemoteError, match="unknown input"):
+            c.infer("tiny", {"text_input": [b"x"], "pixels": np.zeros((2, 2), dtype=np.float16)})

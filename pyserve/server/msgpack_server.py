@@ -4,11 +4,14 @@ results, cancellation, error frames. A connection that closes cancels its reques
 import asyncio
 import logging
 
+import numpy as np
+
 from ..engine.llm import AsyncLLMEngine
 from ..engine.llm.params import InvalidParameter
 from ..protocol import (BAD_REQUEST, NOT_FOUND, PROTOCOL_VERSION, SERVER_ERROR, ProtocolError, decode, encode,
                         error_frame, frame_length)
 from . import openai_api as oa
+from .kserve import SCALAR_INPUTS
 
 log = logging.getLogger("pyserve.msgpack")
 
@@ -69,6 +72,8 @@ class Connection:
                 await self.send(encode({"type": "result", "id": rid, "result": {"models": list(self.engines)}}))
             elif method in ("generate", "chat"):
                 await self.generate(rid, method, params)
+            elif method == "infer":
+                await self.infer(rid, params)
             else:
                 raise ProtocolError(BAD_REQUEST, f"unknown method {method!r}")
         except asyncio.CancelledError:
@@ -110,10 +115,11 @@ class Connection:
                 raise ProtocolError(SERVER_ERROR, f"the model failed: {out.error}")
             first = out.outputs[0]
             if stream and not out.finished:
-                if len(first.text) > sent:
-                    await self.send(encode({"type": "partial", "id": rid,
-                                            "result": {"text": first.text[sent:], "token_ids": first.token_ids}}))
-                    sent = len(first.text)
+                # Every step that adds tokens is sent, even when its text is still held back
+                # (an incomplete character), so clients see token-level progress.
+                await self.send(encode({"type": "partial", "id": rid,
+                                        "result": {"text": first.text[sent:], "token_ids": first.token_ids}}))
+                sent = len(first.text)
                 continue
             if out.finished:
                 result = {"outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
@@ -122,6 +128,59 @@ class Connection:
                 if stream:
                     result["delta"] = first.text[sent:]
                 await self.send(encode({"type": "result", "id": rid, "result": result}))
+
+
+    async def infer(self, rid, params: dict) -> None:
+        """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike.
+
+        A text model takes text_input (dtype "bytes", one element) plus scalar inputs or
+        `parameters` for sampling, and answers text_output.
+        """
+        if not isinstance(params, dict) or not isinstance(params.get("inputs"), dict):
+            raise ProtocolError(BAD_REQUEST, "infer needs params.inputs, a map of name -> tensor")
+        name = params.get("model")
+        if name not in self.engines:
+            raise ProtocolError(NOT_FOUND, f"model {name!r} is not served; served: {', '.join(self.engines)}")
+        options = dict(params.get("parameters") or {})
+        text = None
+        for input_name, tensor in params["inputs"].items():
+            values = tensor_values(input_name, tensor)
+            if input_name == "text_input":
+                if len(values) != 1 or not isinstance(values[0], bytes):
+                    raise ProtocolError(BAD_REQUEST, "text_input must hold exactly one bytes element")
+                text = values[0].decode("utf-8", errors="replace")
+            elif input_name in SCALAR_INPUTS and len(values) == 1:
+                options[input_name] = values[0]
+            else:
+                raise ProtocolError(BAD_REQUEST, f"unknown input {input_name!r}")
+        if not text:
+            raise ProtocolError(BAD_REQUEST, "text_input is required")
+        options.setdefault("max_tokens", 16)
+        out = None
+        async for out in self.engines[name].generate(text, oa.sampling_params(options, chat=False)):
+            pass
+        if out.error:
+            raise ProtocolError(SERVER_ERROR, f"the model failed: {out.error}")
+        result = {"outputs": {"text_output": {"dtype": "bytes", "shape": [1], "data": [out.outputs[0].text.encode()]}},
+                  "usage": oa.usage_of(out).body()}
+        await self.send(encode({"type": "result", "id": rid, "result": result}))
+
+
+def tensor_values(name: str, tensor) -> list:
+    """Elements of a wire tensor: bytes tensors carry a list of bin; others raw little-endian data."""
+    if not isinstance(tensor, dict) or "dtype" not in tensor or "data" not in tensor:
+        raise ProtocolError(BAD_REQUEST, f"input {name!r} must be a map with dtype, shape and data")
+    dtype, data = tensor["dtype"], tensor["data"]
+    if dtype == "bytes":
+        if not isinstance(data, list) or not all(isinstance(v, bytes) for v in data):
+            raise ProtocolError(BAD_REQUEST, f"input {name!r}: bytes tensors hold a list of binary elements")
+        return data
+    if not isinstance(data, bytes):
+        raise ProtocolError(BAD_REQUEST, f"input {name!r}: data must be raw bytes")
+    try:
+        return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).tolist()
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(BAD_REQUEST, f"input {name!r}: {exc}") from None
 
 
 async def start_msgpack_server(engines: dict[str, AsyncLLMEngine], host: str, port: int) -> asyncio.AbstractServer:
