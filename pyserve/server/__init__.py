@@ -79,6 +79,11 @@ def serve(engines: dict[str, AsyncLLMEngine], host: str, port: int, msgpack_port
                             lifespan="off", timeout_graceful_shutdown=30)
     print(f"pyserve: serving {', '.join(engines)}: OpenAI API on http://{host}:{port}/v1, KServe V2 on "
           f"http://{host}:{port}/v2" + (f", msgpack on {host}:{msgpack_port}" if msgpack_port else ""), flush=True)
-    asyncio.run(_run(uvicorn.Server(config), engines, host, msgpack_port, {}))
-    for engine in engines.values():
-        engine.shutdown()
+    try:
+        asyncio.run(_run(uvicorn.Server(config), engines, host, msgpack_port, {}))
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has drained; that is a normal exit
+        pass
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    log.info("pyserve stopped")
