@@ -43,8 +43,5 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.model.tokenizer
-        # The template writes the special tokens itself, so encoding must not add them again.
-        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=True), add_special_tokens=False)
-                   for c in conversations]
+        prompts = [self.model.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, params)

@@ -58,6 +58,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation ready for the assistant's reply. The template writes the
+        special tokens itself, so encoding must not add them again."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template (tokenizer_config.json 'chat_template')")

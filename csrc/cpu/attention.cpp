@@ -252,13 +252,7 @@ void attend_tile(RowState& st, const Tile& t, float scale, bool causal, int wind
 
 // Ask for a tile's keys and values ahead of use: paged blocks sit at scattered addresses that
 // the hardware prefetcher cannot predict, so decode would otherwise wait on memory for every row.
-void prefetch_tile(const Tile& t, int dim) {
-  for (int j = 0; j < t.len; ++j)
-    for (int i = 0; i < dim; i += 16) {
-      __builtin_prefetch(t.k[j] + i);
-      __builtin_prefetch(t.v[j] + i);
-    }
-}
+void prefetch_tile(const Tile& t, int dim) { prefetch_keys(t, 0, t.len, dim); }
 
 void reset(RowState& st) {
   std::fill(st.m, st.m + st.n, -INFINITY);

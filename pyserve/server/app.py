@@ -234,12 +234,10 @@ def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
             m["content"] = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         elif not isinstance(content, str):
             raise oa.BadRequest(400, f"messages[{i}].content must be a string", "messages")
-    tok = model.tokenizer
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        return model.tokenizer.encode_chat(messages)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
         raise oa.BadRequest(400, f"the chat template failed: {exc}", "messages") from None
-    return tok.encode(text, add_special_tokens=False)
 
 
 async def _sse(rid: str, model: ServedModel, first, stream, chat: bool, include_usage: bool, on_end):

@@ -90,20 +90,22 @@ class Connection:
         finally:
             self.tasks.pop(rid, None)
 
-    async def generate(self, rid, method: str, params: dict) -> None:
-        if not isinstance(params, dict):
-            raise ProtocolError(BAD_REQUEST, "params must be a map")
+    def engine_for(self, params: dict) -> AsyncLLMEngine:
         name = params.get("model")
         if name not in self.engines:
             raise ProtocolError(NOT_FOUND, f"model {name!r} is not served; served: {', '.join(self.engines)}")
-        engine = self.engines[name]
+        return self.engines[name]
+
+    async def generate(self, rid, method: str, params: dict) -> None:
+        if not isinstance(params, dict):
+            raise ProtocolError(BAD_REQUEST, "params must be a map")
+        engine = self.engine_for(params)
         sampling = oa.sampling_params(params, chat=method == "chat")
         if method == "chat":
             messages = params.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ProtocolError(BAD_REQUEST, "messages must be a non-empty list")
-            tok = engine.engine.tokenizer
-            prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+            prompt = engine.engine.tokenizer.encode_chat(messages)
         else:
             prompt = params.get("prompt")
             if not prompt or not isinstance(prompt, (str, list)):
@@ -138,9 +140,7 @@ class Connection:
         """
         if not isinstance(params, dict) or not isinstance(params.get("inputs"), dict):
             raise ProtocolError(BAD_REQUEST, "infer needs params.inputs, a map of name -> tensor")
-        name = params.get("model")
-        if name not in self.engines:
-            raise ProtocolError(NOT_FOUND, f"model {name!r} is not served; served: {', '.join(self.engines)}")
+        engine = self.engine_for(params)
         options = dict(params.get("parameters") or {})
         text = None
         for input_name, tensor in params["inputs"].items():
@@ -157,7 +157,7 @@ class Connection:
             raise ProtocolError(BAD_REQUEST, "text_input is required")
         options.setdefault("max_tokens", 16)
         out = None
-        async for out in self.engines[name].generate(text, oa.sampling_params(options, chat=False)):
+        async for out in engine.generate(text, oa.sampling_params(options, chat=False)):
             pass
         if out.error:
             raise ProtocolError(SERVER_ERROR, f"the model failed: {out.error}")
