@@ -1,6 +1,6 @@
 """The `pyserve` command.
 
-    pyserve serve MODEL_DIR [MODEL_DIR ...]      the OpenAI-compatible HTTP API on 127.0.0.1:8000
+    pyserve serve MODEL_DIR [MODEL_DIR ...]      the HTTP APIs on 127.0.0.1:8000, msgpack on 8001
     pyserve plugins [--plugin-dir DIR]          what plugins were found, from where, and failures
     pyserve generate MODEL_DIR "Once upon" -n 32 offline generation, to try a model quickly
 """
@@ -41,27 +41,31 @@ def _generate(args) -> int:
 def _serve(args) -> int:
     import torch
 
-    from .engine.llm import AsyncLLMEngine, LLMEngine
+    from .engine import EngineDriver, load_engine
     from .server import serve
 
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model")
+    for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) <= 0:
+            sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     registry = PluginRegistry.discover(args.plugin_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     names = args.served_model_name or [Path(d).name for d in args.models]
     known = dict(zip(names, args.models))
 
-    def load(name: str) -> AsyncLLMEngine:
-        model_dir = Path(known[name])  # KeyError: a model this server was not started with
-        model = registry.for_model(model_dir).load(model_dir, device=device, dtype=dtype)
-        return AsyncLLMEngine(LLMEngine(model, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
-                                        max_num_seqs=args.max_num_seqs,
-                                        max_num_batched_tokens=args.max_num_batched_tokens))
+    def load(name: str) -> EngineDriver:
+        engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,  # KeyError: unknown
+                             kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
+                             max_num_batched_tokens=args.max_num_batched_tokens)
+        return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
-    engines = {name: load(name) for name in names}
-    serve(engines, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db,
-          loader=load)
+    try:
+        drivers = {name: load(name) for name in names}
+    except (ValueError, LookupError, FileNotFoundError) as exc:
+        sys.exit(f"pyserve: {exc}")
+    serve(drivers, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db,
+          loader=load, drain_seconds=args.drain_timeout)
     return 0
 
 
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds open requests may take to finish after SIGTERM or Ctrl-C")
     s.set_defaults(run=_serve)
 
     p = sub.add_parser("plugins", help="list discovered plugins and any that failed to load")

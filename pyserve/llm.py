@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 
+from .engine import load_engine
 from .engine.llm import LLMEngine, RequestOutput, SamplingParams
-from .plugin import PluginRegistry
 
 
 class LLM:
     def __init__(self, model: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None,
                  plugin_dirs: list[str] | None = None, **engine_args):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        plugin = PluginRegistry.discover(plugin_dirs).for_model(model)
-        self.model = plugin.load(Path(model), device=device, dtype=dtype)
-        self.engine = LLMEngine(self.model, **engine_args)
+        engine = load_engine(model, plugin_dirs=plugin_dirs, device=device, dtype=dtype, **engine_args)
+        if not isinstance(engine, LLMEngine):
+            raise ValueError(f"{model} is a {engine.info.task} model; LLM serves text-generation models")
+        self.engine = engine
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
@@ -43,5 +43,5 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to conversations, rendered with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.model.tokenizer.encode_chat(c) for c in conversations]
+        prompts = [self.engine.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, params)

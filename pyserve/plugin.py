@@ -31,19 +31,17 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from .tasks import IMAGE_GENERATION, TASKS, TENSOR, TEXT_GENERATION  # noqa: F401 - re-exported for plugins
+
 ENTRY_POINT_GROUP = "pyserve.plugins"
 PATH_ENV_VAR = "PYSERVE_PLUGIN_PATH"
-
-TEXT_GENERATION = "text-generation"
-IMAGE_GENERATION = "image-generation"
-TENSOR = "tensor"
 
 
 class Plugin:
     """Base class of plugins; subclasses set the class attributes and implement `load`."""
 
     name: str = ""
-    task: str = ""
+    task: str = ""  # one of pyserve.tasks.TASKS
     architectures: tuple[str, ...] = ()  # values of config.json "architectures" this plugin serves
 
     def matches(self, model_dir: Path, config: dict) -> bool:

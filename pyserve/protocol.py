@@ -7,18 +7,25 @@ import struct
 
 import msgpack
 
+from .errors import ClientError
+
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 2**20
 _LENGTH = struct.Struct(">I")
 
 # Error codes, HTTP-like so that they read the same on both APIs.
-BAD_REQUEST, NOT_FOUND, TOO_LARGE, SERVER_ERROR = 400, 404, 413, 500
+BAD_REQUEST, NOT_FOUND, TOO_LARGE, SERVER_ERROR, UNAVAILABLE = 400, 404, 413, 500, 503
 
 
-class ProtocolError(Exception):
+class ProtocolError(ClientError):
+    """A frame or message the server cannot take; `status` is the error frame's code."""
+
     def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+        super().__init__(message, status=code)
+
+    @property
+    def code(self) -> int:
+        return self.status
 
 
 def encode(message: dict) -> bytes:

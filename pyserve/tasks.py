@@ -1,14 +1,25 @@
-"""Task protocols: what an engine needs from a model that a plugin loads.
+"""Task names and protocols: what an engine needs from a model that a plugin loads.
 
-text-generation: the engine owns the paged KV cache and builds each step's flat batch; the model
-runs its layers over it with `pyserve.kernels` and returns hidden states, then logits for the rows
-that sample.
+Every task a plugin may declare is named here, and `pyserve.engine.build_engine` picks the engine
+for it:
+- text-generation: the engine owns the paged KV cache and builds each step's flat batch; the model
+  runs its layers over it with `pyserve.kernels` and returns hidden states, then logits for the
+  rows that sample.
+- image-generation: prompt encoding, a denoiser called once per step over every active request's
+  latents, and a latent decoder (engine: step-level batching of denoising loops).
+- tensor: one-shot models with a declared signature of named inputs and outputs (engine: dynamic
+  batching).
 """
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+
+TEXT_GENERATION = "text-generation"
+IMAGE_GENERATION = "image-generation"
+TENSOR = "tensor"
+TASKS = (TEXT_GENERATION, IMAGE_GENERATION, TENSOR)
 
 
 @dataclass
@@ -70,3 +81,36 @@ class TextGenerationModel(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] (fp32) for the given hidden rows."""
+
+
+class ImageGenerationModel(Protocol):
+    """A text-to-image pipeline split into the pieces a step-batching engine calls."""
+
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str]) -> Any:
+        """Conditioning for a batch of prompts (and their negatives, for guidance)."""
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        """The model output (epsilon, v or x0, as the schedule says) for each latent row."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] from final latents."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output of a one-shot model; -1 in the shape is any size (the batch first)."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", "bytes", ...
+    shape: tuple[int, ...]
+
+
+class TensorModel(Protocol):
+    """A one-shot model: a declared signature and a batched `run`."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int
+
+    def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs for a batch whose first dimension stacks requests."""

@@ -2,6 +2,7 @@
 tokens and the chat template from `tokenizer_config.json` (rendered with jinja2), generation
 defaults from `generation_config.json`; and incremental detokenisation for streaming."""
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,14 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it), so a long prompt
+        # tokenized in a worker thread never stalls the server's event loop.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest vocabulary entry: a text longer than this times N has more than N tokens."""
+        return max((len(piece) for piece in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -138,7 +138,7 @@ def test_seeded_sampling_is_reproducible_and_n_gives_distinct_completions(llama_
 def test_text_prompts_stop_strings_and_chat(llama_dir):
     llm = LLM(llama_dir, device="cpu")
     out = llm.generate("Hello world", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
-    tok = llm.model.tokenizer
+    tok = llm.engine.tokenizer
     assert out.prompt_token_ids == tok.encode("Hello world")
     full = tok.decode(out.token_ids)
     if "\ufffd" not in full:  # random weights may emit invalid UTF-8, whose rendering depends on cuts

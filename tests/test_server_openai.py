@@ -179,17 +179,17 @@ def test_metrics_move_as_requests_run(client, served):
     client.completions.create(model="tiny", prompt="Hello world", max_tokens=6, temperature=0,
                               extra_body={"ignore_eos": True})
     after = scrape(server)
-    key = "pyserve_requests_total{model=tiny,status=length}"
+    key = "pyserve_requests_total{model=tiny,status=length,task=text-generation}"
     assert after[key] == before.get(key, 0) + 1
-    gen = "pyserve_generation_tokens_total{model=tiny}"
+    gen = "pyserve_generation_tokens_total{model=tiny,task=text-generation}"
     assert after[gen] == before.get(gen, 0) + 6
-    ttft = "pyserve_time_to_first_token_seconds_count{model=tiny}"
+    ttft = "pyserve_time_to_first_token_seconds_count{model=tiny,task=text-generation}"
     assert after[ttft] == before.get(ttft, 0) + 1
-    assert after["pyserve_inter_token_latency_seconds_count{model=tiny}"] >= 5
-    assert after["pyserve_batch_size_tokens_count{model=tiny}"] > before.get(
-        "pyserve_batch_size_tokens_count{model=tiny}", 0)
-    assert after["pyserve_kv_cache_usage_ratio{model=tiny}"] == 0.0
-    assert "pyserve_requests_running{model=tiny}" in after and "pyserve_queue_time_seconds_count{model=tiny}" in after
+    assert after["pyserve_inter_token_latency_seconds_count{model=tiny,task=text-generation}"] >= 5
+    assert after["pyserve_batch_size_tokens_count{model=tiny,task=text-generation}"] > before.get(
+        "pyserve_batch_size_tokens_count{model=tiny,task=text-generation}", 0)
+    assert after["pyserve_kv_cache_usage_ratio{model=tiny,task=text-generation}"] == 0.0
+    assert "pyserve_requests_running{model=tiny,task=text-generation}" in after and "pyserve_queue_time_seconds_count{model=tiny,task=text-generation}" in after
 
 
 def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
@@ -253,14 +253,16 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=8), st.booleans())
 def test_request_validation_only_ever_raises_bad_request(body, chat):
-    from pyserve.server import openai_api as oa
-    from pyserve.server.app import _completion_prompt
+    from pyserve.errors import ClientError
+    from pyserve.server import adapters
 
     try:
-        params = oa.sampling_params(body, chat)
-        if not chat:
-            _completion_prompt(body)
-    except oa.BadRequest as exc:
-        assert 400 <= exc.status < 500 and exc.message
+        params = adapters.sampling_params(body, chat)
+        if chat:
+            adapters.chat_messages(body.get("messages"))
+        else:
+            adapters.completion_prompts(body.get("prompt"))
+    except ClientError as exc:
+        assert 400 <= exc.status < 500 and exc.message and exc.field
     else:
         params.validate()

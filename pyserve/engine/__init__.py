@@ -1,1 +1,39 @@
-"""Engines: drive models through the task protocols (llm/ for text generation)."""
+"""Engines drive models through the task protocols; `build_engine` picks one for a model's task.
+
+    engine = load_engine("path/to/model", kv_cache_memory=2**30)   # plugin, model and engine
+    driver = EngineDriver(engine)                                  # for an asyncio server
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..plugin import PluginRegistry
+from ..tasks import TEXT_GENERATION
+from .base import Engine, EngineInfo, EngineStats
+from .driver import EngineDriver
+
+__all__ = ["Engine", "EngineDriver", "EngineInfo", "EngineStats", "build_engine", "default_device", "load_engine"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(task: str, model: Any, **options) -> Engine:
+    """The engine for a loaded model of `task`, with engine options (cache size, batch limits)."""
+    if task == TEXT_GENERATION:
+        from .llm import LLMEngine
+        return LLMEngine(model, **options)
+    raise ValueError(f"no engine serves the task {task!r} yet")
+
+
+def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,
+                plugin_dirs: list[str] | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+                **options) -> Engine:
+    """Find the plugin for model_dir, load the model, and build the engine for its task."""
+    registry = registry or PluginRegistry.discover(plugin_dirs)
+    plugin = registry.for_model(model_dir)
+    model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
+    return build_engine(plugin.task, model, **options)

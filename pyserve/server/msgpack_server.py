@@ -1,25 +1,25 @@
 """The msgpack-over-TCP front-end: many requests in flight per connection, streamed partial
-results, cancellation, error frames. A connection that closes cancels its requests."""
+results, cancellation, error frames. A connection that closes cancels its requests; on shutdown
+the listener closes, new requests get code 503, and open ones may finish within the drain time."""
 
 import asyncio
 import logging
 
-import numpy as np
-
-from ..engine.llm import AsyncLLMEngine
-from ..engine.llm.params import InvalidParameter
-from ..protocol import (BAD_REQUEST, NOT_FOUND, PROTOCOL_VERSION, SERVER_ERROR, ProtocolError, decode, encode,
+from ..engine.llm import TextRequest
+from ..errors import ClientError, InvalidParameter, ModelFailure
+from ..protocol import (BAD_REQUEST, PROTOCOL_VERSION, SERVER_ERROR, UNAVAILABLE, ProtocolError, decode, encode,
                         error_frame, frame_length)
-from . import openai_api as oa
-from .kserve import SCALAR_INPUTS
+from ..tasks import TEXT_GENERATION
+from . import adapters
+from .models import ModelRegistry, ServedModel
 
 log = logging.getLogger("pyserve.msgpack")
 
 
 class Connection:
-    def __init__(self, engines: dict[str, AsyncLLMEngine], reader, writer):
-        self.engines, self.reader, self.writer = engines, reader, writer
-        self.tasks: dict[object, asyncio.Task] = {}
+    def __init__(self, server: "MsgpackServer", reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.server, self.models, self.reader, self.writer = server, server.models, reader, writer
+        self.tasks: dict[int | str, asyncio.Task] = {}
         self.lock = asyncio.Lock()
 
     async def send(self, frame: bytes) -> None:
@@ -28,9 +28,10 @@ class Connection:
             await self.writer.drain()
 
     async def serve(self) -> None:
-        await self.send(encode({"type": "hello", "protocol": PROTOCOL_VERSION, "server": "pyserve",
-                                "models": list(self.engines)}))
+        peer = self.writer.get_extra_info("peername")
         try:
+            await self.send(encode({"type": "hello", "protocol": PROTOCOL_VERSION, "server": "pyserve",
+                                    "models": self.models.names()}))
             while True:
                 try:
                     header = await self.reader.readexactly(4)
@@ -46,6 +47,8 @@ class Connection:
                     await self.send(error_frame(None, exc.code, exc.message))
                     continue
                 await self.dispatch(message)
+        except (ConnectionError, OSError) as exc:
+            log.info("connection from %s closed: %s", peer, type(exc).__name__)
         finally:
             for task in self.tasks.values():
                 task.cancel()
@@ -53,6 +56,9 @@ class Connection:
 
     async def dispatch(self, message: dict) -> None:
         kind, rid = message.get("type"), message.get("id")
+        if rid is not None and (not isinstance(rid, (int, str)) or isinstance(rid, bool)):
+            await self.send(error_frame(None, BAD_REQUEST, "id must be an integer or a string"))
+            return
         if kind == "cancel":
             task = self.tasks.pop(rid, None)
             if task is not None:
@@ -64,12 +70,17 @@ class Connection:
         if rid is None or rid in self.tasks:
             await self.send(error_frame(rid, BAD_REQUEST, "a request needs an id not already in flight"))
             return
+        if self.server.draining:
+            await self.send(error_frame(rid, UNAVAILABLE, "the server is shutting down"))
+            return
         self.tasks[rid] = asyncio.create_task(self.run(rid, message.get("method"), message.get("params") or {}))
 
-    async def run(self, rid, method, params: dict) -> None:
+    async def run(self, rid, method, params) -> None:
         try:
+            if not isinstance(params, dict):
+                raise InvalidParameter("params", "must be a map")
             if method == "models":
-                await self.send(encode({"type": "result", "id": rid, "result": {"models": list(self.engines)}}))
+                await self.send(encode({"type": "result", "id": rid, "result": {"models": self.models.names()}}))
             elif method in ("generate", "chat"):
                 await self.generate(rid, method, params)
             elif method == "infer":
@@ -78,43 +89,44 @@ class Connection:
                 raise ProtocolError(BAD_REQUEST, f"unknown method {method!r}")
         except asyncio.CancelledError:
             pass
-        except ProtocolError as exc:
-            await self.send(error_frame(rid, exc.code, exc.message))
-        except oa.BadRequest as exc:
-            await self.send(error_frame(rid, exc.status, exc.message))
-        except InvalidParameter as exc:
-            await self.send(error_frame(rid, BAD_REQUEST, str(exc)))
+        except ClientError as exc:
+            await self._send_error(rid, exc.status, exc.message)
         except Exception as exc:  # noqa: BLE001 - never let one request take the connection down
             log.exception("request %s failed", rid)
-            await self.send(error_frame(rid, SERVER_ERROR, f"{type(exc).__name__}: {exc}"))
+            await self._send_error(rid, SERVER_ERROR, f"{type(exc).__name__}: {exc}")
         finally:
             self.tasks.pop(rid, None)
 
-    def engine_for(self, params: dict) -> AsyncLLMEngine:
+    async def _send_error(self, rid, code: int, message: str) -> None:
+        try:
+            await self.send(error_frame(rid, code, message))
+        except (ConnectionError, OSError):
+            pass  # the client is gone; serve() logs the closed connection
+
+    def text_model(self, params: dict) -> ServedModel:
         name = params.get("model")
-        if name not in self.engines:
-            raise ProtocolError(NOT_FOUND, f"model {name!r} is not served; served: {', '.join(self.engines)}")
-        return self.engines[name]
+        if name is not None and not isinstance(name, str):
+            raise InvalidParameter("model", "must be a string")
+        model = self.models.get(name)
+        if model.task != TEXT_GENERATION:
+            raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not a text model")
+        return model
 
     async def generate(self, rid, method: str, params: dict) -> None:
-        if not isinstance(params, dict):
-            raise ProtocolError(BAD_REQUEST, "params must be a map")
-        engine = self.engine_for(params)
-        sampling = oa.sampling_params(params, chat=method == "chat")
+        model = self.text_model(params)
+        sampling = adapters.sampling_params(params, chat=method == "chat")
         if method == "chat":
-            messages = params.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ProtocolError(BAD_REQUEST, "messages must be a non-empty list")
-            prompt = engine.engine.tokenizer.encode_chat(messages)
+            ids = await adapters.chat_prompt_ids(model, adapters.chat_messages(params.get("messages")))
         else:
-            prompt = params.get("prompt")
-            if not prompt or not isinstance(prompt, (str, list)):
-                raise ProtocolError(BAD_REQUEST, "prompt must be a non-empty string or list of token ids")
+            prompt = adapters.completion_prompts(params.get("prompt"))
+            if len(prompt) != 1:
+                raise InvalidParameter("prompt", "one prompt per request (a string or a list of token ids)")
+            ids = await adapters.prompt_ids(model, prompt[0])
         stream = bool(params.get("stream"))
         sent = 0
-        async for out in engine.generate(prompt, sampling):
+        async for out in model.driver.submit(None, TextRequest(ids, sampling)):
             if out.error:
-                raise ProtocolError(SERVER_ERROR, f"the model failed: {out.error}")
+                raise ModelFailure(f"the model failed: {out.error}")
             first = out.outputs[0]
             if stream and not out.finished:
                 # Every step that adds tokens is sent, even when its text is still held back
@@ -126,65 +138,59 @@ class Connection:
             if out.finished:
                 result = {"outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
                                        "finish_reason": o.finish_reason} for o in out.outputs],
-                          "usage": oa.usage_of(out).body()}
+                          "usage": adapters.usage([out])}
                 if stream:
                     result["delta"] = first.text[sent:]
                 await self.send(encode({"type": "result", "id": rid, "result": result}))
 
-
     async def infer(self, rid, params: dict) -> None:
-        """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike.
-
-        A text model takes text_input (dtype "bytes", one element) plus scalar inputs or
-        `parameters` for sampling, and answers text_output.
-        """
-        if not isinstance(params, dict) or not isinstance(params.get("inputs"), dict):
-            raise ProtocolError(BAD_REQUEST, "infer needs params.inputs, a map of name -> tensor")
-        engine = self.engine_for(params)
-        options = dict(params.get("parameters") or {})
-        text = None
-        for input_name, tensor in params["inputs"].items():
-            values = tensor_values(input_name, tensor)
-            if input_name == "text_input":
-                if len(values) != 1 or not isinstance(values[0], bytes):
-                    raise ProtocolError(BAD_REQUEST, "text_input must hold exactly one bytes element")
-                text = values[0].decode("utf-8", errors="replace")
-            elif input_name in SCALAR_INPUTS and len(values) == 1:
-                options[input_name] = values[0]
-            else:
-                raise ProtocolError(BAD_REQUEST, f"unknown input {input_name!r}")
-        if not text:
-            raise ProtocolError(BAD_REQUEST, "text_input is required")
-        options.setdefault("max_tokens", 16)
+        """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike."""
+        model = self.text_model(params)
+        if not isinstance(params.get("inputs"), dict):
+            raise InvalidParameter("inputs", "must be a map of name -> tensor")
+        inputs = [(name, adapters.wire_tensor_values(str(name), t)) for name, t in params["inputs"].items()]
+        text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
+        ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
         out = None
-        async for out in engine.generate(text, oa.sampling_params(options, chat=False)):
+        async for out in model.driver.submit(None, TextRequest(ids, sampling)):
             pass
         if out.error:
-            raise ProtocolError(SERVER_ERROR, f"the model failed: {out.error}")
-        result = {"outputs": {"text_output": {"dtype": "bytes", "shape": [1], "data": [out.outputs[0].text.encode()]}},
-                  "usage": oa.usage_of(out).body()}
+            raise ModelFailure(f"the model failed: {out.error}")
+        result = {"outputs": {adapters.TEXT_OUTPUT: {"dtype": "bytes", "shape": [1],
+                                                     "data": [out.outputs[0].text.encode()]}},
+                  "usage": adapters.usage([out])}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
 
-def tensor_values(name: str, tensor) -> list:
-    """Elements of a wire tensor: bytes tensors carry a list of bin; others raw little-endian data."""
-    if not isinstance(tensor, dict) or "dtype" not in tensor or "data" not in tensor:
-        raise ProtocolError(BAD_REQUEST, f"input {name!r} must be a map with dtype, shape and data")
-    dtype, data = tensor["dtype"], tensor["data"]
-    if dtype == "bytes":
-        if not isinstance(data, list) or not all(isinstance(v, bytes) for v in data):
-            raise ProtocolError(BAD_REQUEST, f"input {name!r}: bytes tensors hold a list of binary elements")
-        return data
-    if not isinstance(data, bytes):
-        raise ProtocolError(BAD_REQUEST, f"input {name!r}: data must be raw bytes")
-    try:
-        return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).tolist()
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(BAD_REQUEST, f"input {name!r}: {exc}") from None
+class MsgpackServer:
+    """The TCP listener and its connections."""
 
+    def __init__(self, models: ModelRegistry):
+        self.models = models
+        self.draining = False
+        self.connections: set[Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
 
-async def start_msgpack_server(engines: dict[str, AsyncLLMEngine], host: str, port: int) -> asyncio.AbstractServer:
-    async def on_connect(reader, writer):
-        await Connection(engines, reader, writer).serve()
+    async def start(self, host: str, port: int, ssl=None) -> int:
+        self._server = await asyncio.start_server(self._on_connect, host, port, ssl=ssl)
+        return self._server.sockets[0].getsockname()[1]
 
-    return await asyncio.start_server(on_connect, host, port)
+    async def _on_connect(self, reader, writer) -> None:
+        connection = Connection(self, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting; refuse new requests; let open ones finish for up to `timeout` seconds."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        open_tasks = [t for c in self.connections for t in c.tasks.values()]
+        if open_tasks:
+            log.info("draining %d msgpack request(s)", len(open_tasks))
+            await asyncio.wait(open_tasks, timeout=timeout)
+        for connection in list(self.connections):
+            connection.writer.close()

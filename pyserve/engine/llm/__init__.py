@@ -1,8 +1,8 @@
 """The LLM engine: continuous batching over a paged KV cache with prefix caching."""
 
 from .async_engine import AsyncLLMEngine
-from .engine import LLMEngine
+from .engine import LLMEngine, TextRequest
 from .params import SamplingParams
 from .sequence import CompletionOutput, RequestOutput
 
-__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams", "TextRequest"]

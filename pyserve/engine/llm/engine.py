@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-from ...tasks import KVCache, TextGenerationModel
+from ...errors import InvalidParameter
+from ...tasks import TEXT_GENERATION, KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
+from ..base import EngineInfo, EngineStats
 from .block_manager import BlockManager
-from .params import InvalidParameter, SamplingParams
+from .params import SamplingParams
 from .runner import ModelRunner, SampledToken
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, RequestOutput, RequestTimes, Sequence
@@ -26,6 +28,14 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
+
+
+@dataclass
+class TextRequest:
+    """What a front-end submits: a prompt (text, or token ids already encoded) and its parameters."""
+
+    prompt: str | list[int]
+    params: SamplingParams | None = None
 
 
 class LLMEngine:
@@ -45,8 +55,20 @@ class LLMEngine:
         spec = model.spec
         self.model = model
         self.tokenizer = model.tokenizer
+        self.max_model_len = spec.max_model_len
+        self.info = EngineInfo(TEXT_GENERATION, self.tokenizer, spec.max_model_len)
+        self.block_size = block_size
         bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.dtype.itemsize
-        self.num_blocks = num_blocks or max(1, kv_cache_memory // bytes_per_block)
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_blocks is None and kv_cache_memory < bytes_per_block:
+            raise ValueError(f"kv_cache_memory of {kv_cache_memory} bytes cannot hold one KV block "
+                             f"({bytes_per_block} bytes for {block_size} tokens)")
+        self.num_blocks = num_blocks or kv_cache_memory // bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         cache = KVCache.allocate(spec.num_layers, self.num_blocks, spec.num_kv_heads, block_size, spec.head_dim,
                                  spec.dtype, spec.device)
         self.blocks = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
@@ -78,9 +100,10 @@ class LLMEngine:
                 raise InvalidParameter("prompt", f"token ids must be in [0, {self.model.spec.vocab_size})")
         if not ids:
             raise InvalidParameter("prompt", "is empty")
-        limit = self.model.spec.max_model_len
+        limit = self.max_model_len
         if len(ids) >= limit:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
+        self._check_fits_cache(len(ids), params)
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + i * 0x9E3779B97F4A7C15) % 2**63
@@ -92,6 +115,19 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, text, ids, params, seqs)
         log.info("request %s added: %d prompt tokens, n=%d, max_tokens=%s", request_id, len(ids), params.n,
                  params.max_tokens)
+
+    def add(self, request_id: str, request: TextRequest) -> None:
+        """The engine-driver entry point (see pyserve.engine.driver)."""
+        self.add_request(request_id, request.prompt, request.params)
+
+    def _check_fits_cache(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse a request that could never run: even alone, its sequence would outgrow the cache."""
+        capacity = self.num_blocks * self.block_size
+        needed = min(prompt_len + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if needed > capacity:
+            field = "prompt" if prompt_len >= capacity else "max_tokens"
+            raise InvalidParameter(field, f"the prompt ({prompt_len} tokens) plus max_tokens needs up to {needed} "
+                                          f"tokens of KV cache, but the whole cache holds {capacity}")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request now; its blocks are freed at once."""
@@ -111,10 +147,19 @@ class LLMEngine:
     # -- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the outputs of requests that progressed."""
-        step = self.scheduler.schedule()
+        """Run one batch; return the outputs of requests that progressed or failed.
+
+        A fault fails the requests it belongs to and never escapes: a request the scheduler cannot
+        place fails alone, a failing model call fails the step's requests, and a fault while
+        accepting a token fails that token's request."""
+        try:
+            step = self.scheduler.schedule()
+        except Exception as exc:  # noqa: BLE001 - the queue's state is unknown: fail everything in it
+            log.exception("scheduling failed; failing %d request(s)", len(self.requests))
+            return self._fail(set(self.requests), f"{type(exc).__name__}: {exc}")
+        outputs = self._fail({seq.request_id for seq in step.rejected}, "the KV cache cannot hold this request")
         if not step.items:
-            return []
+            return outputs
         now = time.monotonic()
         for seq, _ in step.items:
             times = self.requests[seq.request_id].times
@@ -125,15 +170,25 @@ class LLMEngine:
             sampled = self.runner.run(step, self.eos_ids)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             log.exception("model step failed; failing %d request(s)", len(step.items))
-            return self._fail({seq.request_id for seq, _ in step.items}, f"{type(exc).__name__}: {exc}")
+            return outputs + self._fail({seq.request_id for seq, _ in step.items}, f"{type(exc).__name__}: {exc}")
         for seq, n in step.items:
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
         touched: dict[str, Request] = {}
+        failed: dict[str, str] = {}
         for s in sampled:
-            self._accept(s)
+            if s.seq.request_id in failed:
+                continue
+            try:
+                self._accept(s)
+            except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer fault: this request's alone
+                log.exception("request %s failed while accepting a token", s.seq.request_id)
+                failed[s.seq.request_id] = f"{type(exc).__name__}: {exc}"
+                continue
             touched[s.seq.request_id] = self.requests[s.seq.request_id]
-        outputs = []
+        for request_id, error in failed.items():
+            touched.pop(request_id, None)
+            outputs += self._fail({request_id}, error)
         now = time.monotonic()
         for request in touched.values():
             request.times.first_token = request.times.first_token or now
@@ -164,7 +219,7 @@ class LLMEngine:
             return
         elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
             reason = "length"
-        elif len(seq.token_ids) >= self.model.spec.max_model_len:
+        elif len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         if reason is not None:
             if seq.detokenizer is not None:
@@ -205,7 +260,6 @@ class LLMEngine:
     def num_free_blocks(self) -> int:
         return self.blocks.num_free
 
-    def load(self) -> tuple[int, int, float]:
-        """(running sequences, waiting sequences, fraction of KV blocks in use)."""
-        used = 1.0 - self.blocks.num_free / self.num_blocks
-        return len(self.scheduler.running), len(self.scheduler.waiting), used
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           cache_usage=1.0 - self.blocks.num_free / self.num_blocks)

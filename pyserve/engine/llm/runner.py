@@ -58,7 +58,8 @@ class ModelRunner:
         if not sampling:
             return []
         logits = self.model.compute_logits(hidden[rows])
-        params = SamplingTensors.from_rows([self._row(seq, eos_ids) for seq in sampling], self.device)
+        vocab = self.model.spec.vocab_size
+        params = SamplingTensors.from_rows([self._row(seq, eos_ids, vocab) for seq in sampling], self.device)
         num_logprobs = max((seq.params.logprobs or 0) for seq in sampling)
         result = kernels.sample(logits, params, num_logprobs=num_logprobs)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
@@ -68,14 +69,14 @@ class ModelRunner:
                 for i, seq in enumerate(sampling)]
 
     @staticmethod
-    def _row(seq: Sequence, eos_ids: list[int]) -> SamplingRow:
+    def _row(seq: Sequence, eos_ids: list[int], vocab_size: int) -> SamplingRow:
         p = seq.params
         bias = dict(p.logit_bias)
         if len(seq.output_ids) < p.min_tokens:  # too early to stop: ban the tokens that would
             for token in ([] if p.ignore_eos else eos_ids) + list(p.stop_token_ids):
                 bias[token] = float("-inf")
         return SamplingRow(
-            temperature=p.temperature, top_k=max(p.top_k, 0), top_p=p.top_p, min_p=p.min_p,
+            temperature=p.temperature, top_k=min(max(p.top_k, 0), vocab_size), top_p=p.top_p, min_p=p.min_p,
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, seed=seq.seed, step=len(seq.output_ids),
             prompt_tokens=seq.prompt_ids if p.repetition_penalty != 1.0 else (),

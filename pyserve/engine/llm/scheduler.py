@@ -4,11 +4,12 @@ Each step has a token budget. Running sequences go first (a decode brings one to
 sequence still prefilling brings its next chunk); waiting sequences are admitted in order while
 budget, blocks and the running cap allow, their prompts split across steps when long (chunked
 prefill). When blocks run out, the most recently admitted running sequence is preempted: its
-blocks are freed and it waits to be recomputed.
+blocks are freed and it waits to be recomputed. A waiting sequence that cannot fit even into an
+empty cache is rejected (the engine refuses such requests at admission; this is the backstop).
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -17,6 +18,7 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledStep:
     items: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
+    rejected: list[Sequence] = field(default_factory=list)  # removed from the queue: they can never fit
 
     @property
     def num_tokens(self) -> int:
@@ -55,22 +57,25 @@ class Scheduler:
             if seq.status is Status.RUNNING:
                 items.append((seq, n))
                 budget -= n
+        rejected: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.ensure_capacity(seq, seq.num_computed + n):
-                if not self.running:  # nothing will free blocks: the cache is too small for any step
-                    self.blocks.release(seq)
-                    raise MemoryError(f"the KV cache ({self.blocks.num_blocks} blocks) cannot hold one step of "
-                                      f"request {seq.request_id}")
-                break
+                if self.running:  # blocks will come free as they finish
+                    break
+                self.waiting.popleft()  # nothing holds blocks, yet it does not fit: it never will
+                self.blocks.release(seq)
+                seq.status = Status.FINISHED
+                rejected.append(seq)
+                continue
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             items.append((seq, n))
             budget -= n
-        return ScheduledStep(items)
+        return ScheduledStep(items, rejected)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,0 +1,47 @@
+"""What every engine offers the engine driver, whatever its task.
+
+An engine describes itself in `info` and is driven from one thread only: `add` (validate and queue a request, raising a
+`ClientError` for bad input), `abort`, `step` (run one batch; returns outputs of the requests that
+progressed, each with `request_id`, `finished` and `error`), `has_unfinished` and `stats`.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What front-ends need to know of an engine's model, fixed when the engine is built."""
+
+    task: str
+    tokenizer: Any = None  # a pyserve.tokenizer.Tokenizer, for text models
+    max_model_len: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's load, taken on its own thread after each step."""
+
+    running: int = 0
+    waiting: int = 0
+    cache_usage: float = 0.0  # fraction of the engine's cache (KV blocks, latents, ...) in use
+
+
+class EngineOutput(Protocol):
+    request_id: str
+    finished: bool
+    error: str | None
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def add(self, request_id: str, request: Any) -> None: ...
+
+    def abort(self, request_id: str) -> Any: ...
+
+    def step(self) -> list[EngineOutput]: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,229 @@
+"""The engine driver: one thread owns an engine; the asyncio side talks to it through commands.
+
+The event loop never waits on the engine. `submit` puts an "add" command on a queue and awaits
+its admission (a `ClientError` from the engine's checks comes back as the exception of the first
+`anext`), then reads outputs from an asyncio queue that the engine thread fills after each step.
+Closing the stream (a client that went away) sends "abort", which frees the request's resources
+at once. If the thread ever stops, `ready` turns false and every open and new request gets an
+`EngineUnavailable` error at once instead of waiting forever.
+
+Example:
+    driver = EngineDriver(LLMEngine(model))
+    async for out in driver.submit("r1", TextRequest("Hello", SamplingParams(max_tokens=8))):
+        print(out.outputs[0].text)
+    driver.shutdown()
+"""
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ClientError, EngineUnavailable
+from .base import Engine, EngineStats
+
+log = logging.getLogger("pyserve.engine")
+
+
+@dataclass
+class _Stream:
+    """Where one request's outputs go: an asyncio queue on the loop that submitted it."""
+
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    admitted: asyncio.Future
+
+    def send(self, item: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+            return True
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            return False
+
+    def admit(self, error: BaseException | None) -> None:
+        def resolve():
+            if not self.admitted.done():
+                self.admitted.set_exception(error) if error else self.admitted.set_result(None)
+        try:
+            self.loop.call_soon_threadsafe(resolve)
+        except RuntimeError:
+            pass
+
+
+@dataclass
+class _Add:
+    request_id: str
+    request: Any
+    stream: _Stream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class EngineDriver:
+    """Runs `engine` (any `pyserve.engine.base.Engine`) in a thread of its own."""
+
+    def __init__(self, engine: Engine, name: str = "pyserve-engine"):
+        self._engine = engine
+        self.info = engine.info
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._stats = engine.stats()
+        self._ids = itertools.count()
+        self._stopping = False
+        self.failure: str | None = None  # why the thread stopped, if it stopped on its own
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- the asyncio side -------------------------------------------------------------------
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    def set_step_observer(self, observer) -> None:
+        """observer(sequences, tokens) after every step, on the engine thread (metrics)."""
+        self._engine.on_step = observer
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stats(self) -> EngineStats:
+        """The load after the latest step (a snapshot: never waits for the engine)."""
+        return self._stats
+
+    @property
+    def num_open(self) -> int:
+        return len(self._streams)
+
+    async def submit(self, request_id: str | None, request: Any) -> AsyncIterator[Any]:
+        """Queue a request and stream its outputs; the last has `finished` set."""
+        if not self.ready:
+            raise EngineUnavailable(self._unavailable_reason())
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        self._commands.put(_Add(request_id, request, stream))
+        if self._stopping:  # the thread may have drained the queue already: answer for it
+            self._drain_pending_adds()
+        finished = False
+        try:
+            await stream.admitted  # raises the engine's ClientError for a refused request
+            while not finished:
+                item = await stream.outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still open get EngineUnavailable."""
+        self._stopping = True
+        self._commands.put(_Stop())
+        self._thread.join(timeout=timeout)
+
+    def _unavailable_reason(self) -> str:
+        if self.failure:
+            return f"the engine stopped after an internal error ({self.failure}); the server must be restarted"
+        return "the engine is shutting down"
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                busy = self._engine.has_unfinished()
+                self._take_commands(wait=not busy)
+                if self._stopping or not self._engine.has_unfinished():
+                    continue
+                try:
+                    outputs = self._engine.step()
+                except Exception as exc:  # noqa: BLE001 - engines contain their faults; this is the backstop
+                    log.exception("engine step failed; failing its %d open request(s)", len(self._streams))
+                    outputs = []
+                    self._fail_open(f"{type(exc).__name__}: {exc}")
+                self._stats = self._engine.stats()
+                for out in outputs:
+                    self._deliver(out)
+        except BaseException as exc:  # noqa: BLE001 - record it, then fail everything open
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("engine thread stopped: %s", self.failure, exc_info=True)
+        finally:
+            self._stopping = True
+            self._fail_open(self._unavailable_reason())
+            self._drain_pending_adds()
+
+    def _take_commands(self, wait: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if wait else self._commands.get_nowait()
+            while True:
+                self._apply(command)
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Stop):
+            self._stopping = True
+        elif isinstance(command, _Abort):
+            if self._streams.pop(command.request_id, None) is not None:
+                self._engine.abort(command.request_id)
+        elif self._stopping:
+            command.stream.admit(EngineUnavailable(self._unavailable_reason()))
+        else:
+            try:
+                self._engine.add(command.request_id, command.request)
+            except ClientError as exc:
+                command.stream.admit(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in the engine's checks: this request's alone
+                log.exception("admitting request %s failed", command.request_id)
+                command.stream.admit(exc)
+            else:
+                self._streams[command.request_id] = command.stream
+                command.stream.admit(None)
+
+    def _deliver(self, out) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        if not stream.send(out):
+            self._streams.pop(out.request_id, None)
+            self._engine.abort(out.request_id)
+
+    def _fail_open(self, reason: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream.send(EngineUnavailable(reason))
+            try:
+                self._engine.abort(request_id)
+            except Exception:  # noqa: BLE001 - the engine may be what broke
+                pass
+        self._streams.clear()
+
+    def _drain_pending_adds(self) -> None:
+        try:
+            while True:
+                command = self._commands.get_nowait()
+                if isinstance(command, _Add):
+                    command.stream.admit(EngineUnavailable(self._unavailable_reason()))
+        except queue.Empty:
+            pass

@@ -1,0 +1,53 @@
+"""The errors a client can cause, in one hierarchy shared by the engines and every front-end.
+
+Each carries an HTTP-like status (also the msgpack error code), a message, and the request field
+it concerns, so the OpenAI, KServe and msgpack front-ends report the same fault the same way.
+"""
+
+
+class ClientError(Exception):
+    """A request the client must change; `field` names the offending part when there is one."""
+
+    status = 400
+    kind = "invalid_request_error"  # the OpenAI error type
+
+    def __init__(self, message: str, field: str | None = None, *, status: int | None = None):
+        super().__init__(message)
+        self.message, self.field = message, field
+        if status is not None:
+            self.status = status
+
+
+class InvalidParameter(ClientError, ValueError):
+    """A request parameter is missing, of the wrong type or out of range; the message names it."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(f"{name}: {message}", name)
+
+
+class NotFound(ClientError):
+    status = 404
+    kind = "not_found_error"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    kind = "authentication_error"
+
+
+class TooLarge(ClientError):
+    status = 413
+
+
+class EngineUnavailable(ClientError):
+    """The engine cannot take or finish requests (it stopped, or the server is shutting down)."""
+
+    status = 503
+    kind = "server_error"
+
+
+class ModelFailure(ClientError):
+    """The model failed on this request: not the client's doing, but reported in the same shape."""
+
+    status = 500
+    kind = "server_error"

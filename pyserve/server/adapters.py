@@ -1,0 +1,267 @@
+"""Requests to engine inputs, per task, shared by every front-end (OpenAI, KServe, msgpack).
+
+Text: sampling parameters from a map of fields, every prompt form the OpenAI API allows, chat
+messages, and tokenization off the event loop after a size check that refuses a hopeless prompt
+before any of it is tokenized. Tensors: the KServe V2 and msgpack wire tensors as flat values.
+All faults are `ClientError`s naming the field, so the front-ends cannot drift apart.
+"""
+
+import asyncio
+import math
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..engine.llm import RequestOutput, SamplingParams
+from ..errors import ClientError, InvalidParameter
+from .models import ServedModel
+
+# A prompt longer than the context times this many characters per vocabulary entry cannot fit;
+# the slack covers normalizers that drop characters.
+_PROMPT_CHAR_SLACK = 4
+
+_TYPES = {
+    "model": str, "n": int, "max_tokens": int, "max_completion_tokens": int, "min_tokens": int, "seed": int,
+    "temperature": (int, float), "top_p": (int, float), "top_k": int, "min_p": (int, float),
+    "presence_penalty": (int, float), "frequency_penalty": (int, float), "repetition_penalty": (int, float),
+    "stream": bool, "ignore_eos": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str,
+    "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool,
+}
+
+
+def get_field(fields: Mapping, name: str, default=None):
+    """A field's value checked against its type; absent and explicit null both mean the default."""
+    value = fields.get(name)
+    if value is None:
+        return default
+    expected = _TYPES.get(name)
+    if expected is not None:
+        if isinstance(value, bool) and expected in (int, (int, float)):
+            raise InvalidParameter(name, "must be a number, got a boolean")
+        if not isinstance(value, expected):
+            raise InvalidParameter(name, f"has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _token_id_list(value, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidParameter(name, "must be a list of integer token ids")
+    return value
+
+
+def sampling_params(fields: Mapping, chat: bool) -> SamplingParams:
+    """SamplingParams from a request's fields (OpenAI names; KServe and msgpack use the same)."""
+    stop = fields.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise InvalidParameter("stop", "must be a string or a list of strings")
+    bias = get_field(fields, "logit_bias") or {}
+    try:
+        bias = {int(k): float(v) for k, v in bias.items()}
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidParameter("logit_bias", "must map token ids to numbers") from None
+    if chat:
+        logprobs = get_field(fields, "top_logprobs") if get_field(fields, "logprobs") else None
+        if get_field(fields, "logprobs") and logprobs is None:
+            logprobs = 0
+    else:
+        logprobs = get_field(fields, "logprobs")
+        if isinstance(logprobs, bool):
+            raise InvalidParameter("logprobs", "must be an integer for completions")
+    max_tokens = get_field(fields, "max_completion_tokens") if chat and fields.get("max_completion_tokens") is not None \
+        else get_field(fields, "max_tokens", None if chat else 16)
+    params = SamplingParams(
+        n=get_field(fields, "n", 1), max_tokens=max_tokens, min_tokens=get_field(fields, "min_tokens", 0),
+        stop=stop, stop_token_ids=_token_id_list(get_field(fields, "stop_token_ids", []), "stop_token_ids"),
+        ignore_eos=get_field(fields, "ignore_eos", False), seed=get_field(fields, "seed"),
+        temperature=get_field(fields, "temperature"), top_k=get_field(fields, "top_k"), top_p=get_field(fields, "top_p"),
+        min_p=get_field(fields, "min_p"), repetition_penalty=get_field(fields, "repetition_penalty"),
+        presence_penalty=get_field(fields, "presence_penalty", 0.0),
+        frequency_penalty=get_field(fields, "frequency_penalty", 0.0), logit_bias=bias, logprobs=logprobs,
+        skip_special_tokens=get_field(fields, "skip_special_tokens", True))
+    params.validate()
+    return params
+
+
+def completion_prompts(value) -> list[str | list[int]]:
+    """Every form of the OpenAI `prompt`: a string, a list of strings, token ids, or lists of them."""
+    if isinstance(value, str):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        prompts = [p if isinstance(p, str) else _token_id_list(p, "prompt") for p in value]
+    else:
+        raise InvalidParameter("prompt", "must be a string, a list of strings, a list of token ids, "
+                                         "or a list of lists of token ids")
+    if any(not p for p in prompts):
+        raise InvalidParameter("prompt", "must not be empty")
+    for p in prompts:
+        if isinstance(p, str):
+            check_text(p, "prompt")
+    return prompts
+
+
+def check_text(text: str, name: str) -> str:
+    """A string that can be encoded (JSON lets a lone surrogate through; UTF-8 cannot carry it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParameter(name, "is not valid Unicode (a lone surrogate?)") from None
+    return text
+
+
+def chat_messages(value) -> list[dict]:
+    """Validated chat messages, with content parts reduced to their text."""
+    if not isinstance(value, list) or not value:
+        raise InvalidParameter("messages", "must be a non-empty list")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidParameter("messages", f"messages[{i}] must be an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and isinstance(p.get("text", ""), str))
+        elif content is None and m["role"] == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise InvalidParameter("messages", f"messages[{i}].content must be a string or a list of parts")
+        messages.append({**m, "content": check_text(content, "messages"), "role": check_text(m["role"], "messages")})
+    return messages
+
+
+def _check_prompt_size(model: ServedModel, num_chars: int, name: str) -> None:
+    tokenizer = model.tokenizer
+    limit = model.max_model_len * tokenizer.max_chars_per_token * _PROMPT_CHAR_SLACK
+    if num_chars > limit:
+        raise InvalidParameter(name, f"{num_chars} characters cannot fit the model's context of "
+                                     f"{model.max_model_len} tokens")
+
+
+async def prompt_ids(model: ServedModel, prompt: str | list[int], name: str = "prompt") -> list[int]:
+    """Token ids of a prompt, tokenized in a worker thread after the size check."""
+    if not isinstance(prompt, str):
+        return prompt
+    if model.tokenizer is None:
+        raise InvalidParameter(name, "this model has no tokenizer: send token ids")
+    _check_prompt_size(model, len(prompt), name)
+    return await asyncio.to_thread(model.tokenizer.encode, prompt)
+
+
+async def chat_prompt_ids(model: ServedModel, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template, off the event loop."""
+    if model.tokenizer is None or not model.tokenizer.chat_template:
+        raise InvalidParameter("messages", "this model has no chat template")
+    _check_prompt_size(model, sum(len(m["content"]) for m in messages), "messages")
+    try:
+        return await asyncio.to_thread(model.tokenizer.encode_chat, messages)
+    except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
+        raise InvalidParameter("messages", f"the chat template failed: {exc}") from None
+
+
+def usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# -- text through tensor APIs (KServe V2 infer, msgpack infer) ------------------------------------
+
+TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
+# Scalar inputs a text request may carry besides text_input: name -> KServe V2 datatype.
+SCALAR_INPUTS = {"max_tokens": "INT32", "min_tokens": "INT32", "temperature": "FP32", "top_p": "FP32",
+                 "top_k": "INT32", "min_p": "FP32", "seed": "INT64", "repetition_penalty": "FP32",
+                 "presence_penalty": "FP32", "frequency_penalty": "FP32", "ignore_eos": "BOOL"}
+
+
+def text_from_tensors(inputs: list[tuple[str, list]], parameters: Mapping | None) -> tuple[str, SamplingParams]:
+    """The prompt and sampling parameters of a text request sent as named tensors."""
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise InvalidParameter("parameters", "must be a map")
+    options = dict(parameters or {})
+    text = None
+    for name, values in inputs:
+        if name == TEXT_INPUT:
+            if len(values) != 1 or not isinstance(values[0], bytes):
+                raise InvalidParameter(TEXT_INPUT, "must hold exactly one BYTES element")
+            text = values[0].decode("utf-8", errors="replace")
+        elif name in SCALAR_INPUTS and len(values) == 1:
+            value = values[0]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidParameter(name, "must be a finite number")
+            options[name] = value
+        else:
+            raise InvalidParameter(name, "unknown input, or not one element")
+    if not text:
+        raise InvalidParameter(TEXT_INPUT, "is required")
+    options.setdefault("max_tokens", 16)
+    return text, sampling_params(options, chat=False)
+
+
+_KSERVE_NUMERIC = {"INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "<u1", "UINT16": "<u2",
+                   "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BOOL": "?"}
+
+
+def decode_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
+    """BYTES elements in the binary extension: each a 4-byte little-endian length, then the bytes."""
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidParameter(name, "truncated BYTES tensor data")
+        (n,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + n > len(raw):
+            raise InvalidParameter(name, "truncated BYTES tensor data")
+        items.append(raw[at + 4:at + 4 + n])
+        at += 4 + n
+    return items
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def kserve_tensor_values(tensor: dict, blob: bytes | None) -> list:
+    """Flat values of a KServe V2 input, from JSON `data` or its binary-extension blob."""
+    name, dtype = tensor["name"], tensor.get("datatype")
+    if blob is not None:
+        if dtype == "BYTES":
+            return decode_bytes_tensor(blob, name)
+        if dtype not in _KSERVE_NUMERIC:
+            raise InvalidParameter(name, f"unsupported datatype {dtype!r}")
+        return _raw_values(blob, _KSERVE_NUMERIC[dtype], name)
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidParameter(name, "has no data")
+    flat, stack = [], list(reversed(data))
+    while stack:  # the data may be nested like the shape
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return [v.encode() if dtype == "BYTES" and isinstance(v, str) else v for v in flat]
+
+
+def wire_tensor_values(name: str, tensor) -> list:
+    """Flat values of a msgpack wire tensor: bytes tensors hold a list of bin, others raw data."""
+    if not isinstance(tensor, dict) or "dtype" not in tensor or "data" not in tensor:
+        raise InvalidParameter(name, "must be a map with dtype, shape and data")
+    dtype, data = tensor["dtype"], tensor["data"]
+    if dtype == "bytes":
+        if not isinstance(data, list) or not all(isinstance(v, bytes) for v in data):
+            raise InvalidParameter(name, "bytes tensors hold a list of binary elements")
+        return data
+    if not isinstance(data, bytes) or not isinstance(dtype, str):
+        raise InvalidParameter(name, "data must be raw bytes and dtype a string")
+    return _raw_values(data, dtype, name)
+
+
+def _raw_values(data: bytes, dtype: str, name: str) -> list:
+    try:
+        dt = np.dtype(dtype)
+        if dt.kind not in "biuf":
+            raise TypeError(f"unsupported dtype {dtype!r}")
+        return np.frombuffer(data, dtype=dt.newbyteorder("<")).tolist()
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameter(name, str(exc)) from None
