@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pybind11
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -59,4 +59,9 @@ class CMakeBuild(build_ext):
 extensions = [CMakeExtension("pyserve._C")]
 if build_cuda():
     extensions.append(CMakeExtension("pyserve._C_cuda"))
-setup(ext_modules=extensions, cmdclass={"build_ext": CMakeBuild})
+# The first-party plugins live in plugins/ but install as `pyserve_plugins`: a top-level package
+# called `plugins` would collide with anybody else's.
+packages = find_packages(include=["pyserve", "pyserve.*"])
+packages += ["pyserve_plugins" + name.removeprefix("plugins") for name in find_packages(include=["plugins", "plugins.*"])]
+setup(packages=packages, package_dir={"pyserve_plugins": "plugins"}, ext_modules=extensions,
+      cmdclass={"build_ext": CMakeBuild})

@@ -1,5 +1,5 @@
 """Tokenizers from Hugging Face model directories: `tokenizer.json` through `tokenizers`, special
-tokens and the chat template from `tokenizer_config.json` (rendered with jinja2), generation
+tokens from `tokenizer_config.json`, the chat template (rendered with jinja2), generation
 defaults from `generation_config.json`; and incremental detokenisation for streaming."""
 
 import functools
@@ -40,9 +40,7 @@ class Tokenizer:
         eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
         if not eos_ids and eos is not None and backend.token_to_id(eos) is not None:
             eos_ids = [backend.token_to_id(eos)]
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = _chat_template(model_dir, cfg)
         defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                                         "max_new_tokens") if k in gen}
         if gen.get("do_sample") is False:
@@ -73,7 +71,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template (tokenizer_config.json 'chat_template')")
+            raise ValueError("this model has no chat template (chat_template.jinja, chat_template.json or "
+                             "tokenizer_config.json 'chat_template')")
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message):
@@ -83,6 +82,18 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _chat_template(model_dir: Path, cfg: dict) -> str | None:
+    """The chat template, looked for where transformers looks: chat_template.jinja, then
+    chat_template.json, then tokenizer_config.json (named templates: "default")."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    template = _read_json(model_dir / "chat_template.json").get("chat_template") or cfg.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def _read_json(path: Path) -> dict:

@@ -47,12 +47,12 @@ def reference(tiny_llama_dir):
 
 
 @contextlib.contextmanager
-def serving(model_dir, api_key=None, **server_options):
+def serving(model_dir, api_key=None, engine_options=None, **server_options):
     """The tiny model behind a real server on free local ports; yields (server, its LLM)."""
     from pyserve import LLM
     from pyserve.engine.llm import AsyncLLMEngine
     from pyserve.server import start_in_thread
-    llm = LLM(model_dir, device="cpu")
+    llm = LLM(model_dir, device="cpu", **(engine_options or {}))
     server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=api_key, **server_options)
     try:
         yield server, llm

@@ -1,0 +1,126 @@
+"""The scheduler and the block manager on their own: budgets, chunking, the running cap,
+preemption order, prefix-cache reference counts, LRU eviction, and requests that can never fit."""
+
+from pyserve.engine.llm.block_manager import BlockManager
+from pyserve.engine.llm.params import SamplingParams
+from pyserve.engine.llm.scheduler import Scheduler
+from pyserve.engine.llm.sequence import Sequence, Status
+
+
+def seq(name: str, prompt_len: int, first_token: int = 0) -> Sequence:
+    return Sequence(name, 0, list(range(first_token, first_token + prompt_len)), SamplingParams(), seed=0)
+
+
+def run(step) -> None:
+    """What the engine does after a step: the scheduled tokens are now in the cache."""
+    for s, n in step.items:
+        s.num_computed += n
+
+
+def test_budget_chunks_long_prompts_and_decodes_go_first():
+    blocks = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=16)
+    a, b, c = seq("a", 10), seq("b", 10), seq("c", 40)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()
+    assert [(s.request_id, n) for s, n in step.items] == [("a", 10), ("b", 6)]
+    run(step)
+    a.append(7)  # a sampled its first token: it now decodes one token per step
+    step = sched.schedule()
+    assert [(s.request_id, n) for s, n in step.items] == [("a", 1), ("b", 4), ("c", 11)]
+    run(step)
+    sizes = []
+    while c.num_uncomputed:
+        step = sched.schedule()
+        sizes.append(dict((s.request_id, n) for s, n in step.items)["c"])
+        run(step)
+    assert sum(sizes) == 40 - 11 and all(n <= 16 for n in sizes)
+
+
+def test_running_cap_limits_admission():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(4):
+        sched.add(seq(f"r{i}", 3, first_token=10 * i))
+    step = sched.schedule()
+    assert [s.request_id for s, _ in step.items] == ["r0", "r1"] and len(sched.waiting) == 2
+
+
+def test_preemption_takes_the_latest_admitted_and_requeues_it_first():
+    blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = seq("a", 8), seq("b", 8, 100), seq("c", 8, 200)
+    for s in (a, b, c):
+        sched.add(s)
+    run(sched.schedule())  # all three fit: 2 blocks each
+    assert blocks.num_free == 0
+    for s in (a, b, c):
+        s.append(1)  # each needs a third block for its next token: c, admitted last, gives way
+    step = sched.schedule()
+    assert sched.num_preemptions == 1 and c.status is Status.WAITING and c.block_table == []
+    assert sched.waiting[0] is c and [s.request_id for s, _ in step.items] == ["a", "b"]
+    assert c.num_computed == 0  # it will be recomputed from its first token
+
+
+def test_prefix_blocks_are_shared_counted_and_revived_after_release():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    first = seq("x", 9)
+    blocks.ensure_capacity(first, 9)
+    first.num_computed = 9
+    blocks.register_full_blocks(first)
+    assert len(first.block_hashes) == 2  # two full blocks of four
+    second = seq("y", 9)
+    blocks.match_prefix(second)
+    assert second.block_table == first.block_table[:2] and second.num_computed == 8
+    assert [blocks.ref_counts[b] for b in second.block_table] == [2, 2]
+    blocks.release(first)
+    assert [blocks.ref_counts[b] for b in second.block_table] == [1, 1]
+    shared = list(second.block_table)
+    blocks.release(second)
+    assert all(blocks.ref_counts[b] == 0 and b in blocks.free for b in shared)
+    third = seq("z", 9)  # freed blocks keep their contents: a later prompt takes them back
+    blocks.match_prefix(third)
+    assert third.block_table == shared and all(b not in blocks.free for b in shared)
+
+
+def test_a_prefix_needs_one_token_left_to_compute():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    first = seq("x", 8)
+    blocks.ensure_capacity(first, 8)
+    first.num_computed = 8
+    blocks.register_full_blocks(first)
+    again = seq("y", 8)
+    blocks.match_prefix(again)
+    assert again.num_computed == 4  # the last block is recomputed so the step yields logits
+
+
+def test_eviction_takes_the_least_recently_freed_cached_block():
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    old, new = seq("old", 4, 0), seq("new", 4, 50)
+    for s in (old, new):
+        blocks.ensure_capacity(s, 4)
+        s.num_computed = 4
+        blocks.register_full_blocks(s)
+    old_block, new_block = old.block_table[0], new.block_table[0]
+    blocks.release(old)
+    blocks.release(new)
+    assert len(blocks.cached) == 2
+    taker = seq("taker", 4, 90)
+    assert blocks.ensure_capacity(taker, 4)
+    assert taker.block_table == [old_block]  # evicted first: freed first
+    assert old.block_hashes == [] and list(blocks.cached.values()) == [new_block]
+    fresh = seq("again", 5, 50)
+    blocks.match_prefix(fresh)
+    assert fresh.block_table == [new_block]
+
+
+def test_a_sequence_that_can_never_fit_is_rejected_not_raised():
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=100)
+    big, small = seq("big", 20), seq("small", 3, 300)
+    sched.add(big)
+    sched.add(small)
+    step = sched.schedule()
+    assert step.rejected == [big] and big.status is Status.FINISHED
+    assert [s.request_id for s, _ in step.items] == ["small"]
+    assert blocks.num_free == 1

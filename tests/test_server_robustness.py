@@ -1,0 +1,328 @@
+"""What a single request must never do to the server: stall it, kill it, or fail another request.
+Each test is a failure that was seen against a real server, sent the same way here."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from pyserve import SamplingParams
+from pyserve.client import Client
+from pyserve.protocol import decode, encode, frame_length
+
+from conftest import serving
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir):
+    with serving(tiny_llama_dir) as running:
+        yield running
+
+
+def post(url: str, data: bytes | str, timeout: float = 60) -> tuple[int, dict]:
+    data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_all_free(llm, seconds=20) -> bool:
+    deadline = time.monotonic() + seconds
+    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return llm.engine.num_free_blocks() == llm.engine.num_blocks
+
+
+def test_a_request_that_cannot_fit_the_cache_is_refused_and_the_next_one_runs(tiny_llama_dir):
+    with serving(tiny_llama_dir, engine_options={"num_blocks": 2}) as (server, llm):  # 32 tokens of cache
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="max_tokens.*KV cache") as info:
+            client.completions.create(model="tiny", prompt="Hello world", max_tokens=100)
+        assert info.value.body["param"] == "max_tokens"
+        with pytest.raises(openai.BadRequestError, match="KV cache"):  # no max_tokens: up to the context
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+        ok = client.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+        assert get(server.url + "/health")[0] == 200 and wait_all_free(llm)
+
+
+def test_a_poisoned_parameter_fails_only_its_own_request(served, reference):
+    server, llm = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    want = reference.generate("Hello world", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].text
+    results, errors, started = [], [], threading.Barrier(17)
+
+    def one():
+        try:
+            stream = client.completions.create(model="tiny", prompt="Hello world", max_tokens=24, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            started.wait(timeout=60)
+            results.append("".join(c.choices[0].text for c in stream if c.choices))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)  # all 16 are streaming
+    for poison in ({"top_k": 2**40}, {"seed": 2**70}, {"n": 20000}, {"logit_bias": {"5": 1e300}},
+                   {"stop": ["x"] * 1000}, {"min_tokens": 2**40}):
+        status, body = post(server.url + "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": "Hello", "max_tokens": 4, **poison}))
+        assert status == 400 and body["error"]["param"] == next(iter(poison)), body
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and results == [want] * 16
+    assert wait_all_free(llm)
+
+
+def test_huge_prompts_are_refused_without_stalling_the_server(served, monkeypatch):
+    server, _ = served
+    from pyserve.tokenizer import Tokenizer
+    seen = []
+    encode_text = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **k: seen.append(len(text)) or
+                        encode_text(self, text, *a, **k))
+    huge = json.dumps({"model": "tiny", "prompt": "hello world " * (7 * 2**20 // 12), "max_tokens": 2})
+    replies: list = []
+    senders = [threading.Thread(target=lambda: replies.append(post(server.url + "/v1/completions", huge)))
+               for _ in range(3)]
+    for t in senders:
+        t.start()
+    health = []
+    while any(t.is_alive() for t in senders):
+        start = time.monotonic()
+        status, _ = get(server.url + "/health")
+        health.append((status, time.monotonic() - start))
+        with Client("127.0.0.1", server.msgpack_port) as c:
+            assert c.generate("tiny", "Hi", max_tokens=2).token_ids
+    for t in senders:
+        t.join()
+    assert [r[0] for r in replies] == [400] * 3 and all(r[1]["error"]["param"] == "prompt" for r in replies)
+    assert "context" in replies[0][1]["error"]["message"]
+    assert all(n < 100_000 for n in seen)  # the 7 MiB texts were never tokenized
+    # Generous: the target is 100 ms; before the fix /health took 5.5 s here.
+    assert health and all(status == 200 and seconds < 1.0 for status, seconds in health)
+
+
+def test_completions_take_every_prompt_form(served, reference):
+    server, _ = served
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    prompts = ["Hello world", "Once upon a time"]
+    resp = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    want = [reference.generate(p, SamplingParams(max_tokens=6, temperature=0))[0] for p in prompts]
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert [c.text for c in resp.choices] == [want[0].text] * 2 + [want[1].text] * 2
+    assert resp.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)
+    ids = [w.prompt_token_ids for w in want]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == [w.text for w in want]
+    single = client.completions.create(model="tiny", prompt=ids[0], max_tokens=6, temperature=0)
+    assert single.choices[0].text == want[0].text
+    stream = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, stream=True)
+    texts = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == {0: want[0].text, 1: want[1].text}
+
+
+BAD_BODIES = {
+    "lone surrogate": ('{"model": "tiny", "prompt": "\\ud800 hi", "max_tokens": 2}', "prompt"),
+    "nested 100k deep": ('{"model": "tiny", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", None),
+    "n=20000": ('{"model": "tiny", "prompt": "hi", "n": 20000}', "n"),
+    "temperature Infinity": ('{"model": "tiny", "prompt": "hi", "temperature": Infinity}', None),
+    "temperature 1e400": ('{"model": "tiny", "prompt": "hi", "temperature": 1e400}', "temperature"),
+    "NaN logit_bias": ('{"model": "tiny", "prompt": "hi", "logit_bias": {"3": NaN}}', None),
+    "huge logit_bias": ('{"model": "tiny", "prompt": "hi", "logit_bias": {"3": 1e30}}', "logit_bias"),
+    "empty prompt list": ('{"model": "tiny", "prompt": []}', "prompt"),
+    "mixed prompt list": ('{"model": "tiny", "prompt": [1, "a"]}', "prompt"),
+    "bool token id": ('{"model": "tiny", "prompt": [true]}', "prompt"),
+    "token id out of vocabulary": ('{"model": "tiny", "prompt": [1, 99999999]}', "prompt"),
+    "stop_token_ids strings": ('{"model": "tiny", "prompt": "hi", "stop_token_ids": ["a"]}', "stop_token_ids"),
+    "stream_options list": ('{"model": "tiny", "prompt": "hi", "stream": true, "stream_options": []}',
+                            "stream_options"),
+    "not an object": ("[1, 2]", None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_input_gets_a_json_error_naming_the_field(served, case):
+    server, llm = served
+    body, field = BAD_BODIES[case]
+    status, reply = post(server.url + "/v1/completions", body)
+    assert status == 400 and reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
+    if field is not None:
+        assert reply["error"]["param"] == field
+    assert get(server.url + "/health")[0] == 200 and wait_all_free(llm)
+
+
+def test_chat_and_kserve_errors_are_json_too(served):
+    server, _ = served
+    status, reply = post(server.url + "/v1/chat/completions",
+                         '{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}')
+    assert status == 400 and reply["error"]["param"] == "messages"
+    status, reply = post(server.url + "/v2/models/tiny/infer", '{"inputs": [' + "[" * 50_000 + "]" * 50_000 + "]}")
+    assert status == 400 and "error" in reply
+    status, reply = post(server.url + "/v1/nowhere", "{}")
+    assert status == 404 and reply["error"]["message"]
+
+
+def msgpack_socket(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.msgpack_port), timeout=10)
+    read_frame(sock)
+    return sock
+
+
+def read_frame(sock):
+    header = sock.recv(4, socket.MSG_WAITALL)
+    return decode(sock.recv(frame_length(header), socket.MSG_WAITALL))
+
+
+def test_msgpack_request_ids_of_any_type_get_an_error_frame(served):
+    server, _ = served
+    sock = msgpack_socket(server)
+    for bad_id in ([1, 2], {"a": 1}, 1.5, True):
+        sock.sendall(encode({"type": "request", "id": bad_id, "method": "models"}))
+        err = read_frame(sock)
+        assert err["type"] == "error" and err["code"] == 400 and "id" in err["message"]
+    sock.sendall(encode({"type": "request", "id": "ok", "method": "generate",
+                         "params": {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "top_k": 2**40}}))
+    err = read_frame(sock)
+    assert err["id"] == "ok" and err["code"] == 400 and "top_k" in err["message"]
+    sock.sendall(encode({"type": "request", "id": 7, "method": "models"}))  # the connection still works
+    assert read_frame(sock)["result"]["models"] == ["tiny"]
+    sock.close()
+
+
+def test_client_resets_are_one_line_each_not_tracebacks(served, caplog):
+    server, llm = served
+    host, port = server.url.removeprefix("http://").split(":")
+    caplog.set_level(logging.INFO)
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True})
+    for i in range(20):
+        http = socket.create_connection((host, int(port)), timeout=10)
+        http.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        http.recv(100)
+        tcp = msgpack_socket(server)
+        tcp.sendall(encode({"type": "request", "id": i, "method": "generate",
+                            "params": {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "stream": True,
+                                       "ignore_eos": True}}))
+        read_frame(tcp)
+        for sock in (http, tcp):  # close with a reset (RST), not a clean FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+    assert wait_all_free(llm)
+    time.sleep(0.5)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_a_dead_engine_turns_readiness_false_and_answers_at_once(tiny_llama_dir):
+    class Crash(BaseException):
+        pass
+
+    with serving(tiny_llama_dir) as (server, llm):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=2000, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+
+        def crash():
+            raise Crash("simulated fault in the engine thread")
+        llm.engine.step = crash
+        with pytest.raises(openai.APIError):  # the open stream ends with an error, not a hang
+            for _ in stream:
+                pass
+        assert get(server.url + "/health")[0] == 503
+        assert get(server.url + "/v2/health/ready") == (503, {"ready": False})
+        with pytest.raises(openai.InternalServerError, match="engine stopped"):
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+        with Client("127.0.0.1", server.msgpack_port) as c:
+            with pytest.raises(Exception, match="503"):
+                c.generate("tiny", "Hi", max_tokens=2)
+
+
+def test_chat_template_from_a_directory_saved_by_transformers(tmp_path, tiny_llama_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    from pyserve.tokenizer import Tokenizer
+
+    saved = PreTrainedTokenizerFast(tokenizer_file=str(tiny_llama_dir / "tokenizer.json"), bos_token="<s>",
+                                    eos_token="</s>")
+    saved.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    saved.save_pretrained(tmp_path)
+    ours = Tokenizer.from_dir(tmp_path)
+    messages = [{"role": "user", "content": "Hello there"}]
+    assert ours.chat_template == saved.chat_template
+    want = saved.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert ours.encode_chat(messages) == list(want)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_both_ports_and_exits_zero(tiny_llama_dir):
+    http_port, tcp_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", str(tiny_llama_dir), "--served-model-name",
+                             "tiny", "--port", str(http_port), "--msgpack-port", str(tcp_port), "--device", "cpu",
+                             "--feedback-db", ":memory:"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if get(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        http_stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=60, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+        next(iter(http_stream))
+        tcp = Client("127.0.0.1", tcp_port)
+        tcp_stream = tcp.stream("tiny", "Hello", max_tokens=60, ignore_eos=True)
+        next(tcp_stream)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(OSError):  # the msgpack listener is closed at once
+            socket.create_connection(("127.0.0.1", tcp_port), timeout=2).close()
+        chunks = list(http_stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        rest = list(tcp_stream)
+        assert rest[-1].finished and len(rest[-1].completion.token_ids) == 60
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
