@@ -16,6 +16,8 @@ import urllib.request
 
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyserve import SamplingParams
 from pyserve.client import Client
@@ -326,3 +328,87 @@ def test_sigterm_drains_both_ports_and_exits_zero(tiny_llama_dir):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+                           | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+TEXT_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+               "min_p", "n", "stop", "seed", "logit_bias", "logprobs", "top_logprobs", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stream", "stream_options",
+               "user", "stop_token_ids", "skip_special_tokens"]
+VALID = {"model": "tiny", "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+
+
+def engine_is_healthy(server, llm) -> bool:
+    return get(server.url + "/health")[0] == 200 and wait_all_free(llm)
+
+
+def bodies(fields):
+    """A valid request with some fields replaced by arbitrary JSON (or left out)."""
+    return st.dictionaries(st.sampled_from(fields), JSON_VALUES, max_size=6).map(lambda bad: {**VALID, **bad})
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=bodies(TEXT_FIELDS), route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_fuzz_openai_routes_answer_json_and_stay_healthy(served, body, route):
+    server, llm = served
+    status, reply = post(server.url + route, json.dumps(body)) if not body.get("stream") else stream_post(
+        server.url + route, json.dumps(body))
+    assert 200 <= status < 300 or (400 <= status < 500 and reply["error"]["message"]), (status, reply)
+    assert engine_is_healthy(server, llm)
+
+
+def stream_post(url: str, data: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data.encode(), method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events = [line for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" or "error" in events[-1]
+            return r.status, {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+KSERVE_PARAMETERS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "min_p", "n", "stop", "logit_bias"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(parameters=st.dictionaries(st.sampled_from(KSERVE_PARAMETERS), JSON_VALUES, max_size=4),
+       tensor=st.dictionaries(st.sampled_from(["name", "datatype", "shape", "data", "parameters"]), JSON_VALUES,
+                              max_size=5))
+def test_fuzz_kserve_infer_answers_json_and_stays_healthy(served, parameters, tensor):
+    server, llm = served
+    text = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}
+    body = {"inputs": [text, tensor] if tensor else [text], "parameters": {"max_tokens": 3, **parameters}}
+    status, reply = post(server.url + "/v2/models/tiny/infer", json.dumps(body))
+    assert 200 <= status < 300 or (400 <= status < 500 and reply["error"]), (status, reply)
+    assert engine_is_healthy(server, llm)
+
+
+MSGPACK_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+                              | st.floats() | st.text(max_size=6) | st.binary(max_size=8),
+                              lambda inner: st.lists(inner, max_size=3)
+                              | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(method=st.sampled_from(["generate", "chat", "infer", "models", "nothing"]),
+       params=st.dictionaries(st.sampled_from(TEXT_FIELDS + ["inputs", "parameters"]), MSGPACK_VALUES, max_size=6))
+def test_fuzz_msgpack_methods_answer_a_frame_and_stay_healthy(served, method, params):
+    server, llm = served
+    sock = msgpack_socket(server)
+    try:
+        sock.sendall(encode({"type": "request", "id": 1, "method": method,
+                             "params": {"model": "tiny", "prompt": "Hi", "max_tokens": 3, **params}}))
+        while True:
+            frame = read_frame(sock)
+            assert frame["id"] == 1
+            if frame["type"] == "error":
+                assert 400 <= frame["code"] < 500 and frame["message"], frame
+                break
+            if frame["type"] == "result":
+                break
+    finally:
+        sock.close()
+    assert engine_is_healthy(server, llm)
