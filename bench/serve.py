@@ -5,8 +5,10 @@ the offline engine on the same requests, in one run.
     python bench/serve.py --quick
 
 Writes bench/results/serve.json: output tokens/s, time to first token and inter-token latency
-(each request's time per output token after the first; p50/p99 over requests) per protocol, server throughput as a fraction of offline, and the round-trip time of a
-tiny request over msgpack vs HTTP.
+(each request's time per output token after the first; p50/p99 over requests) per protocol, server
+throughput as a fraction of offline, the round-trip time of a tiny request over msgpack vs HTTP, and
+the latency of /health and of a one-token request while the HTTP load runs (p50/p99), next to the
+same probes on the idle server.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +116,36 @@ async def tiny_rtt(base: str, port: int, n: int = 50) -> tuple[float, float]:
     return statistics.median(http_times) * 1e3, statistics.median(mp_times) * 1e3
 
 
+class Probe(threading.Thread):
+    """From its own thread: GET /health every 50 ms and a one-token completion every 250 ms."""
+
+    def __init__(self, base: str):
+        super().__init__(daemon=True)
+        self.base, self.stop, self.health, self.one_token = base, threading.Event(), [], []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=60) as c:
+            while not self.stop.is_set():
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    c.get("/health").raise_for_status()
+                    self.health.append(time.perf_counter() - t0)
+                    time.sleep(0.05)
+                t0 = time.perf_counter()
+                c.post("/v1/completions", json={"model": "bench", "prompt": [0, 5, 6], "max_tokens": 1}).raise_for_status()
+                self.one_token.append(time.perf_counter() - t0)
+
+    def measure(self, seconds: float | None = None, during=None) -> dict:
+        self.start()
+        result = during() if during is not None else time.sleep(seconds)
+        self.stop.set()
+        self.join()
+        self.result = result
+        return {"health_p50_ms": round(pct(self.health, 0.5), 2), "health_p99_ms": round(pct(self.health, 0.99), 2),
+                "one_token_p50_ms": round(pct(self.one_token, 0.5), 2),
+                "one_token_p99_ms": round(pct(self.one_token, 0.99), 2), "probes": len(self.health)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=256)
@@ -147,8 +180,11 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-            rows = [offline,
-                    summary("http", *asyncio.run(http_run(base, reqs, args.concurrency))),
+            idle = Probe(base).measure(seconds=5)
+            loaded_probe = Probe(base)
+            loaded = loaded_probe.measure(during=lambda: asyncio.run(http_run(base, reqs, args.concurrency)))
+            print(json.dumps({"probes_idle": idle, "probes_under_load": loaded}))
+            rows = [offline, summary("http", *loaded_probe.result),
                     summary("msgpack", *asyncio.run(msgpack_run(mp_port, reqs, args.concurrency)))]
             http_rtt, mp_rtt = asyncio.run(tiny_rtt(base, mp_port))
         finally:
@@ -157,7 +193,8 @@ def main() -> None:
     result = dict(requests=args.requests, concurrency=args.concurrency, quick=args.quick, rows=rows,
                   http_vs_offline=round(rows[1]["tokens_per_s"] / offline["tokens_per_s"], 3),
                   msgpack_vs_offline=round(rows[2]["tokens_per_s"] / offline["tokens_per_s"], 3),
-                  tiny_request_rtt_ms={"http": round(http_rtt, 2), "msgpack": round(mp_rtt, 2)})
+                  tiny_request_rtt_ms={"http": round(http_rtt, 2), "msgpack": round(mp_rtt, 2)},
+                  probes_idle=idle, probes_under_load=loaded)
     print(json.dumps(result, indent=1))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / ("serve-quick.json" if args.quick else "serve.json")
