@@ -180,12 +180,12 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-            idle = Probe(base).measure(seconds=5)
-            loaded_probe = Probe(base)
-            loaded = loaded_probe.measure(during=lambda: asyncio.run(http_run(base, reqs, args.concurrency)))
-            print(json.dumps({"probes_idle": idle, "probes_under_load": loaded}))
-            rows = [offline, summary("http", *loaded_probe.result),
+            rows = [offline, summary("http", *asyncio.run(http_run(base, reqs, args.concurrency))),
                     summary("msgpack", *asyncio.run(msgpack_run(mp_port, reqs, args.concurrency)))]
+            # The probes load the same two cores, so they run on their own, after the throughput runs.
+            idle = Probe(base).measure(seconds=5)
+            loaded = Probe(base).measure(during=lambda: asyncio.run(http_run(base, reqs[:128], args.concurrency)))
+            print(json.dumps({"probes_idle": idle, "probes_under_load": loaded}))
             http_rtt, mp_rtt = asyncio.run(tiny_rtt(base, mp_port))
         finally:
             server.terminate()

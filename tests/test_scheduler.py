@@ -124,3 +124,24 @@ def test_a_sequence_that_can_never_fit_is_rejected_not_raised():
     assert step.rejected == [big] and big.status is Status.FINISHED
     assert [s.request_id for s, _ in step.items] == ["small"]
     assert blocks.num_free == 1
+
+
+def test_block_digests_chain_sha256_over_parent_and_tokens():
+    import hashlib
+    from array import array
+
+    first = BlockManager.chain_hash(None, [1, 2, 3, 4])
+    assert first == hashlib.sha256(bytes(32) + array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert BlockManager.chain_hash(first, [5, 6, 7, 8]) != BlockManager.chain_hash(None, [5, 6, 7, 8])
+
+
+def test_a_forced_digest_collision_never_shares_blocks(monkeypatch):
+    monkeypatch.setattr(BlockManager, "chain_hash", staticmethod(lambda parent, tokens: b"same"))
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    first = seq("x", 9, 0)
+    blocks.ensure_capacity(first, 9)
+    first.num_computed = 9
+    blocks.register_full_blocks(first)
+    other = seq("y", 9, 50)  # different tokens, same (forced) digests
+    blocks.match_prefix(other)
+    assert other.block_table == [] and other.num_computed == 0

@@ -1,10 +1,14 @@
 """KV-cache blocks: allocation, reference counts and prefix caching.
 
-A full block is identified by a hash chained over the tokens of every block before it, so equal
-prefixes map to the same blocks. Freed blocks keep their hash and sit in an LRU list; a later
-prompt with the same prefix takes them back, and allocation evicts the least recently freed.
+A full block is identified by a SHA-256 digest chained over the tokens of every block before it,
+so equal prefixes map to the same blocks; a hit is also checked against the block's stored tokens,
+so not even a forced digest collision hands one request another's keys and values. Freed blocks
+keep their digest and sit in an LRU list; a later prompt with the same prefix takes them back, and
+allocation evicts the least recently freed.
 """
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
@@ -16,17 +20,22 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        # What a cached block was computed from: its parent's digest and its own tokens.
+        self.block_key: list[tuple[bytes | None, tuple[int, ...]] | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # LRU first
-        self.cached: dict[int, int] = {}  # hash -> block
+        self.cached: dict[bytes, int] = {}  # digest -> block
 
     @property
     def num_free(self) -> int:
         return len(self.free)
 
     @staticmethod
-    def chain_hash(parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, tuple(tokens)))
+    def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+        """The block's digest: SHA-256 over the parent block's digest and this block's token ids."""
+        digest = hashlib.sha256(parent or bytes(32))
+        digest.update(array("q", tokens).tobytes())
+        return digest.digest()
 
     def _take(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -34,6 +43,7 @@ class BlockManager:
         if old is not None and self.cached.get(old) == block:
             del self.cached[old]  # evicted: its contents are about to be overwritten
         self.block_hash[block] = None
+        self.block_key[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -45,9 +55,12 @@ class BlockManager:
         parent = None
         # Leave at least one token to compute, so the step produces logits for it.
         for i in range((len(seq.token_ids) - 1) // bs):
-            h = self.chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            h = self.chain_hash(parent, tokens)
             block = self.cached.get(h)
-            if block is None:
+            # Parent and tokens must match too (the chain before was checked the same way), so a
+            # digest collision can only cost a cache miss, never hand out another prompt's KV.
+            if block is None or self.block_key[block] != (parent, tuple(tokens)):
                 break
             if self.ref_counts[block] == 0:
                 del self.free[block]
@@ -74,12 +87,14 @@ class BlockManager:
         while len(seq.block_hashes) < seq.num_computed // bs:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = self.chain_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = seq.token_ids[i * bs:(i + 1) * bs]
+            h = self.chain_hash(parent, tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.cached:
                 self.cached[h] = block
                 self.block_hash[block] = h
+                self.block_key[block] = (parent, tuple(tokens))
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks that reach zero become free (keeping their hash)."""

@@ -25,7 +25,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the full blocks registered so far
+    block_hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
