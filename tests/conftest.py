@@ -1,5 +1,7 @@
 import contextlib
 import os
+import socket
+import time
 
 import pytest
 import torch
@@ -58,3 +60,24 @@ def serving(model_dir, api_key=None, engine_options=None, **server_options):
         yield server, llm
     finally:
         server.stop()
+
+
+def wait_all_free(llm, seconds=20) -> bool:
+    """Whether every KV block of the engine comes free within `seconds` (aborts land asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return llm.engine.num_free_blocks() == llm.engine.num_blocks
+
+
+def read_frame(sock):
+    from pyserve.protocol import decode, frame_length
+    header = sock.recv(4, socket.MSG_WAITALL)
+    return decode(sock.recv(frame_length(header), socket.MSG_WAITALL))
+
+
+def raw_connection(server):
+    """A plain socket to the server's msgpack port, past the hello frame."""
+    sock = socket.create_connection(("127.0.0.1", server.msgpack_port), timeout=10)
+    read_frame(sock)
+    return sock

@@ -1,9 +1,7 @@
 """The msgpack protocol and clients against a real server: sync, async, streaming, cancel, bad frames."""
 
 import asyncio
-import socket
 import struct
-import time
 
 import msgpack
 import pytest
@@ -14,20 +12,13 @@ from pyserve import SamplingParams
 from pyserve.client import AsyncClient, Client, RemoteError
 from pyserve.protocol import MAX_FRAME_BYTES, ProtocolError, decode, encode, frame_length
 
-from conftest import serving
+from conftest import raw_connection, read_frame, serving, wait_all_free
 
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
     with serving(tiny_llama_dir) as running:
         yield running
-
-
-def wait_all_free(llm, seconds=20):
-    deadline = time.monotonic() + seconds
-    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return llm.engine.num_free_blocks() == llm.engine.num_blocks
 
 
 def test_sync_client_generate_chat_stream(served, reference):
@@ -75,17 +66,6 @@ def test_disconnect_cancels_requests(served):
     c._read()  # the first partial arrived
     c.close()
     assert wait_all_free(llm)
-
-
-def raw_connection(server):
-    sock = socket.create_connection(("127.0.0.1", server.msgpack_port), timeout=10)
-    read_frame(sock)  # hello
-    return sock
-
-
-def read_frame(sock):
-    header = sock.recv(4, socket.MSG_WAITALL)
-    return decode(sock.recv(frame_length(header), socket.MSG_WAITALL))
 
 
 def test_bad_frames_get_error_frames_and_the_server_survives(served):

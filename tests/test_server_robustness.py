@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from pyserve import SamplingParams
 from pyserve.client import Client
-from pyserve.protocol import decode, encode, frame_length
+from pyserve.protocol import encode
 
-from conftest import serving
+from conftest import raw_connection, read_frame, serving, wait_all_free
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,6 @@ def get(url: str) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def wait_all_free(llm, seconds=20) -> bool:
-    deadline = time.monotonic() + seconds
-    while llm.engine.num_free_blocks() != llm.engine.num_blocks and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return llm.engine.num_free_blocks() == llm.engine.num_blocks
 
 
 def test_a_request_that_cannot_fit_the_cache_is_refused_and_the_next_one_runs(tiny_llama_dir):
@@ -192,20 +185,9 @@ def test_chat_and_kserve_errors_are_json_too(served):
     assert status == 404 and reply["error"]["message"]
 
 
-def msgpack_socket(server) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.msgpack_port), timeout=10)
-    read_frame(sock)
-    return sock
-
-
-def read_frame(sock):
-    header = sock.recv(4, socket.MSG_WAITALL)
-    return decode(sock.recv(frame_length(header), socket.MSG_WAITALL))
-
-
 def test_msgpack_request_ids_of_any_type_get_an_error_frame(served):
     server, _ = served
-    sock = msgpack_socket(server)
+    sock = raw_connection(server)
     for bad_id in ([1, 2], {"a": 1}, 1.5, True):
         sock.sendall(encode({"type": "request", "id": bad_id, "method": "models"}))
         err = read_frame(sock)
@@ -229,7 +211,7 @@ def test_client_resets_are_one_line_each_not_tracebacks(served, caplog):
         http.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         http.recv(100)
-        tcp = msgpack_socket(server)
+        tcp = raw_connection(server)
         tcp.sendall(encode({"type": "request", "id": i, "method": "generate",
                             "params": {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "stream": True,
                                        "ignore_eos": True}}))
@@ -397,7 +379,7 @@ MSGPACK_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2*
        params=st.dictionaries(st.sampled_from(TEXT_FIELDS + ["inputs", "parameters"]), MSGPACK_VALUES, max_size=6))
 def test_fuzz_msgpack_methods_answer_a_frame_and_stay_healthy(served, method, params):
     server, llm = served
-    sock = msgpack_socket(server)
+    sock = raw_connection(server)
     try:
         sock.sendall(encode({"type": "request", "id": 1, "method": method,
                              "params": {"model": "tiny", "prompt": "Hi", "max_tokens": 3, **params}}))

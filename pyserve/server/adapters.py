@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..engine.llm import RequestOutput, SamplingParams
-from ..errors import ClientError, InvalidParameter
+from ..errors import InvalidParameter
 from .models import ServedModel
 
 # A prompt longer than the context times this many characters per vocabulary entry cannot fit;
