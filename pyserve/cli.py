@@ -43,6 +43,8 @@ def _serve(args) -> int:
 
     from .engine import EngineDriver, load_engine
     from .server import serve
+    from .server.auth import AccessPolicy, read_key_file
+    from .server.config import ServerConfig
 
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model")
@@ -61,12 +63,21 @@ def _serve(args) -> int:
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
     try:
+        keys = list(args.api_key or []) + [k for f in args.api_key_file for k in read_key_file(f)]
+        access = AccessPolicy(keys, [args.admin_api_key] if args.admin_api_key else [], args.cache_salt_per_key)
+        config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
+                              args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level)
+        config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in names}
-    except (ValueError, LookupError, FileNotFoundError) as exc:
+    except (ValueError, LookupError, OSError) as exc:
         sys.exit(f"pyserve: {exc}")
-    serve(drivers, args.host, args.port, args.msgpack_port or None, args.api_key, args.log_level, args.feedback_db,
-          loader=load, drain_seconds=args.drain_timeout)
+    serve(drivers, config, loader=load)
     return 0
+
+
+def _env_list(name: str) -> list[str]:
+    value = os.environ.get(name)
+    return [value] if value else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI /v1, KServe /v2, /metrics)")
     s.add_argument("--msgpack-port", type=int, default=8001, help="msgpack protocol port (0: off)")
-    s.add_argument("--api-key", default=os.environ.get("PYSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $PYSERVE_API_KEY)")
+    s.add_argument("--api-key", action="append", default=_env_list("PYSERVE_API_KEY"),
+                   help="an inference key clients must send (HTTP 'Authorization: Bearer KEY', msgpack auth "
+                        "frame); repeatable (default: $PYSERVE_API_KEY)")
+    s.add_argument("--api-key-file", action="append", default=[],
+                   help="a file of inference keys, one per line (# comments)")
+    s.add_argument("--admin-api-key", default=os.environ.get("PYSERVE_ADMIN_API_KEY"),
+                   help="the key for operations: model load/unload, feedback export (default: "
+                        "$PYSERVE_ADMIN_API_KEY; without it those routes are closed once any key is set)")
+    s.add_argument("--cache-salt-per-key", action="store_true",
+                   help="salt every request's prefix cache by its API key, so tenants never share cached prefixes")
+    s.add_argument("--ssl-certfile", default=None, help="serve both ports over TLS with this certificate (PEM)")
+    s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     s.add_argument("--feedback-db", default="pyserve-feedback.sqlite3",
                    help="SQLite file where POST /v1/feedback ratings are kept")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")

@@ -8,11 +8,16 @@
 
     async with await AsyncClient.connect("127.0.0.1", 8001) as c:   # many requests in flight
         outs = await asyncio.gather(*(c.generate("tiny-llama", p, max_tokens=8) for p in prompts))
+
+A server started with API keys needs one: `Client(host, port, api_key="...")`, or set
+PYSERVE_API_KEY. Over TLS, pass an `ssl.SSLContext` (`ssl.create_default_context(cafile=...)`).
 """
 
 import asyncio
 import itertools
+import os
 import socket
+import ssl as _ssl
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -64,15 +69,33 @@ def _check(message: dict) -> dict:
     return message
 
 
+def _auth_frame(api_key: str | None) -> bytes | None:
+    api_key = api_key if api_key is not None else os.environ.get("PYSERVE_API_KEY")
+    return encode({"type": "auth", "api_key": api_key}) if api_key else None
+
+
 class Client:
     """A blocking client: one request at a time on its connection."""
 
-    def __init__(self, host: str, port: int, timeout: float = 120.0):
+    def __init__(self, host: str, port: int, timeout: float = 120.0, api_key: str | None = None,
+                 ssl: _ssl.SSLContext | None = None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if ssl is not None:
+            self.sock = ssl.wrap_socket(self.sock, server_hostname=host)
         self.ids = itertools.count(1)
-        hello = self._read()
+        try:
+            hello = self._read()
+            self.protocol = hello.get("protocol")
+            auth = _auth_frame(api_key)
+            if auth is not None:
+                self.sock.sendall(auth)
+                hello = _check(self._read())
+            elif hello.get("auth_required"):
+                raise RemoteError(401, "the server requires an API key: pass api_key= or set PYSERVE_API_KEY")
+        except BaseException:
+            self.close()
+            raise
         self.server_models = hello.get("models", [])
-        self.protocol = hello.get("protocol")
 
     def __enter__(self) -> "Client":
         return self
@@ -130,6 +153,13 @@ class Client:
                                    "parameters": parameters})
         return list(self._frames(rid))[-1]["result"]
 
+    def load(self, model: str) -> list[str]:
+        """Load a model the server knows (needs the admin key); returns the served models."""
+        return list(self._frames(self._call("load", {"model": model})))[-1]["result"]["models"]
+
+    def unload(self, model: str) -> list[str]:
+        return list(self._frames(self._call("unload", {"model": model})))[-1]["result"]["models"]
+
     def stream(self, model: str, prompt: str | list[int], **params) -> Iterator[Chunk]:
         """Chunks of new text as they are generated; leaving the loop early cancels the request."""
         rid = self._call("generate", {"model": model, "prompt": prompt, "stream": True, **params})
@@ -158,9 +188,24 @@ class AsyncClient:
         self.pump = asyncio.create_task(self._pump())
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> "AsyncClient":
-        reader, writer = await asyncio.open_connection(host, port)
-        hello = decode(await reader.readexactly(frame_length(await reader.readexactly(4))))
+    async def connect(cls, host: str, port: int, api_key: str | None = None,
+                      ssl: _ssl.SSLContext | None = None) -> "AsyncClient":
+        reader, writer = await asyncio.open_connection(host, port, ssl=ssl, server_hostname=host if ssl else None)
+
+        async def read() -> dict:
+            return decode(await reader.readexactly(frame_length(await reader.readexactly(4))))
+
+        hello = await read()
+        auth = _auth_frame(api_key)
+        try:
+            if auth is not None:
+                writer.write(auth)
+                hello = _check(await read())
+            elif hello.get("auth_required"):
+                raise RemoteError(401, "the server requires an API key: pass api_key= or set PYSERVE_API_KEY")
+        except BaseException:
+            writer.close()
+            raise
         return cls(reader, writer, hello)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -214,6 +259,13 @@ class AsyncClient:
     async def infer(self, model: str, inputs: dict, **parameters) -> dict:
         params = {"model": model, "inputs": {k: to_wire(v) for k, v in inputs.items()}, "parameters": parameters}
         return [m async for m in self._frames("infer", params)][-1]["result"]
+
+    async def load(self, model: str) -> list[str]:
+        """Load a model the server knows (needs the admin key); returns the served models."""
+        return [m async for m in self._frames("load", {"model": model})][-1]["result"]["models"]
+
+    async def unload(self, model: str) -> list[str]:
+        return [m async for m in self._frames("unload", {"model": model})][-1]["result"]["models"]
 
     async def stream(self, model: str, prompt: str | list[int], **params) -> AsyncIterator[Chunk]:
         async for message in self._frames("generate", {"model": model, "prompt": prompt, "stream": True, **params}):

@@ -35,6 +35,13 @@ class Unauthorized(ClientError):
     kind = "authentication_error"
 
 
+class Forbidden(ClientError):
+    """Authenticated, but this key may not do that (an inference key on an operations route)."""
+
+    status = 403
+    kind = "permission_error"
+
+
 class TooLarge(ClientError):
     status = 413
 

@@ -25,14 +25,16 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]] | list[int],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text, or a list of token ids); outputs in prompt order."""
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 cache_salt: str | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); outputs in prompt order.
+        Prompts share cached prefixes only with requests of the same `cache_salt`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         for request_id, prompt, p in zip(ids, prompts, params_list):
-            self.engine.add_request(request_id, prompt, p)
+            self.engine.add_request(request_id, prompt, p, cache_salt)
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -14,7 +14,7 @@ MAX_FRAME_BYTES = 16 * 2**20
 _LENGTH = struct.Struct(">I")
 
 # Error codes, HTTP-like so that they read the same on both APIs.
-BAD_REQUEST, NOT_FOUND, TOO_LARGE, SERVER_ERROR, UNAVAILABLE = 400, 404, 413, 500, 503
+BAD_REQUEST, UNAUTHORIZED, NOT_FOUND, TOO_LARGE, SERVER_ERROR, UNAVAILABLE = 400, 401, 404, 413, 500, 503
 
 
 class ProtocolError(ClientError):

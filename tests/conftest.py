@@ -1,7 +1,10 @@
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 import torch
@@ -49,13 +52,19 @@ def reference(tiny_llama_dir):
 
 
 @contextlib.contextmanager
-def serving(model_dir, api_key=None, engine_options=None, **server_options):
-    """The tiny model behind a real server on free local ports; yields (server, its LLM)."""
+def serving(model_dir, api_key=None, engine_options=None, loader=None, **config):
+    """The tiny model behind a real server on free local ports; yields (server, its LLM).
+    `config` takes ServerConfig fields; `api_key` is short for an access policy with that one key."""
     from pyserve import LLM
     from pyserve.engine.llm import AsyncLLMEngine
     from pyserve.server import start_in_thread
+    from pyserve.server.auth import AccessPolicy
+    from pyserve.server.config import ServerConfig
     llm = LLM(model_dir, device="cpu", **(engine_options or {}))
-    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, api_key=api_key, **server_options)
+    if api_key is not None:
+        config["access"] = AccessPolicy([api_key])
+    config = ServerConfig(**{"port": 0, "msgpack_port": 0, "log_level": "warning", **config})
+    server = start_in_thread({"tiny": AsyncLLMEngine(llm.engine)}, config, loader)
     try:
         yield server, llm
     finally:
@@ -81,3 +90,40 @@ def raw_connection(server):
     sock = socket.create_connection(("127.0.0.1", server.msgpack_port), timeout=10)
     read_frame(sock)
     return sock
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def cli_server(model_dir, *args: str, tls=None):
+    """`pyserve serve` in a subprocess on free loopback ports, once /health answers; yields
+    (process, base URL, msgpack port). `tls`: the SSL context that trusts the server's certificate.
+    Output is kept in process.stdout; the process is always ended."""
+    http_port, tcp_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", str(model_dir), "--served-model-name", "tiny",
+                             "--port", str(http_port), "--msgpack-port", str(tcp_port), "--device", "cpu",
+                             "--feedback-db", ":memory:", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5, context=tls):
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited: {proc.stdout.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        yield proc, url, tcp_port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import pytest
 
 from pyserve import SamplingParams
+from pyserve.server.auth import AccessPolicy
 
 from conftest import serving
 
@@ -201,9 +202,10 @@ def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
         status, _, body = raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-2",
                                                                             "rating": "great"}).encode())
         assert status == 400 and body["error"]["param"] == "rating"
-    with serving(tiny_llama_dir, api_key=KEY, feedback_db=str(db)) as (server, _):  # a restart keeps it
+    access = AccessPolicy([KEY], admin_keys=["admin-key"])
+    with serving(tiny_llama_dir, access=access, feedback_db=str(db)) as (server, _):  # a restart keeps it
         raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-3", "rating": -1}).encode())
-        req = urllib.request.Request(server.url + "/v1/feedback/export", headers={"Authorization": f"Bearer {KEY}"})
+        req = urllib.request.Request(server.url + "/v1/feedback/export", headers={"Authorization": "Bearer admin-key"})
         with urllib.request.urlopen(req, timeout=10) as r:
             rows = [json.loads(line) for line in r.read().decode().splitlines()]
     assert [(r["response_id"], r["rating"], r["comment"]) for r in rows] == [("cmpl-1", 1, "good"), ("cmpl-3", -1, None)]

@@ -23,7 +23,7 @@ from pyserve import SamplingParams
 from pyserve.client import Client
 from pyserve.protocol import encode
 
-from conftest import raw_connection, read_frame, serving, wait_all_free
+from conftest import cli_server, raw_connection, read_frame, serving, wait_all_free
 
 
 @pytest.fixture(scope="module")
@@ -266,29 +266,8 @@ def test_chat_template_from_a_directory_saved_by_transformers(tmp_path, tiny_lla
     assert ours.encode_chat(messages) == list(want)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_drains_both_ports_and_exits_zero(tiny_llama_dir):
-    http_port, tcp_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", str(tiny_llama_dir), "--served-model-name",
-                             "tiny", "--port", str(http_port), "--msgpack-port", str(tcp_port), "--device", "cpu",
-                             "--feedback-db", ":memory:"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
-    try:
-        url = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if get(url + "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.2)
+    with cli_server(tiny_llama_dir) as (proc, url, tcp_port):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         http_stream = client.completions.create(model="tiny", prompt="Hello", max_tokens=60, temperature=0,
                                                 stream=True, extra_body={"ignore_eos": True})
@@ -305,11 +284,6 @@ def test_sigterm_drains_both_ports_and_exits_zero(tiny_llama_dir):
         rest = list(tcp_stream)
         assert rest[-1].finished and len(rest[-1].completion.token_ids) == 60
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
@@ -318,7 +292,7 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
 TEXT_FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                "min_p", "n", "stop", "seed", "logit_bias", "logprobs", "top_logprobs", "presence_penalty",
                "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "stream", "stream_options",
-               "user", "stop_token_ids", "skip_special_tokens"]
+               "user", "stop_token_ids", "skip_special_tokens", "cache_salt"]
 VALID = {"model": "tiny", "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 
 

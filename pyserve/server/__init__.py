@@ -17,12 +17,11 @@ import uvicorn
 
 from ..engine.driver import EngineDriver
 from .app import build_app
+from .config import ServerConfig
 from .models import Loader, ModelRegistry
 from .msgpack_server import MsgpackServer
 
 log = logging.getLogger("pyserve.server")
-
-DRAIN_SECONDS = 30
 
 
 class _HTTPServer(uvicorn.Server):
@@ -45,16 +44,15 @@ class _HTTPServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def _run(http: _HTTPServer, models: ModelRegistry, host: str, msgpack_port: int | None, bound: dict,
-               drain_seconds: float) -> None:
-    tcp = MsgpackServer(models) if msgpack_port is not None else None
+async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
+    tcp = MsgpackServer(models, config.access) if config.msgpack_port is not None else None
     if tcp is not None:
-        bound["msgpack_port"] = await tcp.start(host, msgpack_port)
+        bound["msgpack_port"] = await tcp.start(config.host, config.msgpack_port, config.ssl_context())
 
     async def drain_msgpack_on_exit():
         while not http.should_exit:
             await asyncio.sleep(0.05)
-        await tcp.drain(drain_seconds)
+        await tcp.drain(config.drain_seconds)
 
     watcher = asyncio.create_task(drain_msgpack_on_exit()) if tcp is not None else None
     try:
@@ -72,12 +70,13 @@ class RunningServer:
     http: uvicorn.Server
     thread: threading.Thread
     models: ModelRegistry
+    config: ServerConfig
     bound: dict = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         host, port = self.http.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.config.tls else 'http'}://{host}:{port}"
 
     @property
     def msgpack_port(self) -> int:
@@ -89,38 +88,46 @@ class RunningServer:
         self.models.shutdown()
 
 
-def _config(models: ModelRegistry, api_key, feedback_db, host, port, log_level, drain_seconds) -> uvicorn.Config:
-    return uvicorn.Config(build_app(models, api_key, feedback_db), host=host, port=port, log_level=log_level,
-                          lifespan="off", timeout_graceful_shutdown=drain_seconds)
+def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
+    app = build_app(models, config.access, config.feedback_db)
+    return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                                      lifespan="off", timeout_graceful_shutdown=config.drain_seconds,
+                                      ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),
+                       handle_signals)
 
 
-def start_in_thread(drivers: dict[str, EngineDriver], host: str = "127.0.0.1", port: int = 0,
-                    api_key: str | None = None, msgpack_port: int | None = 0, feedback_db: str | None = None,
-                    loader: Loader | None = None, drain_seconds: float = DRAIN_SECONDS) -> RunningServer:
+def start_in_thread(drivers: dict[str, EngineDriver], config: ServerConfig | None = None,
+                    loader: Loader | None = None) -> RunningServer:
+    """Serve in a background thread; by default on free loopback ports, quietly."""
+    config = config or ServerConfig(port=0, msgpack_port=0, log_level="warning")
     models = ModelRegistry(drivers, loader)
-    http = _HTTPServer(_config(models, api_key, feedback_db, host, port, "warning", drain_seconds), False)
+    http = _http_server(models, config, handle_signals=False)
     bound: dict = {}
-    thread = threading.Thread(target=lambda: asyncio.run(_run(http, models, host, msgpack_port, bound, drain_seconds)),
+    thread = threading.Thread(target=lambda: asyncio.run(_run(http, models, config, bound)),
                               name="pyserve-servers", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not http.started or (msgpack_port is not None and "msgpack_port" not in bound):
+    while not http.started or (config.msgpack_port is not None and "msgpack_port" not in bound):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
         time.sleep(0.01)
-    return RunningServer(http, thread, models, bound)
+    return RunningServer(http, thread, models, config, bound)
 
 
-def serve(drivers: dict[str, EngineDriver], host: str, port: int, msgpack_port: int | None, api_key: str | None,
-          log_level: str, feedback_db: str, loader: Loader | None = None,
-          drain_seconds: float = DRAIN_SECONDS) -> None:
+def serve(drivers: dict[str, EngineDriver], config: ServerConfig, loader: Loader | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, then drain both ports and return."""
+    if not config.access.required and not config.loopback_only:
+        log.warning("serving on %s with no API key: anyone who can reach this address can use every model and "
+                    "the operations routes (pass --api-key and --admin-api-key)", config.host)
     models = ModelRegistry(drivers, loader)
-    http = _HTTPServer(_config(models, api_key, feedback_db, host, port, log_level.lower(), drain_seconds), True)
-    print(f"pyserve: serving {', '.join(drivers)}: OpenAI API on http://{host}:{port}/v1, KServe V2 on "
-          f"http://{host}:{port}/v2" + (f", msgpack on {host}:{msgpack_port}" if msgpack_port else ""), flush=True)
+    http = _http_server(models, config, handle_signals=True)
+    scheme = "https" if config.tls else "http"
+    base = f"{scheme}://{config.host}:{config.port}"
+    print(f"pyserve: serving {', '.join(drivers)}: OpenAI API on {base}/v1, KServe V2 on {base}/v2"
+          + (f", msgpack{' over TLS' if config.tls else ''} on {config.host}:{config.msgpack_port}"
+             if config.msgpack_port is not None else ""), flush=True)
     try:
-        asyncio.run(_run(http, models, host, msgpack_port, {}, drain_seconds))
+        asyncio.run(_run(http, models, config, {}))
     finally:
         models.shutdown()
     log.info("pyserve stopped")

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..engine.llm import RequestOutput, SamplingParams
+from ..engine.llm import RequestOutput, SamplingParams, TextRequest
 from ..errors import InvalidParameter
+from .auth import Principal
 from .models import ServedModel
 
 # A prompt longer than the context times this many characters per vocabulary entry cannot fit;
@@ -26,8 +27,9 @@ _TYPES = {
     "temperature": (int, float), "top_p": (int, float), "top_k": int, "min_p": (int, float),
     "presence_penalty": (int, float), "frequency_penalty": (int, float), "repetition_penalty": (int, float),
     "stream": bool, "ignore_eos": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str,
-    "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool,
+    "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool, "cache_salt": str,
 }
+MAX_CACHE_SALT = 1024
 
 
 def get_field(fields: Mapping, name: str, default=None):
@@ -160,10 +162,24 @@ async def chat_prompt_ids(model: ServedModel, messages: list[dict]) -> list[int]
         raise InvalidParameter("messages", f"the chat template failed: {exc}") from None
 
 
+def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping | None,
+                 principal: Principal | None) -> TextRequest:
+    """The engine request, salted by the request's `cache_salt` and, when the server salts by API
+    key, by the caller's tenant, so that only requests with both equal share cached prefixes."""
+    salt = get_field(fields or {}, "cache_salt")
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT:
+        raise InvalidParameter("cache_salt", f"must have 1 to {MAX_CACHE_SALT} characters")
+    tenant = principal.tenant if principal is not None else None
+    if tenant is not None:  # a hex digest: the first "/" tells tenant from salt
+        salt = f"{tenant}/{salt or ''}"
+    return TextRequest(prompt_ids, params, salt)
+
+
 def usage(outs: list[RequestOutput]) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
 
 
 # -- text through tensor APIs (KServe V2 infer, msgpack infer) ------------------------------------

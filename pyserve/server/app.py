@@ -17,6 +17,7 @@ from starlette.routing import Route
 from ..errors import ClientError, InvalidParameter
 from . import kserve, openai_api
 from .feedback import FeedbackStore
+from .auth import AccessPolicy
 from .metrics import Metrics
 from .middleware import Guard
 from .models import ModelRegistry
@@ -83,19 +84,25 @@ async def on_server_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, ClientError(f"internal error: {type(exc).__name__}", status=500))
 
 
-def build_app(models: ModelRegistry, api_key: str | None = None, feedback_db: str | None = None) -> Starlette:
+# The operations routes: only the admin key reaches them (see pyserve.server.auth).
+admin_routes = [
+    Route("/v1/feedback/export", export_feedback),
+    Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+    Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+]
+
+
+def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedback_db: str | None = None) -> Starlette:
     """The app over the models in `models`; its repository routes load and unload through it."""
     app = Starlette(routes=[
         Route("/health", health),
         Route("/metrics", prometheus),
         Route("/v1/feedback", add_feedback, methods=["POST"]),
-        Route("/v1/feedback/export", export_feedback),
         Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
-        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        *admin_routes,
         *openai_api.routes,
         *kserve.routes,
-    ], middleware=[Middleware(Guard, api_key=api_key)], exception_handlers={
+    ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, HTTPException: on_http_error, Exception: on_server_error})
     app.state.models = models
     app.state.metrics = Metrics(models)

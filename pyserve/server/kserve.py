@@ -10,7 +10,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..engine.llm import TextRequest
 from ..errors import ClientError, InvalidParameter, ModelFailure
 from ..tasks import TEXT_GENERATION
 from . import adapters
@@ -83,7 +82,8 @@ async def infer(request: Request) -> Response:
     text, params = adapters.text_from_tensors(inputs, body.get("parameters"))
     ids = await adapters.prompt_ids(model, text, TEXT_INPUT)
     out = None
-    async for out in model.driver.submit(None, TextRequest(ids, params)):
+    engine_request = adapters.text_request(ids, params, body.get("parameters"), request.state.principal)
+    async for out in model.driver.submit(None, engine_request):
         pass
     request.app.state.metrics.finished(model, [out])
     if out.error:

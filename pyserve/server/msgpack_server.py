@@ -1,19 +1,26 @@
 """The msgpack-over-TCP front-end: many requests in flight per connection, streamed partial
 results, cancellation, error frames. A connection that closes cancels its requests; on shutdown
-the listener closes, new requests get code 503, and open ones may finish within the drain time."""
+the listener closes, new requests get code 503, and open ones may finish within the drain time.
+
+When the access policy has keys, a connection must send an `auth` frame first (within
+AUTH_TIMEOUT seconds); a missing or wrong key gets an error frame with code 401 and the
+connection closes. Until then the hello frame names no models."""
 
 import asyncio
 import logging
 
-from ..engine.llm import TextRequest
-from ..errors import ClientError, InvalidParameter, ModelFailure
-from ..protocol import (BAD_REQUEST, PROTOCOL_VERSION, SERVER_ERROR, UNAVAILABLE, ProtocolError, decode, encode,
-                        error_frame, frame_length)
+from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
+from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
+                        ProtocolError, decode, encode, error_frame, frame_length)
 from ..tasks import TEXT_GENERATION
 from . import adapters
+from .auth import AccessPolicy, Principal
 from .models import ModelRegistry, ServedModel
 
 log = logging.getLogger("pyserve.msgpack")
+
+AUTH_TIMEOUT = 10.0  # seconds an unauthenticated connection may stay open
+AUTH_FRAME_BYTES = 64 * 2**10  # the largest frame taken before authentication
 
 
 class Connection:
@@ -21,6 +28,8 @@ class Connection:
         self.server, self.models, self.reader, self.writer = server, server.models, reader, writer
         self.tasks: dict[int | str, asyncio.Task] = {}
         self.lock = asyncio.Lock()
+        policy = server.access
+        self.principal: Principal | None = None if policy.required else policy.authenticate(None)
 
     async def send(self, frame: bytes) -> None:
         async with self.lock:
@@ -30,14 +39,17 @@ class Connection:
     async def serve(self) -> None:
         peer = self.writer.get_extra_info("peername")
         try:
-            await self.send(encode({"type": "hello", "protocol": PROTOCOL_VERSION, "server": "pyserve",
-                                    "models": self.models.names()}))
+            hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "server": "pyserve",
+                     "auth_required": self.principal is None}
+            if self.principal is not None:
+                hello["models"] = self.models.names()
+            await self.send(encode(hello))
             while True:
                 try:
-                    header = await self.reader.readexactly(4)
-                    body = await self.reader.readexactly(frame_length(header))
-                except asyncio.IncompleteReadError:
-                    return  # closed, possibly mid-frame
+                    read = self._read_frame()
+                    body = await (read if self.principal else asyncio.wait_for(read, AUTH_TIMEOUT))
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return  # closed (possibly mid-frame), or never authenticated
                 except ProtocolError as exc:  # oversized: the stream can no longer be framed
                     await self.send(error_frame(None, exc.code, exc.message))
                     return
@@ -46,6 +58,10 @@ class Connection:
                 except ProtocolError as exc:
                     await self.send(error_frame(None, exc.code, exc.message))
                     continue
+                if self.principal is None or message.get("type") == "auth":
+                    if not await self.authenticate(message):
+                        return
+                    continue
                 await self.dispatch(message)
         except (ConnectionError, OSError) as exc:
             log.info("connection from %s closed: %s", peer, type(exc).__name__)
@@ -53,6 +69,26 @@ class Connection:
             for task in self.tasks.values():
                 task.cancel()
             self.writer.close()
+
+    async def _read_frame(self) -> bytes:
+        limit = MAX_FRAME_BYTES if self.principal else AUTH_FRAME_BYTES
+        return await self.reader.readexactly(frame_length(await self.reader.readexactly(4), limit))
+
+    async def authenticate(self, message: dict) -> bool:
+        """Take the connection's first frame, which must be `auth`; False closes the connection."""
+        rid = message.get("id") if isinstance(message.get("id"), (int, str)) else None
+        key = message.get("api_key")
+        try:
+            if message.get("type") != "auth":
+                raise Unauthorized("authenticate first: send an auth frame with api_key")
+            self.principal = self.server.access.authenticate(key if isinstance(key, str) else None)
+        except Unauthorized as exc:
+            log.info("connection from %s refused: %s", self.writer.get_extra_info("peername"), exc.message)
+            await self.send(error_frame(rid, UNAUTHORIZED, exc.message))
+            return False
+        await self.send(encode({"type": "authenticated", "id": rid, "role": self.principal.role,
+                                "models": self.models.names()}))
+        return True
 
     async def dispatch(self, message: dict) -> None:
         kind, rid = message.get("type"), message.get("id")
@@ -80,6 +116,13 @@ class Connection:
             if not isinstance(params, dict):
                 raise InvalidParameter("params", "must be a map")
             if method == "models":
+                await self.send(encode({"type": "result", "id": rid, "result": {"models": self.models.names()}}))
+            elif method in ("load", "unload"):
+                self.principal.require_admin()
+                name = params.get("model")
+                if not isinstance(name, str) or not name:
+                    raise InvalidParameter("model", "must be a non-empty string")
+                await (self.models.load(name) if method == "load" else self.models.unload(name))
                 await self.send(encode({"type": "result", "id": rid, "result": {"models": self.models.names()}}))
             elif method in ("generate", "chat"):
                 await self.generate(rid, method, params)
@@ -124,7 +167,7 @@ class Connection:
             ids = await adapters.prompt_ids(model, prompt[0])
         stream = bool(params.get("stream"))
         sent = 0
-        async for out in model.driver.submit(None, TextRequest(ids, sampling)):
+        async for out in model.driver.submit(None, adapters.text_request(ids, sampling, params, self.principal)):
             if out.error:
                 raise ModelFailure(f"the model failed: {out.error}")
             first = out.outputs[0]
@@ -152,7 +195,8 @@ class Connection:
         text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
         ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
         out = None
-        async for out in model.driver.submit(None, TextRequest(ids, sampling)):
+        engine_request = adapters.text_request(ids, sampling, params.get("parameters"), self.principal)
+        async for out in model.driver.submit(None, engine_request):
             pass
         if out.error:
             raise ModelFailure(f"the model failed: {out.error}")
@@ -165,8 +209,9 @@ class Connection:
 class MsgpackServer:
     """The TCP listener and its connections."""
 
-    def __init__(self, models: ModelRegistry):
+    def __init__(self, models: ModelRegistry, access: AccessPolicy | None = None):
         self.models = models
+        self.access = access or AccessPolicy()
         self.draining = False
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None

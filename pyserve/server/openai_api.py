@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine.llm import RequestOutput, TextRequest
+from ..engine.llm import RequestOutput
 from ..errors import ClientError, InvalidParameter, ModelFailure
 from ..tasks import TEXT_GENERATION
 from . import adapters
@@ -67,7 +67,9 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     if options is not None and not isinstance(options, dict):
         raise InvalidParameter("stream_options", "must be an object")
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
-    streams = [model.driver.submit(f"{rid}-{new_id('r')}", TextRequest(p, params)) for p in prompts]
+    principal = request.state.principal
+    streams = [model.driver.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal))
+               for p in prompts]
     merged = Merged(streams)
     await merged.start()  # raises a refused request's ClientError before any response is sent
     metrics = request.app.state.metrics

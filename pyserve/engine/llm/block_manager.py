@@ -1,8 +1,10 @@
 """KV-cache blocks: allocation, reference counts and prefix caching.
 
 A full block is identified by a SHA-256 digest chained over the tokens of every block before it,
-so equal prefixes map to the same blocks; a hit is also checked against the block's stored tokens,
-so not even a forced digest collision hands one request another's keys and values. Freed blocks
+and rooted in the sequence's cache keys (its cache salt, later its adapter), so equal prefixes
+under equal keys map to the same blocks and nothing else does; a hit is also checked against the
+block's stored parent digest and tokens, so not even a forced digest collision hands one request
+another's keys and values. Freed blocks
 keep their digest and sit in an LRU list; a later prompt with the same prefix takes them back, and
 allocation evicts the least recently freed.
 """
@@ -31,6 +33,17 @@ class BlockManager:
         return len(self.free)
 
     @staticmethod
+    def root_digest(*keys: str) -> bytes | None:
+        """The digest every chain of a sequence starts from; None (the shared root) without keys."""
+        if not any(keys):
+            return None
+        digest = hashlib.sha256(b"pyserve-prefix-root")
+        for key in keys:
+            data = key.encode()
+            digest.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: no two lists collide
+        return digest.digest()
+
+    @staticmethod
     def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
         """The block's digest: SHA-256 over the parent block's digest and this block's token ids."""
         digest = hashlib.sha256(parent or bytes(32))
@@ -52,7 +65,7 @@ class BlockManager:
         if not self.caching or seq.block_table:
             return
         bs = self.block_size
-        parent = None
+        parent = seq.cache_root
         # Leave at least one token to compute, so the step produces logits for it.
         for i in range((len(seq.token_ids) - 1) // bs):
             tokens = seq.token_ids[i * bs:(i + 1) * bs]
@@ -69,6 +82,8 @@ class BlockManager:
             seq.block_hashes.append(h)
             parent = h
         seq.num_computed = len(seq.block_table) * bs
+        if not seq.output_ids:
+            seq.num_cached_tokens = seq.num_computed
 
     def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
         """Allocate blocks so that seq can hold num_tokens; False (nothing allocated) if short."""
@@ -86,7 +101,7 @@ class BlockManager:
         bs = self.block_size
         while len(seq.block_hashes) < seq.num_computed // bs:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_root
             tokens = seq.token_ids[i * bs:(i + 1) * bs]
             h = self.chain_hash(parent, tokens)
             seq.block_hashes.append(h)

@@ -32,10 +32,12 @@ class Request:
 
 @dataclass
 class TextRequest:
-    """What a front-end submits: a prompt (text, or token ids already encoded) and its parameters."""
+    """What a front-end submits: a prompt (text, or token ids already encoded), its parameters, and
+    its cache salt: only requests with equal salts share prefix-cache blocks."""
 
     prompt: str | list[int]
     params: SamplingParams | None = None
+    cache_salt: str | None = None
 
 
 class LLMEngine:
@@ -85,7 +87,8 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    cache_salt: str | None = None) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
         params = (params or SamplingParams()).resolved(self.defaults)
@@ -104,10 +107,11 @@ class LLMEngine:
         if len(ids) >= limit:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
         self._check_fits_cache(len(ids), params)
+        root = BlockManager.root_digest(cache_salt or "")
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + i * 0x9E3779B97F4A7C15) % 2**63
-            seq = Sequence(request_id, i, ids, params, seed)
+            seq = Sequence(request_id, i, ids, params, seed, cache_root=root)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seqs.append(seq)
@@ -118,7 +122,7 @@ class LLMEngine:
 
     def add(self, request_id: str, request: TextRequest) -> None:
         """The engine-driver entry point (see pyserve.engine.driver)."""
-        self.add_request(request_id, request.prompt, request.params)
+        self.add_request(request_id, request.prompt, request.params, request.cache_salt)
 
     def _check_fits_cache(self, prompt_len: int, params: SamplingParams) -> None:
         """Refuse a request that could never run: even alone, its sequence would outgrow the cache."""
@@ -253,7 +257,7 @@ class LLMEngine:
                                  list(seq.logprobs) if request.params.logprobs is not None else None)
                 for seq in request.seqs]
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
-                             times=request.times)
+                             times=request.times, num_cached_tokens=request.seqs[0].num_cached_tokens)
 
     # -- introspection ---------------------------------------------------------------------
 

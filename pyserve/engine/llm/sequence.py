@@ -26,6 +26,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks registered so far
+    cache_root: bytes | None = None  # what its block digests chain from (see BlockManager.root_digest)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
@@ -71,6 +73,7 @@ class RequestOutput:
     finished: bool
     error: str | None = None  # set when the model failed on this request's step
     times: RequestTimes | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def text(self) -> str:

@@ -1,0 +1,52 @@
+"""How a server is run: addresses, access policy, TLS, feedback store, shutdown drain."""
+
+import ipaddress
+import ssl
+from dataclasses import dataclass, field
+
+from .auth import AccessPolicy
+
+
+@dataclass
+class ServerConfig:
+    """Options shared by both ports. Port 0 picks a free port; `msgpack_port=None` turns msgpack off.
+
+    Example:
+        ServerConfig(host="0.0.0.0", access=AccessPolicy(["k1"], admin_keys=["root"]),
+                     ssl_certfile="cert.pem", ssl_keyfile="key.pem")
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    msgpack_port: int | None = 8001
+    access: AccessPolicy = field(default_factory=AccessPolicy)
+    feedback_db: str | None = None
+    drain_seconds: float = 30.0
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context for the msgpack port (uvicorn builds its own from the files)."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return context
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: assume others can reach it
