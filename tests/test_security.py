@@ -10,7 +10,6 @@ import ssl
 import urllib.error
 import urllib.request
 
-import httpx
 import openai
 import pytest
 
@@ -264,7 +263,7 @@ def test_tls_on_both_ports(tiny_llama_dir, reference, certificate):
     with serving(tiny_llama_dir, api_key=USER, ssl_certfile=certfile, ssl_keyfile=keyfile) as (server, _):
         assert server.url.startswith("https://")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=USER, max_retries=0, timeout=60,
-                               http_client=httpx.Client(verify=trust))
+                               http_client=openai.DefaultHttpxClient(verify=trust))
         assert client.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0).choices[0].text \
             == want
         with pytest.raises(openai.APIConnectionError):  # an untrusted certificate is refused
