@@ -223,10 +223,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases per op")
     parser.add_argument("--ops", default="prefill,decode,sampling,denoise")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (scripts/gpu-check.sh)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go")
     args = parser.parse_args()
     ops = args.ops.split(",")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    if not args.gpu_only:
+        bench_cpu(args, ops)
+    if torch.cuda.is_available():
+        bench_gpu(args, ops)
 
+
+def matmul_peak_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
+    """The card's dense matmul rate in this dtype, measured: the ceiling attention is held against."""
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda") for _ in range(2))
+    ms = timeit(lambda: a @ b, sync=torch.cuda.synchronize)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bench_cpu(args, ops) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     copy_gbs = copy_bandwidth_gbs()
     print(f"measured CPU copy bandwidth: {copy_gbs:.1f} GB/s (read + write)")
@@ -240,28 +255,34 @@ def main() -> None:
         rows += bench_sampling(args.quick)
     if "denoise" in ops:
         rows += bench_denoise(args.quick)
-    out = RESULTS / "kernels-cpu.json"
+    out = args.results / "kernels-cpu.json"
     out.write_text(json.dumps(dict(copy_bandwidth_gbs=round(copy_gbs, 1), threads=torch.get_num_threads(),
                                    rows=rows), indent=1))
     print(f"wrote {out}")
 
-    if torch.cuda.is_available():
-        sync = torch.cuda.synchronize
-        gpu_copy = copy_bandwidth_gbs("cuda")
-        gpu_rows = []
-        for backend in [b for b in ("cuda", "triton") if b in kernels.available()]:
-            if "prefill" in ops:
-                gpu_rows += bench_prefill(args.quick, "cuda", backend, torch.bfloat16, sync)
-            if "decode" in ops:
-                gpu_rows += bench_decode(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
-            if "sampling" in ops:
-                gpu_rows += bench_sampling(args.quick, "cuda", backend, sync)
-            if "denoise" in ops:
-                gpu_rows += bench_denoise(args.quick, "cuda", backend, sync)
-        out = RESULTS / "kernels-gpu.json"
-        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_bandwidth_gbs=round(gpu_copy, 1),
-                                       rows=gpu_rows), indent=1))
-        print(f"wrote {out}")
+
+def bench_gpu(args, ops) -> None:
+    sync = torch.cuda.synchronize
+    gpu_copy = copy_bandwidth_gbs("cuda")
+    peak = matmul_peak_tflops()
+    print(f"{torch.cuda.get_device_name()}: copy {gpu_copy:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s (measured)")
+    rows = []
+    for backend in [b for b in ("cuda", "triton") if b in kernels.available()]:
+        if "prefill" in ops:
+            prefill = bench_prefill(args.quick, "cuda", backend, torch.bfloat16, sync)
+            for r in prefill:
+                r["pct_of_bf16_peak"] = round(100 * r["gflops"] / 1e3 / peak, 2)
+            rows += prefill
+        if "decode" in ops:
+            rows += bench_decode(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
+        if "sampling" in ops:
+            rows += bench_sampling(args.quick, "cuda", backend, sync)
+        if "denoise" in ops:
+            rows += bench_denoise(args.quick, "cuda", backend, sync)
+    out = args.results / "kernels-gpu.json"
+    out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_bandwidth_gbs=round(gpu_copy, 1),
+                                   bf16_matmul_tflops=round(peak, 1), rows=rows), indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def workload(n: int, seed: int = 0, quick: bool = False) -> list[tuple[list[int]
             for _ in range(n)]
 
 
-def run_pyserve(model_dir: Path, reqs) -> tuple[float, int, LLM]:
-    llm = LLM(model_dir, device="cpu", kv_cache_memory=2 * 2**30, max_num_seqs=128, max_num_batched_tokens=1024)
+def run_pyserve(model_dir: Path, reqs, device: str = "cpu", dtype=None) -> tuple[float, int, LLM]:
+    llm = LLM(model_dir, device=device, dtype=dtype, kv_cache_memory=2 * 2**30, max_num_seqs=128,
+              max_num_batched_tokens=1024)
     params = [SamplingParams(max_tokens=out, temperature=0, ignore_eos=True) for _, out in reqs]
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in reqs], params)
@@ -57,10 +58,11 @@ def run_pyserve(model_dir: Path, reqs) -> tuple[float, int, LLM]:
     return elapsed, sum(len(o.token_ids) for o in outs), llm
 
 
-def run_transformers(model_dir: Path, reqs, batch_size: int) -> tuple[float, int]:
+def run_transformers(model_dir: Path, reqs, batch_size: int, device: str = "cpu",
+                     dtype=torch.float32) -> tuple[float, int]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     useful = 0
     t0 = time.perf_counter()
     for i in range(0, len(reqs), batch_size):
@@ -73,7 +75,8 @@ def run_transformers(model_dir: Path, reqs, batch_size: int) -> tuple[float, int
             mask[row, width - len(p):] = 1
         longest = max(out for _, out in batch)
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
+                           min_new_tokens=longest,
                            do_sample=False, pad_token_id=2)
         useful += sum(out for _, out in batch)
     return time.perf_counter() - t0, useful
@@ -94,30 +97,36 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="a smaller model and shorter requests")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on cpu, bf16 on cuda)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON file goes")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(Path(tmp), args.quick)
         reqs = workload(args.requests, quick=args.quick)
-        ours_s, ours_tokens, llm = run_pyserve(model_dir, reqs)
+        ours_s, ours_tokens, llm = run_pyserve(model_dir, reqs, args.device, dtype)
         params = sum(p.numel() for p in llm.engine.model.module.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.module.parameters())
-        print(f"model: {params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB fp32")
+        print(f"model: {params / 1e6:.1f}M parameters, {model_bytes / 2**20:.0f} MiB {str(dtype)[6:]} on {args.device}")
         print(f"pyserve: {ours_tokens} tokens in {ours_s:.1f}s = {ours_tokens / ours_s:.1f} tok/s")
         decode_tps = batch1_decode(llm)
         del llm
-        hf_s, hf_tokens = run_transformers(model_dir, reqs, args.hf_batch_size)
+        hf_s, hf_tokens = run_transformers(model_dir, reqs, args.hf_batch_size, args.device, dtype)
         print(f"transformers: {hf_tokens} tokens in {hf_s:.1f}s = {hf_tokens / hf_s:.1f} tok/s")
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs(args.device)
     achieved = decode_tps * model_bytes / 1e9
     result = dict(model_params=params, model_bytes=model_bytes, requests=args.requests, quick=args.quick,
+                  device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", dtype=str(dtype)[6:],
                   pyserve_tokens_per_s=round(ours_tokens / ours_s, 2), pyserve_seconds=round(ours_s, 2),
                   transformers_tokens_per_s=round(hf_tokens / hf_s, 2), transformers_seconds=round(hf_s, 2),
                   throughput_ratio=round((ours_tokens / ours_s) / (hf_tokens / hf_s), 3),
                   batch1_decode_tokens_per_s=round(decode_tps, 2), batch1_weight_gb_per_s=round(achieved, 2),
                   copy_bandwidth_gbs=round(copy_gbs, 1), batch1_pct_of_copy_bw=round(100 * achieved / copy_gbs, 1))
     print(json.dumps(result, indent=1))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("llm-throughput-quick.json" if args.quick else "llm-throughput.json")
+    args.results.mkdir(parents=True, exist_ok=True)
+    name = "llm-throughput" + ("-cuda" if args.device == "cuda" else "") + ("-quick" if args.quick else "")
+    out = args.results / f"{name}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 

@@ -2,6 +2,7 @@
 // machine without a GPU driver never loses the CPU kernels. Arguments are device addresses and
 // sizes that pyserve/kernels/cuda.py has checked; `stream` is torch's current CUDA stream.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cuda/kernels.h"
 
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("dense_attention", &pyserve::cuda::dense_attention, nogil);
   m.def("sample", &pyserve::cuda::sample, nogil);
   m.def("denoise_step", &pyserve::cuda::denoise_step, nogil);
+  m.def("versions", &pyserve::cuda::versions);
 }

@@ -56,7 +56,8 @@ PYSERVE_HD void normal4(uint64_t seed, uint32_t step, uint32_t counter, uint32_t
   for (int pair = 0; pair < 2; ++pair) {
     float u1 = (static_cast<float>(r.w[2 * pair] >> 8) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]
     float angle = 6.283185307179586f * to_uniform(r.w[2 * pair + 1]);
-    float radius = sqrtf(-2.0f * logf(u1));
+    // Clamped: a fast-math log can come out just above 0 near u1 = 1, and sqrt of a negative is NaN.
+    float radius = sqrtf(fmaxf(-2.0f * logf(u1), 0.0f));
     out[2 * pair] = radius * cosf(angle);
     out[2 * pair + 1] = radius * sinf(angle);
   }

@@ -30,6 +30,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [S, max_blocks] int32
     seq_lens: torch.Tensor  # [S] int32: tokens in each sequence after this step
     query_start_loc: torch.Tensor  # [S + 1] int32
+    # The longest query and sequence of the step, from the host's lists: kernels size their
+    # launches with them instead of reading the tensors back from the device.
+    max_query_len: int = 0
+    max_seq_len: int = 0
 
 
 @dataclass

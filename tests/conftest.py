@@ -24,6 +24,15 @@ settings.load_profile("reproducible")
 HAS_GPU = torch.cuda.is_available()
 
 
+def pytest_collection_modifyitems(items):
+    """Every case that runs on a CUDA device carries the `gpu` mark, so `pytest -m gpu` (what
+    scripts/gpu-check.sh runs) selects exactly the GPU suite."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("device") == "cuda":
+            item.add_marker(pytest.mark.gpu)
+
+
 def backend_params(*, cpu_only_ok: bool = True) -> list:
     """(backend, device) pairs to compare with the reference; unavailable ones skip with a reason."""
     cases = [("cpu", "cpu"), ("triton", "cuda" if HAS_GPU else "cpu"), ("cuda", "cuda")]

@@ -147,3 +147,100 @@ def test_linear_matches_torch(backend, device, rows, n, k):
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
     # Leading dimensions are kept, as in torch.nn.functional.linear.
     assert kernels.linear(x.view(rows, 1, k).to(device), w.to(device), backend=backend).shape == (rows, 1, n)
+
+
+# -- what a GPU run would break (issue 16): stale slots, views, odd shapes, host-side sizes ----------
+
+def poison_unused_slots(case, value=float("nan")):
+    """Fill every cache slot that no sequence's context reaches (whole unused blocks and the tails
+    of partly used ones) with `value`, as a reused block would hold stale data."""
+    q, k_cache, v_cache, tables, seq_lens, _ = case
+    used = torch.zeros(k_cache.shape[0], k_cache.shape[2], dtype=torch.bool)
+    bs = k_cache.shape[2]
+    for s, ctx in enumerate(seq_lens.tolist()):
+        for pos in range(ctx):
+            used[tables[s, pos // bs], pos % bs] = True
+    for cache in (k_cache, v_cache):
+        cache.masked_fill_(~used[:, None, :, None], value)
+    return case
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_stale_nan_or_inf_in_unused_slots_never_reaches_the_output(backend, device, value):
+    case = poison_unused_slots(paged_case(MIXED, 8, 2, 64, 16, seed=11), value)
+    clean = [t.nan_to_num(0.0, 0.0, 0.0) if i in (1, 2) else t for i, t in enumerate(case)]
+    expected = reference.paged_attention(*clean, scale=0.125)
+    got = kernels.paged_attention(*(t.to(device) for t in case), scale=0.125, backend=backend)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_views_of_q_give_the_same_output(backend, device):
+    q, *rest = paged_case([(40, 8), (70, 1)], 8, 2, 64, 16, seed=2)
+    expected = reference.paged_attention(q, *rest, scale=0.125)
+    rest = [t.to(device) for t in rest]
+    transposed = q.transpose(0, 1).contiguous().transpose(0, 1)  # dense but permuted strides
+    qkv = torch.cat([q.reshape(q.shape[0], -1), torch.randn(q.shape[0], 2 * 2 * 64)], dim=1)
+    from_fused = qkv[:, :8 * 64].view(q.shape)  # rows strided by the fused width
+    for view in (transposed, from_fused):
+        assert not view.is_contiguous()
+        got = kernels.paged_attention(view.to(device), *rest, scale=0.125, backend=backend)
+        torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+    b, h, lq, d = 2, 4, 33, 64
+    qd, kd, vd = (torch.randn(b, lq, h, d).transpose(1, 2) for _ in range(3))  # [B, H, L, D] views
+    want = reference.dense_attention(qd.contiguous(), kd.contiguous(), vd.contiguous(), d**-0.5, True)
+    got = kernels.dense_attention(qd.to(device), kd.to(device), vd.to(device), causal=True, backend=backend)
+    torch.testing.assert_close(got.cpu(), want, **tolerance(torch.float32))
+
+
+# The shapes a back-end refuses, and the word its error names; every other shape must be right.
+REFUSED = {("cuda", 16, 80): "head_dim", ("cpu", 128, 32): "block_size"}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("block_size,head_dim", [(64, 64), (128, 32), (16, 80), (16, 96), (16, 256)])
+def test_block_sizes_and_head_dims_are_right_or_refused_clearly(backend, device, block_size, head_dim):
+    case = paged_case([(150, 20), (300, 1), (5, 5)], 4, 2, head_dim, block_size, seed=block_size + head_dim)
+    refused = REFUSED.get((backend, block_size, head_dim))
+    if refused:
+        with pytest.raises(kernels.KernelInputError, match=refused):
+            kernels.paged_attention(*(t.to(device) for t in case), backend=backend)
+        return
+    expected = reference.paged_attention(*case, scale=head_dim**-0.5)
+    got = kernels.paged_attention(*(t.to(device) for t in case), backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+def test_triton_refuses_blocks_too_small_for_its_tiles():
+    case = paged_case([(20, 4)], 4, 2, 64, 8)
+    from pyserve.kernels.triton import attention
+    with pytest.raises(kernels.KernelInputError, match="power of two >= 16"):
+        attention.paged_attention(*case, 0.125)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_host_side_lengths_give_the_same_output(backend, device):
+    case = paged_case(MIXED, 8, 2, 64, 16, seed=9)
+    expected = reference.paged_attention(*case, scale=0.125)
+    q_lens = [q for _, q in MIXED]
+    got = kernels.paged_attention(*(t.to(device) for t in case), scale=0.125, backend=backend,
+                                  max_query_len=max(q_lens), max_seq_len=max(c for c, _ in MIXED))
+    torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
+
+
+def test_caches_must_be_contiguous():
+    q, kc, vc, bt, sl, qsl = paged_case([(20, 4)], 4, 2, 64, 16)
+    strided = kc.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.raises(kernels.KernelInputError, match="k_cache must be contiguous"):
+        kernels.paged_attention(q, strided, vc, bt, sl, qsl)
+    with pytest.raises(kernels.KernelInputError, match="v_cache must be contiguous"):
+        kernels.write_kv(q[:, :2], q[:, :2], kc, vc.transpose(0, 1).contiguous().transpose(0, 1),
+                         torch.arange(q.shape[0]))
+
+
+def test_fp32_triton_products_ask_for_ieee_precision():
+    from pyserve.kernels.triton.attention import _precision
+    # The interpreter multiplies exactly either way; on NVIDIA GPUs "tf32" would cost ~1e-3.
+    assert _precision(torch.float32) == "ieee"

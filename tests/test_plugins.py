@@ -110,3 +110,11 @@ def test_sharded_checkpoints_load(tmp_path):
     a = LLM(single, device="cpu").generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     b = LLM(sharded, device="cpu").generate([ids], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert a[0].token_ids == b[0].token_ids and isinstance(transformers.__version__, str)
+
+
+def test_an_old_cuda_driver_is_named_not_crashed_on():
+    from pyserve.kernels.cuda import driver_problem
+    assert driver_problem(13000, 13000) is None and driver_problem(12080, 13010) is None
+    assert "no CUDA driver" in driver_problem(13000, 0)
+    message = driver_problem(13000, 12040)
+    assert "built with CUDA 13.0" in message and "supports CUDA 12.4" in message

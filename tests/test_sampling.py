@@ -140,3 +140,37 @@ def test_sampling_rejects_bad_arguments():
         kernels.sample(logits, SamplingTensors.from_rows([SamplingRow(output_tokens=[10])] * 2))
     with pytest.raises(kernels.KernelInputError, match="num_logprobs"):
         kernels.sample(logits, SamplingTensors.from_rows([SamplingRow()] * 2), num_logprobs=11)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_logits_are_never_chosen(backend, device):
+    vocab = 300
+    logits = logits_for(5, vocab, seed=4)
+    logits[0, logits[0].argmax()] = float("nan")  # a NaN where the maximum was
+    logits[1, ::3] = float("nan")
+    logits[2] = float("nan")  # a row of NaNs: token 0, never an id past the vocabulary
+    logits[3, 7] = float("inf")
+    logits[4, :] = float("-inf")
+    logits[4, 42] = float("nan")
+    rows = [SamplingRow(temperature=0.0), SamplingRow(temperature=0.0), SamplingRow(temperature=0.0),
+            SamplingRow(temperature=0.0), SamplingRow(temperature=0.0)]
+    got = run(backend, device, logits, rows).tokens.cpu()
+    want = reference.sample(logits, SamplingTensors.from_rows(rows)).tokens
+    finite = torch.where(torch.isnan(logits), float("-inf"), logits)
+    assert got.tolist() == want.tolist() == [int(finite[0].argmax()), int(finite[1].argmax()), 0, 7, 0]
+    drawn = run(backend, device, logits[:2], [SamplingRow(temperature=1.0, seed=s) for s in (1, 2)]).tokens.cpu()
+    assert all(0 <= t < vocab and not torch.isnan(logits[r, t]) for r, t in enumerate(drawn.tolist()))
+
+
+def test_padded_logits_views_are_sampled_as_their_visible_columns():
+    vocab = 1000
+    padded = logits_for(3, 1024, seed=8)
+    padded[:, vocab:] = 100.0  # padding that must never be read
+    rows = [SamplingRow(temperature=0.0), SamplingRow(temperature=0.7, seed=3), SamplingRow(temperature=1.0, top_k=5)]
+    view = padded[:, :vocab]
+    want = reference.sample(view.contiguous(), SamplingTensors.from_rows(rows)).tokens
+    for backend, device in [("cpu", "cpu"), ("triton", "cpu")]:
+        if backend not in kernels.available():
+            continue
+        got = run(backend, device, view, rows).tokens
+        assert got.tolist() == want.tolist(), backend

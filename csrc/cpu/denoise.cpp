@@ -23,7 +23,7 @@ void box_muller(const uint32_t* __restrict a, const uint32_t* __restrict b, floa
   for (long g = 0; g < n; ++g) {
     const float u1 = (static_cast<float>(static_cast<int>(a[g] >> 8)) + 1.0f) * (1.0f / 16777216.0f);
     const float angle = 6.283185307179586f * (static_cast<float>(static_cast<int>(b[g] >> 8)) * (1.0f / 16777216.0f));
-    const float radius = sqrtf(-2.0f * logf(u1));
+    const float radius = sqrtf(std::max(-2.0f * logf(u1), 0.0f));
     cos_out[g] = radius * cosf(angle);
     sin_out[g] = radius * cosf(angle - 1.5707963267948966f);  // sinf would fuse into sincosf, which has no vector form
   }

@@ -128,6 +128,8 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   float raw_lse = raw_max + std::log(sum_exp_above(logits, vocab, raw_max, 1.0f, -INFINITY));
 
   apply_penalties(a, row, w);
+  for (float& v : w.x)
+    if (std::isnan(v)) v = -INFINITY;  // never chosen; keeps the first-maximum scan below in bounds
   const float* x = w.x.data();
   const float x_max = max_of(x, vocab);
   int token = 0;

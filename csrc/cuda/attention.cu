@@ -140,7 +140,8 @@ template <typename T>
 __global__ void dense_kernel(const T* q, const T* k, const T* v, T* out, int num_heads, int num_kv_heads, int q_len,
                              int kv_len, int head_dim, float scale, bool causal) {
   extern __shared__ float smem[];
-  const int bh = blockIdx.x, row = blockIdx.y;
+  // One grid axis (up to 2^31 - 1 blocks) for (batch x head, query row): q_len may exceed 65,535.
+  const int bh = static_cast<int>(blockIdx.x / q_len), row = static_cast<int>(blockIdx.x % q_len);
   const int b = bh / num_heads, head = bh % num_heads;
   const long kv_base = (static_cast<long>(b) * num_kv_heads + head / (num_heads / num_kv_heads)) * kv_len * head_dim;
   const int hi = causal ? min(kv_len, kv_len - q_len + row + 1) : kv_len;
@@ -197,7 +198,8 @@ void dense_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
   if (batch == 0 || q_len == 0) return;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dense_kernel<T><<<dim3(batch * num_heads, q_len), 32 * kWarps, smem_bytes(head_dim),
+    dense_kernel<T><<<static_cast<unsigned>(static_cast<long>(batch) * num_heads * q_len), 32 * kWarps,
+                      smem_bytes(head_dim),
                       reinterpret_cast<cudaStream_t>(stream)>>>(
         reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v),
         reinterpret_cast<T*>(out), num_heads, num_kv_heads, q_len, kv_len, head_dim, scale, causal);

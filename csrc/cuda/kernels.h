@@ -2,6 +2,7 @@
 // Pointers are device addresses checked by pyserve/kernels/cuda.py; `stream` is a cudaStream_t.
 #pragma once
 #include <cstdint>
+#include <utility>
 
 namespace pyserve::cuda {
 
@@ -27,5 +28,8 @@ void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab
 void denoise_step(int dtype, uintptr_t x, uintptr_t cond, uintptr_t uncond, uintptr_t prev_x0, uintptr_t coef,
                   uintptr_t seed, uintptr_t step, uintptr_t x_next, uintptr_t x0, int batch, long numel,
                   uintptr_t stream);
+
+// (CUDA runtime version built against, driver's CUDA version; 0 without a driver), as 1000 * major + 10 * minor.
+std::pair<int, int> versions();
 
 }  // namespace pyserve::cuda

@@ -88,6 +88,7 @@ __global__ void sample_kernel(const T* logits, float* x_all, const float* seen_a
     float v = seen_all[base + i] > 0.0f ? (raw > 0.0f ? raw / rep : raw * rep) : raw;
     const float count = count_all[base + i];
     v = v - freq * count - (count > 0.0f ? pres : 0.0f) + bias_all[base + i];
+    if (isnan(v)) v = -INFINITY;  // never chosen: a NaN maximum would leave the greedy token at vocab
     x[i] = v;
     raw_max = fmaxf(raw_max, raw);
     x_max = fmaxf(x_max, v);

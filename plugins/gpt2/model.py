@@ -35,8 +35,8 @@ class Attention(nn.Module):
         t = x.shape[0]
         q, k, v = self.c_attn(x).view(t, 3, self.heads, self.head_dim).unbind(1)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = kernels.paged_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                      max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
         return self.c_proj(out.reshape(t, -1))
 
 

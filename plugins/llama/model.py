@@ -94,7 +94,8 @@ class Attention(nn.Module):
         v = v.reshape(t, self.kv_heads, self.head_dim)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                      sliding_window=self.sliding_window)
+                                      sliding_window=self.sliding_window, max_query_len=meta.max_query_len,
+                                      max_seq_len=meta.max_seq_len)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
 

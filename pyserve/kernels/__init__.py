@@ -12,6 +12,8 @@ Example:
     torch.Size([1, 4, 16, 64])
 """
 
+import contextlib
+
 import torch
 
 from . import checks
@@ -23,6 +25,11 @@ __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "SampleResult", "SamplingRow", "SamplingTensors",
     "available", "dense_attention", "denoise_step", "linear", "paged_attention", "sample", "write_kv",
 ]
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' own GPU (its current stream), whatever the current device is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -45,15 +52,17 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     checks.tensor(k, "k", ndim=3, dtypes=FLOAT_DTYPES)
     checks.tensor(v, "v", dtypes=FLOAT_DTYPES, device=dev, shape=tuple(k.shape))
     checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev,
-                  shape=(None, k.shape[1], None, k.shape[2]))
-    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
+                  shape=(None, k.shape[1], None, k.shape[2]), contiguous=True)
+    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape), contiguous=True)
     checks.tensor(slot_mapping, "slot_mapping", dtypes=INDEX_DTYPES, device=dev, shape=(k.shape[0],))
-    backend_for(dev, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
+    with _on(dev):
+        backend_for(dev, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *, scale: float | None = None,
-                    sliding_window: int = 0, backend: str | None = None) -> torch.Tensor:
+                    sliding_window: int = 0, max_query_len: int | None = None, max_seq_len: int | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """Causal attention for a mixed batch of prefill chunks and decode steps over a paged KV cache.
 
     q [T, H, D]: the new tokens of all sequences back to back; sequence s owns rows
@@ -62,12 +71,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     one block of one KV head is contiguous; H is a multiple of Hkv (GQA/MQA); block_tables
     [S, max_blocks]. `sliding_window` > 0 lets a query
     at position p see keys at p - window + 1 .. p. Returns [T, H, D] in q's dtype.
+
+    `max_query_len` and `max_seq_len` (the step's longest query and sequence, known on the host)
+    size the launch; without them they are read from the tensors, which on a GPU waits for it.
     """
     dev = q.device
     checks.tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
     t, h, d = q.shape
-    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, None, d))
-    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape))
+    checks.tensor(k_cache, "k_cache", ndim=4, dtypes=FLOAT_DTYPES, device=dev, shape=(None, None, None, d),
+                  contiguous=True)
+    checks.tensor(v_cache, "v_cache", dtypes=(k_cache.dtype,), device=dev, shape=tuple(k_cache.shape), contiguous=True)
     hkv = k_cache.shape[1]
     checks.check(h % hkv == 0, f"q has {h} heads, which is not a multiple of the cache's {hkv} KV heads")
     checks.tensor(block_tables, "block_tables", ndim=2, dtypes=INDEX_DTYPES, device=dev)
@@ -83,8 +96,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         checks.check(int(seq_lens.max()) <= block_tables.shape[1] * k_cache.shape[2],
                      "a seq_len exceeds what its block table can address")
     scale = d**-0.5 if scale is None else float(scale)
-    return backend_for(dev, backend).paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                     scale, int(sliding_window))
+    if s > 0 and max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if s > 0 and max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    with _on(dev):
+        return backend_for(dev, backend).paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                         scale, int(sliding_window), max_query_len or 0,
+                                                         max_seq_len or 0)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -98,7 +117,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     checks.tensor(v, "v", dtypes=(q.dtype,), device=dev, shape=tuple(k.shape))
     checks.check(h % k.shape[1] == 0, f"q has {h} heads, which is not a multiple of k's {k.shape[1]} heads")
     scale = d**-0.5 if scale is None else float(scale)
-    return backend_for(dev, backend).dense_attention(q, k, v, scale, causal)
+    with _on(dev):
+        return backend_for(dev, backend).dense_attention(q, k, v, scale, causal)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int = 0,
@@ -110,6 +130,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
     temperature is 0, else temperature, top-k, top-p, min-p and a draw from the counter-based
     generator keyed by (seed, step), so a seeded row's token does not depend on its batch.
     Log-probabilities (of the chosen token and the top `num_logprobs`) are of the raw logits.
+    A NaN logit counts as -inf, so it is never chosen (a row of NaNs yields token 0).
     """
     dev = logits.device
     checks.tensor(logits, "logits", ndim=2, dtypes=FLOAT_DTYPES)
@@ -130,7 +151,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
                      "params.top_p must be in (0, 1]")
         checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
         checks.check(bool((params.repetition_penalty > 0).all()), "params.repetition_penalty must be > 0")
-    return backend_for(dev, backend).sample(logits, params, num_logprobs)
+    with _on(dev):
+        return backend_for(dev, backend).sample(logits, params, num_logprobs)
 
 
 def denoise_step(x: torch.Tensor, cond: torch.Tensor, coef: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, *,
@@ -155,4 +177,5 @@ def denoise_step(x: torch.Tensor, cond: torch.Tensor, coef: torch.Tensor, seed: 
     checks.tensor(coef, "coef", dtypes=FLOAT_DTYPES, device=dev, shape=(batch, Coef.COUNT))
     checks.tensor(seed, "seed", dtypes=INDEX_DTYPES, device=dev, shape=(batch,))
     checks.tensor(step, "step", dtypes=INDEX_DTYPES, device=dev, shape=(batch,))
-    return backend_for(dev, backend).denoise_step(x, cond, uncond, prev_x0, coef, seed, step)
+    with _on(dev):
+        return backend_for(dev, backend).denoise_step(x, cond, uncond, prev_x0, coef, seed, step)

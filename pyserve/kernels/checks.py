@@ -17,7 +17,7 @@ def check(cond: bool, message: str) -> None:
 
 
 def tensor(t: object, name: str, *, ndim: int | None = None, dtypes: tuple = (), device: torch.device | None = None,
-           shape: tuple | None = None) -> torch.Tensor:
+           shape: tuple | None = None, contiguous: bool = False) -> torch.Tensor:
     """Check one tensor argument; `shape` entries of None match any size.
 
     Runs on every kernel call, so messages are only formatted once a check has failed.
@@ -35,4 +35,6 @@ def tensor(t: object, name: str, *, ndim: int | None = None, dtypes: tuple = (),
         if sizes != shape and (len(shape) != len(sizes) or any(s is not None and s != n for s, n in zip(shape, sizes))):
             expected = tuple("*" if s is None else s for s in shape)
             raise KernelInputError(f"{name} must have shape {expected}, got {tuple(sizes)}")
+    if contiguous and not t.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous (kernels address it by pointer), got strides {t.stride()}")
     return t

@@ -61,7 +61,8 @@ def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
     check(block_size <= _C.MAX_BLOCK_SIZE, f"the cpu back-end supports block_size <= {_C.MAX_BLOCK_SIZE}")
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0,
+                    max_query_len=0, max_seq_len=0):
     _check_limits(q.shape[2], q.shape[1] // k_cache.shape[1], k_cache.shape[2])
     qf, kc, vc = _f32(q), _f32(k_cache), _f32(v_cache)
     bt, sl, qs = _i32(block_tables), _i32(seq_lens), _i32(query_start_loc)

@@ -1,19 +1,48 @@
-"""The CUDA C++ back-end (`pyserve._C_cuda`): fp32, fp16 and bf16 tensors on a CUDA device."""
+"""The CUDA C++ back-end (`pyserve._C_cuda`): fp32, fp16 and bf16 tensors on a CUDA device.
+
+The module links the CUDA runtime statically, so it needs a driver at least as new as the
+toolkit it was built with; an older driver makes the back-end unavailable with a message that
+says so (`UNAVAILABLE_REASON`), rather than failing at the first launch.
+"""
+
+import logging
 
 import torch
 
 from .checks import check
 from .types import SampleResult, SamplingTensors
 
+log = logging.getLogger("pyserve.kernels")
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def driver_problem(runtime: int, driver: int) -> str | None:
+    """Why a driver cannot run kernels built against `runtime` (CUDA versions as 1000*major + 10*minor)."""
+    if driver == 0:
+        return "no CUDA driver was found"
+    if driver < runtime:
+        return (f"pyserve's CUDA kernels were built with CUDA {_version(runtime)}, but the driver supports CUDA "
+                f"{_version(driver)}: update the driver, or rebuild with an older toolkit "
+                f"(PYSERVE_REINSTALL=1 ./scripts/test.sh), or use the triton back-end")
+    return None
+
+
 try:
     from pyserve import _C_cuda
-    AVAILABLE = torch.cuda.is_available()
+    UNAVAILABLE_REASON = driver_problem(*_C_cuda.versions()) if torch.cuda.is_available() else "no CUDA device"
 except ImportError:  # built without nvcc
     _C_cuda = None
-    AVAILABLE = False
+    UNAVAILABLE_REASON = "pyserve was built without nvcc"
+AVAILABLE = UNAVAILABLE_REASON is None
+if _C_cuda is not None and torch.cuda.is_available() and not AVAILABLE:
+    log.warning("CUDA kernels unavailable: %s", UNAVAILABLE_REASON)
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SPLIT_KEYS = 512
+_MAX_GRID_YZ = 65535
 
 
 def linear(x, weight, bias=None):
@@ -43,27 +72,32 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
                      _stream())
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0):
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0,
+                    max_query_len=0, max_seq_len=0):
     t, h, d = q.shape
     _check_head_dim(d)
-    q = q.to(k_cache.dtype).contiguous()
-    out = torch.empty_like(q)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    decode_only = bool((q_lens <= 1).all()) if q_lens.numel() else True
-    num_splits = max(1, -(-int(seq_lens.max()) // _SPLIT_KEYS)) if decode_only and seq_lens.numel() else 1
+    check(h <= _MAX_GRID_YZ, f"the cuda back-end takes at most {_MAX_GRID_YZ} heads, got {h}")
+    dtype = q.dtype
+    q = q.to(k_cache.dtype).contiguous()  # the kernel reads q in the cache's type
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # Split long decode-only contexts among blocks; at most 65,535 splits (grid.z), so very long
+    # contexts get longer splits. Sizes come from the host: no device sync.
+    split_keys = max(_SPLIT_KEYS, -(-max_seq_len // _MAX_GRID_YZ))
+    num_splits = max(1, -(-max_seq_len // split_keys)) if max_query_len <= 1 else 1
     scratch = torch.empty(num_splits * t * h * (d + 2) if num_splits > 1 else 1, dtype=torch.float32,
                           device=q.device)
     _C_cuda.paged_attention(_DTYPE[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                             _i32(block_tables).data_ptr(), _i32(seq_lens).data_ptr(),
                             _i32(query_start_loc).data_ptr(), out.data_ptr(), scratch.data_ptr(), t,
                             seq_lens.shape[0], h, k_cache.shape[1], d, k_cache.shape[2], block_tables.shape[1],
-                            float(scale), int(sliding_window), num_splits, _SPLIT_KEYS, _stream())
-    return out
+                            float(scale), int(sliding_window), num_splits, split_keys, _stream())
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def dense_attention(q, k, v, scale, causal=False):
     b, h, lq, d = q.shape
     _check_head_dim(d)
+    check(b * h * lq < 2**31, f"the cuda back-end takes fewer than 2^31 (batch x heads x queries), got {b * h * lq}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     _C_cuda.dense_attention(_DTYPE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h,

@@ -30,6 +30,14 @@ def _load(name: str) -> ModuleType | None:
     return module if getattr(module, "AVAILABLE", True) else None
 
 
+def _why(name: str) -> str:
+    try:
+        reason = getattr(importlib.import_module(f"pyserve.kernels.{name}"), "UNAVAILABLE_REASON", None)
+    except ImportError as exc:
+        reason = str(exc)
+    return f": {reason}" if reason else ""
+
+
 def available() -> list[str]:
     return [name for name in BACKENDS if _load(name) is not None]
 
@@ -49,7 +57,7 @@ def backend_for(device: torch.device, backend: str | None = None) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     module = _load(name)
     if module is None:
-        raise BackendUnavailable(f"kernel back-end {name!r} is not available on this machine "
+        raise BackendUnavailable(f"kernel back-end {name!r} is not available on this machine{_why(name)} "
                                  f"(available: {', '.join(available())})")
     if name == "cpu" and device.type != "cpu":
         raise BackendUnavailable("the 'cpu' back-end needs CPU tensors")

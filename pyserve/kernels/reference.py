@@ -45,7 +45,7 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, sliding_win
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int = 0) -> torch.Tensor:
+                    sliding_window: int = 0, max_query_len: int = 0, max_seq_len: int = 0) -> torch.Tensor:
     """Causal attention of a mixed prefill/decode batch against a paged KV cache.
 
     q [T, H, D] holds the new tokens of every sequence back to back; sequence s owns rows
@@ -106,7 +106,7 @@ def processed_logits(logits: torch.Tensor, p: SamplingTensors, row: int) -> torc
     bias_tok = _row_slice(p.bias_tokens, p.bias_offsets, row)
     bias_val = p.bias_values[int(p.bias_offsets[row]):int(p.bias_offsets[row + 1])]
     x.index_add_(0, bias_tok, bias_val.float())
-    return x
+    return torch.where(torch.isnan(x), float("-inf"), x)  # a NaN is never chosen
 
 
 def candidate_mask(x: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:

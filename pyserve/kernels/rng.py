@@ -60,5 +60,5 @@ def normal(seed: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, stream:
     b = torch.where(first, w[1], w[3])
     u1 = ((a >> 8).float() + 1.0) * (1.0 / 16777216.0)  # (0, 1]: log stays finite
     angle = (2.0 * math.pi) * to_uniform(b)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
+    radius = torch.sqrt((-2.0 * torch.log(u1)).clamp_min(0.0))
     return radius * torch.where(lane % 2 == 0, torch.cos(angle), torch.sin(angle))

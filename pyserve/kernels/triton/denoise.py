@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import check
 from ..types import Coef
 from .rng import normal
 
@@ -13,8 +14,8 @@ _NOISE_STREAM = 1
 @triton.jit
 def _denoise_kernel(x_ptr, cond_ptr, uncond_ptr, prev_ptr, coef_ptr, seed_ptr, step_ptr, next_ptr, x0_ptr, numel,
                     HAS_UNCOND: tl.constexpr, HAS_PREV: tl.constexpr, NCOEF: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1)  # rows on the short axis; a row's elements (maybe many tiles) on axis 0
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     base = row.to(tl.int64) * numel
     c = coef_ptr + row * NCOEF
@@ -45,8 +46,9 @@ def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):
     prev = cond if prev_x0 is None else prev_x0.contiguous()
     x_next, x0 = torch.empty_like(x), torch.empty_like(x)
     block = 1024
+    check(batch <= 65535, f"the triton back-end takes at most 65535 rows per denoising step, got {batch}")
     if batch and numel:
-        _denoise_kernel[(batch, triton.cdiv(numel, block))](
+        _denoise_kernel[(triton.cdiv(numel, block), batch)](
             x, cond, uncond, prev, coef.float().contiguous(), seed.long().contiguous(), step.long().contiguous(),
             x_next, x0, numel, HAS_UNCOND=uncond is not cond, HAS_PREV=prev is not cond, NCOEF=Coef.COUNT,
             BLOCK=block)

@@ -27,5 +27,5 @@ def normal(seed, step, offset, stream: tl.constexpr):
     b = tl.where(lane < 2, w1, w3)
     u1 = ((a >> 8).to(tl.float32) + 1.0) * (1.0 / 16777216.0)
     angle = 6.283185307179586 * to_uniform(b)
-    radius = tl.sqrt(-2.0 * tl.log(u1))
+    radius = tl.sqrt(tl.maximum(-2.0 * tl.log(u1), 0.0))  # a fast log may exceed 0 near u1 = 1
     return radius * tl.where(lane % 2 == 0, tl.cos(angle), tl.sin(angle))

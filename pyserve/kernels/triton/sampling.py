@@ -60,7 +60,7 @@ def _sample_kernel(logits_ptr, x_ptr, seen_ptr, count_ptr, bias_ptr, temp_ptr, t
         count = tl.load(count_ptr + base + idx, mask=ok, other=0.0)
         x = tl.where(seen > 0, tl.where(raw > 0, raw / rep, raw * rep), raw)
         x = x - freq * count - pres * (count > 0).to(tl.float32) + tl.load(bias_ptr + base + idx, mask=ok, other=0.0)
-        x = tl.where(ok, x, float("-inf"))
+        x = tl.where(ok & (x == x), x, float("-inf"))  # NaN is never chosen
         tl.store(x_ptr + base + idx, x, mask=ok)
         raw_max = tl.maximum(raw_max, tl.max(raw, 0))
         x_max = tl.maximum(x_max, tl.max(x, 0))
