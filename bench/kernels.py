@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pyserve import kernels
-from pyserve.kernels import schedulers
+from pyserve.engine.diffusion import noise_schedules as schedules
 from pyserve.kernels.types import SamplingRow, SamplingTensors
 
 RESULTS = Path(__file__).parent / "results"
@@ -196,8 +196,8 @@ def bench_denoise(quick, device="cpu", backend="cpu", sync=lambda: None):
             theirs.set_timesteps(steps, device=device)
             t = theirs.timesteps[index]
             kwargs = {"eta": 1.0} if name == "ddim" else {}
-            ours_sched = (schedulers.DDIM(SD_CONFIG, steps, eta=1.0) if name == "ddim"
-                          else schedulers.SCHEDULERS[name](SD_CONFIG, steps))
+            ours_sched = (schedules.DDIM(SD_CONFIG, steps, eta=1.0) if name == "ddim"
+                          else schedules.NOISE_SCHEDULES[name](SD_CONFIG, steps))
             coef = torch.tensor([ours_sched.coefficients(index, guidance)] * batch, device=device)
             seed = torch.arange(batch, device=device)
             step = torch.full((batch,), index, device=device)

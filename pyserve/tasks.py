@@ -87,17 +87,37 @@ class TextGenerationModel(Protocol):
         """Logits [N, vocab] (fp32) for the given hidden rows."""
 
 
+@dataclass(frozen=True)
+class ImageModelSpec:
+    """What the diffusion engine needs to know of an image model."""
+
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent cell along a side (1: the denoiser works on pixels)
+    default_size: int  # image side in pixels when a request names none
+    conditional: bool  # takes text prompts (and so classifier-free guidance)
+    schedule_config: dict  # the model's scheduler_config.json
+    default_schedule: str  # a name in pyserve.engine.diffusion.noise_schedules.NOISE_SCHEDULES
+    device: torch.device
+    dtype: torch.dtype
+
+
 class ImageGenerationModel(Protocol):
-    """A text-to-image pipeline split into the pieces a step-batching engine calls."""
+    """A diffusion pipeline split into the pieces a step-batching engine calls; tensors in and out
+    are fp32 on `spec.device`."""
 
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str]) -> Any:
-        """Conditioning for a batch of prompts (and their negatives, for guidance)."""
+    spec: ImageModelSpec
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Conditioning [B, ...] for a batch of prompts ("" for the unconditional branch)."""
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
         """The model output (epsilon, v or x0, as the schedule says) for each latent row."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] from final latents."""
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean latents from images [B, 3, H, W] in [0, 1] (img2img's starting point)."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from pyserve import kernels  # noqa: E402
-from pyserve.kernels import reference, rng, schedulers  # noqa: E402
+from pyserve.engine.diffusion import noise_schedules as schedules  # noqa: E402
+from pyserve.kernels import reference, rng  # noqa: E402
 
 from conftest import backend_params  # noqa: E402
 
@@ -33,7 +34,7 @@ SEEDS = torch.tensor([11, 12])
 
 
 def ours_for(name, config, steps, eta):
-    cls = schedulers.SCHEDULERS[name]
+    cls = schedules.NOISE_SCHEDULES[name]
     return cls(config, steps, eta=eta) if name == "ddim" else cls(config, steps)
 
 

@@ -64,3 +64,65 @@ def load_reference(model_dir: Path):
 
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32,
                                                              attn_implementation="eager").eval()
+
+
+def clip_tokenizer_files(out: Path) -> None:
+    """A character-level CLIP tokenizer (vocab.json with every byte symbol, alone and word-final;
+    no merges), which transformers' CLIPTokenizer loads as it loads Stable Diffusion's."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the rest for 256 + n.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+
+
+def make_sd_pipeline(out: Path, seed: int = 0, prediction_type: str = "epsilon",
+                     scheduler: str = "DDIMScheduler", sample_size: int = 8) -> Path:
+    """A tiny Stable-Diffusion-style pipeline (CLIP text encoder, conditional UNet, KL VAE) with
+    random weights, saved in diffusers format."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=sample_size * 2)
+    clip_tokenizer_files(out / "tokenizer-files")
+    tokenizer = transformers.CLIPTokenizer(str(out / "tokenizer-files" / "vocab.json"),
+                                           str(out / "tokenizer-files" / "merges.txt"), model_max_length=16)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    schedule = getattr(diffusers, scheduler)(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, timestep_spacing="linspace", steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False) if scheduler != "DPMSolverMultistepScheduler" else diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, timestep_spacing="linspace", steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                             scheduler=schedule, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+def make_ddpm_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """A tiny unconditional pixel-space pipeline (UNet2DModel + DDPMScheduler), diffusers format."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    schedule = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    diffusers.DDPMPipeline(unet=unet, scheduler=schedule).save_pretrained(out)
+    return out

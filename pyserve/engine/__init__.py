@@ -4,13 +4,14 @@
     driver = EngineDriver(engine)                                  # for an asyncio server
 """
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..plugin import PluginRegistry
-from ..tasks import TEXT_GENERATION
+from ..tasks import IMAGE_GENERATION, TEXT_GENERATION
 from .base import Engine, EngineInfo, EngineStats
 from .driver import EngineDriver
 
@@ -22,11 +23,16 @@ def default_device() -> str:
 
 
 def build_engine(task: str, model: Any, **options) -> Engine:
-    """The engine for a loaded model of `task`, with engine options (cache size, batch limits)."""
+    """The engine for a loaded model of `task`, with engine options (cache size, batch limits);
+    options another task's engine takes (a server passes one set for all its models) are left out."""
     if task == TEXT_GENERATION:
-        from .llm import LLMEngine
-        return LLMEngine(model, **options)
-    raise ValueError(f"no engine serves the task {task!r} yet")
+        from .llm import LLMEngine as engine_class
+    elif task == IMAGE_GENERATION:
+        from .diffusion import DiffusionEngine as engine_class
+    else:
+        raise ValueError(f"no engine serves the task {task!r} yet")
+    known = inspect.signature(engine_class).parameters
+    return engine_class(model, **{k: v for k, v in options.items() if k in known})
 
 
 def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,

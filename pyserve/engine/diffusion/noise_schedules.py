@@ -1,8 +1,11 @@
-"""Noise schedules that turn a denoising loop's position into one row of `Coef` coefficients.
+"""Noise schedules: host-side tables that turn a denoising loop's position into one row of `Coef`
+coefficients (what diffusers calls a "scheduler"; here that word is kept for the request
+scheduler of the engines).
 
-The fused `denoise_step` kernel is scheduler-agnostic: each row carries the numbers below, so one
-launch serves requests at different timesteps and with different schedulers. Configurations use
+The fused `denoise_step` kernel is schedule-agnostic: each row carries the numbers below, so one
+launch serves requests at different timesteps and with different schedules. Configurations use
 the field names of diffusers' `scheduler_config.json`, so a diffusers model directory works as is.
+Each request owns its schedule object, so concurrent requests never share mutable state.
 """
 
 import math
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import Coef
+from ...kernels.types import Coef
 
 
 @dataclass
@@ -76,8 +79,11 @@ def _row(terms: dict[int, float], guidance: float) -> list[float]:
     return row
 
 
-class Scheduler:
-    """A denoising schedule of `steps` steps; `coefficients(i)` gives step i's row."""
+class NoiseSchedule:
+    """A denoising schedule of `steps` steps; `coefficients(i)` gives step i's row.
+
+    A loop may begin part-way (img2img): `begin` is its first step, and `noised(i)` says how a
+    clean latent x0 and unit noise combine into the loop's starting point at step i."""
 
     name = ""
     uses_prev_x0 = False
@@ -86,6 +92,7 @@ class Scheduler:
     def __init__(self, config: dict | ScheduleConfig, steps: int):
         self.cfg = config if isinstance(config, ScheduleConfig) else ScheduleConfig.from_dict(config)
         self.steps = steps
+        self.begin = 0
         self.alphas_cumprod = alphas_cumprod(self.cfg)
         self.timesteps = self._timesteps()
 
@@ -96,11 +103,21 @@ class Scheduler:
         """Factor applied to x before it goes into the denoiser at step i."""
         return 1.0
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scale of the unit noise a loop starts from."""
+        return 1.0
+
+    def noised(self, i: int) -> tuple[float, float]:
+        """(a, b) such that a * x0 + b * noise is a latent at step i's noise level."""
+        a_t = float(self.alphas_cumprod[int(self.timesteps[i])])
+        return a_t**0.5, (1 - a_t) ** 0.5
+
     def coefficients(self, i: int, guidance: float = 1.0) -> list[float]:
         raise NotImplementedError
 
 
-class DDPM(Scheduler):
+class DDPM(NoiseSchedule):
     """DDPM ancestral step with the fixed-small posterior variance."""
 
     name = "ddpm"
@@ -121,7 +138,7 @@ class DDPM(Scheduler):
         return row
 
 
-class DDIM(Scheduler):
+class DDIM(NoiseSchedule):
     """DDIM; eta = 0 is deterministic, eta = 1 matches DDPM's variance."""
 
     name = "ddim"
@@ -146,7 +163,7 @@ class DDIM(Scheduler):
         return row
 
 
-class _SigmaScheduler(Scheduler):
+class _SigmaSchedule(NoiseSchedule):
     """Schedules in sigma space: sigma_t = sqrt((1 - abar_t) / abar_t), ending at 0."""
 
     def __init__(self, config: dict | ScheduleConfig, steps: int):
@@ -155,8 +172,11 @@ class _SigmaScheduler(Scheduler):
         sig = np.interp(self.timesteps, np.arange(len(train_sigmas)), train_sigmas)
         self.sigmas = np.concatenate([sig, [0.0]]).astype(np.float32)
 
+    def noised(self, i: int) -> tuple[float, float]:
+        return 1.0, float(self.sigmas[i])
 
-class Euler(_SigmaScheduler):
+
+class Euler(_SigmaSchedule):
     """Euler's method on the probability-flow ODE; x lives at scale sqrt(sigma^2 + 1)."""
 
     name = "euler"
@@ -170,6 +190,11 @@ class Euler(_SigmaScheduler):
 
     def model_input_scale(self, i: int) -> float:
         return 1.0 / (float(self.sigmas[i]) ** 2 + 1) ** 0.5
+
+    @property
+    def init_noise_sigma(self) -> float:
+        top = float(self.sigmas.max())
+        return top if self.cfg.timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
     def coefficients(self, i: int, guidance: float = 1.0) -> list[float]:
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -196,7 +221,7 @@ class EulerAncestral(Euler):
     stochastic = True
 
 
-class DPMSolverPP2M(_SigmaScheduler):
+class DPMSolverPP2M(_SigmaSchedule):
     """DPM-Solver++ (2M, midpoint): second order from the previous step's x0 estimate.
 
     The first step, and the last when there are fewer than 15 steps, are first order.
@@ -228,7 +253,7 @@ class DPMSolverPP2M(_SigmaScheduler):
         h = self._lambda(sigma_t) - self._lambda(sigma_s)
         phi = -alpha_t * math.expm1(-h)
         row[Coef.NEXT_X] = vp_sigma_t / vp_sigma_s
-        first_order = i == 0 or (i == self.steps - 1 and self.steps < 15)
+        first_order = i == self.begin or (i == self.steps - 1 and self.steps < 15)
         if first_order:
             row[Coef.NEXT_X0] = phi
         else:
@@ -238,6 +263,9 @@ class DPMSolverPP2M(_SigmaScheduler):
         return row
 
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
+NOISE_SCHEDULES: dict[str, type[NoiseSchedule]] = {
     cls.name: cls for cls in (DDPM, DDIM, Euler, EulerAncestral, DPMSolverPP2M)
 }
+# diffusers' scheduler class names (scheduler_config.json "_class_name") -> ours
+DIFFUSERS_NAMES = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                   "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m"}

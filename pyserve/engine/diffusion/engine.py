@@ -1,0 +1,246 @@
+"""The diffusion engine: step-level batching of denoising loops.
+
+Every image of every request is a row with its own latents, noise schedule, step index, seed and
+previous x0. Each engine step takes the running rows, groups those whose latents have the same
+shape, runs the denoiser once per group (unconditional rows of guided images alongside), then
+one fused `denoise_step` with each row's coefficients. New requests join at the next step and
+finished images leave at once, decoded together. All randomness is Philox keyed by the image's
+seed (initial noise on its own stream, step noise by step index), so an image never depends on
+what else is in the batch or when it joined.
+
+Example:
+    engine = DiffusionEngine(model)
+    engine.add("r1", ImageRequest("a red fox", num_inference_steps=20, seed=7))
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                images = out.images  # [1, H, W, 3] float32 in [0, 1]
+"""
+
+import logging
+import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ... import kernels
+from ...errors import EngineUnavailable
+from ...kernels import rng
+from ...tasks import IMAGE_GENERATION, ImageGenerationModel
+from ..base import EngineInfo, EngineStats
+from .noise_schedules import NOISE_SCHEDULES, NoiseSchedule
+from .requests import ImageOutput, ImageRequest
+
+log = logging.getLogger("pyserve.engine")
+
+LATENT_STREAM = 2  # Philox stream of initial latents (0 is sampling, 1 is step noise)
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request seeded with `seed` (the same rule as text's n)."""
+    return (seed + index * _GOLDEN) % 2**63
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Unit Gaussian latents of one image, from its seed alone."""
+    offsets = torch.arange(int(torch.Size(shape).numel()), device=device)
+    return rng.normal(torch.tensor(seed, device=device), torch.tensor(0, device=device), offsets,
+                      LATENT_STREAM).reshape(shape)
+
+
+@dataclass
+class _Image:
+    """One image's denoising loop."""
+
+    request_id: str
+    index: int
+    seed: int
+    schedule: NoiseSchedule
+    latents: torch.Tensor  # [C, h, w] fp32
+    guidance: float
+    step: int  # the next step to run
+    prev_x0: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.schedule.steps
+
+
+@dataclass
+class _Request:
+    request_id: str
+    request: ImageRequest
+    images: list[_Image]
+    conditioning: torch.Tensor | None  # [2, ...]: (negative, positive); None for unconditional models
+    arrival: float = field(default_factory=time.monotonic)
+    first_step: float | None = None
+
+
+class DiffusionEngine:
+    """Step-level batching of image requests over one `ImageGenerationModel`."""
+
+    def __init__(self, model: ImageGenerationModel, *, max_batch_size: int = 16, max_queued: int = 256,
+                 max_image_size: int = 1024):
+        if min(max_batch_size, max_queued, max_image_size) < 1:
+            raise ValueError("max_batch_size, max_queued and max_image_size must be >= 1")
+        self.model = model
+        self.spec = model.spec
+        self.info = EngineInfo(IMAGE_GENERATION, max_model_len=0)
+        self.max_batch_size, self.max_queued, self.max_image_size = max_batch_size, max_queued, max_image_size
+        self.requests: dict[str, _Request] = {}
+        self.waiting: deque[_Image] = deque()
+        self.running: list[_Image] = []
+        self._rng = random.Random()
+        # Called after every step with (images in it, seconds it took); metrics hook in here.
+        self.on_step: Callable[[int, float], None] | None = None
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add(self, request_id: str, request: ImageRequest) -> None:
+        request = request.checked(self.spec, self.max_image_size)
+        if len(self.waiting) + request.n > self.max_queued:
+            raise EngineUnavailable(f"the image queue is full ({self.max_queued} images waiting); retry later")
+        seed = self._rng.getrandbits(63) if request.seed is None else request.seed
+        conditioning = None
+        if self.spec.conditional:
+            conditioning = self.model.encode_prompt([request.negative_prompt, request.prompt])
+        clean = None
+        if request.init_image is not None:
+            pixels = request.init_image.to(self.spec.device, torch.float32)[None]
+            pixels = torch.nn.functional.interpolate(pixels, (request.height, request.width), mode="bilinear") \
+                if pixels.shape[-2:] != (request.height, request.width) else pixels
+            clean = self.model.encode_image(pixels)[0]
+        shape = (self.spec.latent_channels, request.height // self.spec.vae_scale_factor,
+                 request.width // self.spec.vae_scale_factor)
+        images = []
+        for i in range(request.n):
+            schedule = NOISE_SCHEDULES[request.scheduler](self.spec.schedule_config, request.num_inference_steps)
+            s = image_seed(seed, i)
+            noise = initial_noise(s, shape, self.spec.device)
+            if clean is None:
+                latents = noise * schedule.init_noise_sigma
+            else:  # img2img: start part-way, from the clean latents noised to that step's level
+                schedule.begin = schedule.steps - int(schedule.steps * request.strength)
+                a, b = schedule.noised(schedule.begin)
+                latents = a * clean + b * noise
+            images.append(_Image(request_id, i, s, schedule, latents, request.guidance_scale, schedule.begin))
+        self.requests[request_id] = _Request(request_id, request, images, conditioning)
+        self.waiting.extend(images)
+        log.info("image request %s added: %d x %dx%d, %d steps (%s), guidance %.1f", request_id, request.n,
+                 request.width, request.height, request.num_inference_steps, request.scheduler,
+                 request.guidance_scale)
+
+    def abort(self, request_id: str) -> ImageOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.waiting = deque(im for im in self.waiting if im.request_id != request_id)
+        self.running = [im for im in self.running if im.request_id != request_id]
+        log.info("image request %s aborted", request_id)
+        return ImageOutput(request_id, 0, request.request.num_inference_steps, finished=True, error="aborted")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=len(self.waiting),
+                           cache_usage=len(self.running) / self.max_batch_size)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[ImageOutput]:
+        """One denoising step for every running image (after admitting waiting ones), then the
+        outputs: progress for each request that moved, images for those that finished."""
+        while self.waiting and len(self.running) < self.max_batch_size:
+            self.running.append(self.waiting.popleft())
+        if not self.running:
+            return []
+        start = time.monotonic()
+        groups: dict[tuple, list[_Image]] = defaultdict(list)
+        for im in self.running:
+            groups[tuple(im.latents.shape)].append(im)
+        failed: dict[str, str] = {}
+        for group in groups.values():  # one denoiser call per latent shape
+            try:
+                self._denoise(group)
+            except Exception as exc:  # noqa: BLE001 - this group's requests fail; the engine goes on
+                log.exception("denoising step failed for %d image(s)", len(group))
+                for im in group:
+                    failed[im.request_id] = f"{type(exc).__name__}: {exc}"
+        if self.on_step is not None:
+            self.on_step(len(self.running), time.monotonic() - start)
+        moved = {im.request_id for im in self.running} - set(failed)
+        outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
+        self.running = [im for im in self.running if not im.done]
+        now = time.monotonic()
+        finished = []
+        for request_id in moved:
+            request = self.requests[request_id]
+            request.first_step = request.first_step or now
+            if all(im.done for im in request.images):
+                finished.append(request)
+            else:
+                outputs.append(ImageOutput(request_id, min(im.step - im.schedule.begin for im in request.images),
+                                           request.images[0].schedule.steps - request.images[0].schedule.begin))
+        return outputs + self._finish(finished) if finished else outputs
+
+    def _denoise(self, group: list[_Image]) -> None:
+        """One model call and one fused scheduler step for images whose latents share a shape."""
+        dev = self.spec.device
+        x = torch.stack([im.latents for im in group])
+        scales = torch.tensor([im.schedule.model_input_scale(im.step) for im in group], device=dev)
+        timesteps = torch.tensor([float(im.schedule.timesteps[im.step]) for im in group], device=dev)
+        model_in = x * scales[:, None, None, None]
+        guided = [r for r, im in enumerate(group) if self.spec.conditional and im.guidance > 1.0]
+        conditioning = None
+        if self.spec.conditional:
+            conds = [self.requests[im.request_id].conditioning for im in group]
+            conditioning = torch.cat([torch.stack([c[1] for c in conds]), torch.stack([conds[r][0] for r in guided])]) \
+                if guided else torch.stack([c[1] for c in conds])
+            model_in = torch.cat([model_in, model_in[guided]]) if guided else model_in
+            timesteps = torch.cat([timesteps, timesteps[guided]]) if guided else timesteps
+        out = self.model.denoise(model_in, timesteps, conditioning)
+        cond_out = out[:len(group)]
+        uncond_out = cond_out.clone()
+        if guided:
+            uncond_out[guided] = out[len(group):]
+        coef = torch.tensor([im.schedule.coefficients(im.step, im.guidance if r in guided else 1.0)
+                             for r, im in enumerate(group)], device=dev)
+        seeds = torch.tensor([im.seed for im in group], device=dev)
+        steps = torch.tensor([im.step for im in group], device=dev)
+        prev = torch.stack([im.prev_x0 if im.prev_x0 is not None else torch.zeros_like(im.latents) for im in group])
+        x_next, x0 = kernels.denoise_step(x, cond_out, coef, seeds, steps, uncond=uncond_out, prev_x0=prev)
+        for r, im in enumerate(group):
+            im.latents, im.prev_x0 = x_next[r], x0[r]
+            im.step += 1
+
+    def _finish(self, requests: list[_Request]) -> list[ImageOutput]:
+        """Decode the final latents of finished requests, one VAE call per latent shape."""
+        pixels: dict[tuple[str, int], torch.Tensor] = {}
+        by_shape: dict[tuple, list[_Image]] = defaultdict(list)
+        for request in requests:
+            del self.requests[request.request_id]
+            for im in request.images:
+                by_shape[tuple(im.latents.shape)].append(im)
+        for group in by_shape.values():
+            decoded = self.model.decode(torch.stack([im.latents for im in group]))
+            for im, image in zip(group, decoded.clamp(0, 1).permute(0, 2, 3, 1).float().cpu()):
+                pixels[im.request_id, im.index] = image
+        outputs = []
+        for request in requests:
+            total = request.images[0].schedule.steps - request.images[0].schedule.begin
+            images = torch.stack([pixels[request.request_id, im.index] for im in request.images]).numpy()
+            outputs.append(ImageOutput(request.request_id, total, total, finished=True, images=images,
+                                       seeds=[im.seed for im in request.images]))
+            log.info("image request %s finished: %d image(s) in %.2fs", request.request_id, len(request.images),
+                     time.monotonic() - request.arrival)
+        return outputs
+
+    def _fail(self, request_id: str, error: str) -> ImageOutput:
+        request = self.requests.pop(request_id)
+        self.running = [im for im in self.running if im.request_id != request_id]
+        return ImageOutput(request_id, 0, request.request.num_inference_steps, finished=True, error=error)

@@ -1,0 +1,84 @@
+"""What a client asks of an image model, checked against the model and the engine's limits, and
+what the engine answers: progress after each step, then the images."""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...errors import InvalidParameter
+from ...tasks import ImageModelSpec
+from .noise_schedules import NOISE_SCHEDULES
+
+MAX_IMAGES = 16  # per request
+MAX_STEPS = 500
+MAX_GUIDANCE = 100.0
+SEED_RANGE = (-2**63, 2**64)
+
+
+@dataclass
+class ImageRequest:
+    """A text-to-image (or unconditional, or img2img) request. Sizes are in pixels; None takes the
+    model's default. `init_image` [3, H, W] in [0, 1] starts the loop part-way, by `strength`."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    n: int = 1
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    scheduler: str | None = None  # a noise-schedule name; None: the model's own
+    seed: int | None = None
+    init_image: torch.Tensor | None = None
+    strength: float = 0.8
+
+    def checked(self, spec: ImageModelSpec, max_size: int) -> "ImageRequest":
+        """This request with defaults filled in; InvalidParameter names the first bad field."""
+        height = self.height or (self.init_image.shape[1] if self.init_image is not None else spec.default_size)
+        width = self.width or (self.init_image.shape[2] if self.init_image is not None else spec.default_size)
+        multiple = max(8, spec.vae_scale_factor)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or not multiple <= value <= max_size or value % multiple:
+                raise InvalidParameter(name, f"must be a multiple of {multiple} from {multiple} to {max_size}, "
+                                             f"got {value}")
+        checks = [
+            ("n", isinstance(self.n, int) and 1 <= self.n <= MAX_IMAGES, f"must be in [1, {MAX_IMAGES}]"),
+            ("num_inference_steps", isinstance(self.num_inference_steps, int)
+             and 1 <= self.num_inference_steps <= MAX_STEPS, f"must be in [1, {MAX_STEPS}]"),
+            ("guidance_scale", isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+             and 0 <= self.guidance_scale <= MAX_GUIDANCE, f"must be a finite number in [0, {MAX_GUIDANCE}]"),
+            ("scheduler", self.scheduler is None or self.scheduler in NOISE_SCHEDULES,
+             f"must be one of {', '.join(NOISE_SCHEDULES)}"),
+            ("seed", self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "must fit in 64 bits"),
+            ("strength", isinstance(self.strength, (int, float)) and 0 < self.strength <= 1, "must be in (0, 1]"),
+            ("prompt", spec.conditional or not (self.prompt or self.negative_prompt),
+             "this model is unconditional: it takes no prompt"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidParameter(name, message)
+        if self.init_image is not None:
+            image = self.init_image
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise InvalidParameter("image", f"must be [3, H, W], got {tuple(image.shape)}")
+            if int(self.num_inference_steps * self.strength) < 1:
+                raise InvalidParameter("strength", "strength x num_inference_steps leaves no step to run")
+        return ImageRequest(self.prompt, self.negative_prompt, self.n, height, width, self.num_inference_steps,
+                            float(self.guidance_scale), self.scheduler or spec.default_schedule, self.seed,
+                            self.init_image, float(self.strength))
+
+
+@dataclass
+class ImageOutput:
+    """After each step: progress of the request's slowest image; once finished, the images
+    [n, H, W, 3] as float32 in [0, 1] (the PNG encoder rounds them to 8 bits)."""
+
+    request_id: str
+    step: int
+    total_steps: int
+    finished: bool = False
+    images: np.ndarray | None = None
+    error: str | None = None
+    seeds: list[int] = field(default_factory=list)
