@@ -238,6 +238,9 @@ class DPMSolverPP2M(_SigmaSchedule):
         alpha = 1 / (sigma**2 + 1) ** 0.5
         return alpha, sigma * alpha
 
+    def noised(self, i: int) -> tuple[float, float]:
+        return self._alpha_sigma(float(self.sigmas[i]))  # this solver's x lives in VP form
+
     def _lambda(self, sigma: float) -> float:
         alpha, s = self._alpha_sigma(sigma)
         return math.log(alpha) - math.log(s)
