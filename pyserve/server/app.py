@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
-from . import kserve, openai_api
+from . import kserve, openai_api, openai_images
 from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
@@ -101,6 +101,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
         Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
         *admin_routes,
         *openai_api.routes,
+        *openai_images.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, HTTPException: on_http_error, Exception: on_server_error})

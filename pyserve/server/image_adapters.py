@@ -1,0 +1,111 @@
+"""Image requests for every front-end (OpenAI images API, KServe V2, msgpack): fields to an
+`ImageRequest`, uploaded pictures to tensors, generated images to 8-bit arrays and PNGs.
+
+Decoding and encoding run in worker threads (`asyncio.to_thread`): a large PNG costs tens of
+milliseconds, which the event loop must not wait on."""
+
+import asyncio
+import base64
+import io
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..engine.diffusion import ImageRequest
+from ..errors import InvalidParameter
+from ..tasks import IMAGE_GENERATION
+from .adapters import check_text, get_field
+from .models import ModelRegistry, ServedModel
+
+MAX_UPLOAD_PIXELS = 4096 * 4096  # decompression-bomb guard for uploaded images
+
+_TYPES = {"prompt": str, "negative_prompt": str, "n": int, "size": str, "width": int, "height": int,
+          "num_inference_steps": int, "guidance_scale": (int, float), "scheduler": str, "seed": int,
+          "strength": (int, float), "response_format": str}
+
+
+def image_model(models: ModelRegistry, name) -> ServedModel:
+    if name is not None and not isinstance(name, str):
+        raise InvalidParameter("model", "must be a string")
+    model = models.get(name)
+    if model.task != IMAGE_GENERATION:
+        raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not an image model")
+    return model
+
+
+def _field(fields: Mapping, name: str, default=None):
+    value = fields.get(name)
+    if value is None:
+        return default
+    expected = _TYPES[name]
+    if isinstance(value, bool) or not isinstance(value, expected):
+        raise InvalidParameter(name, f"has the wrong type ({type(value).__name__})")
+    return value
+
+
+def image_request(fields: Mapping, init_image: torch.Tensor | None = None) -> ImageRequest:
+    """An ImageRequest from OpenAI-named fields (`size` "WxH", or `width`/`height`) plus extras."""
+    fmt = _field(fields, "response_format", "b64_json")
+    if fmt != "b64_json":
+        raise InvalidParameter("response_format", "only b64_json is served (this server keeps no image URLs)")
+    width, height = _field(fields, "width"), _field(fields, "height")
+    size = _field(fields, "size", "auto")
+    if size != "auto":
+        w, sep, h = size.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise InvalidParameter("size", f"must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto, got {size!r}")
+        width, height = int(w), int(h)
+    seed = get_field(fields, "seed")
+    return ImageRequest(
+        prompt=check_text(_field(fields, "prompt", ""), "prompt"),
+        negative_prompt=check_text(_field(fields, "negative_prompt", ""), "negative_prompt"),
+        n=_field(fields, "n", 1), height=height, width=width,
+        num_inference_steps=_field(fields, "num_inference_steps", 20),
+        guidance_scale=_field(fields, "guidance_scale", 7.5), scheduler=_field(fields, "scheduler"),
+        seed=seed, init_image=init_image, strength=_field(fields, "strength", 0.8))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[n, H, W, 3] floats in [0, 1] to 8-bit values, rounded as diffusers rounds them."""
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def encode_pngs(images: np.ndarray) -> list[bytes]:
+    pixels = to_uint8(images)
+    return await asyncio.to_thread(lambda: [_png(image) for image in pixels])
+
+
+async def b64_pngs(images: np.ndarray) -> list[str]:
+    return [base64.b64encode(png).decode() for png in await encode_pngs(images)]
+
+
+def _decode(data: bytes, name: str) -> torch.Tensor:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as picture:
+                if picture.width * picture.height > MAX_UPLOAD_PIXELS:
+                    raise InvalidParameter(name, f"has {picture.width}x{picture.height} pixels; "
+                                                 f"at most {MAX_UPLOAD_PIXELS} are taken")
+                rgb = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    except InvalidParameter:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow says, the upload is at fault
+        raise InvalidParameter(name, f"is not an image Pillow can read ({type(exc).__name__})") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+async def decode_image(data: bytes, name: str = "image") -> torch.Tensor:
+    """An uploaded picture (PNG, JPEG, WebP, ...) as [3, H, W] floats in [0, 1]."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise InvalidParameter(name, "must be an image file")
+    return await asyncio.to_thread(_decode, bytes(data), name)
