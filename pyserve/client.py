@@ -9,6 +9,11 @@
     async with await AsyncClient.connect("127.0.0.1", 8001) as c:   # many requests in flight
         outs = await asyncio.gather(*(c.generate("tiny-llama", p, max_tokens=8) for p in prompts))
 
+    with Client("127.0.0.1", 8001) as c:                               # images, with a progress bar
+        result = c.generate_images("tiny-sd", "a red fox", num_inference_steps=20, seed=1,
+                                   progress=lambda step, total: print(f"{step}/{total}"))
+        open("fox.png", "wb").write(result.images[0])
+
 A server started with API keys needs one: `Client(host, port, api_key="...")`, or set
 PYSERVE_API_KEY. Over TLS, pass an `ssl.SSLContext` (`ssl.create_default_context(cafile=...)`).
 """
@@ -19,7 +24,7 @@ import os
 import socket
 import ssl as _ssl
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from .protocol import decode, encode, frame_length
 
@@ -54,6 +59,21 @@ class Completion:
     def from_result(cls, result: dict) -> "Completion":
         first = result["outputs"][0]
         return cls(first["text"], first["token_ids"], first["finish_reason"], result["outputs"], result["usage"])
+
+
+@dataclass
+class ImageResult:
+    images: list[bytes]  # PNG files, one per image
+    seeds: list[int]  # each image's seed: the same seed gives the same image again
+    width: int = 0
+    height: int = 0
+
+    @classmethod
+    def from_result(cls, result: dict) -> "ImageResult":
+        return cls(result["images"], result["seeds"], result.get("width", 0), result.get("height", 0))
+
+
+Progress = Callable[[int, int], None]  # (steps done, total steps)
 
 
 @dataclass
@@ -152,6 +172,18 @@ class Client:
         rid = self._call("infer", {"model": model, "inputs": {k: to_wire(v) for k, v in inputs.items()},
                                    "parameters": parameters})
         return list(self._frames(rid))[-1]["result"]
+
+    def generate_images(self, model: str, prompt: str = "", progress: Progress | None = None,
+                        **params) -> ImageResult:
+        """Images from an image model (`n`, `size` or `width`/`height`, `num_inference_steps`,
+        `guidance_scale`, `seed`, `scheduler`, `negative_prompt`; `image` bytes and `strength` for
+        img2img); `progress(step, total)` is called after each denoising step."""
+        rid = self._call("images", {"model": model, "prompt": prompt, "progress": progress is not None, **params})
+        for message in self._frames(rid):
+            if message["type"] == "partial" and progress is not None:
+                progress(message["result"]["step"], message["result"]["total"])
+            elif message["type"] == "result":
+                return ImageResult.from_result(message["result"])
 
     def load(self, model: str) -> list[str]:
         """Load a model the server knows (needs the admin key); returns the served models."""
@@ -259,6 +291,16 @@ class AsyncClient:
     async def infer(self, model: str, inputs: dict, **parameters) -> dict:
         params = {"model": model, "inputs": {k: to_wire(v) for k, v in inputs.items()}, "parameters": parameters}
         return [m async for m in self._frames("infer", params)][-1]["result"]
+
+    async def generate_images(self, model: str, prompt: str = "", progress: Progress | None = None,
+                              **params) -> ImageResult:
+        """As `Client.generate_images`."""
+        params = {"model": model, "prompt": prompt, "progress": progress is not None, **params}
+        async for message in self._frames("images", params):
+            if message["type"] == "partial" and progress is not None:
+                progress(message["result"]["step"], message["result"]["total"])
+            elif message["type"] == "result":
+                return ImageResult.from_result(message["result"])
 
     async def load(self, model: str) -> list[str]:
         """Load a model the server knows (needs the admin key); returns the served models."""

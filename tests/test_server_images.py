@@ -103,3 +103,60 @@ def test_an_edit_with_something_that_is_not_an_image_is_refused(served):
     with pytest.raises(openai.BadRequestError, match="mask"):
         client.images.edit(model="tiny-sd", image=("x.png", b"x", "image/png"), mask=("m.png", b"m", "image/png"),
                            prompt=PROMPT)
+
+
+def test_kserve_infer_returns_the_images_as_uint8(served, offline):
+    import tritonclient.http as triton
+    client = triton.InferenceServerClient(url=served.url.removeprefix("http://"))
+    try:
+        meta = client.get_model_metadata("tiny-sd")
+        assert meta["outputs"][0]["name"] == "images" and meta["outputs"][0]["datatype"] == "UINT8"
+        prompt = triton.InferInput("prompt", [1], "BYTES")
+        prompt.set_data_from_numpy(np.array([PROMPT.encode()], dtype=object))
+        inputs = [prompt]
+        for name, dtype, value in (("seed", "INT64", np.int64), ("num_inference_steps", "INT32", np.int32),
+                                   ("n", "INT32", np.int32)):
+            t = triton.InferInput(name, [1], dtype)
+            t.set_data_from_numpy(np.array([{"seed": 9, "num_inference_steps": 3, "n": 2}[name]], dtype=value))
+            inputs.append(t)
+        for binary in (False, True):
+            result = client.infer("tiny-sd", inputs, outputs=[triton.InferRequestedOutput("images",
+                                                                                         binary_data=binary)])
+            images = result.as_numpy("images")
+            want = offline(ImageRequest(PROMPT, n=2, num_inference_steps=3, seed=9))
+            assert images.dtype == np.uint8 and images.shape == (2, 16, 16, 3)
+            assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
+    finally:
+        client.close()
+
+
+def test_msgpack_streams_progress_then_pngs(served, offline):
+    from pyserve.client import AsyncClient, Client, RemoteError
+    seen = []
+    with Client("127.0.0.1", served.msgpack_port) as c:
+        result = c.generate_images("tiny-sd", PROMPT, seed=4, num_inference_steps=5, size="16x24",
+                                   progress=lambda step, total: seen.append((step, total)))
+        with pytest.raises(RemoteError) as err:
+            c.generate_images("tiny-sd", PROMPT, num_inference_steps=10_000)
+        assert err.value.code == 400 and "num_inference_steps" in err.value.message
+    assert seen == [(s, 5) for s in range(1, 5)]  # steps 1-4 as progress, the 5th with the images
+    got = np.asarray(Image.open(io.BytesIO(result.images[0])))
+    want = offline(ImageRequest(PROMPT, num_inference_steps=5, seed=4, width=16, height=24))
+    assert got.shape == (24, 16, 3) and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
+    assert result.seeds == [4] and (result.width, result.height) == (16, 24)
+
+    import asyncio
+
+    async def cancel_mid_loop():
+        async with await AsyncClient.connect("127.0.0.1", served.msgpack_port) as c:
+            task = asyncio.create_task(c.generate_images("tiny-sd", PROMPT, num_inference_steps=400, seed=1))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(cancel_mid_loop())
+    driver = served.models.get("tiny-sd").driver
+    import time
+    deadline = time.monotonic() + 20
+    while driver.stats().running + driver.stats().waiting and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert driver.stats().running == 0 and driver.stats().waiting == 0  # the slot came free

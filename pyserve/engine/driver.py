@@ -153,6 +153,7 @@ class EngineDriver:
                 busy = self._engine.has_unfinished()
                 self._take_commands(wait=not busy)
                 if self._stopping or not self._engine.has_unfinished():
+                    self._stats = self._engine.stats()  # adds and aborts change the load too
                     continue
                 try:
                     outputs = self._engine.step()

@@ -68,6 +68,32 @@ def image_request(fields: Mapping, init_image: torch.Tensor | None = None) -> Im
         seed=seed, init_image=init_image, strength=_field(fields, "strength", 0.8))
 
 
+# KServe V2 / msgpack tensor form: text inputs as one BYTES element, the rest as scalars.
+PROMPT_INPUT, NEGATIVE_INPUT, IMAGES_OUTPUT = "prompt", "negative_prompt", "images"
+SCALAR_INPUTS = {"n": "INT32", "height": "INT32", "width": "INT32", "num_inference_steps": "INT32",
+                 "guidance_scale": "FP32", "seed": "INT64"}
+
+
+def image_from_tensors(inputs: list[tuple[str, list]], parameters: Mapping | None) -> ImageRequest:
+    """An ImageRequest from named tensors (prompt as BYTES, numbers as one-element tensors) and
+    request parameters (which may also name `scheduler`)."""
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise InvalidParameter("parameters", "must be a map")
+    fields = dict(parameters or {})
+    for name, values in inputs:
+        if name in (PROMPT_INPUT, NEGATIVE_INPUT):
+            if len(values) != 1 or not isinstance(values[0], bytes):
+                raise InvalidParameter(name, "must hold exactly one BYTES element")
+            fields[name] = values[0].decode("utf-8", errors="replace")
+        elif name in SCALAR_INPUTS and len(values) == 1:
+            value = values[0]
+            fields[name] = float(value) if SCALAR_INPUTS[name] == "FP32" else int(value)
+        else:
+            raise InvalidParameter(name, f"unknown input, or not one element (inputs: {PROMPT_INPUT}, "
+                                         f"{NEGATIVE_INPUT}, {', '.join(SCALAR_INPUTS)})")
+    return image_request(fields)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[n, H, W, 3] floats in [0, 1] to 8-bit values, rounded as diffusers rounds them."""
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)

@@ -2,17 +2,23 @@
 
 A text model takes a BYTES input `text_input` (optional scalar inputs or request `parameters`:
 max_tokens, temperature, top_p, top_k, seed, ...) and returns a BYTES output `text_output`.
+An image model takes a BYTES input `prompt` (optional `negative_prompt` and scalar inputs:
+n, height, width, num_inference_steps, guidance_scale, seed; `scheduler` as a parameter) and
+returns a UINT8 output `images` [n, H, W, 3].
 """
 
 import json
+from dataclasses import dataclass
+
+import numpy as np
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter, ModelFailure
-from ..tasks import TEXT_GENERATION
-from . import adapters
+from ..tasks import IMAGE_GENERATION, TEXT_GENERATION
+from . import adapters, image_adapters
 from .adapters import SCALAR_INPUTS, TEXT_INPUT, TEXT_OUTPUT
 from .responses import parse_json, read_body
 
@@ -67,18 +73,44 @@ async def model_ready(request: Request) -> Response:
 
 async def model_meta(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
-    inputs = [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [1]}]
-    inputs += [{"name": n, "datatype": t, "shape": [1], "optional": True} for n, t in SCALAR_INPUTS.items()]
+    if model.task == IMAGE_GENERATION:
+        text_inputs, scalars = (image_adapters.PROMPT_INPUT, image_adapters.NEGATIVE_INPUT), image_adapters.SCALAR_INPUTS
+        outputs = [{"name": image_adapters.IMAGES_OUTPUT, "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
+    else:
+        text_inputs, scalars = (TEXT_INPUT,), SCALAR_INPUTS
+        outputs = [{"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [1]}]
+    inputs = [{"name": n, "datatype": "BYTES", "shape": [1], "optional": i > 0} for i, n in enumerate(text_inputs)]
+    inputs += [{"name": n, "datatype": t, "shape": [1], "optional": True} for n, t in scalars.items()]
     return JSONResponse({"name": model.name, "versions": ["1"], "platform": "pyserve", "task": model.task,
-                         "inputs": inputs, "outputs": [{"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [1]}]})
+                         "inputs": inputs, "outputs": outputs})
+
+
+@dataclass
+class _Output:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[bytes]
+
+    def json_data(self) -> list:
+        return [v.decode() for v in self.values] if self.datatype == "BYTES" else self.values.reshape(-1).tolist()
+
+    def raw(self) -> bytes:
+        return adapters.encode_bytes_tensor(self.values) if self.datatype == "BYTES" else \
+            np.ascontiguousarray(self.values).tobytes()
 
 
 async def infer(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
-    if model.task != TEXT_GENERATION:
-        raise InvalidParameter("model", f"{model.name!r} is a {model.task} model; only text models infer here yet")
+    if model.task not in (TEXT_GENERATION, IMAGE_GENERATION):
+        raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, which does not infer here yet")
     body, blobs = await _parse(request)
     inputs = [(t["name"], adapters.kserve_tensor_values(t, blobs.get(t["name"]))) for t in body["inputs"]]
+    run = _infer_image if model.task == IMAGE_GENERATION else _infer_text
+    return _answer(body, model.name, await run(request, model, body, inputs))
+
+
+async def _infer_text(request: Request, model, body: dict, inputs) -> _Output:
     text, params = adapters.text_from_tensors(inputs, body.get("parameters"))
     ids = await adapters.prompt_ids(model, text, TEXT_INPUT)
     out = None
@@ -88,20 +120,36 @@ async def infer(request: Request) -> Response:
     request.app.state.metrics.finished(model, [out])
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
-    payload = out.outputs[0].text.encode()
+    return _Output(TEXT_OUTPUT, "BYTES", [1], [out.outputs[0].text.encode()])
+
+
+async def _infer_image(request: Request, model, body: dict, inputs) -> _Output:
+    out = None
+    async for out in model.driver.submit(None, image_adapters.image_from_tensors(inputs, body.get("parameters"))):
+        pass
+    if out.error:
+        raise ModelFailure(f"the model failed: {out.error}")
+    images = image_adapters.to_uint8(out.images)
+    return _Output(image_adapters.IMAGES_OUTPUT, "UINT8", list(images.shape), images)
+
+
+def _answer(body: dict, model_name: str, output: _Output) -> Response:
+    """The inference response, in JSON or, when the request asked for it, the binary extension."""
     outputs = body.get("outputs") if isinstance(body.get("outputs"), list) else []
     wanted = {o.get("name"): o for o in outputs if isinstance(o, dict)}
-    options = (wanted.get(TEXT_OUTPUT) or {}).get("parameters")
-    binary = isinstance(options, dict) and bool(options.get("binary_data"))
-    result = {"model_name": model.name, "model_version": "1", "outputs": []}
+    options = (wanted.get(output.name) or {}).get("parameters")
+    parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    binary = bool(options.get("binary_data")) if isinstance(options, dict) else \
+        bool(parameters.get("binary_data_output"))
+    result = {"model_name": model_name, "model_version": "1", "outputs": []}
     if isinstance(body.get("id"), str):
         result["id"] = body["id"]
-    tensor = {"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [1]}
+    tensor = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
     if not binary:
-        tensor["data"] = [payload.decode()]
+        tensor["data"] = output.json_data()
         result["outputs"].append(tensor)
         return JSONResponse(result)
-    blob = adapters.encode_bytes_tensor([payload])
+    blob = output.raw()
     tensor["parameters"] = {"binary_data_size": len(blob)}
     result["outputs"].append(tensor)
     head = json.dumps(result).encode()

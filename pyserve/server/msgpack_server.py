@@ -13,7 +13,7 @@ from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
                         ProtocolError, decode, encode, error_frame, frame_length)
 from ..tasks import TEXT_GENERATION
-from . import adapters
+from . import adapters, image_adapters
 from .auth import AccessPolicy, Principal
 from .models import ModelRegistry, ServedModel
 
@@ -128,6 +128,8 @@ class Connection:
                 await self.generate(rid, method, params)
             elif method == "infer":
                 await self.infer(rid, params)
+            elif method == "images":
+                await self.images(rid, params)
             else:
                 raise ProtocolError(BAD_REQUEST, f"unknown method {method!r}")
         except asyncio.CancelledError:
@@ -203,6 +205,25 @@ class Connection:
         result = {"outputs": {adapters.TEXT_OUTPUT: {"dtype": "bytes", "shape": [1],
                                                      "data": [out.outputs[0].text.encode()]}},
                   "usage": adapters.usage([out])}
+        await self.send(encode({"type": "result", "id": rid, "result": result}))
+
+
+    async def images(self, rid, params: dict) -> None:
+        """Text-to-image (or img2img with `image` as bytes); with `progress`, a partial frame per step."""
+        model = image_adapters.image_model(self.models, params.get("model"))
+        init = None if params.get("image") is None else await image_adapters.decode_image(params["image"])
+        request = image_adapters.image_request(params, init_image=init)
+        progress = bool(params.get("progress"))
+        out = None
+        async for out in model.driver.submit(None, request):
+            if progress and not out.finished:
+                await self.send(encode({"type": "partial", "id": rid,
+                                        "result": {"step": out.step, "total": out.total_steps}}))
+        if out.error:
+            raise ModelFailure(f"the model failed: {out.error}")
+        height, width = out.images.shape[1:3]
+        result = {"images": await image_adapters.encode_pngs(out.images), "seeds": out.seeds,
+                  "width": width, "height": height}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
 
