@@ -160,3 +160,19 @@ def test_msgpack_streams_progress_then_pngs(served, offline):
     while driver.stats().running + driver.stats().waiting and time.monotonic() < deadline:
         time.sleep(0.1)
     assert driver.stats().running == 0 and driver.stats().waiting == 0  # the slot came free
+
+
+def test_openai_sdk_streams_previews_then_the_image(served, offline):
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    events = list(client.images.generate(model="tiny-sd", prompt=PROMPT, stream=True, partial_images=2,
+                                         extra_body={"seed": 8, "num_inference_steps": 6}))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    previews = [png_pixels(e.b64_json) for e in events[:2]]
+    final = png_pixels(events[-1].b64_json)
+    want = offline(ImageRequest(PROMPT, num_inference_steps=6, seed=8))[0]
+    assert np.abs(final.astype(int) - want.astype(int)).max() <= 1
+    assert all(p.shape == final.shape for p in previews) and not np.array_equal(previews[0], final)
+    with pytest.raises(openai.BadRequestError, match="num_inference_steps"):  # refused before the stream starts
+        list(client.images.generate(model="tiny-sd", prompt=PROMPT, stream=True,
+                                    extra_body={"num_inference_steps": 0}))

@@ -24,7 +24,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096  # decompression-bomb guard for uploaded images
 
 _TYPES = {"prompt": str, "negative_prompt": str, "n": int, "size": str, "width": int, "height": int,
           "num_inference_steps": int, "guidance_scale": (int, float), "scheduler": str, "seed": int,
-          "strength": (int, float), "response_format": str}
+          "strength": (int, float), "response_format": str, "partial_images": int}
 
 
 def image_model(models: ModelRegistry, name) -> ServedModel:
@@ -65,7 +65,8 @@ def image_request(fields: Mapping, init_image: torch.Tensor | None = None) -> Im
         n=_field(fields, "n", 1), height=height, width=width,
         num_inference_steps=_field(fields, "num_inference_steps", 20),
         guidance_scale=_field(fields, "guidance_scale", 7.5), scheduler=_field(fields, "scheduler"),
-        seed=seed, init_image=init_image, strength=_field(fields, "strength", 0.8))
+        seed=seed, init_image=init_image, strength=_field(fields, "strength", 0.8),
+        partial_images=_field(fields, "partial_images", 0))
 
 
 # KServe V2 / msgpack tensor form: text inputs as one BYTES element, the rest as scalars.

@@ -1,22 +1,28 @@
 """OpenAI-compatible image routes: POST /v1/images/generations (JSON) and /v1/images/edits
 (multipart, as the `openai` SDK sends it; img2img with `strength`). Images come back as
 base64 PNGs (`b64_json`); the extras `negative_prompt`, `seed`, `num_inference_steps`,
-`guidance_scale`, `scheduler` and `strength` are taken as vLLM-style extra body fields."""
+`guidance_scale`, `scheduler` and `strength` are taken as vLLM-style extra body fields.
+
+With `stream: true` the answer is OpenAI's image event stream: up to `partial_images` previews
+(`image_generation.partial_image`, the decoded clean estimate part-way through the loop), then
+one `image_generation.completed` event per image (`image_edit.*` for edits)."""
 
 import email.parser
 import email.policy
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine.diffusion import ImageRequest
 from ..errors import ClientError, InvalidParameter, ModelFailure
 from . import image_adapters
 from .models import ServedModel
-from .responses import json_body, read_body
+from .responses import error_body, json_body, read_body
 
 _FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height"}  # form values that are integers
 _FORM_NUMBERS = {"guidance_scale", "strength"}
@@ -25,7 +31,8 @@ _FORM_NUMBERS = {"guidance_scale", "strength"}
 async def generations(request: Request) -> Response:
     body = await json_body(request)
     model = image_adapters.image_model(request.app.state.models, body.get("model"))
-    return await _respond(request, model, image_adapters.image_request(body))
+    return await _respond(request, model, image_adapters.image_request(body), _stream_flag(body),
+                          "image_generation")
 
 
 async def edits(request: Request) -> Response:
@@ -37,13 +44,28 @@ async def edits(request: Request) -> Response:
         raise InvalidParameter("image", "is required (a PNG or JPEG file)")
     model = image_adapters.image_model(request.app.state.models, fields.get("model"))
     init = await image_adapters.decode_image(image, "image")
-    return await _respond(request, model, image_adapters.image_request(fields, init_image=init))
+    return await _respond(request, model, image_adapters.image_request(fields, init_image=init),
+                          _stream_flag(fields), "image_edit")
 
 
-async def _respond(request: Request, model: ServedModel, image_request: ImageRequest) -> Response:
+def _stream_flag(fields) -> bool:
+    value = fields.get("stream", False)
+    if isinstance(value, str):  # a form field
+        value = {"true": True, "false": False}.get(value.lower(), value)
+    if not isinstance(value, bool):
+        raise InvalidParameter("stream", "must be a boolean")
+    return value
+
+
+async def _respond(request: Request, model: ServedModel, image_request: ImageRequest, stream: bool,
+                   kind: str) -> Response:
     rid = request.headers.get("x-request-id") or f"img-{uuid.uuid4().hex[:24]}"
+    outputs = model.driver.submit(rid, image_request)
+    if stream:
+        first = await anext(outputs)  # a refused request raises here, before any response is sent
+        return StreamingResponse(_events(request.url.path, first, outputs, kind), media_type="text/event-stream")
     out = None
-    async for out in model.driver.submit(rid, image_request):
+    async for out in outputs:
         pass
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
@@ -51,6 +73,36 @@ async def _respond(request: Request, model: ServedModel, image_request: ImageReq
     height, width = out.images.shape[1:3]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
                          "size": f"{width}x{height}", "seeds": out.seeds})
+
+
+def _event(payload: dict) -> bytes:
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+async def _events(path: str, first, outputs: AsyncIterator, kind: str) -> AsyncIterator[bytes]:
+    """SSE events for previews and final images; a model failure becomes an error event."""
+    out = first
+    try:
+        while True:
+            if out.error:
+                yield f"event: error\ndata: {json.dumps(error_body(path, ModelFailure(out.error)))}\n\n".encode()
+                return
+            if out.images is not None:
+                height, width = out.images.shape[1:3]
+                common = {"created_at": int(time.time()), "size": f"{width}x{height}", "quality": "auto",
+                          "background": "opaque", "output_format": "png"}
+                for b64 in await image_adapters.b64_pngs(out.images):
+                    if out.finished:
+                        yield _event({"type": f"{kind}.completed", "b64_json": b64, **common,
+                                      "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
+                    else:
+                        yield _event({"type": f"{kind}.partial_image", "b64_json": b64,
+                                      "partial_image_index": out.partial_index, **common})
+            if out.finished:
+                return
+            out = await anext(outputs)
+    finally:
+        await outputs.aclose()  # a client that went away aborts the request
 
 
 def _multipart(content_type: str, body: bytes) -> tuple[dict, dict[str, bytes]]:

@@ -78,6 +78,16 @@ class _Request:
     conditioning: torch.Tensor | None  # [2, ...]: (negative, positive); None for unconditional models
     arrival: float = field(default_factory=time.monotonic)
     first_step: float | None = None
+    preview_at: list[int] = field(default_factory=list)  # progress values after which a preview goes out
+    previews_sent: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.images[0].schedule.steps - self.images[0].schedule.begin
+
+    @property
+    def progress(self) -> int:
+        return min(im.step - im.schedule.begin for im in self.images)
 
 
 class DiffusionEngine:
@@ -128,7 +138,10 @@ class DiffusionEngine:
                 a, b = schedule.noised(schedule.begin)
                 latents = a * clean + b * noise
             images.append(_Image(request_id, i, s, schedule, latents, request.guidance_scale, schedule.begin))
-        self.requests[request_id] = _Request(request_id, request, images, conditioning)
+        total = images[0].schedule.steps - images[0].schedule.begin
+        previews = sorted({round(k * total / (request.partial_images + 1))
+                           for k in range(1, request.partial_images + 1)} - {0, total})
+        self.requests[request_id] = _Request(request_id, request, images, conditioning, preview_at=previews)
         self.waiting.extend(images)
         log.info("image request %s added: %d x %dx%d, %d steps (%s), guidance %.1f", request_id, request.n,
                  request.width, request.height, request.num_inference_steps, request.scheduler,
@@ -183,10 +196,24 @@ class DiffusionEngine:
             request.first_step = request.first_step or now
             if all(im.done for im in request.images):
                 finished.append(request)
+            elif request.preview_at and request.progress == request.preview_at[0]:
+                request.preview_at.pop(0)
+                outputs.append(self._preview(request))
             else:
-                outputs.append(ImageOutput(request_id, min(im.step - im.schedule.begin for im in request.images),
-                                           request.images[0].schedule.steps - request.images[0].schedule.begin))
+                outputs.append(ImageOutput(request_id, request.progress, request.total))
         return outputs + self._finish(finished) if finished else outputs
+
+    def _preview(self, request: _Request) -> ImageOutput:
+        """The request's current clean estimates (x0), decoded: what its images are becoming."""
+        try:
+            decoded = self.model.decode(torch.stack([im.prev_x0 for im in request.images]))
+        except Exception:  # noqa: BLE001 - a preview is a courtesy: the loop goes on without it
+            log.exception("preview of image request %s failed", request.request_id)
+            return ImageOutput(request.request_id, request.progress, request.total)
+        pixels = decoded.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        request.previews_sent += 1
+        return ImageOutput(request.request_id, request.progress, request.total, images=pixels,
+                           partial_index=request.previews_sent - 1)
 
     def _denoise(self, group: list[_Image]) -> None:
         """One model call and one fused scheduler step for images whose latents share a shape."""
@@ -226,13 +253,18 @@ class DiffusionEngine:
             del self.requests[request.request_id]
             for im in request.images:
                 by_shape[tuple(im.latents.shape)].append(im)
-        for group in by_shape.values():
-            decoded = self.model.decode(torch.stack([im.latents for im in group]))
-            for im, image in zip(group, decoded.clamp(0, 1).permute(0, 2, 3, 1).float().cpu()):
-                pixels[im.request_id, im.index] = image
+        try:
+            for group in by_shape.values():
+                decoded = self.model.decode(torch.stack([im.latents for im in group]))
+                for im, image in zip(group, decoded.clamp(0, 1).permute(0, 2, 3, 1).float().cpu()):
+                    pixels[im.request_id, im.index] = image
+        except Exception as exc:  # noqa: BLE001 - these requests fail; the engine goes on
+            log.exception("decoding %d finished image request(s) failed", len(requests))
+            return [ImageOutput(r.request_id, 0, r.total, finished=True, error=f"{type(exc).__name__}: {exc}")
+                    for r in requests]
         outputs = []
         for request in requests:
-            total = request.images[0].schedule.steps - request.images[0].schedule.begin
+            total = request.total
             images = torch.stack([pixels[request.request_id, im.index] for im in request.images]).numpy()
             outputs.append(ImageOutput(request.request_id, total, total, finished=True, images=images,
                                        seeds=[im.seed for im in request.images]))

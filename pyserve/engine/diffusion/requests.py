@@ -12,6 +12,7 @@ from ...tasks import ImageModelSpec
 from .noise_schedules import NOISE_SCHEDULES
 
 MAX_IMAGES = 16  # per request
+MAX_PARTIAL_IMAGES = 3  # previews streamed during the loop, as OpenAI's image streaming allows
 MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
 SEED_RANGE = (-2**63, 2**64)
@@ -33,6 +34,7 @@ class ImageRequest:
     seed: int | None = None
     init_image: torch.Tensor | None = None
     strength: float = 0.8
+    partial_images: int = 0  # previews (the current clean estimate, decoded) sent during the loop
 
     def checked(self, spec: ImageModelSpec, max_size: int) -> "ImageRequest":
         """This request with defaults filled in; InvalidParameter names the first bad field."""
@@ -53,6 +55,8 @@ class ImageRequest:
              f"must be one of {', '.join(NOISE_SCHEDULES)}"),
             ("seed", self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "must fit in 64 bits"),
             ("strength", isinstance(self.strength, (int, float)) and 0 < self.strength <= 1, "must be in (0, 1]"),
+            ("partial_images", isinstance(self.partial_images, int) and 0 <= self.partial_images <= MAX_PARTIAL_IMAGES,
+             f"must be in [0, {MAX_PARTIAL_IMAGES}]"),
             ("prompt", spec.conditional or not (self.prompt or self.negative_prompt),
              "this model is unconditional: it takes no prompt"),
         ]
@@ -67,13 +71,14 @@ class ImageRequest:
                 raise InvalidParameter("strength", "strength x num_inference_steps leaves no step to run")
         return ImageRequest(self.prompt, self.negative_prompt, self.n, height, width, self.num_inference_steps,
                             float(self.guidance_scale), self.scheduler or spec.default_schedule, self.seed,
-                            self.init_image, float(self.strength))
+                            self.init_image, float(self.strength), self.partial_images)
 
 
 @dataclass
 class ImageOutput:
     """After each step: progress of the request's slowest image; once finished, the images
-    [n, H, W, 3] as float32 in [0, 1] (the PNG encoder rounds them to 8 bits)."""
+    [n, H, W, 3] as float32 in [0, 1] (the PNG encoder rounds them to 8 bits). Before that,
+    `images` with `partial_index` set is a preview (the decoded clean estimate of the step)."""
 
     request_id: str
     step: int
@@ -82,3 +87,4 @@ class ImageOutput:
     images: np.ndarray | None = None
     error: str | None = None
     seeds: list[int] = field(default_factory=list)
+    partial_index: int | None = None
