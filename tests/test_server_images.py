@@ -176,3 +176,18 @@ def test_openai_sdk_streams_previews_then_the_image(served, offline):
     with pytest.raises(openai.BadRequestError, match="num_inference_steps"):  # refused before the stream starts
         list(client.images.generate(model="tiny-sd", prompt=PROMPT, stream=True,
                                     extra_body={"num_inference_steps": 0}))
+
+
+def test_image_metrics(served):
+    import urllib.request
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client.images.generate(model="tiny-sd", prompt=PROMPT, n=3, extra_body={"num_inference_steps": 2})
+    with urllib.request.urlopen(served.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    labels = 'model="tiny-sd",task="image-generation"'
+    assert f"pyserve_images_generated_total{{{labels}}}" in text
+    count = float(text.split(f"pyserve_images_generated_total{{{labels}}} ")[1].split()[0])
+    assert count >= 3
+    for family in ("pyserve_engine_step_seconds_count", "pyserve_queue_time_seconds_count",
+                   "pyserve_e2e_request_latency_seconds_count", "pyserve_batch_size_sequences_count"):
+        assert f"{family}{{{labels}}}" in text, family

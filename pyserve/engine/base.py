@@ -27,6 +27,17 @@ class EngineStats:
     cache_usage: float = 0.0  # fraction of the engine's cache (KV blocks, latents, ...) in use
 
 
+@dataclass
+class RequestTimes:
+    """Wall-clock times (time.monotonic) of a request's life, for metrics; `first_token` is the
+    first output of any kind (a token, a denoising step)."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+
 class EngineOutput(Protocol):
     request_id: str
     finished: bool

@@ -19,6 +19,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,7 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
         self._stats = engine.stats()
+        self._step_timer = None
         self._ids = itertools.count()
         self._stopping = False
         self.failure: str | None = None  # why the thread stopped, if it stopped on its own
@@ -91,9 +93,11 @@ class EngineDriver:
     def task(self) -> str:
         return self.info.task
 
-    def set_step_observer(self, observer) -> None:
-        """observer(sequences, tokens) after every step, on the engine thread (metrics)."""
+    def set_step_observer(self, observer, timer=None) -> None:
+        """observer(rows, work items) during every step and timer(seconds) after it, on the engine
+        thread (metrics)."""
         self._engine.on_step = observer
+        self._step_timer = timer
 
     @property
     def ready(self) -> bool:
@@ -155,6 +159,7 @@ class EngineDriver:
                 if self._stopping or not self._engine.has_unfinished():
                     self._stats = self._engine.stats()  # adds and aborts change the load too
                     continue
+                started = time.monotonic()
                 try:
                     outputs = self._engine.step()
                 except Exception as exc:  # noqa: BLE001 - engines contain their faults; this is the backstop
@@ -162,6 +167,8 @@ class EngineDriver:
                     outputs = []
                     self._fail_open(f"{type(exc).__name__}: {exc}")
                 self._stats = self._engine.stats()
+                if self._step_timer is not None:
+                    self._step_timer(time.monotonic() - started)
                 for out in outputs:
                     self._deliver(out)
         except BaseException as exc:  # noqa: BLE001 - record it, then fail everything open

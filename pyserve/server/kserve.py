@@ -127,6 +127,7 @@ async def _infer_image(request: Request, model, body: dict, inputs) -> _Output:
     out = None
     async for out in model.driver.submit(None, image_adapters.image_from_tensors(inputs, body.get("parameters"))):
         pass
+    request.app.state.metrics.images_finished(model, out)
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     images = image_adapters.to_uint8(out.images)

@@ -50,8 +50,11 @@ class Metrics:
                                buckets=_LATENCY, registry=r)
         self.batch_seqs = Histogram("pyserve_batch_size_sequences", "Requests' rows per engine step", _LABELS,
                                     buckets=_SIZES, registry=r)
-        self.batch_tokens = Histogram("pyserve_batch_size_tokens", "Tokens per engine step", _LABELS,
+        self.batch_tokens = Histogram("pyserve_batch_size_tokens", "Tokens (or images) per engine step", _LABELS,
                                       buckets=_SIZES, registry=r)
+        self.step_time = Histogram("pyserve_engine_step_seconds", "Time per engine step", _LABELS,
+                                   buckets=_LATENCY, registry=r)
+        self.images = Counter("pyserve_images_generated", "Images generated", _LABELS, registry=r)
         r.register(EngineLoad(models))
         for model in models:
             self.attach(model.name, model)
@@ -59,7 +62,8 @@ class Metrics:
 
     def attach(self, name: str, model: ServedModel | None) -> None:
         if model is not None:
-            model.driver.set_step_observer(self._step_observer(model))
+            model.driver.set_step_observer(self._step_observer(model),
+                                           self.step_time.labels(model.name, model.task).observe)
 
     def _step_observer(self, model: ServedModel):
         labels = (model.name, model.task)
@@ -68,6 +72,23 @@ class Metrics:
             self.batch_seqs.labels(*labels).observe(num_seqs)
             self.batch_tokens.labels(*labels).observe(num_tokens)
         return observe
+
+    def _times(self, labels: tuple, t) -> bool:
+        """End-to-end and queue time of a finished request; whether it had its times."""
+        if t is None or t.finished is None:
+            return False
+        self.e2e.labels(*labels).observe(t.finished - t.arrival)
+        if t.first_scheduled is not None:
+            self.queue.labels(*labels).observe(t.first_scheduled - t.arrival)
+        return True
+
+    def images_finished(self, model: ServedModel, out) -> None:
+        """Record an image request that ended (an ImageOutput)."""
+        labels = (model.name, model.task)
+        self.requests.labels(*labels, "error" if out.error else "finished").inc()
+        if out.images is not None:
+            self.images.labels(*labels).inc(len(out.images))
+        self._times(labels, out.times)
 
     def finished(self, model: ServedModel, outs: list, status: str | None = None) -> None:
         """Record requests that ended (status: the first one's finish reason unless given)."""
@@ -79,11 +100,8 @@ class Metrics:
             self.prompt_tokens.labels(*labels).inc(len(out.prompt_token_ids))
             self.generation_tokens.labels(*labels).inc(generated)
             t = out.times
-            if t is None or t.finished is None:
+            if not self._times(labels, t):
                 continue
-            self.e2e.labels(*labels).observe(t.finished - t.arrival)
-            if t.first_scheduled is not None:
-                self.queue.labels(*labels).observe(t.first_scheduled - t.arrival)
             if t.first_token is not None:
                 self.ttft.labels(*labels).observe(t.first_token - t.arrival)
                 per_seq = max(generated // max(len(out.outputs), 1), 1)

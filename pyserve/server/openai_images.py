@@ -61,12 +61,15 @@ async def _respond(request: Request, model: ServedModel, image_request: ImageReq
                    kind: str) -> Response:
     rid = request.headers.get("x-request-id") or f"img-{uuid.uuid4().hex[:24]}"
     outputs = model.driver.submit(rid, image_request)
+    metrics = request.app.state.metrics
     if stream:
         first = await anext(outputs)  # a refused request raises here, before any response is sent
-        return StreamingResponse(_events(request.url.path, first, outputs, kind), media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, first, outputs, kind, lambda o: metrics.images_finished(
+            model, o)), media_type="text/event-stream")
     out = None
     async for out in outputs:
         pass
+    metrics.images_finished(model, out)
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(out.images)]
@@ -79,11 +82,13 @@ def _event(payload: dict) -> bytes:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
-async def _events(path: str, first, outputs: AsyncIterator, kind: str) -> AsyncIterator[bytes]:
+async def _events(path: str, first, outputs: AsyncIterator, kind: str, on_finish) -> AsyncIterator[bytes]:
     """SSE events for previews and final images; a model failure becomes an error event."""
     out = first
     try:
         while True:
+            if out.finished:
+                on_finish(out)
             if out.error:
                 yield f"event: error\ndata: {json.dumps(error_body(path, ModelFailure(out.error)))}\n\n".encode()
                 return

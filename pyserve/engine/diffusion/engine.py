@@ -30,7 +30,7 @@ from ... import kernels
 from ...errors import EngineUnavailable
 from ...kernels import rng
 from ...tasks import IMAGE_GENERATION, ImageGenerationModel
-from ..base import EngineInfo, EngineStats
+from ..base import EngineInfo, EngineStats, RequestTimes
 from .noise_schedules import NOISE_SCHEDULES, NoiseSchedule
 from .requests import ImageOutput, ImageRequest
 
@@ -76,8 +76,7 @@ class _Request:
     request: ImageRequest
     images: list[_Image]
     conditioning: torch.Tensor | None  # [2, ...]: (negative, positive); None for unconditional models
-    arrival: float = field(default_factory=time.monotonic)
-    first_step: float | None = None
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     preview_at: list[int] = field(default_factory=list)  # progress values after which a preview goes out
     previews_sent: int = 0
 
@@ -105,8 +104,9 @@ class DiffusionEngine:
         self.waiting: deque[_Image] = deque()
         self.running: list[_Image] = []
         self._rng = random.Random()
-        # Called after every step with (images in it, seconds it took); metrics hook in here.
-        self.on_step: Callable[[int, float], None] | None = None
+        # Called after every step with (images in it, images in it): the rows and work items every
+        # engine reports (an LLM: sequences and tokens); metrics hook in here.
+        self.on_step: Callable[[int, int], None] | None = None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ class DiffusionEngine:
                 for im in group:
                     failed[im.request_id] = f"{type(exc).__name__}: {exc}"
         if self.on_step is not None:
-            self.on_step(len(self.running), time.monotonic() - start)
+            self.on_step(len(self.running), len(self.running))
         moved = {im.request_id for im in self.running} - set(failed)
         outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
         self.running = [im for im in self.running if not im.done]
@@ -193,7 +193,8 @@ class DiffusionEngine:
         finished = []
         for request_id in moved:
             request = self.requests[request_id]
-            request.first_step = request.first_step or now
+            request.times.first_scheduled = request.times.first_scheduled or start
+            request.times.first_token = request.times.first_token or now
             if all(im.done for im in request.images):
                 finished.append(request)
             elif request.preview_at and request.progress == request.preview_at[0]:
@@ -266,10 +267,11 @@ class DiffusionEngine:
         for request in requests:
             total = request.total
             images = torch.stack([pixels[request.request_id, im.index] for im in request.images]).numpy()
+            request.times.finished = time.monotonic()
             outputs.append(ImageOutput(request.request_id, total, total, finished=True, images=images,
-                                       seeds=[im.seed for im in request.images]))
+                                       seeds=[im.seed for im in request.images], times=request.times))
             log.info("image request %s finished: %d image(s) in %.2fs", request.request_id, len(request.images),
-                     time.monotonic() - request.arrival)
+                     request.times.finished - request.times.arrival)
         return outputs
 
     def _fail(self, request_id: str, error: str) -> ImageOutput:

@@ -9,6 +9,7 @@ import torch
 
 from ...errors import InvalidParameter
 from ...tasks import ImageModelSpec
+from ..base import RequestTimes
 from .noise_schedules import NOISE_SCHEDULES
 
 MAX_IMAGES = 16  # per request
@@ -88,3 +89,4 @@ class ImageOutput:
     error: str | None = None
     seeds: list[int] = field(default_factory=list)
     partial_index: int | None = None
+    times: RequestTimes | None = None  # on the last output

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ...tokenizer import IncrementalDetokenizer
+from ..base import RequestTimes
 from .params import SamplingParams
 
 
@@ -52,16 +53,6 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     logprobs: list[dict] | None = None  # per token: {"token_id", "logprob", "top": {id: logprob}}
-
-
-@dataclass
-class RequestTimes:
-    """Wall-clock times (time.monotonic) of a request's life, for metrics."""
-
-    arrival: float
-    first_scheduled: float | None = None
-    first_token: float | None = None
-    finished: float | None = None
 
 
 @dataclass
