@@ -176,12 +176,14 @@ void scores(RowState& st, const Tile& t, float scale) {
     for (int r = 0; r < st.n; ++r) st.s[r * kMaxTile + j] = dot(st.q[r], t.k[j], d) * scale;
 }
 
-// O[r..r+R) += sum_j P[r][j] * v_j with R rows by sixteen columns held in registers.
+// O[r..r+R) += sum_j P[r][j] * v_j with R rows by sixteen columns held in registers, then the
+// last eight columns alone for head dims such as 40 or 80 (Stable Diffusion's).
 template <int R>
 void accumulate_rows(RowState& st, const Tile& t, int r) {
   const int d = st.dim;
 #ifdef PYSERVE_AVX2
-  for (int c = 0; c < d; c += 16) {
+  int c = 0;
+  for (; c + 16 <= d; c += 16) {
     __m256 acc[R][2];
     for (int i = 0; i < R; ++i) {
       acc[i][0] = _mm256_load_ps(st.o + (r + i) * d + c);
@@ -201,6 +203,16 @@ void accumulate_rows(RowState& st, const Tile& t, int r) {
       _mm256_store_ps(st.o + (r + i) * d + c + 8, acc[i][1]);
     }
   }
+  if (c < d) {  // d % 16 == 8
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_load_ps(st.o + (r + i) * d + c);
+    for (int j = 0; j < t.len; ++j) {
+      __m256 v0 = _mm256_loadu_ps(t.v[j] + c);
+      for (int i = 0; i < R; ++i)
+        acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(st.s + (r + i) * kMaxTile + j), v0, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) _mm256_store_ps(st.o + (r + i) * d + c, acc[i]);
+  }
 #else
   for (int i = r; i < r + R; ++i)
     for (int j = 0; j < t.len; ++j)
@@ -211,7 +223,7 @@ void accumulate_rows(RowState& st, const Tile& t, int r) {
 // O[r] += sum_j P[r][j] * v_j for every row, in groups of up to six rows.
 void accumulate_values(RowState& st, const Tile& t) {
   int r = 0;
-  if (st.dim % 16 == 0) {
+  if (st.dim % 8 == 0) {
     for (; r + 6 <= st.n; r += 6) accumulate_rows<6>(st, t, r);
     switch (st.n - r) {
       case 5: accumulate_rows<5>(st, t, r); break;
