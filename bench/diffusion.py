@@ -89,8 +89,8 @@ class Timer:
             self.seconds += time.perf_counter() - start
 
 
-def run_pyserve(model_dir: Path, reqs) -> dict:
-    engine = load_engine(model_dir, device="cpu", max_batch_size=32)
+def run_pyserve(model_dir: Path, reqs, max_batch_size: int) -> dict:
+    engine = load_engine(model_dir, device="cpu", max_batch_size=max_batch_size)
     engine.model.denoise = denoise = Timer(engine.model.denoise)
     engine.model.decode = decode = Timer(engine.model.decode)
     pending, finish, step_time = list(enumerate(reqs)), {}, 0.0
@@ -176,18 +176,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 requests, one low-load repeat")
     parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="images pyserve denoises per step")
     args = parser.parse_args()
     n = args.requests or (8 if args.quick else 32)
     reqs = workload(n)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_pipeline(Path(tmp))
         pipe = diffusers_pipeline(model_dir)
-        low = low_load(model_dir, pipe, 1 if args.quick else 3)
-        ours = run_pyserve(model_dir, reqs)
+        low = low_load(model_dir, pipe, 1 if args.quick else 6)
+        ours = run_pyserve(model_dir, reqs, args.max_batch_size)
         per_request = run_diffusers_per_request(pipe, reqs)
         batched = run_diffusers_batched(pipe, reqs)
     result = {
         "requests": n, "threads": torch.get_num_threads(), "steps": sorted({s for _, _, s in reqs}),
+        "max_batch_size": args.max_batch_size,
         "pyserve": ours, "diffusers_per_request": per_request, "diffusers_batched": batched, "low_load": low,
         "images_per_s_vs_per_request": ours["images_per_s"] / per_request["images_per_s"],
         "images_per_s_vs_batched": ours["images_per_s"] / batched["images_per_s"],
