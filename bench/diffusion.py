@@ -5,7 +5,7 @@ on a 2-core CPU).
     python bench/diffusion.py            # 32 requests arriving at random times, 10-30 steps
     python bench/diffusion.py --quick    # 8 requests
 
-Saturation: images/s and mean latency of pyserve's engine, of the diffusers pipeline run per
+Saturation (best of two alternating rounds): images/s and mean latency of pyserve's engine, of the diffusers pipeline run per
 request in arrival order (a one-at-a-time server), and of diffusers with the requests batched as
 its API allows (one call per step count, all prompts at once, arrival times ignored: its best
 case). Low load: one 20-step request at a time. Also the share of each step spent outside the
@@ -184,9 +184,10 @@ def main() -> None:
         model_dir = make_pipeline(Path(tmp))
         pipe = diffusers_pipeline(model_dir)
         low = low_load(model_dir, pipe, 1 if args.quick else 6)
-        ours = run_pyserve(model_dir, reqs, args.max_batch_size)
-        per_request = run_diffusers_per_request(pipe, reqs)
-        batched = run_diffusers_batched(pipe, reqs)
+        # This machine's speed drifts between runs: alternate the systems and keep each one's best.
+        rounds = [(run_pyserve(model_dir, reqs, args.max_batch_size), run_diffusers_per_request(pipe, reqs),
+                   run_diffusers_batched(pipe, reqs)) for _ in range(1 if args.quick else 2)]
+        ours, per_request, batched = (max((r[i] for r in rounds), key=lambda x: x["images_per_s"]) for i in range(3))
     result = {
         "requests": n, "threads": torch.get_num_threads(), "steps": sorted({s for _, _, s in reqs}),
         "max_batch_size": args.max_batch_size,
