@@ -191,3 +191,53 @@ def test_image_metrics(served):
     for family in ("pyserve_engine_step_seconds_count", "pyserve_queue_time_seconds_count",
                    "pyserve_e2e_request_latency_seconds_count", "pyserve_batch_size_sequences_count"):
         assert f"{family}{{{labels}}}" in text, family
+
+
+JUNK = [None, True, -1, 0, 2**70, 1.5, float("1e300"), "", "x" * 300, [], {}, [1, 2], {"a": 1}, "\ud800"]
+
+
+def test_fuzzed_image_requests_get_a_json_answer_and_the_server_stays_healthy(served):
+    """Arbitrary values in every field (small ones where a valid value costs denoising steps):
+    each request gets a 200 or a 4xx in OpenAI's error shape, and /health stays 200."""
+    import json
+    import urllib.error
+    import urllib.request
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    fields = {
+        "prompt": st.sampled_from([PROMPT, "", 7, None, "\ud800", "x" * 2000]),
+        "negative_prompt": st.sampled_from(JUNK + ["blurry"]),
+        "n": st.sampled_from(JUNK + [1, 2]),
+        "size": st.sampled_from(JUNK + ["16x16", "8x8", "20x20", "big", "0x0", "16x", "auto", "99999x99999"]),
+        "num_inference_steps": st.sampled_from(JUNK + [1, 2]),
+        "guidance_scale": st.sampled_from(JUNK + [1.0, 7.5, -3, 1e9]),
+        "scheduler": st.sampled_from(JUNK + ["ddim", "euler_a", "lms"]),
+        "seed": st.sampled_from(JUNK + [1, -(2**63), 2**64]),
+        "response_format": st.sampled_from(JUNK + ["b64_json", "url"]),
+        "partial_images": st.sampled_from(JUNK + [1, 4]),
+        "stream": st.sampled_from([False, True, "yes", None]),
+        "model": st.sampled_from(["tiny-sd", "nope", None, 3]),
+    }
+
+    def post(body: bytes) -> tuple[int, bytes]:
+        req = urllib.request.Request(served.url + "/v1/images/generations", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.fixed_dictionaries({}, optional=fields))
+    def check(body):
+        body.setdefault("num_inference_steps", 1)
+        status, raw = post(json.dumps(body).encode())
+        assert status == 200 or 400 <= status < 500, (body, status, raw[:300])
+        if status != 200:
+            assert "error" in json.loads(raw)
+        with urllib.request.urlopen(served.url + "/health", timeout=10) as r:
+            assert r.status == 200
+
+    check()

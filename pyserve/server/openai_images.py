@@ -59,7 +59,8 @@ def _stream_flag(fields) -> bool:
 
 async def _respond(request: Request, model: ServedModel, image_request: ImageRequest, stream: bool,
                    kind: str) -> Response:
-    rid = request.headers.get("x-request-id") or f"img-{uuid.uuid4().hex[:24]}"
+    # Unique per engine request even when clients reuse an X-Request-Id.
+    rid = f"{request.headers.get('x-request-id') or 'img'}-{uuid.uuid4().hex[:24]}"
     outputs = model.driver.submit(rid, image_request)
     metrics = request.app.state.metrics
     if stream:

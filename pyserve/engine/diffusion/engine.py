@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from ... import kernels
-from ...errors import EngineUnavailable
+from ...errors import EngineUnavailable, InvalidParameter
 from ...kernels import rng
 from ...tasks import IMAGE_GENERATION, ImageGenerationModel
 from ..base import EngineInfo, EngineStats, RequestTimes
@@ -111,6 +111,8 @@ class DiffusionEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def add(self, request_id: str, request: ImageRequest) -> None:
+        if request_id in self.requests:
+            raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
         request = request.checked(self.spec, self.max_image_size)
         if len(self.waiting) + request.n > self.max_queued:
             raise EngineUnavailable(f"the image queue is full ({self.max_queued} images waiting); retry later")
