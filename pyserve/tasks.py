@@ -122,7 +122,8 @@ class ImageGenerationModel(Protocol):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One named input or output of a one-shot model; -1 in the shape is any size (the batch first)."""
+    """One named input or output of a one-shot model: the dtype and shape of one item (the batch
+    dimension, which stacks items, is not part of it); -1 in the shape is any size."""
 
     name: str
     dtype: str  # numpy dtype name: "float32", "int64", "bytes", ...
@@ -137,4 +138,5 @@ class TensorModel(Protocol):
     max_batch_size: int
 
     def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Outputs for a batch whose first dimension stacks requests."""
+        """Outputs for a batch whose first dimension stacks items (of one or many requests); item i
+        of each output must depend on item i of the inputs alone."""

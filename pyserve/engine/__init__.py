@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..plugin import PluginRegistry
-from ..tasks import IMAGE_GENERATION, TEXT_GENERATION
+from ..tasks import IMAGE_GENERATION, TENSOR, TEXT_GENERATION
 from .base import Engine, EngineInfo, EngineStats
 from .driver import EngineDriver
 
@@ -29,6 +29,8 @@ def build_engine(task: str, model: Any, **options) -> Engine:
         from .llm import LLMEngine as engine_class
     elif task == IMAGE_GENERATION:
         from .diffusion import DiffusionEngine as engine_class
+    elif task == TENSOR:
+        from .batch import BatchEngine as engine_class
     else:
         raise ValueError(f"no engine serves the task {task!r} yet")
     known = inspect.signature(engine_class).parameters
