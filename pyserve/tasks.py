@@ -140,3 +140,6 @@ class TensorModel(Protocol):
     def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Outputs for a batch whose first dimension stacks items (of one or many requests); item i
         of each output must depend on item i of the inputs alone."""
+
+    # Optional: `check(inputs: dict[str, np.ndarray])` raises InvalidParameter for bad values
+    # (the engine has already checked names, dtypes and shapes against `inputs`).

@@ -126,3 +126,26 @@ def make_ddpm_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path:
     schedule = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     diffusers.DDPMPipeline(unet=unet, scheduler=schedule).save_pretrained(out)
     return out
+
+
+def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 16, channels: int = 1) -> Path:
+    """A tiny DCGAN generator with random weights in pyserve's documented GAN directory format."""
+    import sys
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from plugins.gan.model import DCGANGenerator
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = {"architectures": ["DCGANGenerator"], "latent_dim": 16, "image_size": image_size,
+              "channels": channels, "base_channels": 8, "num_classes": num_classes,
+              "batching": {"max_batch_size": 16, "max_queue_delay_s": 0.005}}
+    module = DCGANGenerator(16, image_size, channels, 8, num_classes)
+    for m in module.modules():  # non-trivial running statistics, so eval mode is really tested
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    save_file(module.state_dict(), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -16,6 +16,7 @@ class EngineInfo:
     task: str
     tokenizer: Any = None  # a pyserve.tokenizer.Tokenizer, for text models
     max_model_len: int = 0
+    signature: tuple = ((), ())  # (inputs, outputs) as TensorSpecs, for tensor models
 
 
 @dataclass(frozen=True)

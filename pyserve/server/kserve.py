@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter, ModelFailure
-from ..tasks import IMAGE_GENERATION, TEXT_GENERATION
-from . import adapters, image_adapters
+from ..tasks import IMAGE_GENERATION, TENSOR, TEXT_GENERATION
+from . import adapters, image_adapters, tensor_adapters
 from .adapters import SCALAR_INPUTS, TEXT_INPUT, TEXT_OUTPUT
 from .responses import parse_json, read_body
 
@@ -73,6 +73,14 @@ async def model_ready(request: Request) -> Response:
 
 async def model_meta(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
+    if model.task == TENSOR:
+        signature = model.driver.info.signature
+
+        def tensors(specs):
+            return [{"name": t.name, "datatype": tensor_adapters.KSERVE_DATATYPES.get(t.dtype, t.dtype),
+                     "shape": [-1, *t.shape]} for t in specs]
+        return JSONResponse({"name": model.name, "versions": ["1"], "platform": "pyserve", "task": model.task,
+                             "inputs": tensors(signature[0]), "outputs": tensors(signature[1])})
     if model.task == IMAGE_GENERATION:
         text_inputs, scalars = (image_adapters.PROMPT_INPUT, image_adapters.NEGATIVE_INPUT), image_adapters.SCALAR_INPUTS
         outputs = [{"name": image_adapters.IMAGES_OUTPUT, "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
@@ -102,12 +110,25 @@ class _Output:
 
 async def infer(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
+    body, blobs = await _parse(request)
+    if model.task == TENSOR:
+        return _answer(body, model.name, await _infer_tensor(request, model, body, blobs))
     if model.task not in (TEXT_GENERATION, IMAGE_GENERATION):
         raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, which does not infer here yet")
-    body, blobs = await _parse(request)
     inputs = [(t["name"], adapters.kserve_tensor_values(t, blobs.get(t["name"]))) for t in body["inputs"]]
     run = _infer_image if model.task == IMAGE_GENERATION else _infer_text
-    return _answer(body, model.name, await run(request, model, body, inputs))
+    return _answer(body, model.name, [await run(request, model, body, inputs)])
+
+
+async def _infer_tensor(request: Request, model, body: dict, blobs: dict) -> list[_Output]:
+    arrays = {t["name"]: tensor_adapters.kserve_array(t, blobs.get(t["name"])) for t in body["inputs"]}
+    out = None
+    async for out in model.driver.submit(None, tensor_adapters.tensor_request(arrays, body.get("parameters"))):
+        pass
+    if out.error:
+        raise ClientError(out.error, status=out.status)
+    return [_Output(name, tensor_adapters.KSERVE_DATATYPES.get(str(array.dtype), "BYTES"), list(array.shape), array)
+            for name, array in out.outputs.items()]
 
 
 async def _infer_text(request: Request, model, body: dict, inputs) -> _Output:
@@ -134,27 +155,33 @@ async def _infer_image(request: Request, model, body: dict, inputs) -> _Output:
     return _Output(image_adapters.IMAGES_OUTPUT, "UINT8", list(images.shape), images)
 
 
-def _answer(body: dict, model_name: str, output: _Output) -> Response:
-    """The inference response, in JSON or, when the request asked for it, the binary extension."""
-    outputs = body.get("outputs") if isinstance(body.get("outputs"), list) else []
-    wanted = {o.get("name"): o for o in outputs if isinstance(o, dict)}
-    options = (wanted.get(output.name) or {}).get("parameters")
+def _answer(body: dict, model_name: str, outputs: list[_Output]) -> Response:
+    """The inference response (the requested outputs, else all), in JSON or, where the request
+    asked for it, the binary extension."""
+    requested = body.get("outputs") if isinstance(body.get("outputs"), list) else []
+    wanted = {o.get("name"): o for o in requested if isinstance(o, dict)}
     parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
-    binary = bool(options.get("binary_data")) if isinstance(options, dict) else \
-        bool(parameters.get("binary_data_output"))
     result = {"model_name": model_name, "model_version": "1", "outputs": []}
     if isinstance(body.get("id"), str):
         result["id"] = body["id"]
-    tensor = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
-    if not binary:
-        tensor["data"] = output.json_data()
+    blobs = []
+    for output in outputs:
+        if wanted and output.name not in wanted:
+            continue
+        options = (wanted.get(output.name) or {}).get("parameters")
+        binary = bool(options.get("binary_data")) if isinstance(options, dict) else \
+            bool(parameters.get("binary_data_output"))
+        tensor = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
+        if binary:
+            blobs.append(output.raw())
+            tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
+        else:
+            tensor["data"] = output.json_data()
         result["outputs"].append(tensor)
+    if not blobs:
         return JSONResponse(result)
-    blob = output.raw()
-    tensor["parameters"] = {"binary_data_size": len(blob)}
-    result["outputs"].append(tensor)
     head = json.dumps(result).encode()
-    return Response(head + blob, media_type="application/octet-stream",
+    return Response(head + b"".join(blobs), media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 

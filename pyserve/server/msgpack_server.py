@@ -12,8 +12,8 @@ import logging
 from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
                         ProtocolError, decode, encode, error_frame, frame_length)
-from ..tasks import TEXT_GENERATION
-from . import adapters, image_adapters
+from ..tasks import TENSOR, TEXT_GENERATION
+from . import adapters, image_adapters, tensor_adapters
 from .auth import AccessPolicy, Principal
 from .models import ModelRegistry, ServedModel
 
@@ -190,9 +190,13 @@ class Connection:
 
     async def infer(self, rid, params: dict) -> None:
         """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike."""
-        model = self.text_model(params)
         if not isinstance(params.get("inputs"), dict):
             raise InvalidParameter("inputs", "must be a map of name -> tensor")
+        name = params.get("model")
+        if (name is None or isinstance(name, str)) and self.models.get(name).task == TENSOR:
+            await self.infer_tensor(rid, self.models.get(name), params)
+            return
+        model = self.text_model(params)
         inputs = [(name, adapters.wire_tensor_values(str(name), t)) for name, t in params["inputs"].items()]
         text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
         ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
@@ -207,6 +211,16 @@ class Connection:
                   "usage": adapters.usage([out])}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
+
+    async def infer_tensor(self, rid, model: ServedModel, params: dict) -> None:
+        arrays = {str(name): tensor_adapters.wire_array(str(name), t) for name, t in params["inputs"].items()}
+        out = None
+        async for out in model.driver.submit(None, tensor_adapters.tensor_request(arrays, params.get("parameters"))):
+            pass
+        if out.error:
+            raise ClientError(out.error, status=out.status)
+        outputs = {name: tensor_adapters.to_wire(array) for name, array in out.outputs.items()}
+        await self.send(encode({"type": "result", "id": rid, "result": {"outputs": outputs}}))
 
     async def images(self, rid, params: dict) -> None:
         """Text-to-image (or img2img with `image` as bytes); with `progress`, a partial frame per step."""

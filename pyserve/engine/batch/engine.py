@@ -107,7 +107,7 @@ class BatchEngine:
                      "max_queue_delay_s": max_queue_delay_s, "max_queue_size": max_queue_size, "timeout_s": timeout_s}
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
-        self.info = EngineInfo(TENSOR)
+        self.info = EngineInfo(TENSOR, signature=(tuple(model.inputs), tuple(model.outputs)))
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
         # Called after every batch with (requests in it, items in it); metrics hook in here.
@@ -150,6 +150,9 @@ class BatchEngine:
             counts.add(array.shape[0])
         if len(counts) != 1 or 0 in counts:
             raise InvalidParameter(next(iter(specs)), "every input must stack the same number (>= 1) of items")
+        check = getattr(self.model, "check", None)
+        if check is not None:  # the model's own value checks (a class label out of range, ...)
+            check(inputs)
         return counts.pop()
 
     def abort(self, request_id: str) -> TensorOutput | None:
