@@ -124,3 +124,28 @@ def test_under_the_driver_concurrent_clients_are_batched():
     assert all(np.array_equal(o.outputs["y"], items(1, i) * 2) for i, o in enumerate(outs))
     assert max(model.batches) > 1 and sum(model.batches) == 32
     assert threading.active_count() >= 1
+
+
+class Summer:
+    """Any-length rows: y = the sum of each row."""
+
+    inputs = [TensorSpec("x", "float32", (-1,))]
+    outputs = [TensorSpec("y", "float32", ())]
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, batch):
+        self.batches.append(tuple(batch["x"].shape))
+        return {"y": batch["x"].sum(dim=1)}
+
+
+def test_items_of_different_lengths_go_in_separate_batches():
+    model = Summer()
+    engine = BatchEngine(model, BatchPolicy(max_batch_size=8, max_queue_delay_s=0.0))
+    engine.add("a", TensorRequest({"x": np.ones((2, 3), np.float32)}))
+    engine.add("b", TensorRequest({"x": np.ones((1, 5), np.float32)}))
+    engine.add("c", TensorRequest({"x": np.ones((1, 3), np.float32)}))
+    outs = drain(engine)
+    assert sorted(model.batches) == [(1, 5), (3, 3)]
+    assert outs["a"].outputs["y"].tolist() == [3, 3] and outs["b"].outputs["y"].tolist() == [5]

@@ -128,7 +128,8 @@ def make_ddpm_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path:
     return out
 
 
-def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 16, channels: int = 1) -> Path:
+def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 16, channels: int = 1,
+             base_channels: int = 8) -> Path:
     """A tiny DCGAN generator with random weights in pyserve's documented GAN directory format."""
     import sys
     from safetensors.torch import save_file
@@ -139,9 +140,9 @@ def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = {"architectures": ["DCGANGenerator"], "latent_dim": 16, "image_size": image_size,
-              "channels": channels, "base_channels": 8, "num_classes": num_classes,
+              "channels": channels, "base_channels": base_channels, "num_classes": num_classes,
               "batching": {"max_batch_size": 16, "max_queue_delay_s": 0.005}}
-    module = DCGANGenerator(16, image_size, channels, 8, num_classes)
+    module = DCGANGenerator(16, image_size, channels, base_channels, num_classes)
     for m in module.modules():  # non-trivial running statistics, so eval mode is really tested
         if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
             m.running_mean.uniform_(-0.5, 0.5)

@@ -125,6 +125,7 @@ async def _infer_tensor(request: Request, model, body: dict, blobs: dict) -> lis
     out = None
     async for out in model.driver.submit(None, tensor_adapters.tensor_request(arrays, body.get("parameters"))):
         pass
+    request.app.state.metrics.request_finished(model, out)
     if out.error:
         raise ClientError(out.error, status=out.status)
     return [_Output(name, tensor_adapters.KSERVE_DATATYPES.get(str(array.dtype), "BYTES"), list(array.shape), array)
@@ -148,7 +149,7 @@ async def _infer_image(request: Request, model, body: dict, inputs) -> _Output:
     out = None
     async for out in model.driver.submit(None, image_adapters.image_from_tensors(inputs, body.get("parameters"))):
         pass
-    request.app.state.metrics.images_finished(model, out)
+    request.app.state.metrics.request_finished(model, out, 0 if out.images is None else len(out.images))
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     images = image_adapters.to_uint8(out.images)

@@ -82,12 +82,12 @@ class Metrics:
             self.queue.labels(*labels).observe(t.first_scheduled - t.arrival)
         return True
 
-    def images_finished(self, model: ServedModel, out) -> None:
-        """Record an image request that ended (an ImageOutput)."""
+    def request_finished(self, model: ServedModel, out, images: int = 0) -> None:
+        """Record an image or tensor request that ended (its last output: `error`, `times`)."""
         labels = (model.name, model.task)
         self.requests.labels(*labels, "error" if out.error else "finished").inc()
-        if out.images is not None:
-            self.images.labels(*labels).inc(len(out.images))
+        if images:
+            self.images.labels(*labels).inc(images)
         self._times(labels, out.times)
 
     def finished(self, model: ServedModel, outs: list, status: str | None = None) -> None:

@@ -65,12 +65,12 @@ async def _respond(request: Request, model: ServedModel, image_request: ImageReq
     metrics = request.app.state.metrics
     if stream:
         first = await anext(outputs)  # a refused request raises here, before any response is sent
-        return StreamingResponse(_events(request.url.path, first, outputs, kind, lambda o: metrics.images_finished(
-            model, o)), media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, first, outputs, kind, lambda o: metrics.request_finished(
+            model, o, 0 if o.images is None else len(o.images))), media_type="text/event-stream")
     out = None
     async for out in outputs:
         pass
-    metrics.images_finished(model, out)
+    metrics.request_finished(model, out, 0 if out.images is None else len(out.images))
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(out.images)]

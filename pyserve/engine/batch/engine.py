@@ -194,7 +194,10 @@ class BatchEngine:
 
     def _run(self, waiting: list[_Queued], size: int) -> list[TensorOutput]:
         taken: list[tuple[_Queued, int, int]] = []  # (request, first item, count)
+        shapes = _item_shapes(waiting[0])  # items of other shapes (-1 dimensions) wait for a batch of their own
         for q in waiting:
+            if _item_shapes(q) != shapes:
+                continue
             count = min(size - sum(c for _, _, c in taken), q.items - q.next_item)
             if count <= 0:
                 break
@@ -242,3 +245,7 @@ class BatchEngine:
         q = self.requests.pop(request_id)
         self.queued_items -= q.items - q.next_item
         return TensorOutput(request_id, error=error)
+
+
+def _item_shapes(q: _Queued) -> tuple:
+    return tuple(sorted((name, array.shape[1:]) for name, array in q.request.inputs.items()))

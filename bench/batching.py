@@ -1,0 +1,93 @@
+"""Dynamic batching of one-shot models: 512 requests from 32 concurrent msgpack clients against
+a served model, with the batch engine's dynamic batching and with batches of one, in one run.
+
+    python bench/batching.py             # a class-conditional DCGAN, 32x32 RGB, random weights
+    python bench/batching.py --quick
+
+Prints throughput, p50/p99 latency and the mean batch fill ratio (mean batch / max batch size);
+writes bench/results/batching.json. (The forecaster joins when its plugin lands.)
+"""
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import make_gan  # noqa: E402
+
+from pyserve.client import AsyncClient  # noqa: E402
+from pyserve.engine import EngineDriver, load_engine  # noqa: E402
+from pyserve.server import start_in_thread  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def clients(port: int, num_clients: int, per_client: int) -> list[float]:
+    latencies: list[float] = []
+
+    async def one(c: int):
+        async with await AsyncClient.connect("127.0.0.1", port) as client:
+            for i in range(per_client):
+                seed = np.array([c * per_client + i], dtype=np.int64)
+                start = time.perf_counter()
+                await client.infer("gan", {"seed": seed, "class_label": np.array([i % 10], dtype=np.int64)})
+                latencies.append(time.perf_counter() - start)
+    await asyncio.gather(*(one(c) for c in range(num_clients)))
+    return latencies
+
+
+def run(model_dir: Path, max_batch_size: int, num_clients: int, per_client: int) -> dict:
+    engine = load_engine(model_dir, device="cpu", max_batch_size=max_batch_size, max_queue_delay_s=0.002)
+    sizes: list[int] = []
+    model_run = engine.model.run
+    engine.model.run = lambda batch: (sizes.append(len(batch["seed"])), model_run(batch))[1]
+    server = start_in_thread({"gan": EngineDriver(engine)})
+    try:
+        asyncio.run(clients(server.msgpack_port, 2, 4))  # warm-up
+        sizes.clear()
+        start = time.perf_counter()
+        latencies = asyncio.run(clients(server.msgpack_port, num_clients, per_client))
+        elapsed = time.perf_counter() - start
+    finally:
+        server.stop()
+    latencies.sort()
+    return {"max_batch_size": max_batch_size, "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": 1e3 * latencies[len(latencies) // 2], "p99_ms": 1e3 * latencies[int(0.99 * (len(latencies) - 1))],
+            "mean_batch": statistics.mean(sizes), "fill_ratio": statistics.mean(sizes) / max_batch_size,
+            "batches": len(sizes)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    num_clients, per_client = (8, 8) if args.quick else (32, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_gan(Path(tmp), num_classes=10, image_size=32, channels=3, base_channels=32)
+        dynamic = run(model_dir, 32, num_clients, per_client)
+        single = run(model_dir, 1, num_clients, per_client)
+    result = {"model": "DCGAN 32x32x3, class-conditional", "clients": num_clients,
+              "requests": num_clients * per_client, "dynamic": dynamic, "batch_size_1": single,
+              "throughput_ratio": dynamic["requests_per_s"] / single["requests_per_s"],
+              "p99_ratio": single["p99_ms"] / dynamic["p99_ms"]}
+    print(f"{result['requests']} requests from {num_clients} clients over msgpack")
+    print(f"{'':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}{'fill':>7}")
+    for name, r in (("dynamic (max 32)", dynamic), ("batch size 1", single)):
+        print(f"{name:<22}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+              f"{r['mean_batch']:>12.1f}{r['fill_ratio']:>7.0%}")
+    print(f"throughput {result['throughput_ratio']:.2f}x, p99 {result['p99_ratio']:.2f}x lower")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("batching-quick.json" if args.quick else "batching.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
