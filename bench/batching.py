@@ -10,7 +10,6 @@ writes bench/results/batching.json. (The forecaster joins when its plugin lands.
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -20,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_result  # noqa: E402
 from tiny_models import make_gan  # noqa: E402
 
 from pyserve.client import AsyncClient  # noqa: E402
 from pyserve.engine import EngineDriver, load_engine  # noqa: E402
 from pyserve.server import start_in_thread  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 async def clients(port: int, num_clients: int, per_client: int) -> list[float]:
@@ -83,10 +83,7 @@ def main() -> None:
         print(f"{name:<22}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
               f"{r['mean_batch']:>12.1f}{r['fill_ratio']:>7.0%}")
     print(f"throughput {result['throughput_ratio']:.2f}x, p99 {result['p99_ratio']:.2f}x lower")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("batching-quick.json" if args.quick else "batching.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result("batching", result, args.quick)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ denoiser network (schedule update, guidance, batching). Writes bench/results/dif
 """
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -24,12 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_result  # noqa: E402
 from tiny_models import clip_tokenizer_files  # noqa: E402
 
 from pyserve.engine import load_engine  # noqa: E402
 from pyserve.engine.diffusion import ImageRequest  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen", "an old map of a city",
            "a robot reading a book", "mountains over a lake", "a cat on a windowsill", "a city street in rain"]
 GUIDANCE = 7.5
@@ -206,10 +206,7 @@ def main() -> None:
           f"{result['images_per_s_vs_batched']:.2f}x")
     print(f"low load (one 20-step image): pyserve {low['pyserve_s']:.2f}s, diffusers {low['diffusers_s']:.2f}s "
           f"({low['speed_ratio']:.2f}x)")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("diffusion-quick.json" if args.quick else "diffusion.json")
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result("diffusion", result, args.quick)
 
 
 if __name__ == "__main__":
