@@ -157,3 +157,10 @@ def test_abort_frees_the_slot_at_once(sd_dir):
     outs = [o for _ in range(3) for o in engine.step()]
     assert [o.request_id for o in outs if o.finished] == ["next"]
     assert not engine.has_unfinished()
+
+
+def test_an_init_image_of_any_size_defaults_to_the_nearest_size_below(sd_dir):
+    engine = load_engine(sd_dir, device="cpu")
+    init = torch.rand(3, 20, 29)
+    out = run(engine, {"r": ImageRequest(PROMPT, num_inference_steps=2, seed=1, init_image=init, strength=1.0)})["r"]
+    assert out.shape == (1, 16, 24, 3)

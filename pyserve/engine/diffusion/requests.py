@@ -39,9 +39,12 @@ class ImageRequest:
 
     def checked(self, spec: ImageModelSpec, max_size: int) -> "ImageRequest":
         """This request with defaults filled in; InvalidParameter names the first bad field."""
-        height = self.height or (self.init_image.shape[1] if self.init_image is not None else spec.default_size)
-        width = self.width or (self.init_image.shape[2] if self.init_image is not None else spec.default_size)
         multiple = max(8, spec.vae_scale_factor)
+
+        def default(side: int) -> int:  # an init image's side, down to the nearest size the model takes
+            return max(multiple, side // multiple * multiple) if self.init_image is not None else spec.default_size
+        height = self.height or default(self.init_image.shape[1] if self.init_image is not None else 0)
+        width = self.width or default(self.init_image.shape[2] if self.init_image is not None else 0)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or not multiple <= value <= max_size or value % multiple:
                 raise InvalidParameter(name, f"must be a multiple of {multiple} from {multiple} to {max_size}, "
