@@ -13,6 +13,7 @@ from pyserve.engine.batch import TensorRequest
 from pyserve.errors import InvalidParameter
 from pyserve.server import start_in_thread
 
+from conftest import run_engine
 from tiny_models import make_gan
 
 
@@ -33,22 +34,13 @@ def reference_images(gan_dir, seeds, labels) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def run(engine, requests):
-    for rid, req in requests.items():
-        engine.add(rid, req)
-    outs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs[out.request_id] = out
-    return outs
-
 
 def test_images_match_the_module_and_do_not_depend_on_the_batch(gan_dir):
     engine = load_engine(gan_dir, device="cpu")
     seeds, labels = [3, 1, 4, 1, 5], [7, 0, 2, 9, 7]
-    batched = run(engine, {f"r{i}": TensorRequest({"seed": np.array([s]), "class_label": np.array([c])})
+    batched = run_engine(engine, {f"r{i}": TensorRequest({"seed": np.array([s]), "class_label": np.array([c])})
                            for i, (s, c) in enumerate(zip(seeds, labels))})
-    alone = run(engine, {"r0": TensorRequest({"seed": np.array([3]), "class_label": np.array([7])})})
+    alone = run_engine(engine, {"r0": TensorRequest({"seed": np.array([3]), "class_label": np.array([7])})})
     want = reference_images(gan_dir, seeds, labels)
     got = np.concatenate([batched[f"r{i}"].outputs["images"] for i in range(5)])
     assert got.shape == (5, 16, 16, 1) and got.dtype == np.uint8

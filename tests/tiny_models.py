@@ -150,3 +150,37 @@ def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 
     save_file(module.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+def seasonal_series(n: int, length: int, period: int = 12, seed: int = 0):
+    """Synthetic seasonal series (level, trend, seasonality, noise), float32 [n, length]."""
+    import math
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    level = rng.uniform(5, 50, (n, 1))
+    trend = rng.uniform(-0.05, 0.1, (n, 1)) * level / 10
+    amplitude = rng.uniform(0.1, 0.5, (n, 1)) * level
+    phase = rng.uniform(0, 2 * math.pi, (n, 1))
+    noise = rng.normal(0, 0.05, (n, length)) * level
+    return (level + trend * t + amplitude * np.sin(2 * math.pi * t / period + phase) + noise).astype(np.float32)
+
+
+def make_forecaster(out: Path, seed: int = 0, context_length: int = 32, horizon: int = 6) -> Path:
+    """A tiny causal-transformer forecaster with random weights in the plugin's directory format."""
+    import sys
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from plugins.forecaster.model import CausalForecaster
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = {"architectures": ["CausalForecaster"], "context_length": context_length, "horizon": horizon,
+              "num_bins": 64, "bin_range": 4.0, "d_model": 32, "num_layers": 2, "num_heads": 4,
+              "num_samples": 8, "quantiles": [0.1, 0.5, 0.9], "batching": {"max_batch_size": 16}}
+    module = CausalForecaster(64, context_length, 32, 2, 4)
+    save_file(module.state_dict(), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config))
+    return out

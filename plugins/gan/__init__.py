@@ -10,10 +10,9 @@ Inputs per item: `seed` (int64) and, when conditional, `class_label` (int64 in [
 `images` (uint8, [image_size, image_size, channels]). The latent of an item is Philox noise from
 its seed alone, so an image never depends on its batch."""
 
-import json
 from pathlib import Path
 
-from pyserve.plugin import TENSOR, Plugin
+from pyserve.plugin import TENSOR, Plugin, read_model_config
 
 
 class GANPlugin(Plugin):
@@ -23,8 +22,7 @@ class GANPlugin(Plugin):
 
     def load(self, model_dir, *, device="cpu", dtype=None):
         from .model import GeneratorModel
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        return GeneratorModel.load(Path(model_dir), config, device=device)
+        return GeneratorModel.load(Path(model_dir), read_model_config(Path(model_dir)), device=device)
 
 
 plugin = GANPlugin()
