@@ -1,11 +1,11 @@
 """Dynamic batching of one-shot models: 512 requests from 32 concurrent msgpack clients against
 a served model, with the batch engine's dynamic batching and with batches of one, in one run.
 
-    python bench/batching.py             # a class-conditional DCGAN, 32x32 RGB, random weights
+    python bench/batching.py             # a conditional DCGAN (32x32 RGB) and a forecaster, random weights
     python bench/batching.py --quick
 
 Prints throughput, p50/p99 latency and the mean batch fill ratio (mean batch / max batch size);
-writes bench/results/batching.json. (The forecaster joins when its plugin lands.)
+writes bench/results/batching.json.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result  # noqa: E402
-from tiny_models import make_gan  # noqa: E402
+from tiny_models import make_forecaster, make_gan, seasonal_series  # noqa: E402
 
 from pyserve.client import AsyncClient  # noqa: E402
 from pyserve.engine import EngineDriver, load_engine  # noqa: E402
@@ -29,31 +29,41 @@ from pyserve.server import start_in_thread  # noqa: E402
 
 
 
-async def clients(port: int, num_clients: int, per_client: int) -> list[float]:
+HISTORIES = seasonal_series(64, 32, seed=3)
+
+
+def gan_inputs(i: int) -> dict:
+    return {"seed": np.array([i], dtype=np.int64), "class_label": np.array([i % 10], dtype=np.int64)}
+
+
+def forecaster_inputs(i: int) -> dict:
+    return {"history": HISTORIES[i % len(HISTORIES)][None], "seed": np.array([i], dtype=np.int64)}
+
+
+async def clients(port: int, inputs, num_clients: int, per_client: int) -> list[float]:
     latencies: list[float] = []
 
     async def one(c: int):
         async with await AsyncClient.connect("127.0.0.1", port) as client:
             for i in range(per_client):
-                seed = np.array([c * per_client + i], dtype=np.int64)
                 start = time.perf_counter()
-                await client.infer("gan", {"seed": seed, "class_label": np.array([i % 10], dtype=np.int64)})
+                await client.infer("model", inputs(c * per_client + i))
                 latencies.append(time.perf_counter() - start)
     await asyncio.gather(*(one(c) for c in range(num_clients)))
     return latencies
 
 
-def run(model_dir: Path, max_batch_size: int, num_clients: int, per_client: int) -> dict:
+def run(model_dir: Path, inputs, max_batch_size: int, num_clients: int, per_client: int) -> dict:
     engine = load_engine(model_dir, device="cpu", max_batch_size=max_batch_size, max_queue_delay_s=0.002)
     sizes: list[int] = []
     model_run = engine.model.run
     engine.model.run = lambda batch: (sizes.append(len(batch["seed"])), model_run(batch))[1]
-    server = start_in_thread({"gan": EngineDriver(engine)})
+    server = start_in_thread({"model": EngineDriver(engine)})
     try:
-        asyncio.run(clients(server.msgpack_port, 2, 4))  # warm-up
+        asyncio.run(clients(server.msgpack_port, inputs, 2, 4))  # warm-up
         sizes.clear()
         start = time.perf_counter()
-        latencies = asyncio.run(clients(server.msgpack_port, num_clients, per_client))
+        latencies = asyncio.run(clients(server.msgpack_port, inputs, num_clients, per_client))
         elapsed = time.perf_counter() - start
     finally:
         server.stop()
@@ -69,20 +79,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     num_clients, per_client = (8, 8) if args.quick else (32, 16)
+    result = {"clients": num_clients, "requests": num_clients * per_client, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_gan(Path(tmp), num_classes=10, image_size=32, channels=3, base_channels=32)
-        dynamic = run(model_dir, 32, num_clients, per_client)
-        single = run(model_dir, 1, num_clients, per_client)
-    result = {"model": "DCGAN 32x32x3, class-conditional", "clients": num_clients,
-              "requests": num_clients * per_client, "dynamic": dynamic, "batch_size_1": single,
-              "throughput_ratio": dynamic["requests_per_s"] / single["requests_per_s"],
-              "p99_ratio": single["p99_ms"] / dynamic["p99_ms"]}
+        models = {"gan (conditional DCGAN, 32x32 RGB)": (make_gan(Path(tmp) / "gan", image_size=32, channels=3,
+                                                                  base_channels=32), gan_inputs),
+                  "forecaster (2-layer transformer, 8 paths x 6 steps)": (make_forecaster(Path(tmp) / "fc"),
+                                                                          forecaster_inputs)}
+        for name, (model_dir, inputs) in models.items():
+            dynamic = run(model_dir, inputs, 32, num_clients, per_client)
+            single = run(model_dir, inputs, 1, num_clients, per_client)
+            result["models"][name] = {"dynamic": dynamic, "batch_size_1": single,
+                                      "throughput_ratio": dynamic["requests_per_s"] / single["requests_per_s"],
+                                      "p99_ratio": single["p99_ms"] / dynamic["p99_ms"]}
     print(f"{result['requests']} requests from {num_clients} clients over msgpack")
-    print(f"{'':<22}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}{'fill':>7}")
-    for name, r in (("dynamic (max 32)", dynamic), ("batch size 1", single)):
-        print(f"{name:<22}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-              f"{r['mean_batch']:>12.1f}{r['fill_ratio']:>7.0%}")
-    print(f"throughput {result['throughput_ratio']:.2f}x, p99 {result['p99_ratio']:.2f}x lower")
+    print(f"{'':<60}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}{'fill':>7}")
+    for name, m in result["models"].items():
+        for label, r in (("dynamic (max 32)", m["dynamic"]), ("batch size 1", m["batch_size_1"])):
+            print(f"{name + ', ' + label:<60}{r['requests_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+                  f"{r['mean_batch']:>12.1f}{r['fill_ratio']:>7.0%}")
+        print(f"  throughput {m['throughput_ratio']:.2f}x, p99 {m['p99_ratio']:.2f}x lower")
     write_result("batching", result, args.quick)
 
 
