@@ -3,6 +3,9 @@
 // libtorch, so it builds in seconds and works with any torch version.
 #include <omp.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include <cstdint>
 
@@ -50,10 +53,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dense_attention",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int batch, int num_heads, int num_kv_heads, int q_len,
-         int kv_len, int head_dim, float scale, bool causal) {
-        pyserve::cpu::dense_attention(DenseAttentionArgs{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
-                                                         ptr<float>(out), batch, num_heads, num_kv_heads, q_len,
-                                                         kv_len, head_dim, scale, causal});
+         int kv_len, int head_dim, float scale, bool causal, std::array<long, 3> q_stride,
+         std::array<long, 3> k_stride, std::array<long, 3> v_stride) {
+        DenseAttentionArgs args{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v), ptr<float>(out),
+                                batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, scale, causal};
+        for (int i = 0; i < 3; ++i) {
+          args.q_stride[i] = q_stride[i];
+          args.k_stride[i] = k_stride[i];
+          args.v_stride[i] = v_stride[i];
+        }
+        pyserve::cpu::dense_attention(args);
       },
       nogil);
 

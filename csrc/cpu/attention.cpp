@@ -447,23 +447,25 @@ void dense_attention(const DenseAttentionArgs& a) {
     st->dim = a.head_dim;
 #pragma omp for schedule(dynamic, 1)
     for (long w = 0; w < n_items; ++w) {
-      int tile_idx = w % n_tok_tiles, h = (w / n_tok_tiles) % a.num_kv_heads, b = w / n_tok_tiles / a.num_kv_heads;
+      int tile_idx = w % n_tok_tiles, h = (w / n_tok_tiles) % a.num_kv_heads;
+      long b = w / n_tok_tiles / a.num_kv_heads;
       int t0 = tile_idx * tok_tile, t1 = std::min(a.q_len, t0 + tok_tile);
       st->n = (t1 - t0) * group;
       for (int t = t0, r = 0; t < t1; ++t)
         for (int g = 0; g < group; ++g, ++r) {
-          st->q[r] = a.q + ((static_cast<long>(b) * a.num_heads + h * group + g) * a.q_len + t) * a.head_dim;
+          st->q[r] = a.q + b * a.q_stride[0] + (h * group + g) * a.q_stride[1] + t * a.q_stride[2];
           st->pos[r] = offset + t;
         }
       reset(*st);
-      long kv_base = (static_cast<long>(b) * a.num_kv_heads + h) * a.kv_len * a.head_dim;
+      const float* k = a.k + b * a.k_stride[0] + h * a.k_stride[1];
+      const float* v = a.v + b * a.v_stride[0] + h * a.v_stride[1];
       int end = a.causal ? std::min(a.kv_len, offset + t1) : a.kv_len;
       Tile& tile = st->tiles[0];
       for (int k0 = 0; k0 < end; k0 += kMaxTile) {
         tile.first_pos = k0;
         tile.len = 0;
         for (int j = k0; j < std::min(end, k0 + kMaxTile); ++j)
-          tile.add(a.k + kv_base + static_cast<long>(j) * a.head_dim, a.v + kv_base + static_cast<long>(j) * a.head_dim);
+          tile.add(k + j * a.k_stride[2], v + j * a.v_stride[2]);
         attend_tile(*st, tile, a.scale, a.causal, 0);
       }
       for (int r = 0; r < st->n; ++r) {

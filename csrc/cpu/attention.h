@@ -23,13 +23,14 @@ struct PagedAttentionArgs {
 };
 
 struct DenseAttentionArgs {
-  const float* q;  // [B, H, Lq, D]
-  const float* k;  // [B, Hkv, Lk, D]
+  const float* q;  // [B, H, Lq, D], any strides but a unit one for D
+  const float* k;  // [B, Hkv, Lk, D], likewise
   const float* v;
-  float* out;      // [B, H, Lq, D]
+  float* out;      // [B, H, Lq, D], contiguous
   int batch, num_heads, num_kv_heads, q_len, kv_len, head_dim;
   float scale;
   bool causal;
+  long q_stride[3], k_stride[3], v_stride[3];  // element strides of (batch, head, position)
 };
 
 struct WriteKVArgs {

@@ -73,13 +73,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out.to(q.dtype)
 
 
+def _strided_f32(t: torch.Tensor) -> torch.Tensor:
+    """t as fp32 with a unit stride along the last dimension; other strides are kept (no copy of
+    the transposed views attention layers pass)."""
+    return t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.to(torch.float32).contiguous()
+
+
 def dense_attention(q, k, v, scale, causal=False):
     _check_limits(q.shape[3], q.shape[1] // k.shape[1])
-    qf, kf, vf = _f32(q), _f32(k), _f32(v)
-    out = torch.empty_like(qf)
+    qf, kf, vf = _strided_f32(q), _strided_f32(k), _strided_f32(v)
     b, h, lq, d = q.shape
+    out = torch.empty((b, h, lq, d), dtype=torch.float32)
     _C.dense_attention(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), out.data_ptr(), b, h, k.shape[1], lq, k.shape[2],
-                       d, float(scale), bool(causal))
+                       d, float(scale), bool(causal), qf.stride()[:3], kf.stride()[:3], vf.stride()[:3])
     return out.to(q.dtype)
 
 
