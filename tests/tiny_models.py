@@ -128,6 +128,9 @@ def make_ddpm_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path:
     return out
 
 
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
 def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 16, channels: int = 1,
              base_channels: int = 8) -> Path:
     """A tiny DCGAN generator with random weights in pyserve's documented GAN directory format."""
@@ -141,7 +144,7 @@ def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 
     torch.manual_seed(seed)
     config = {"architectures": ["DCGANGenerator"], "latent_dim": 16, "image_size": image_size,
               "channels": channels, "base_channels": base_channels, "num_classes": num_classes,
-              "batching": {"max_batch_size": 16, "max_queue_delay_s": 0.005}}
+              "class_names": DIGITS[:num_classes], "batching": {"max_batch_size": 16, "max_queue_delay_s": 0.005}}
     module = DCGANGenerator(16, image_size, channels, base_channels, num_classes)
     for m in module.modules():  # non-trivial running statistics, so eval mode is really tested
         if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):

@@ -3,6 +3,7 @@
 Directory format (documented in the README so others can publish their own):
     config.json        {"architectures": ["DCGANGenerator"], "latent_dim": 64, "image_size": 32,
                         "channels": 3, "base_channels": 64, "num_classes": 0 (unconditional) or N,
+                        "class_names": ["cat", ...] (optional: lets an images-API prompt name a class),
                         "batching": {"max_batch_size": 64, "max_queue_delay_s": 0.005} (optional)}
     model.safetensors  the generator's weights (names as in plugins/gan/model.py)
 

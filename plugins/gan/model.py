@@ -60,6 +60,7 @@ class GeneratorModel:
         self.outputs = [TensorSpec("images", "uint8", (size, size, channels))]
         self.batching = config.get("batching", {})
         self.max_batch_size = self.batching.get("max_batch_size", 64)
+        self.class_names = tuple(config.get("class_names", ()))
 
     @classmethod
     def load(cls, model_dir: Path, config: dict, device: str = "cpu") -> "GeneratorModel":

@@ -17,6 +17,7 @@ class EngineInfo:
     tokenizer: Any = None  # a pyserve.tokenizer.Tokenizer, for text models
     max_model_len: int = 0
     signature: tuple = ((), ())  # (inputs, outputs) as TensorSpecs, for tensor models
+    class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
 
 
 @dataclass(frozen=True)

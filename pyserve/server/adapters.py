@@ -28,6 +28,7 @@ _TYPES = {
     "presence_penalty": (int, float), "frequency_penalty": (int, float), "repetition_penalty": (int, float),
     "stream": bool, "ignore_eos": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str,
     "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool, "cache_salt": str,
+    "class_label": int,
 }
 MAX_CACHE_SALT = 1024
 

@@ -7,6 +7,7 @@ milliseconds, which the event loop must not wait on."""
 import asyncio
 import base64
 import io
+import random
 import warnings
 from collections.abc import Mapping
 
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engine.diffusion import ImageRequest
+from ..engine.batch import TensorRequest
+from ..engine.diffusion import ImageRequest, image_seed
+from ..engine.diffusion.requests import MAX_IMAGES
 from ..errors import InvalidParameter
 from ..tasks import IMAGE_GENERATION
 from .adapters import check_text, get_field
@@ -24,16 +27,51 @@ MAX_UPLOAD_PIXELS = 4096 * 4096  # decompression-bomb guard for uploaded images
 
 _TYPES = {"prompt": str, "negative_prompt": str, "n": int, "size": str, "width": int, "height": int,
           "num_inference_steps": int, "guidance_scale": (int, float), "scheduler": str, "seed": int,
-          "strength": (int, float), "response_format": str, "partial_images": int}
+          "strength": (int, float), "response_format": str, "partial_images": int, "class_label": int}
 
 
-def image_model(models: ModelRegistry, name) -> ServedModel:
+def image_model(models: ModelRegistry, name, one_shot: bool = False) -> ServedModel:
+    """The model called `name` if it makes images: a diffusion model, or (when `one_shot`) a
+    one-shot model that takes a `seed` per item and answers uint8 `images`."""
     if name is not None and not isinstance(name, str):
         raise InvalidParameter("model", "must be a string")
     model = models.get(name)
-    if model.task != IMAGE_GENERATION:
-        raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not an image model")
-    return model
+    if model.task == IMAGE_GENERATION or (one_shot and makes_images(model)):
+        return model
+    raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not an image model")
+
+
+def makes_images(model: ServedModel) -> bool:
+    inputs, outputs = model.driver.info.signature
+    return (any(t.name == "seed" and t.dtype == "int64" for t in inputs)
+            and any(t.name == "images" and t.dtype == "uint8" and len(t.shape) == 3 for t in outputs))
+
+
+def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
+    """A one-shot image producer's items for an images-API request: n seeds (the request's seed
+    spread as diffusion spreads it), and the class from `class_label` or a prompt naming a class."""
+    n, seed = _field(fields, "n", 1), get_field(fields, "seed")
+    if not 1 <= n <= MAX_IMAGES:
+        raise InvalidParameter("n", f"must be in [1, {MAX_IMAGES}]")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise InvalidParameter("seed", "must fit in 64 bits")
+    first = random.getrandbits(63) if seed is None else seed
+    inputs = {"seed": np.array([image_seed(first, i) for i in range(n)], dtype=np.int64)}
+    names = model.driver.info.class_names
+    if any(t.name == "class_label" for t in model.driver.info.signature[0]):
+        label = get_field(fields, "class_label")
+        prompt = _field(fields, "prompt", "").strip().lower()
+        if label is None and prompt:
+            matches = [i for i, name in enumerate(names) if name.lower() in prompt]
+            if len(matches) != 1:
+                raise InvalidParameter("prompt", f"must name exactly one class of {', '.join(names) or 'none'} "
+                                                 "(or send class_label)")
+            label = matches[0]
+        if label is None:
+            raise InvalidParameter("class_label", "this model is class-conditional: send class_label or a prompt "
+                                                  "naming a class")
+        inputs["class_label"] = np.full(n, label, dtype=np.int64)
+    return TensorRequest(inputs)
 
 
 def _field(fields: Mapping, name: str, default=None):
@@ -102,12 +140,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
     return buf.getvalue()
 
 
 async def encode_pngs(images: np.ndarray) -> list[bytes]:
-    pixels = to_uint8(images)
+    """PNG files of [n, H, W, C] images: floats in [0, 1], or 8-bit values; C is 1 (grey) or 3."""
+    pixels = images if images.dtype == np.uint8 else to_uint8(images)
     return await asyncio.to_thread(lambda: [_png(image) for image in pixels])
 
 

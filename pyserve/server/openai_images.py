@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from ..engine.diffusion import ImageRequest
 from ..errors import ClientError, InvalidParameter, ModelFailure
+from ..tasks import TENSOR
 from . import image_adapters
 from .models import ServedModel
 from .responses import error_body, json_body, read_body
@@ -30,9 +31,35 @@ _FORM_NUMBERS = {"guidance_scale", "strength"}
 
 async def generations(request: Request) -> Response:
     body = await json_body(request)
-    model = image_adapters.image_model(request.app.state.models, body.get("model"))
+    model = image_adapters.image_model(request.app.state.models, body.get("model"), one_shot=True)
+    if model.task == TENSOR:
+        return await _respond_one_shot(request, model, body)
     return await _respond(request, model, image_adapters.image_request(body), _stream_flag(body),
                           "image_generation")
+
+
+async def _respond_one_shot(request: Request, model: ServedModel, body: dict) -> Response:
+    """A one-shot image producer (a GAN) behind the images API: n images from n seeds."""
+    if _field_is_set(body, "stream"):
+        raise InvalidParameter("stream", "this model makes its images in one pass: there is nothing to stream")
+    fmt = body.get("response_format")
+    if fmt not in (None, "b64_json"):
+        raise InvalidParameter("response_format", "only b64_json is served (this server keeps no image URLs)")
+    out = None
+    async for out in model.driver.submit(None, image_adapters.one_shot_request(model, body)):
+        pass
+    request.app.state.metrics.request_finished(model, out, 0 if out.error else len(out.outputs["images"]))
+    if out.error:
+        raise ClientError(out.error, status=out.status)
+    images = out.outputs["images"]
+    data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(images)]
+    height, width = images.shape[1:3]
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
+                         "size": f"{width}x{height}"})
+
+
+def _field_is_set(body: dict, name: str) -> bool:
+    return body.get(name) not in (None, False)
 
 
 async def edits(request: Request) -> Response:

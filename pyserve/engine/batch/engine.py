@@ -107,7 +107,8 @@ class BatchEngine:
                      "max_queue_delay_s": max_queue_delay_s, "max_queue_size": max_queue_size, "timeout_s": timeout_s}
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
-        self.info = EngineInfo(TENSOR, signature=(tuple(model.inputs), tuple(model.outputs)))
+        self.info = EngineInfo(TENSOR, signature=(tuple(model.inputs), tuple(model.outputs)),
+                               class_names=tuple(getattr(model, "class_names", ())))
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
         # Called after every batch with (requests in it, items in it); metrics hook in here.
