@@ -84,11 +84,14 @@ def _field(fields: Mapping, name: str, default=None):
     return value
 
 
+def check_response_format(fields: Mapping) -> None:
+    if _field(fields, "response_format", "b64_json") != "b64_json":
+        raise InvalidParameter("response_format", "only b64_json is served (this server keeps no image URLs)")
+
+
 def image_request(fields: Mapping, init_image: torch.Tensor | None = None) -> ImageRequest:
     """An ImageRequest from OpenAI-named fields (`size` "WxH", or `width`/`height`) plus extras."""
-    fmt = _field(fields, "response_format", "b64_json")
-    if fmt != "b64_json":
-        raise InvalidParameter("response_format", "only b64_json is served (this server keeps no image URLs)")
+    check_response_format(fields)
     width, height = _field(fields, "width"), _field(fields, "height")
     size = _field(fields, "size", "auto")
     if size != "auto":

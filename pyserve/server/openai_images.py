@@ -40,11 +40,9 @@ async def generations(request: Request) -> Response:
 
 async def _respond_one_shot(request: Request, model: ServedModel, body: dict) -> Response:
     """A one-shot image producer (a GAN) behind the images API: n images from n seeds."""
-    if _field_is_set(body, "stream"):
+    if body.get("stream") not in (None, False):
         raise InvalidParameter("stream", "this model makes its images in one pass: there is nothing to stream")
-    fmt = body.get("response_format")
-    if fmt not in (None, "b64_json"):
-        raise InvalidParameter("response_format", "only b64_json is served (this server keeps no image URLs)")
+    image_adapters.check_response_format(body)
     out = None
     async for out in model.driver.submit(None, image_adapters.one_shot_request(model, body)):
         pass
@@ -56,10 +54,6 @@ async def _respond_one_shot(request: Request, model: ServedModel, body: dict) ->
     height, width = images.shape[1:3]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
                          "size": f"{width}x{height}"})
-
-
-def _field_is_set(body: dict, name: str) -> bool:
-    return body.get(name) not in (None, False)
 
 
 async def edits(request: Request) -> Response:
