@@ -27,16 +27,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterator
 
 from .protocol import decode, encode, frame_length
-
-
-def to_wire(value) -> dict:
-    """A numpy array (or a list of bytes) as a wire tensor {dtype, shape, data}."""
-    if isinstance(value, list) and all(isinstance(v, bytes) for v in value):
-        return {"dtype": "bytes", "shape": [len(value)], "data": value}
-    import numpy as np
-    array = np.ascontiguousarray(value)
-    return {"dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
-            "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}
+from .protocol import tensor_to_wire as to_wire
 
 
 class RemoteError(Exception):

@@ -52,5 +52,16 @@ def decode(body: bytes) -> dict:
     return message
 
 
+def tensor_to_wire(value) -> dict:
+    """A numpy array (or a list of bytes) as a wire tensor {dtype, shape, data}: raw little-endian
+    values, so nothing is converted on the way."""
+    if isinstance(value, list) and all(isinstance(v, bytes) for v in value):
+        return {"dtype": "bytes", "shape": [len(value)], "data": value}
+    import numpy as np
+    array = np.ascontiguousarray(value)
+    return {"dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
+            "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}
+
+
 def error_frame(request_id, code: int, message: str) -> bytes:
     return encode({"type": "error", "id": request_id, "code": code, "message": message})

@@ -12,7 +12,7 @@ for it:
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -110,7 +110,8 @@ class ImageGenerationModel(Protocol):
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Conditioning [B, ...] for a batch of prompts ("" for the unconditional branch)."""
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: torch.Tensor | None) -> torch.Tensor:
         """The model output (epsilon, v or x0, as the schedule says) for each latent row."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from pyserve.engine import load_engine  # noqa: E402
-from pyserve.engine.diffusion import ImageRequest, image_seed, initial_noise  # noqa: E402
+from pyserve.engine.diffusion import ImageRequest, initial_noise  # noqa: E402
+from pyserve.kernels.rng import row_seed  # noqa: E402
 from pyserve.kernels import rng  # noqa: E402
 
 from tiny_models import make_ddpm_pipeline, make_sd_pipeline  # noqa: E402
@@ -129,7 +130,7 @@ def test_seeded_images_do_not_depend_on_the_batch_or_when_they_joined(sd_dir):
         assert float(abs(together[rid] - alone[rid]).max()) <= 1e-5, f"request {rid}"
     assert together["b"].shape == (1, 24, 16, 3) and together["c"].shape == (2, 16, 16, 3)
     assert (together["c"][0] != together["c"][1]).any()  # n images of one request differ (seeds differ)
-    assert image_seed(3, 0) != image_seed(3, 1)
+    assert row_seed(3, 0) != row_seed(3, 1)
 
 
 def test_bad_requests_name_the_field(sd_dir, ddpm_dir):

@@ -99,13 +99,13 @@ def test_the_images_api_draws_the_class_the_prompt_names(gan_dir):
     import openai
     from PIL import Image
 
-    from pyserve.engine.diffusion import image_seed
+    from pyserve.kernels.rng import row_seed
     server = start_in_thread({"gan": EngineDriver(load_engine(gan_dir, device="cpu"))})
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         resp = client.images.generate(model="gan", prompt="the digit seven", n=3, extra_body={"seed": 5})
         got = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in resp.data])
-        want = reference_images(gan_dir, [image_seed(5, i) for i in range(3)], [7, 7, 7])[..., 0]
+        want = reference_images(gan_dir, [row_seed(5, i) for i in range(3)], [7, 7, 7])[..., 0]
         assert got.shape == (3, 16, 16) and np.abs(got.astype(int) - want.astype(int)).max() <= 1
         by_label = client.images.generate(model="gan", prompt="", n=1, extra_body={"seed": 5, "class_label": 7})
         assert by_label.data[0].b64_json == resp.data[0].b64_json

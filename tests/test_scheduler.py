@@ -11,6 +11,15 @@ def seq(name: str, prompt_len: int, first_token: int = 0) -> Sequence:
     return Sequence(name, 0, list(range(first_token, first_token + prompt_len)), SamplingParams(), seed=0)
 
 
+def cached(blocks: BlockManager, name: str, prompt_len: int, first_token: int = 0) -> Sequence:
+    """A sequence whose whole prompt is in the cache, its full blocks registered for prefix hits."""
+    s = seq(name, prompt_len, first_token)
+    blocks.ensure_capacity(s, prompt_len)
+    s.num_computed = prompt_len
+    blocks.register_full_blocks(s)
+    return s
+
+
 def run(step) -> None:
     """What the engine does after a step: the scheduled tokens are now in the cache."""
     for s, n in step.items:
@@ -64,10 +73,7 @@ def test_preemption_takes_the_latest_admitted_and_requeues_it_first():
 
 def test_prefix_blocks_are_shared_counted_and_revived_after_release():
     blocks = BlockManager(num_blocks=8, block_size=4)
-    first = seq("x", 9)
-    blocks.ensure_capacity(first, 9)
-    first.num_computed = 9
-    blocks.register_full_blocks(first)
+    first = cached(blocks, "x", 9)
     assert len(first.block_hashes) == 2  # two full blocks of four
     second = seq("y", 9)
     blocks.match_prefix(second)
@@ -85,10 +91,7 @@ def test_prefix_blocks_are_shared_counted_and_revived_after_release():
 
 def test_a_prefix_needs_one_token_left_to_compute():
     blocks = BlockManager(num_blocks=8, block_size=4)
-    first = seq("x", 8)
-    blocks.ensure_capacity(first, 8)
-    first.num_computed = 8
-    blocks.register_full_blocks(first)
+    cached(blocks, "x", 8)
     again = seq("y", 8)
     blocks.match_prefix(again)
     assert again.num_computed == 4  # the last block is recomputed so the step yields logits
@@ -96,11 +99,7 @@ def test_a_prefix_needs_one_token_left_to_compute():
 
 def test_eviction_takes_the_least_recently_freed_cached_block():
     blocks = BlockManager(num_blocks=2, block_size=4)
-    old, new = seq("old", 4, 0), seq("new", 4, 50)
-    for s in (old, new):
-        blocks.ensure_capacity(s, 4)
-        s.num_computed = 4
-        blocks.register_full_blocks(s)
+    old, new = cached(blocks, "old", 4, 0), cached(blocks, "new", 4, 50)
     old_block, new_block = old.block_table[0], new.block_table[0]
     blocks.release(old)
     blocks.release(new)
@@ -138,10 +137,7 @@ def test_block_digests_chain_sha256_over_parent_and_tokens():
 def test_a_forced_digest_collision_never_shares_blocks(monkeypatch):
     monkeypatch.setattr(BlockManager, "chain_hash", staticmethod(lambda parent, tokens: b"same"))
     blocks = BlockManager(num_blocks=8, block_size=4)
-    first = seq("x", 9, 0)
-    blocks.ensure_capacity(first, 9)
-    first.num_computed = 9
-    blocks.register_full_blocks(first)
+    cached(blocks, "x", 9, 0)
     other = seq("y", 9, 50)  # different tokens, same (forced) digests
     blocks.match_prefix(other)
     assert other.block_table == [] and other.num_computed == 0

@@ -63,7 +63,8 @@ class DiffusionPipelineModel:
         return self.text_encoder(ids)[0].float()
 
     @torch.inference_mode()
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, conditioning: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: torch.Tensor | None) -> torch.Tensor:
         dtype = self.spec.dtype
         kwargs = {} if conditioning is None else {"encoder_hidden_states": conditioning.to(dtype)}
         return self.unet(latents.to(dtype), timesteps, **kwargs).sample.float()

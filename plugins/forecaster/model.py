@@ -10,12 +10,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pyserve import kernels
+from pyserve.kernels import rng
 from pyserve.errors import InvalidParameter
 from pyserve.kernels.types import SamplingRow, SamplingTensors
 from pyserve.tasks import TensorSpec
-
-_GOLDEN = 0x9E3779B97F4A7C15
-
 
 class Block(nn.Module):
     def __init__(self, d_model: int, num_heads: int):
@@ -78,7 +76,7 @@ def forecast(module: CausalForecaster, binning: Binning, history: torch.Tensor, 
     b, context = history.shape
     scale = binning.scale(history)
     tokens = binning.tokens(history, scale).repeat_interleave(num_samples, dim=0)  # [B*S, context]
-    seeds_list = [(int(s) + p * _GOLDEN) % 2**63 for s in seeds.tolist() for p in range(num_samples)]
+    seeds_list = [rng.row_seed(int(s), p) for s in seeds.tolist() for p in range(num_samples)]
     drawn = []
     for h in range(horizon):
         logits = module(tokens)[:, -1].float()

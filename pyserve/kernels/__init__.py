@@ -161,7 +161,8 @@ def denoise_step(x: torch.Tensor, cond: torch.Tensor, coef: torch.Tensor, seed: 
     """One fused scheduler step for every row of latents x [B, ...].
 
     cond (and uncond, for classifier-free guidance) are the denoiser's outputs for x; coef
-    [B, Coef.COUNT] holds each row's coefficients (see `Coef` and `pyserve.engine.diffusion.noise_schedules`); prev_x0 is the
+    [B, Coef.COUNT] holds each row's coefficients (see `Coef` and
+    `pyserve.engine.diffusion.noise_schedules`); prev_x0 is the
     previous step's x0 for multistep solvers; noise is drawn per row from (seed, step).
     Returns (x_next, x0).
     """

@@ -8,6 +8,7 @@ class KernelInputError(ValueError):
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's second and third axes (GPU back-ends)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from .checks import check
+from .checks import MAX_GRID_YZ, check
 from .types import SampleResult, SamplingTensors
 
 log = logging.getLogger("pyserve.kernels")
@@ -42,7 +42,6 @@ if _C_cuda is not None and torch.cuda.is_available() and not AVAILABLE:
 
 _DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _SPLIT_KEYS = 512
-_MAX_GRID_YZ = 65535
 
 
 def linear(x, weight, bias=None):
@@ -76,13 +75,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                     max_query_len=0, max_seq_len=0):
     t, h, d = q.shape
     _check_head_dim(d)
-    check(h <= _MAX_GRID_YZ, f"the cuda back-end takes at most {_MAX_GRID_YZ} heads, got {h}")
+    check(h <= MAX_GRID_YZ, f"the cuda back-end takes at most {MAX_GRID_YZ} heads, got {h}")
     dtype = q.dtype
     q = q.to(k_cache.dtype).contiguous()  # the kernel reads q in the cache's type
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Split long decode-only contexts among blocks; at most 65,535 splits (grid.z), so very long
     # contexts get longer splits. Sizes come from the host: no device sync.
-    split_keys = max(_SPLIT_KEYS, -(-max_seq_len // _MAX_GRID_YZ))
+    split_keys = max(_SPLIT_KEYS, -(-max_seq_len // MAX_GRID_YZ))
     num_splits = max(1, -(-max_seq_len // split_keys)) if max_query_len <= 1 else 1
     scratch = torch.empty(num_splits * t * h * (d + 2) if num_splits > 1 else 1, dtype=torch.float32,
                           device=q.device)

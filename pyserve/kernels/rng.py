@@ -12,6 +12,15 @@ import torch
 SAMPLE_STREAM = 0
 NOISE_STREAM = 1
 
+SEED_RANGE = (-2**63, 2**64)  # the seeds a request may give: anything that fits in 64 bits
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The seed of row `index` of a request seeded `seed` (its i-th completion, image or sample
+    path): rows differ, and each depends on (seed, index) alone."""
+    return (seed + index * _GOLDEN) % 2**63
+
 _MASK = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85

@@ -28,17 +28,17 @@ _TYPES = {
     "presence_penalty": (int, float), "frequency_penalty": (int, float), "repetition_penalty": (int, float),
     "stream": bool, "ignore_eos": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str,
     "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool, "cache_salt": str,
-    "class_label": int,
 }
 MAX_CACHE_SALT = 1024
 
 
-def get_field(fields: Mapping, name: str, default=None):
-    """A field's value checked against its type; absent and explicit null both mean the default."""
+def get_field(fields: Mapping, name: str, default=None, types: Mapping = _TYPES):
+    """A field's value checked against its type in `types` (the text fields unless given); absent
+    and explicit null both mean the default."""
     value = fields.get(name)
     if value is None:
         return default
-    expected = _TYPES.get(name)
+    expected = types.get(name)
     if expected is not None:
         if isinstance(value, bool) and expected in (int, (int, float)):
             raise InvalidParameter(name, "must be a number, got a boolean")

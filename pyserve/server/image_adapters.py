@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from ..engine.batch import TensorRequest
-from ..engine.diffusion import ImageRequest, image_seed
+from ..engine.diffusion import ImageRequest
 from ..engine.diffusion.requests import MAX_IMAGES
 from ..errors import InvalidParameter
+from ..kernels.rng import SEED_RANGE, row_seed
 from ..tasks import IMAGE_GENERATION
 from .adapters import check_text, get_field
 from .models import ModelRegistry, ServedModel
@@ -50,16 +51,16 @@ def makes_images(model: ServedModel) -> bool:
 def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
     """A one-shot image producer's items for an images-API request: n seeds (the request's seed
     spread as diffusion spreads it), and the class from `class_label` or a prompt naming a class."""
-    n, seed = _field(fields, "n", 1), get_field(fields, "seed")
+    n, seed = _field(fields, "n", 1), _field(fields, "seed")
     if not 1 <= n <= MAX_IMAGES:
         raise InvalidParameter("n", f"must be in [1, {MAX_IMAGES}]")
-    if seed is not None and not -2**63 <= seed < 2**64:
+    if seed is not None and not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
         raise InvalidParameter("seed", "must fit in 64 bits")
     first = random.getrandbits(63) if seed is None else seed
-    inputs = {"seed": np.array([image_seed(first, i) for i in range(n)], dtype=np.int64)}
+    inputs = {"seed": np.array([row_seed(first, i) for i in range(n)], dtype=np.int64)}
     names = model.driver.info.class_names
     if any(t.name == "class_label" for t in model.driver.info.signature[0]):
-        label = get_field(fields, "class_label")
+        label = _field(fields, "class_label")
         prompt = _field(fields, "prompt", "").strip().lower()
         if label is None and prompt:
             matches = [i for i, name in enumerate(names) if name.lower() in prompt]
@@ -75,13 +76,7 @@ def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
 
 
 def _field(fields: Mapping, name: str, default=None):
-    value = fields.get(name)
-    if value is None:
-        return default
-    expected = _TYPES[name]
-    if isinstance(value, bool) or not isinstance(value, expected):
-        raise InvalidParameter(name, f"has the wrong type ({type(value).__name__})")
-    return value
+    return get_field(fields, name, default, _TYPES)
 
 
 def check_response_format(fields: Mapping) -> None:
@@ -99,14 +94,13 @@ def image_request(fields: Mapping, init_image: torch.Tensor | None = None) -> Im
         if not (sep and w.isdigit() and h.isdigit()):
             raise InvalidParameter("size", f"must be WIDTHxHEIGHT in pixels (e.g. 512x512) or auto, got {size!r}")
         width, height = int(w), int(h)
-    seed = get_field(fields, "seed")
     return ImageRequest(
         prompt=check_text(_field(fields, "prompt", ""), "prompt"),
         negative_prompt=check_text(_field(fields, "negative_prompt", ""), "negative_prompt"),
         n=_field(fields, "n", 1), height=height, width=width,
         num_inference_steps=_field(fields, "num_inference_steps", 20),
         guidance_scale=_field(fields, "guidance_scale", 7.5), scheduler=_field(fields, "scheduler"),
-        seed=seed, init_image=init_image, strength=_field(fields, "strength", 0.8),
+        seed=_field(fields, "seed"), init_image=init_image, strength=_field(fields, "strength", 0.8),
         partial_images=_field(fields, "partial_images", 0))
 
 

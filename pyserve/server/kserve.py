@@ -82,7 +82,8 @@ async def model_meta(request: Request) -> Response:
         return JSONResponse({"name": model.name, "versions": ["1"], "platform": "pyserve", "task": model.task,
                              "inputs": tensors(signature[0]), "outputs": tensors(signature[1])})
     if model.task == IMAGE_GENERATION:
-        text_inputs, scalars = (image_adapters.PROMPT_INPUT, image_adapters.NEGATIVE_INPUT), image_adapters.SCALAR_INPUTS
+        text_inputs = (image_adapters.PROMPT_INPUT, image_adapters.NEGATIVE_INPUT)
+        scalars = image_adapters.SCALAR_INPUTS
         outputs = [{"name": image_adapters.IMAGES_OUTPUT, "datatype": "UINT8", "shape": [-1, -1, -1, 3]}]
     else:
         text_inputs, scalars = (TEXT_INPUT,), SCALAR_INPUTS
@@ -122,9 +123,7 @@ async def infer(request: Request) -> Response:
 
 async def _infer_tensor(request: Request, model, body: dict, blobs: dict) -> list[_Output]:
     arrays = {t["name"]: tensor_adapters.kserve_array(t, blobs.get(t["name"])) for t in body["inputs"]}
-    out = None
-    async for out in model.driver.submit(None, tensor_adapters.tensor_request(arrays, body.get("parameters"))):
-        pass
+    out = await model.final_output(tensor_adapters.tensor_request(arrays, body.get("parameters")))
     request.app.state.metrics.request_finished(model, out)
     if out.error:
         raise ClientError(out.error, status=out.status)
@@ -135,10 +134,7 @@ async def _infer_tensor(request: Request, model, body: dict, blobs: dict) -> lis
 async def _infer_text(request: Request, model, body: dict, inputs) -> _Output:
     text, params = adapters.text_from_tensors(inputs, body.get("parameters"))
     ids = await adapters.prompt_ids(model, text, TEXT_INPUT)
-    out = None
-    engine_request = adapters.text_request(ids, params, body.get("parameters"), request.state.principal)
-    async for out in model.driver.submit(None, engine_request):
-        pass
+    out = await model.final_output(adapters.text_request(ids, params, body.get("parameters"), request.state.principal))
     request.app.state.metrics.finished(model, [out])
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
@@ -146,10 +142,8 @@ async def _infer_text(request: Request, model, body: dict, inputs) -> _Output:
 
 
 async def _infer_image(request: Request, model, body: dict, inputs) -> _Output:
-    out = None
-    async for out in model.driver.submit(None, image_adapters.image_from_tensors(inputs, body.get("parameters"))):
-        pass
-    request.app.state.metrics.request_finished(model, out, 0 if out.images is None else len(out.images))
+    out = await model.final_output(image_adapters.image_from_tensors(inputs, body.get("parameters")))
+    request.app.state.metrics.request_finished(model, out, out.images)
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     images = image_adapters.to_uint8(out.images)

@@ -82,12 +82,13 @@ class Metrics:
             self.queue.labels(*labels).observe(t.first_scheduled - t.arrival)
         return True
 
-    def request_finished(self, model: ServedModel, out, images: int = 0) -> None:
-        """Record an image or tensor request that ended (its last output: `error`, `times`)."""
+    def request_finished(self, model: ServedModel, out, images=None) -> None:
+        """Record an image or tensor request that ended (its last output: `error`, `times`) and the
+        images it made (an array of them, or None)."""
         labels = (model.name, model.task)
         self.requests.labels(*labels, "error" if out.error else "finished").inc()
-        if images:
-            self.images.labels(*labels).inc(images)
+        if images is not None and len(images):
+            self.images.labels(*labels).inc(len(images))
         self._times(labels, out.times)
 
     def finished(self, model: ServedModel, outs: list, status: str | None = None) -> None:

@@ -36,6 +36,13 @@ class ServedModel:
     def max_model_len(self) -> int:
         return self.driver.info.max_model_len
 
+    async def final_output(self, request, request_id: str | None = None):
+        """Submit a request and return its last output (for answers that are not streamed)."""
+        out = None
+        async for out in self.driver.submit(request_id, request):
+            pass
+        return out
+
 
 Loader = Callable[[str], EngineDriver]  # name -> the driver of a freshly loaded model
 

@@ -11,7 +11,7 @@ import logging
 
 from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
-                        ProtocolError, decode, encode, error_frame, frame_length)
+                        ProtocolError, decode, encode, error_frame, frame_length, tensor_to_wire)
 from ..tasks import TENSOR, TEXT_GENERATION
 from . import adapters, image_adapters, tensor_adapters
 from .auth import AccessPolicy, Principal
@@ -200,10 +200,7 @@ class Connection:
         inputs = [(name, adapters.wire_tensor_values(str(name), t)) for name, t in params["inputs"].items()]
         text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
         ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
-        out = None
-        engine_request = adapters.text_request(ids, sampling, params.get("parameters"), self.principal)
-        async for out in model.driver.submit(None, engine_request):
-            pass
+        out = await model.final_output(adapters.text_request(ids, sampling, params.get("parameters"), self.principal))
         if out.error:
             raise ModelFailure(f"the model failed: {out.error}")
         result = {"outputs": {adapters.TEXT_OUTPUT: {"dtype": "bytes", "shape": [1],
@@ -214,12 +211,10 @@ class Connection:
 
     async def infer_tensor(self, rid, model: ServedModel, params: dict) -> None:
         arrays = {str(name): tensor_adapters.wire_array(str(name), t) for name, t in params["inputs"].items()}
-        out = None
-        async for out in model.driver.submit(None, tensor_adapters.tensor_request(arrays, params.get("parameters"))):
-            pass
+        out = await model.final_output(tensor_adapters.tensor_request(arrays, params.get("parameters")))
         if out.error:
             raise ClientError(out.error, status=out.status)
-        outputs = {name: tensor_adapters.to_wire(array) for name, array in out.outputs.items()}
+        outputs = {name: tensor_to_wire(array) for name, array in out.outputs.items()}
         await self.send(encode({"type": "result", "id": rid, "result": {"outputs": outputs}}))
 
     async def images(self, rid, params: dict) -> None:

@@ -43,10 +43,8 @@ async def _respond_one_shot(request: Request, model: ServedModel, body: dict) ->
     if body.get("stream") not in (None, False):
         raise InvalidParameter("stream", "this model makes its images in one pass: there is nothing to stream")
     image_adapters.check_response_format(body)
-    out = None
-    async for out in model.driver.submit(None, image_adapters.one_shot_request(model, body)):
-        pass
-    request.app.state.metrics.request_finished(model, out, 0 if out.error else len(out.outputs["images"]))
+    out = await model.final_output(image_adapters.one_shot_request(model, body))
+    request.app.state.metrics.request_finished(model, out, out.outputs.get("images"))
     if out.error:
         raise ClientError(out.error, status=out.status)
     images = out.outputs["images"]
@@ -86,12 +84,13 @@ async def _respond(request: Request, model: ServedModel, image_request: ImageReq
     metrics = request.app.state.metrics
     if stream:
         first = await anext(outputs)  # a refused request raises here, before any response is sent
-        return StreamingResponse(_events(request.url.path, first, outputs, kind, lambda o: metrics.request_finished(
-            model, o, 0 if o.images is None else len(o.images))), media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, first, outputs, kind,
+                                         lambda o: metrics.request_finished(model, o, o.images)),
+                                 media_type="text/event-stream")
     out = None
     async for out in outputs:
         pass
-    metrics.request_finished(model, out, 0 if out.images is None else len(out.images))
+    metrics.request_finished(model, out, out.images)
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")
     data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(out.images)]

@@ -41,12 +41,6 @@ def wire_array(name: str, tensor) -> np.ndarray:
     return _shaped(name, values, str(np.dtype(tensor["dtype"])), tensor.get("shape"))
 
 
-def to_wire(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
-    return {"dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
-            "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}
-
-
 def tensor_request(arrays: dict[str, np.ndarray], parameters: Mapping | None) -> TensorRequest:
     if parameters is not None and not isinstance(parameters, Mapping):
         raise InvalidParameter("parameters", "must be a map")

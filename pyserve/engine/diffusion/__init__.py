@@ -1,6 +1,6 @@
 """The diffusion engine: step-level batching of denoising loops over an image model."""
 
-from .engine import DiffusionEngine, image_seed, initial_noise
+from .engine import DiffusionEngine, initial_noise
 from .requests import ImageOutput, ImageRequest
 
-__all__ = ["DiffusionEngine", "ImageOutput", "ImageRequest", "image_seed", "initial_noise"]
+__all__ = ["DiffusionEngine", "ImageOutput", "ImageRequest", "initial_noise"]

@@ -37,14 +37,6 @@ from .requests import ImageOutput, ImageRequest
 log = logging.getLogger("pyserve.engine")
 
 LATENT_STREAM = 2  # Philox stream of initial latents (0 is sampling, 1 is step noise)
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a request seeded with `seed` (the same rule as text's n)."""
-    return (seed + index * _GOLDEN) % 2**63
-
-
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """Unit Gaussian latents of one image, from its seed alone."""
     offsets = torch.arange(int(torch.Size(shape).numel()), device=device)
@@ -131,7 +123,7 @@ class DiffusionEngine:
         images = []
         for i in range(request.n):
             schedule = NOISE_SCHEDULES[request.scheduler](self.spec.schedule_config, request.num_inference_steps)
-            s = image_seed(seed, i)
+            s = rng.row_seed(seed, i)
             noise = initial_noise(s, shape, self.spec.device)
             if clean is None:
                 latents = noise * schedule.init_noise_sigma
@@ -140,10 +132,10 @@ class DiffusionEngine:
                 a, b = schedule.noised(schedule.begin)
                 latents = a * clean + b * noise
             images.append(_Image(request_id, i, s, schedule, latents, request.guidance_scale, schedule.begin))
-        total = images[0].schedule.steps - images[0].schedule.begin
-        previews = sorted({round(k * total / (request.partial_images + 1))
-                           for k in range(1, request.partial_images + 1)} - {0, total})
-        self.requests[request_id] = _Request(request_id, request, images, conditioning, preview_at=previews)
+        state = _Request(request_id, request, images, conditioning)
+        state.preview_at = sorted({round(k * state.total / (request.partial_images + 1))
+                                   for k in range(1, request.partial_images + 1)} - {0, state.total})
+        self.requests[request_id] = state
         self.waiting.extend(images)
         log.info("image request %s added: %d x %dx%d, %d steps (%s), guidance %.1f", request_id, request.n,
                  request.width, request.height, request.num_inference_steps, request.scheduler,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ...errors import InvalidParameter
+from ...kernels.rng import SEED_RANGE
 from ...tasks import ImageModelSpec
 from ..base import RequestTimes
 from .noise_schedules import NOISE_SCHEDULES
@@ -16,7 +17,6 @@ MAX_IMAGES = 16  # per request
 MAX_PARTIAL_IMAGES = 3  # previews streamed during the loop, as OpenAI's image streaming allows
 MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
-SEED_RANGE = (-2**63, 2**64)
 
 
 @dataclass

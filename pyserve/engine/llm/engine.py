@@ -8,6 +8,7 @@ from typing import Callable
 
 
 from ...errors import InvalidParameter
+from ...kernels import rng
 from ...tasks import TEXT_GENERATION, KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
 from ..base import EngineInfo, EngineStats
@@ -110,7 +111,7 @@ class LLMEngine:
         root = BlockManager.root_digest(cache_salt or "")
         seqs = []
         for i in range(params.n):
-            seed = self._rng.getrandbits(63) if params.seed is None else (params.seed + i * 0x9E3779B97F4A7C15) % 2**63
+            seed = self._rng.getrandbits(63) if params.seed is None else rng.row_seed(params.seed, i)
             seq = Sequence(request_id, i, ids, params, seed, cache_root=root)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)

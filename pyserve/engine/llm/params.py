@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from ...errors import InvalidParameter
+from ...kernels.rng import SEED_RANGE
 
 # Bounds that keep one request from costing the server unbounded work or overflowing a kernel's
 # 32-bit parameters; each is named in the error that enforces it.
@@ -14,7 +15,6 @@ MAX_LOGIT_BIAS = 1024
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
 MAX_STOP_TOKEN_IDS = 1024
-SEED_RANGE = (-2**63, 2**64)
 
 
 @dataclass

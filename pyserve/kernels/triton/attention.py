@@ -10,10 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check
+from ..checks import MAX_GRID_YZ, check
 
 _SPLIT_KEYS = 512  # keys per split when a long context is divided among programs
-_MAX_GRID_YZ = 65535
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -149,8 +148,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         return out
     block_size = k_cache.shape[2]
     _check_block_size(block_size)
-    check(num_seqs <= _MAX_GRID_YZ and h <= _MAX_GRID_YZ,
-          f"the triton back-end takes at most {_MAX_GRID_YZ} sequences and heads per call, got {num_seqs} and {h}")
+    check(num_seqs <= MAX_GRID_YZ and h <= MAX_GRID_YZ,
+          f"the triton back-end takes at most {MAX_GRID_YZ} sequences and heads per call, got {num_seqs} and {h}")
     d_pad = triton.next_power_of_2(d)
     # Query tiles of up to 64 rows, 32 when a row is wide, so tiles stay in registers.
     block_m = max(16, min(64 if d_pad * q.element_size() <= 256 else 32, triton.next_power_of_2(max_query_len)))

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import check
+from ..checks import MAX_GRID_YZ, check
 from ..types import Coef
 from .rng import normal
 
@@ -46,7 +46,7 @@ def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):
     prev = cond if prev_x0 is None else prev_x0.contiguous()
     x_next, x0 = torch.empty_like(x), torch.empty_like(x)
     block = 1024
-    check(batch <= 65535, f"the triton back-end takes at most 65535 rows per denoising step, got {batch}")
+    check(batch <= MAX_GRID_YZ, f"the triton back-end takes at most {MAX_GRID_YZ} rows per denoising step, got {batch}")
     if batch and numel:
         _denoise_kernel[(triton.cdiv(numel, block), batch)](
             x, cond, uncond, prev, coef.float().contiguous(), seed.long().contiguous(), step.long().contiguous(),
