@@ -66,4 +66,4 @@ if build_cuda():
 packages = find_packages(include=["pyserve", "pyserve.*"])
 packages += ["pyserve_plugins" + name.removeprefix("plugins") for name in find_packages(include=["plugins", "plugins.*"])]
 setup(packages=packages, package_dir={"pyserve_plugins": "plugins"}, ext_modules=extensions,
-      cmdclass={"build_ext": CMakeBuild})
+      package_data={"pyserve.demo": ["models/**/*"]}, cmdclass={"build_ext": CMakeBuild})

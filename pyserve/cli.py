@@ -1,6 +1,7 @@
 """The `pyserve` command.
 
-    pyserve serve MODEL_DIR [MODEL_DIR ...]      the HTTP APIs on 127.0.0.1:8000, msgpack on 8001
+    pyserve serve [MODEL_DIR ...]               the HTTP APIs on 127.0.0.1:8000, msgpack on 8001;
+                                                with no directory, the built-in demo models
     pyserve plugins [--plugin-dir DIR]          what plugins were found, from where, and failures
     pyserve generate MODEL_DIR "Once upon" -n 32 offline generation, to try a model quickly
 """
@@ -47,14 +48,17 @@ def _serve(args) -> int:
     from .server.config import ServerConfig
 
     if args.served_model_name and len(args.served_model_name) != len(args.models):
-        sys.exit("--served-model-name must be given once per model")
+        sys.exit("--served-model-name must be given once per model directory")
     for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     registry = PluginRegistry.discover(args.plugin_dir)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    names = args.served_model_name or [Path(d).name for d in args.models]
-    known = dict(zip(names, args.models))
+    if args.models:
+        known = dict(zip(args.served_model_name or [Path(d).name for d in args.models], args.models))
+    else:
+        from .demo import demo_model_dirs
+        known = demo_model_dirs()
 
     def load(name: str) -> EngineDriver:
         engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,  # KeyError: unknown
@@ -68,11 +72,25 @@ def _serve(args) -> int:
         config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
                               args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level)
         config.ssl_context()  # a bad certificate or key stops the start, before models load
-        drivers = {name: load(name) for name in names}
+        drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:
         sys.exit(f"pyserve: {exc}")
     serve(drivers, config, loader=load)
     return 0
+
+
+def _load_demos(known: dict, load) -> dict:
+    """Every demo model whose extras are installed; the others are named in one line each."""
+    drivers = {}
+    for name in known:
+        try:
+            drivers[name] = load(name)
+        except ImportError as exc:
+            logging.getLogger("pyserve").warning("demo model %s skipped: it needs %s (pip install 'pyserve[diffusion]')",
+                                                 name, exc.name or exc)
+    if not drivers:
+        sys.exit("pyserve: no demo model could be loaded")
+    return drivers
 
 
 def _env_list(name: str) -> list[str]:
@@ -87,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
-    s.add_argument("models", nargs="+", metavar="MODEL_DIR", help="Hugging Face model directories")
+    s.add_argument("models", nargs="*", metavar="MODEL_DIR",
+                   help="model directories (Hugging Face, diffusers, pyserve one-shot formats); none: the demo models")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI /v1, KServe /v2, /metrics)")
     s.add_argument("--msgpack-port", type=int, default=8001, help="msgpack protocol port (0: off)")

@@ -63,5 +63,14 @@ def tensor_to_wire(value) -> dict:
             "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}
 
 
+def tensor_from_wire(tensor: dict):
+    """A wire tensor back as a numpy array (a bytes tensor as its list of bytes)."""
+    if tensor["dtype"] == "bytes":
+        return list(tensor["data"])
+    import numpy as np
+    dtype = np.dtype(tensor["dtype"]).newbyteorder("<")
+    return np.frombuffer(tensor["data"], dtype=dtype).reshape(tensor["shape"])
+
+
 def error_frame(request_id, code: int, message: str) -> bytes:
     return encode({"type": "error", "id": request_id, "code": code, "message": message})

@@ -131,6 +131,19 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Operation:
+    """One thing a one-shot model does, with its named inputs and outputs. Most models do one
+    thing; a VAE encodes, decodes and samples."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+DEFAULT_OPERATION = "infer"
+
+
 class TensorModel(Protocol):
     """A one-shot model: a declared signature and a batched `run`."""
 
@@ -144,3 +157,11 @@ class TensorModel(Protocol):
 
     # Optional: `check(inputs: dict[str, np.ndarray])` raises InvalidParameter for bad values
     # (the engine has already checked names, dtypes and shapes against `inputs`).
+    # A model that does several things declares `operations: tuple[Operation, ...]` instead of
+    # `inputs`/`outputs`; then `run(batch, operation)` and `check(inputs, operation)` get its name.
+
+
+def operations_of(model: TensorModel) -> tuple[Operation, ...]:
+    """A model's operations: those it declares, or its one signature as the default operation."""
+    declared = getattr(model, "operations", None)
+    return tuple(declared) if declared else (Operation(DEFAULT_OPERATION, tuple(model.inputs), tuple(model.outputs)),)

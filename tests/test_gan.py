@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from pyserve.engine import EngineDriver, load_engine
 from pyserve.engine.batch import TensorRequest
 from pyserve.errors import InvalidParameter
+from pyserve.protocol import tensor_from_wire
 from pyserve.server import start_in_thread
 
 from conftest import run_engine
@@ -86,7 +87,7 @@ def test_served_over_kserve_and_msgpack(gan_dir):
             result = c.infer("gan", {"seed": np.array([11, 12], dtype=np.int64),
                                      "class_label": np.array([1, 2], dtype=np.int64)})
         images = result["outputs"]["images"]
-        array = np.frombuffer(images["data"], dtype=images["dtype"]).reshape(images["shape"])
+        array = tensor_from_wire(images)
         assert np.abs(array.astype(int) - want.astype(int)).max() <= 1
     finally:
         server.stop()

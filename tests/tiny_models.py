@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from pyserve.demo.data import seasonal_series  # noqa: F401 - the tests' series are the demo's
+from pyserve.demo.train_digits import write_char_clip_tokenizer
+
 CORPUS = ["Once upon a time there was a tiny model.", "Hello world, hello pyserve!",
           "The quick brown fox jumps over the lazy dog.", "Ünïcödé text: café, naïve, 東京, emoji 🙂."] * 20
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
@@ -66,19 +69,6 @@ def load_reference(model_dir: Path):
                                                              attn_implementation="eager").eval()
 
 
-def clip_tokenizer_files(out: Path) -> None:
-    """A character-level CLIP tokenizer (vocab.json with every byte symbol, alone and word-final;
-    no merges), which transformers' CLIPTokenizer loads as it loads Stable Diffusion's."""
-    out.mkdir(parents=True, exist_ok=True)
-    # Byte-level BPE's alphabet: printable Latin-1 bytes stand for themselves, the rest for 256 + n.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (out / "merges.txt").write_text("#version: 0.2\n")
-
-
 def make_sd_pipeline(out: Path, seed: int = 0, prediction_type: str = "epsilon",
                      scheduler: str = "DDIMScheduler", sample_size: int = 8) -> Path:
     """A tiny Stable-Diffusion-style pipeline (CLIP text encoder, conditional UNet, KL VAE) with
@@ -95,7 +85,7 @@ def make_sd_pipeline(out: Path, seed: int = 0, prediction_type: str = "epsilon",
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=sample_size * 2)
-    clip_tokenizer_files(out / "tokenizer-files")
+    write_char_clip_tokenizer(out / "tokenizer-files")
     tokenizer = transformers.CLIPTokenizer(str(out / "tokenizer-files" / "vocab.json"),
                                            str(out / "tokenizer-files" / "merges.txt"), model_max_length=16)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -112,6 +102,19 @@ def make_sd_pipeline(out: Path, seed: int = 0, prediction_type: str = "epsilon",
                                              scheduler=schedule, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.save_pretrained(out)
+    return out
+
+
+def make_vae(out: Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """A tiny AutoencoderKL (factor 4, 4 latent channels, a mid-block attention) with random weights."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        sample_size=sample_size)
+    vae.save_pretrained(out)
     return out
 
 
@@ -153,21 +156,6 @@ def make_gan(out: Path, seed: int = 0, num_classes: int = 10, image_size: int = 
     save_file(module.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config))
     return out
-
-
-def seasonal_series(n: int, length: int, period: int = 12, seed: int = 0):
-    """Synthetic seasonal series (level, trend, seasonality, noise), float32 [n, length]."""
-    import math
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(length)
-    level = rng.uniform(5, 50, (n, 1))
-    trend = rng.uniform(-0.05, 0.1, (n, 1)) * level / 10
-    amplitude = rng.uniform(0.1, 0.5, (n, 1)) * level
-    phase = rng.uniform(0, 2 * math.pi, (n, 1))
-    noise = rng.normal(0, 0.05, (n, length)) * level
-    return (level + trend * t + amplitude * np.sin(2 * math.pi * t / period + phase) + noise).astype(np.float32)
 
 
 def make_forecaster(out: Path, seed: int = 0, context_length: int = 32, horizon: int = 6) -> Path:

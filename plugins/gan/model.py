@@ -13,8 +13,6 @@ from pyserve.errors import InvalidParameter
 from pyserve.kernels import rng
 from pyserve.tasks import TensorSpec
 
-LATENT_STREAM = 3  # Philox stream of GAN latents
-
 
 class DCGANGenerator(nn.Module):
     def __init__(self, latent_dim: int, image_size: int, channels: int, base_channels: int, num_classes: int = 0):
@@ -44,8 +42,7 @@ class DCGANGenerator(nn.Module):
 
 def latents(seeds: torch.Tensor, dim: int) -> torch.Tensor:
     """One standard-normal latent per seed, from the seed alone."""
-    offsets = torch.arange(dim, device=seeds.device)[None, :]
-    return rng.normal(seeds[:, None], torch.zeros_like(seeds)[:, None], offsets, LATENT_STREAM)
+    return rng.seeded_normal(seeds, dim, rng.GAN_LATENT_STREAM)
 
 
 class GeneratorModel:

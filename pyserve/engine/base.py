@@ -16,8 +16,17 @@ class EngineInfo:
     task: str
     tokenizer: Any = None  # a pyserve.tokenizer.Tokenizer, for text models
     max_model_len: int = 0
-    signature: tuple = ((), ())  # (inputs, outputs) as TensorSpecs, for tensor models
+    operations: tuple = ()  # pyserve.tasks.Operation of tensor models: named inputs and outputs
     class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
+
+
+    def operation(self, name: str | None = None, *, takes: str | None = None, makes: str | None = None):
+        """The operation called `name`, or the first that takes and makes the named tensors; None if none."""
+        for op in self.operations:
+            if (name is None or op.name == name) and (takes is None or any(t.name == takes for t in op.inputs)) \
+                    and (makes is None or any(t.name == makes for t in op.outputs)):
+                return op
+        return None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ import torch
 
 SAMPLE_STREAM = 0
 NOISE_STREAM = 1
+DIFFUSION_LATENT_STREAM = 2  # initial latents of denoising loops
+GAN_LATENT_STREAM = 3
+VAE_LATENT_STREAM = 4
 
 SEED_RANGE = (-2**63, 2**64)  # the seeds a request may give: anything that fits in 64 bits
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -71,3 +74,10 @@ def normal(seed: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, stream:
     angle = (2.0 * math.pi) * to_uniform(b)
     radius = torch.sqrt((-2.0 * torch.log(u1)).clamp_min(0.0))
     return radius * torch.where(lane % 2 == 0, torch.cos(angle), torch.sin(angle))
+
+
+def seeded_normal(seeds: torch.Tensor, count: int, stream: int) -> torch.Tensor:
+    """`count` standard normals for each seed, [len(seeds), count], each row from its seed alone
+    (a latent that never depends on the batch it is drawn in)."""
+    offsets = torch.arange(count, device=seeds.device)[None, :]
+    return normal(seeds[:, None], torch.zeros_like(seeds)[:, None], offsets, stream)

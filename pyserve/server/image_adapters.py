@@ -42,10 +42,16 @@ def image_model(models: ModelRegistry, name, one_shot: bool = False) -> ServedMo
     raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not an image model")
 
 
+def _image_operation(model: ServedModel):
+    """The operation of a one-shot model that turns seeds into images (a GAN's, a VAE's sample)."""
+    op = model.driver.info.operation(takes="seed", makes="images")
+    if op is not None and any(t.name == "images" and t.dtype == "uint8" and len(t.shape) == 3 for t in op.outputs):
+        return op
+    return None
+
+
 def makes_images(model: ServedModel) -> bool:
-    inputs, outputs = model.driver.info.signature
-    return (any(t.name == "seed" and t.dtype == "int64" for t in inputs)
-            and any(t.name == "images" and t.dtype == "uint8" and len(t.shape) == 3 for t in outputs))
+    return _image_operation(model) is not None
 
 
 def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
@@ -59,7 +65,8 @@ def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
     first = random.getrandbits(63) if seed is None else seed
     inputs = {"seed": np.array([row_seed(first, i) for i in range(n)], dtype=np.int64)}
     names = model.driver.info.class_names
-    if any(t.name == "class_label" for t in model.driver.info.signature[0]):
+    operation = _image_operation(model)
+    if any(t.name == "class_label" for t in operation.inputs):
         label = _field(fields, "class_label")
         prompt = _field(fields, "prompt", "").strip().lower()
         if label is None and prompt:
@@ -72,7 +79,7 @@ def one_shot_request(model: ServedModel, fields: Mapping) -> TensorRequest:
             raise InvalidParameter("class_label", "this model is class-conditional: send class_label or a prompt "
                                                   "naming a class")
         inputs["class_label"] = np.full(n, label, dtype=np.int64)
-    return TensorRequest(inputs)
+    return TensorRequest(inputs, operation=operation.name)
 
 
 def _field(fields: Mapping, name: str, default=None):

@@ -74,13 +74,8 @@ async def model_ready(request: Request) -> Response:
 async def model_meta(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
     if model.task == TENSOR:
-        signature = model.driver.info.signature
-
-        def tensors(specs):
-            return [{"name": t.name, "datatype": tensor_adapters.KSERVE_DATATYPES.get(t.dtype, t.dtype),
-                     "shape": [-1, *t.shape]} for t in specs]
         return JSONResponse({"name": model.name, "versions": ["1"], "platform": "pyserve", "task": model.task,
-                             "inputs": tensors(signature[0]), "outputs": tensors(signature[1])})
+                             **tensor_adapters.signature_metadata(model.driver.info.operations)})
     if model.task == IMAGE_GENERATION:
         text_inputs = (image_adapters.PROMPT_INPUT, image_adapters.NEGATIVE_INPUT)
         scalars = image_adapters.SCALAR_INPUTS

@@ -1,6 +1,6 @@
 """Tensor requests for one-shot models (the batch engine), from KServe V2 and msgpack tensors:
 wire tensors to numpy arrays of their declared shape, request parameters (`priority`,
-`timeout` in microseconds as Triton names them) to a `TensorRequest`, and arrays back to the
+`timeout` in microseconds as Triton names them, `operation`) to a `TensorRequest`, and arrays back to the
 KServe datatypes and msgpack wire form."""
 
 from collections.abc import Mapping
@@ -9,6 +9,7 @@ import numpy as np
 
 from ..engine.batch import TensorRequest
 from ..errors import InvalidParameter
+from ..tasks import Operation
 from .adapters import kserve_tensor_values, wire_tensor_values
 
 KSERVE_DATATYPES = {"int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
@@ -46,8 +47,27 @@ def tensor_request(arrays: dict[str, np.ndarray], parameters: Mapping | None) ->
         raise InvalidParameter("parameters", "must be a map")
     parameters = parameters or {}
     priority, timeout = parameters.get("priority", 0), parameters.get("timeout")
+    operation = parameters.get("operation")
+    if operation is not None and not isinstance(operation, str):
+        raise InvalidParameter("operation", "must be a string")
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise InvalidParameter("priority", "must be an integer (higher goes first)")
     if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
         raise InvalidParameter("timeout", "must be a positive number of microseconds")
-    return TensorRequest(arrays, priority, None if timeout is None else timeout / 1e6)
+    return TensorRequest(arrays, priority, None if timeout is None else timeout / 1e6, operation)
+
+
+def signature_metadata(operations: tuple[Operation, ...]) -> dict:
+    """KServe V2 model metadata `inputs` and `outputs`; a model that does several things lists
+    every tensor (inputs marked optional) and, as an extension, each operation's own lists."""
+    def tensors(specs, optional: bool = False):
+        return [{"name": t.name, "datatype": KSERVE_DATATYPES.get(t.dtype, t.dtype), "shape": [-1, *t.shape],
+                 **({"optional": True} if optional else {})} for t in specs]
+
+    if len(operations) == 1:
+        return {"inputs": tensors(operations[0].inputs), "outputs": tensors(operations[0].outputs)}
+    inputs = {t.name: t for op in operations for t in op.inputs}
+    outputs = {t.name: t for op in operations for t in op.outputs}
+    return {"inputs": tensors(inputs.values(), optional=True), "outputs": tensors(outputs.values()),
+            "operations": [{"name": op.name, "inputs": tensors(op.inputs), "outputs": tensors(op.outputs)}
+                           for op in operations]}

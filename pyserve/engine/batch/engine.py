@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ...errors import EngineUnavailable, InvalidParameter
-from ...tasks import TENSOR, TensorModel, TensorSpec
+from ...tasks import TENSOR, Operation, TensorModel, TensorSpec, operations_of
 from ..base import EngineInfo, EngineStats, RequestTimes
 
 log = logging.getLogger("pyserve.engine")
@@ -69,6 +69,7 @@ class TensorRequest:
     inputs: dict[str, np.ndarray]
     priority: int = 0  # higher goes first
     timeout_s: float | None = None
+    operation: str | None = None  # for models that do several things; by default the one whose inputs were sent
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TensorOutput:
 class _Queued:
     request_id: str
     request: TensorRequest
+    operation: Operation
     items: int
     times: RequestTimes
     deadline: float | None
@@ -107,8 +109,9 @@ class BatchEngine:
                      "max_queue_delay_s": max_queue_delay_s, "max_queue_size": max_queue_size, "timeout_s": timeout_s}
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
-        self.info = EngineInfo(TENSOR, signature=(tuple(model.inputs), tuple(model.outputs)),
-                               class_names=tuple(getattr(model, "class_names", ())))
+        self.operations = operations_of(model)
+        self.several = hasattr(model, "operations")  # then run() and check() are told which
+        self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(getattr(model, "class_names", ())))
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
         # Called after every batch with (requests in it, items in it); metrics hook in here.
@@ -119,7 +122,8 @@ class BatchEngine:
     def add(self, request_id: str, request: TensorRequest) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
-        items = self._check(request.inputs)
+        operation = self._operation(request)
+        items = self._check(request.inputs, operation)
         if self.queued_items + items > self.policy.max_queue_size:
             raise EngineUnavailable(f"the queue is full ({self.queued_items} items waiting, limit "
                                     f"{self.policy.max_queue_size}); retry later")
@@ -127,13 +131,26 @@ class BatchEngine:
         timeout = request.timeout_s if request.timeout_s is not None else self.policy.timeout_s
         if timeout is not None and not timeout > 0:
             raise InvalidParameter("timeout", "must be a positive number of seconds")
-        self.requests[request_id] = _Queued(request_id, request, items, RequestTimes(now),
+        self.requests[request_id] = _Queued(request_id, request, operation, items, RequestTimes(now),
                                             None if timeout is None else now + timeout)
         self.queued_items += items
 
-    def _check(self, inputs: dict[str, np.ndarray]) -> int:
-        """The number of items, after checking every input against the model's signature."""
-        specs: dict[str, TensorSpec] = {s.name: s for s in self.model.inputs}
+    def _operation(self, request: TensorRequest) -> Operation:
+        if request.operation is not None or len(self.operations) == 1:
+            for op in self.operations:
+                if request.operation in (None, op.name):
+                    return op
+            raise InvalidParameter("operation", f"must be one of {', '.join(op.name for op in self.operations)}")
+        sent = set(request.inputs)
+        for op in self.operations:
+            if {t.name for t in op.inputs} == sent:
+                return op
+        raise InvalidParameter("inputs", "send the inputs of one operation: " + "; ".join(
+            f"{op.name} ({', '.join(t.name for t in op.inputs)})" for op in self.operations))
+
+    def _check(self, inputs: dict[str, np.ndarray], operation: Operation) -> int:
+        """The number of items, after checking every input against the operation's signature."""
+        specs: dict[str, TensorSpec] = {s.name: s for s in operation.inputs}
         unknown = set(inputs) - set(specs)
         if unknown:
             raise InvalidParameter(sorted(unknown)[0], f"unknown input; the model takes {', '.join(specs)}")
@@ -153,7 +170,7 @@ class BatchEngine:
             raise InvalidParameter(next(iter(specs)), "every input must stack the same number (>= 1) of items")
         check = getattr(self.model, "check", None)
         if check is not None:  # the model's own value checks (a class label out of range, ...)
-            check(inputs)
+            check(inputs, operation.name) if self.several else check(inputs)
         return counts.pop()
 
     def abort(self, request_id: str) -> TensorOutput | None:
@@ -195,7 +212,7 @@ class BatchEngine:
 
     def _run(self, waiting: list[_Queued], size: int) -> list[TensorOutput]:
         taken: list[tuple[_Queued, int, int]] = []  # (request, first item, count)
-        shapes = _item_shapes(waiting[0])  # items of other shapes (-1 dimensions) wait for a batch of their own
+        shapes = _item_shapes(waiting[0])  # other operations and shapes (-1 dimensions) wait for a batch of their own
         for q in waiting:
             if _item_shapes(q) != shapes:
                 continue
@@ -204,9 +221,10 @@ class BatchEngine:
                 break
             taken.append((q, q.next_item, count))
         start = time.monotonic()
+        operation = waiting[0].operation
         batch = {spec.name: torch.from_numpy(np.concatenate([q.request.inputs[spec.name][i:i + c]
                                                              for q, i, c in taken]))
-                 for spec in self.model.inputs}
+                 for spec in operation.inputs}
         for q, i, c in taken:
             q.next_item += c
             q.times.first_scheduled = q.times.first_scheduled or start
@@ -215,7 +233,8 @@ class BatchEngine:
             self.on_step(len(taken), sum(c for _, _, c in taken))
         try:
             with torch.inference_mode():
-                result = {name: t.cpu().numpy() for name, t in self.model.run(batch).items()}
+                outputs = self.model.run(batch, operation.name) if self.several else self.model.run(batch)
+                result = {name: t.cpu().numpy() for name, t in outputs.items()}
         except Exception as exc:  # noqa: BLE001 - this batch's requests fail; the engine goes on
             log.exception("batch of %d item(s) failed", sum(c for _, _, c in taken))
             return [self._fail(q.request_id, f"{type(exc).__name__}: {exc}") for q, _, _ in taken
@@ -249,4 +268,5 @@ class BatchEngine:
 
 
 def _item_shapes(q: _Queued) -> tuple:
-    return tuple(sorted((name, array.shape[1:]) for name, array in q.request.inputs.items()))
+    """What items must share to go in one batch: the operation and every input's item shape."""
+    return q.operation.name, tuple(sorted((name, array.shape[1:]) for name, array in q.request.inputs.items()))

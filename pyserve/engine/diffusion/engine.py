@@ -36,12 +36,10 @@ from .requests import ImageOutput, ImageRequest
 
 log = logging.getLogger("pyserve.engine")
 
-LATENT_STREAM = 2  # Philox stream of initial latents (0 is sampling, 1 is step noise)
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """Unit Gaussian latents of one image, from its seed alone."""
-    offsets = torch.arange(int(torch.Size(shape).numel()), device=device)
-    return rng.normal(torch.tensor(seed, device=device), torch.tensor(0, device=device), offsets,
-                      LATENT_STREAM).reshape(shape)
+    seeds = torch.tensor([seed], device=device)
+    return rng.seeded_normal(seeds, int(torch.Size(shape).numel()), rng.DIFFUSION_LATENT_STREAM).reshape(shape)
 
 
 @dataclass
