@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result  # noqa: E402
-from tiny_models import make_forecaster, make_gan, seasonal_series  # noqa: E402
+from pyserve.demo.data import seasonal_series  # noqa: E402
+from tiny_models import make_forecaster, make_gan  # noqa: E402
 
 from pyserve.client import AsyncClient  # noqa: E402
 from pyserve.engine import EngineDriver, load_engine  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result  # noqa: E402
-from tiny_models import clip_tokenizer_files  # noqa: E402
+from pyserve.demo.train_digits import write_char_clip_tokenizer  # noqa: E402
 
 from pyserve.engine import load_engine  # noqa: E402
 from pyserve.engine.diffusion import ImageRequest  # noqa: E402
@@ -49,7 +49,7 @@ def make_pipeline(out: Path) -> Path:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
         sample_size=160)
-    clip_tokenizer_files(out / "tokenizer-files")
+    write_char_clip_tokenizer(out / "tokenizer-files")
     tokenizer = transformers.CLIPTokenizer(str(out / "tokenizer-files" / "vocab.json"),
                                            str(out / "tokenizer-files" / "merges.txt"), model_max_length=32)
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(

@@ -49,9 +49,16 @@ def _serve(args) -> int:
 
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model directory")
-    for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, name) <= 0:
+    for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "max_batch_size",
+                 "max_queue_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
+        sys.exit(f"--max-queue-delay-ms must be >= 0, got {args.max_queue_delay_ms}")
+    # Batching flags override each model's config only when given.
+    batching = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_size": args.max_queue_size,
+                                  "max_queue_delay_s": None if args.max_queue_delay_ms is None
+                                  else args.max_queue_delay_ms / 1000}.items() if v is not None}
     registry = PluginRegistry.discover(args.plugin_dir)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.models:
@@ -63,7 +70,7 @@ def _serve(args) -> int:
     def load(name: str) -> EngineDriver:
         engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,  # KeyError: unknown
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
-                             max_num_batched_tokens=args.max_num_batched_tokens)
+                             max_num_batched_tokens=args.max_num_batched_tokens, **batching)
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
     try:
@@ -131,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    s.add_argument("--max-batch-size", type=int, default=None,
+                   help="one-shot models: items per batch; diffusion: images per step (default: each model's config)")
+    s.add_argument("--max-queue-delay-ms", type=float, default=None,
+                   help="one-shot models: how long the oldest queued request waits for a batch to fill")
+    s.add_argument("--max-queue-size", type=int, default=None,
+                   help="one-shot models: queued items past which new requests get a 503")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds open requests may take to finish after SIGTERM or Ctrl-C")
     s.set_defaults(run=_serve)

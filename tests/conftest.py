@@ -109,14 +109,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def cli_server(model_dir, *args: str, tls=None):
-    """`pyserve serve` in a subprocess on free loopback ports, once /health answers; yields
-    (process, base URL, msgpack port). `tls`: the SSL context that trusts the server's certificate.
-    Output is kept in process.stdout; the process is always ended."""
+    """`pyserve serve` in a subprocess on free loopback ports (model_dir None: the demo models),
+    once /health answers; yields (process, base URL, msgpack port). `tls`: the SSL context that
+    trusts the server's certificate. Output is kept in process.stdout; the process is always ended."""
     http_port, tcp_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", str(model_dir), "--served-model-name", "tiny",
-                             "--port", str(http_port), "--msgpack-port", str(tcp_port), "--device", "cpu",
-                             "--feedback-db", ":memory:", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    models = [] if model_dir is None else [str(model_dir), "--served-model-name", "tiny"]  # None: the demo models
+    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", *models, "--port", str(http_port),
+                             "--msgpack-port", str(tcp_port), "--device", "cpu", "--feedback-db", ":memory:", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TRITON_INTERPRET": "1"})
     url = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 120

@@ -116,3 +116,21 @@ def test_the_images_api_draws_the_class_the_prompt_names(gan_dir):
                 client.images.generate(model="gan", **kwargs)
     finally:
         server.stop()
+
+
+def test_command_line_batching_flags_override_the_config(gan_dir):
+    """--max-queue-size 1 on the command line: a two-item request no longer fits the queue."""
+    import tritonclient.http as triton
+    from conftest import cli_server
+    with cli_server(gan_dir, "--max-queue-size", "1", "--max-batch-size", "1") as (proc, url, _):
+        client = triton.InferenceServerClient(url=url.removeprefix("http://"))
+        seed, label = triton.InferInput("seed", [2], "INT64"), triton.InferInput("class_label", [2], "INT64")
+        seed.set_data_from_numpy(np.array([1, 2], dtype=np.int64))
+        label.set_data_from_numpy(np.array([1, 2], dtype=np.int64))
+        with pytest.raises(triton.InferenceServerException, match="queue is full"):
+            client.infer("tiny", [seed, label])
+        seed.set_shape([1]), label.set_shape([1])
+        seed.set_data_from_numpy(np.array([1], dtype=np.int64))
+        label.set_data_from_numpy(np.array([1], dtype=np.int64))
+        assert client.infer("tiny", [seed, label]).as_numpy("images").shape == (1, 16, 16, 1)
+        client.close()

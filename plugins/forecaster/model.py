@@ -2,6 +2,7 @@
 forecasts: scale each history by its mean absolute value, bin it, and draw sample paths one step
 at a time with the kernel core's sampler."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,12 @@ def forecast(module: CausalForecaster, binning: Binning, history: torch.Tensor, 
     b, context = history.shape
     scale = binning.scale(history)
     tokens = binning.tokens(history, scale).repeat_interleave(num_samples, dim=0)  # [B*S, context]
-    seeds_list = [rng.row_seed(int(s), p) for s in seeds.tolist() for p in range(num_samples)]
+    rows = [SamplingRow(seed=rng.row_seed(int(s), p)) for s in seeds.tolist() for p in range(num_samples)]
+    params = SamplingTensors.from_rows(rows, tokens.device)  # built once; only the step changes
     drawn = []
     for h in range(horizon):
         logits = module(tokens)[:, -1].float()
-        params = SamplingTensors.from_rows([SamplingRow(seed=s, step=h) for s in seeds_list], tokens.device)
+        params = dataclasses.replace(params, step=torch.full_like(params.step, h))
         step = kernels.sample(logits, params, backend=backend).tokens
         drawn.append(step)
         tokens = torch.cat([tokens[:, 1:], step[:, None]], dim=1)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
-MARGIN = (56, 28, 16, 36)  # left, top, right, bottom
+MARGIN = (56, 44, 16, 36)  # left, top, right, bottom
 
 
 def running_mean(values: list[float], window: int) -> np.ndarray:
@@ -57,9 +57,9 @@ class Chart:
             draw.text((4, at(x0, y)[1] - 6), f"{y:.3g}", fill="black")
             x = x0 + frac * (x1 - x0)
             draw.text((at(x, y0)[0] - 10, bottom + 4), f"{x:.4g}", fill="black")
-        draw.text((left, 6), self.title, fill="black")
+        draw.text((left, 4), self.title, fill="black")
         draw.text(((left + right) // 2 - 20, self.size[1] - 16), self.xlabel, fill="black")
-        draw.text((4, top - 22), self.ylabel, fill="black")
+        draw.text((4, top - 16), self.ylabel, fill="black")
         legend = []
         for i, (label, x, low, high) in enumerate(self.bands):
             color = tuple(c // 2 + 127 for c in PALETTE[(i + len(self.series)) % len(PALETTE)])

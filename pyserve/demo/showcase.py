@@ -1,0 +1,118 @@
+"""Draw what the demo models make, through pyserve's own engines, for the README, and measure
+their quality the way the tests do.
+
+    python -m pyserve.demo.showcase [--out docs/demo] [--results bench/results/demo-quality.json]
+
+Writes `digits-sd.png` (a row per prompt), `digits-gan.png` (a row per class), `digits-vae.png`
+(samples from the prior, and digits encoded and decoded), `forecast.png` and `chat.md` (answers
+of the chat model), and a JSON file of the quality figures.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..engine import load_engine
+from ..engine.batch import TensorRequest
+from . import demo_model_dirs
+from .data import DIGIT_NAMES, digits, seasonal_series
+from .plots import Chart, image_grid
+from .quality import DigitClassifier, mase, seasonal_naive
+
+CHAT_QUESTIONS = ("Tell me about json.dumps.", "What is the with statement?", "Explain os.path.join.")
+COMPLETIONS = ("The for statement", "Return a list of")
+
+
+def run(engine, requests: dict) -> dict:
+    for request_id, request in requests.items():
+        engine.add(request_id, request)
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id] = out
+    return outs
+
+
+def text_samples(model_dir: Path) -> list[tuple[str, str]]:
+    from .. import LLM, SamplingParams
+
+    llm = LLM(model_dir, device="cpu")
+    params = SamplingParams(max_tokens=60, temperature=0.7, top_k=40, repetition_penalty=1.1, seed=0)
+    answers = [llm.chat([{"role": "user", "content": q}], params)[0].text for q in CHAT_QUESTIONS]
+    completions = [llm.generate(p, params)[0].text for p in COMPLETIONS]
+    return list(zip(CHAT_QUESTIONS, answers)) + list(zip(COMPLETIONS, completions))
+
+
+def digit_images(model_dirs: dict, classifier: DigitClassifier, out: Path) -> dict:
+    from ..engine.diffusion import ImageRequest
+
+    prompts = [f"the digit {name}" for name in DIGIT_NAMES]
+    sd = run(load_engine(model_dirs["digits-sd"], device="cpu"),
+             {p: ImageRequest(prompt=p, n=8, seed=i) for i, p in enumerate(prompts)})
+    image_grid([list(sd[p].images) for p in prompts], out / "digits-sd.png", scale=2, labels=prompts)
+    labels = np.repeat(np.arange(10), 8)
+    gan = run(load_engine(model_dirs["digits-gan"], device="cpu"),
+              {"all": TensorRequest({"seed": np.arange(80), "class_label": labels})})["all"].outputs["images"]
+    image_grid([list(gan[d * 8:(d + 1) * 8]) for d in range(10)], out / "digits-gan.png", scale=2,
+               labels=list(DIGIT_NAMES))
+    vae = load_engine(model_dirs["digits-vae"], device="cpu")
+    real = (np.repeat(digits(32)[0][:8, ..., None], 3, axis=-1) * 255).round().astype(np.uint8)
+    encoded = run(vae, {"e": TensorRequest({"images": real})})["e"].outputs["latents"]
+    outs = run(vae, {"d": TensorRequest({"latents": encoded}), "s": TensorRequest({"seed": np.arange(8)})})
+    image_grid([list(real), list(outs["d"].outputs["images"]), list(outs["s"].outputs["images"])],
+               out / "digits-vae.png", scale=2, labels=["real digits", "encoded+decoded", "sampled z~N(0,I)"])
+    # The quality figures, as the tests measure them (more images here).
+    sd_all = run(load_engine(model_dirs["digits-sd"], device="cpu"),
+                 {f"{d}-{v}": ImageRequest(prompt=text, n=10, seed=1000 + 10 * d + v, guidance_scale=5.0)
+                  for d in range(10) for v, text in enumerate((f"the digit {DIGIT_NAMES[d]}", f"a handwritten {d}"))})
+    sd_labels = np.concatenate([[int(k.split("-")[0])] * 10 for k in sd_all])
+    gan_labels = np.arange(1000) % 10
+    gan_all = run(load_engine(model_dirs["digits-gan"], device="cpu"),
+                  {"q": TensorRequest({"seed": np.arange(1000) + 10_000, "class_label": gan_labels})})["q"]
+    return {"text_to_image_digit_accuracy": classifier.accuracy(np.concatenate([o.images for o in sd_all.values()]),
+                                                                sd_labels),
+            "text_to_image_images": len(sd_labels),
+            "gan_digit_accuracy": classifier.accuracy(gan_all.outputs["images"], gan_labels), "gan_images": 1000,
+            "vae_reconstruction_accuracy": classifier.accuracy(outs["d"].outputs["images"], np.arange(8) % 10)}
+
+
+def forecasts(model_dir: Path, out: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    context, horizon = config["context_length"], config["horizon"]
+    series = seasonal_series(200, context + horizon, seed=12345)
+    history, actual = series[:, :context], series[:, context:]
+    result = run(load_engine(model_dir, device="cpu"),
+                 {"f": TensorRequest({"history": history, "seed": np.arange(200)})})["f"].outputs
+    q = result["quantiles"]
+    past, future = np.arange(context), np.arange(context, context + horizon)
+    Chart("seasonal-forecaster: a held-out series", "time step", "value").line("history", past, history[0]).line(
+        "actual", future, actual[0]).line("median forecast", future, q[0, 1]).band(
+        "10-90% band", future, q[0, 0], q[0, 2]).save(out / "forecast.png")
+    return {"forecaster_mase": mase(q[:, 1], actual, history, 12),
+            "seasonal_naive_mase": mase(seasonal_naive(history, horizon, 12), actual, history, 12), "series": 200}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/demo"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results/demo-quality.json"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    dirs = demo_model_dirs()
+    samples = text_samples(dirs["pydoc-chat"])
+    lines = ["# pydoc-chat samples", "", "Made by `python -m pyserve.demo.showcase` (temperature 0.7, top-k 40, "
+             "repetition penalty 1.1, seed 0, 60 tokens).", ""]
+    for prompt, text in samples:
+        lines += [f"**{prompt}**", "", "> " + text.strip().replace("\n", "\n> "), ""]
+    (args.out / "chat.md").write_text("\n".join(lines))
+    figures = digit_images(dirs, DigitClassifier(), args.out) | forecasts(dirs["seasonal-forecaster"], args.out)
+    figures["text_heldout"] = json.loads((dirs["pydoc-chat"] / "training.json").read_text())
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
