@@ -5,7 +5,9 @@ scikit-learn release."""
 import hashlib
 import importlib
 import inspect
+import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +21,13 @@ _SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtled
 
 def python_docs() -> dict[str, str]:
     """English text from the standard library: the `help()` topics of `pydoc_data` and the
-    docstrings of stdlib modules, classes, functions and methods, keyed by a name for each."""
+    docstrings of stdlib modules, classes, functions and methods, keyed by a name for each.
+    Collected in a child process, since it imports every stdlib module it can."""
+    found = subprocess.run([sys.executable, "-W", "ignore", "-m", __name__], capture_output=True, check=True)
+    return json.loads(found.stdout)
+
+
+def _collect_docs() -> dict[str, str]:
     from pydoc_data.topics import topics
 
     docs = {f"topic {name}": text for name, text in sorted(topics.items())}
@@ -84,3 +92,7 @@ def seasonal_series(n: int, length: int, period: int = 12, seed: int = 0) -> np.
     phase = rng.uniform(0, 2 * math.pi, (n, 1))
     noise = rng.normal(0, 0.05, (n, length)) * level
     return (level + trend * t + amplitude * np.sin(2 * math.pi * t / period + phase) + noise).astype(np.float32)
+
+
+if __name__ == "__main__":
+    json.dump(_collect_docs(), sys.stdout)
