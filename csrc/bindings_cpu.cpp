@@ -12,6 +12,7 @@
 #include "cpu/attention.h"
 #include "cpu/denoise.h"
 #include "cpu/linear.h"
+#include "cpu/quantized_linear.h"
 #include "cpu/sampling.h"
 
 namespace py = pybind11;
@@ -101,6 +102,19 @@ PYBIND11_MODULE(_C, m) {
                                         ptr<float>(out), m, n, k});
       },
       nogil);
+
+  m.def(
+      "quantized_linear",
+      [](uintptr_t x, uintptr_t w, uintptr_t scales, uintptr_t bias, uintptr_t out, int m, int n, int k, int format,
+         int isa) {
+        pyserve::cpu::quantized_linear(
+            pyserve::cpu::QuantizedLinearArgs{ptr<const float>(x), ptr<const void>(w), ptr<const float>(scales),
+                                              ptr<const float>(bias), ptr<float>(out), m, n, k,
+                                              static_cast<pyserve::cpu::WeightFormat>(format)},
+            static_cast<pyserve::cpu::Isa>(isa));
+      },
+      nogil);
+  m.def("best_isa", [] { return static_cast<int>(pyserve::cpu::best_isa()); });
 
   m.def(
       "denoise_step",

@@ -32,7 +32,7 @@ def _plugins(args) -> int:
 def _generate(args) -> int:
     from . import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, plugin_dirs=args.plugin_dir)
+    llm = LLM(args.model, device=args.device, plugin_dirs=args.plugin_dir, quantization=args.quantization)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     out = llm.generate(args.prompt, params)[0]
     print(out.text)
@@ -43,6 +43,7 @@ def _serve(args) -> int:
     import torch
 
     from .engine import EngineDriver, load_engine
+    from .tasks import TEXT_GENERATION
     from .server import serve
     from .server.auth import AccessPolicy, read_key_file
     from .server.config import ServerConfig
@@ -69,6 +70,8 @@ def _serve(args) -> int:
 
     def load(name: str) -> EngineDriver:
         engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,  # KeyError: unknown
+                             quantization=args.quantization if registry.for_model(known[name]).task == TEXT_GENERATION
+                             else None,
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, **batching)
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
     s.add_argument("--plugin-dir", action="append", default=[])
+    s.add_argument("--quantization", default="none", choices=["none", "bf16", "int8", "int4"],
+                   help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
+                        "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype")
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--quantization", default="none", choices=["none", "bf16", "int8", "int4"])
     g.add_argument("--plugin-dir", action="append", default=[])
     g.set_defaults(run=_generate)
 

@@ -1,4 +1,15 @@
-"""Layers for plugin authors that run through pyserve's kernels."""
+"""Layers for plugin authors that run through pyserve's kernels, and low-precision weights for them.
+
+A layer that can hold its weight packed (bf16, int8, int4: see `pyserve.kernels.quantize`)
+defines `pack(format) -> int` (packs, and returns the bytes the packed copy replaces);
+`quantize_model` calls it on every such layer of a loaded model, which is how `--quantization`
+works for any plugin built from these layers:
+
+    model = plugin.load(model_dir)
+    report = quantize_model(model, "int8")   # every pyserve.nn.Linear now reads int8 weights
+"""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -7,7 +18,55 @@ from . import kernels
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward is `kernels.linear` (fast decode-sized products on the CPU)."""
+    """nn.Linear whose forward is `kernels.linear` (fast decode-sized products on the CPU), and
+    whose weight may be packed to fewer bytes."""
+
+    packed: kernels.QuantizedWeight | None = None
+
+    def pack(self, format: str) -> int:
+        self.packed = kernels.quantize(self.weight, format)
+        return release(self, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight if self.packed is None else self.packed, self.bias)
+
+
+def release(module: nn.Module, name: str) -> int:
+    """Drop a parameter's storage once a packed copy replaced it (the name stays); returns its bytes."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(torch.empty(0, dtype=old.dtype, device=old.device), requires_grad=False))
+    return old.numel() * old.element_size()
+
+
+@dataclass
+class QuantizationReport:
+    format: str
+    layers: int  # weights packed
+    packed_bytes: int  # of those weights, packed
+    unpacked_bytes: int  # of those weights in the dtype they were loaded in
+
+    def __str__(self) -> str:
+        mib = 2**20
+        return (f"{self.format} weights: {self.layers} layers, {self.unpacked_bytes / mib:.1f} MiB -> "
+                f"{self.packed_bytes / mib:.1f} MiB; a decode step reads {self.packed_bytes / mib:.1f} MiB of them "
+                f"instead of {self.unpacked_bytes / mib:.1f} ({self.unpacked_bytes / max(self.packed_bytes, 1):.2f}x fewer)")
+
+
+def quantize_model(model, format: str) -> QuantizationReport:
+    """Pack the weight of every layer that supports it (a `pack(format)` method) inside the loaded
+    model (an nn.Module, or an object holding them as attributes, as TextModel does)."""
+    if format not in kernels.WEIGHT_FORMATS:
+        raise ValueError(f"--quantization must be none or one of {', '.join(kernels.WEIGHT_FORMATS)}, got {format!r}")
+    roots = [model] if isinstance(model, nn.Module) else [m for m in vars(model).values() if isinstance(m, nn.Module)]
+    report = QuantizationReport(format, 0, 0, 0)
+    for root in roots:
+        for layer in list(root.modules()):
+            if not callable(getattr(layer, "pack", None)):
+                continue
+            report.unpacked_bytes += layer.pack(format)
+            packed = [v for v in vars(layer).values() if isinstance(v, kernels.QuantizedWeight)]
+            report.layers += len(packed)
+            report.packed_bytes += sum(p.nbytes for p in packed)
+    if not report.layers:
+        raise ValueError("this model has no layers that can hold packed weights (pyserve.nn.Linear)")
+    return report

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyserve import kernels
+from pyserve.nn import release
 from pyserve.tasks import AttentionMetadata, KVCache
 
 
@@ -19,7 +20,15 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
 
+    packed: kernels.QuantizedWeight | None = None
+
+    def pack(self, format: str) -> int:
+        self.packed = kernels.quantize(self.weight.t(), format)
+        return release(self, "weight")
+
     def forward(self, x):
+        if self.packed is not None:
+            return kernels.linear(x, self.packed, self.bias)
         return torch.addmm(self.bias, x, self.weight)
 
 
@@ -78,6 +87,7 @@ class GPT2LMHeadModel(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.transformer = Transformer(cfg)
+        self.head: kernels.QuantizedWeight | None = None  # a packed copy of the tied head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache) -> torch.Tensor:
@@ -86,5 +96,12 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, meta, k_cache, v_cache)
         return self.transformer.ln_f(x)
 
+    def pack(self, format: str) -> int:
+        """The head is tied to wte, which lookups still need: it reads a packed copy."""
+        self.head = kernels.quantize(self.transformer.wte.weight, format)
+        return self.transformer.wte.weight.numel() * self.transformer.wte.weight.element_size()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return kernels.linear(hidden, self.head).float()
         return F.linear(hidden, self.transformer.wte.weight).float()  # the head is tied to wte

@@ -147,6 +147,7 @@ class LlamaForCausalLM(nn.Module):
             window = 0
         self.model = Backbone(cfg, self.head_dim, window)
         self.tied = cfg.get("tie_word_embeddings", False)
+        self.head: kernels.QuantizedWeight | None = None  # a packed copy of a tied head
         if not self.tied:
             self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.cfg = cfg
@@ -170,6 +171,16 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, meta, k_cache, v_cache)
         return self.model.norm(x)
 
+    def pack(self, format: str) -> int:
+        """A tied head's weight is the embedding table, which lookups still need in full: the head
+        reads a packed copy of it (an untied lm_head packs itself, as every Linear does)."""
+        if not self.tied:
+            return 0
+        weight = self.model.embed_tokens.weight
+        self.head = kernels.quantize(weight, format)
+        return weight.numel() * weight.element_size()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        return kernels.linear(hidden, weight).float()
+        if not self.tied:
+            return self.lm_head(hidden).float()
+        return kernels.linear(hidden, self.head if self.head is not None else self.model.embed_tokens.weight).float()

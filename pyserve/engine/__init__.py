@@ -5,15 +5,19 @@
 """
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..nn import quantize_model
 from ..plugin import PluginRegistry
 from ..tasks import IMAGE_GENERATION, TENSOR, TEXT_GENERATION
 from .base import Engine, EngineInfo, EngineStats
 from .driver import EngineDriver
+
+log = logging.getLogger("pyserve.engine")
 
 __all__ = ["Engine", "EngineDriver", "EngineInfo", "EngineStats", "build_engine", "default_device", "load_engine"]
 
@@ -39,9 +43,12 @@ def build_engine(task: str, model: Any, **options) -> Engine:
 
 def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,
                 plugin_dirs: list[str] | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                **options) -> Engine:
-    """Find the plugin for model_dir, load the model, and build the engine for its task."""
+                quantization: str | None = None, **options) -> Engine:
+    """Find the plugin for model_dir, load the model (packing its weights when `quantization` is
+    bf16, int8 or int4), and build the engine for its task."""
     registry = registry or PluginRegistry.discover(plugin_dirs)
     plugin = registry.for_model(model_dir)
     model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
+    if quantization not in (None, "none"):
+        log.info("%s: %s", Path(model_dir).name, quantize_model(model, quantization))
     return build_engine(plugin.task, model, **options)

@@ -19,11 +19,14 @@ import torch
 from . import checks
 from .checks import FLOAT_DTYPES, INDEX_DTYPES, KernelInputError
 from .dispatch import BACKENDS, BackendUnavailable, available, backend_for
+from .quantize import FORMATS as WEIGHT_FORMATS
+from .quantize import QuantizedWeight, quantize
 from .types import Coef, SampleResult, SamplingRow, SamplingTensors
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "SampleResult", "SamplingRow", "SamplingTensors",
-    "available", "dense_attention", "denoise_step", "linear", "paged_attention", "sample", "write_kv",
+    "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow",
+    "SamplingTensors", "WEIGHT_FORMATS", "available", "dense_attention", "denoise_step", "linear", "paged_attention",
+    "quantize", "sample", "write_kv",
 ]
 
 
@@ -32,13 +35,18 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None, *,
            backend: str | None = None) -> torch.Tensor:
     """x [..., K] times weight [N, K] (transposed) plus bias [N], as torch.nn.functional.linear.
+    `weight` may be packed (`kernels.quantize(weight, "bf16" | "int8" | "int4")`): the result is
+    that of its dequantized values.
 
-    On the CPU, decode-sized batches (up to 8 rows, fp32) run the C++ matrix-vector kernel, which
-    streams the weights faster than BLAS GEMV; everything else goes to torch.
+    On the CPU, decode-sized batches (up to 8 rows, fp32) run the C++ matrix-vector kernels, which
+    stream the weights (fp32, or packed) faster than BLAS GEMV; everything else goes to torch.
     """
+    if isinstance(weight, QuantizedWeight):
+        checks.check(x.shape[-1] == weight.shape[1], f"x has {x.shape[-1]} features, the weight takes {weight.shape[1]}")
+        checks.check(x.device == weight.device, f"x is on {x.device}, the weight on {weight.device}")
     return backend_for(x.device, backend).linear(x, weight, bias)
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from .checks import check
+from .quantize import FORMAT_CODES, QuantizedWeight
 from .types import SampleResult, SamplingTensors
 
 try:
@@ -43,6 +44,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def linear(x, weight, bias=None):
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     fits = (0 < rows <= _C.MAX_LINEAR_ROWS and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32))
@@ -53,6 +56,29 @@ def linear(x, weight, bias=None):
     _C.linear(xf.data_ptr(), weight.data_ptr(), _opt(None if bias is None else bias.contiguous()), out.data_ptr(),
               rows, weight.shape[0], weight.shape[1])
     return out
+
+
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/cpu/quantized_linear.h Isa
+
+
+def best_isa() -> str:
+    """The widest instruction set the packed-weight kernels use on this CPU."""
+    return {v: k for k, v in ISAS.items()}[_C.best_isa()]
+
+
+def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
+    """Decode-sized batches (up to 8 rows) read the packed weights in C++; larger ones (prefill)
+    unpack the weight once and use torch's GEMM, where the arithmetic, not the bytes, is the cost."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= _C.MAX_LINEAR_ROWS:
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    n, k = weight.shape
+    xf = _f32(x)
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    _C.quantized_linear(xf.data_ptr(), weight.data.data_ptr(), _opt(weight.scales),
+                        _opt(None if bias is None else _f32(bias)), out.data_ptr(), rows, n, k,
+                        FORMAT_CODES[weight.format], ISAS[isa])
+    return out.to(x.dtype)
 
 
 def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:

@@ -6,6 +6,7 @@ These favour clarity over speed (plain loops over sequences and rows, fp32 math)
 import torch
 
 from . import rng
+from .quantize import QuantizedWeight
 from .types import Coef, SampleResult, SamplingTensors
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +79,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return out.transpose(1, 2).to(q.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, QuantizedWeight):  # the packed formats mean their dequantized values
+        weight = weight.dequantize(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -1,0 +1,32 @@
+// CPU matrix-vector products over low-precision weights, for decode-sized batches:
+// y[m] = dequant(W) x[m] + b, fp32 activations and accumulation.
+//
+// Weight formats (W is [N, K], row-major; K a multiple of 32 for the grouped formats):
+//   bf16  uint16 [N, K]: the top half of each fp32 weight (round to nearest even)
+//   int8  int8 [N, K] and fp32 scales [N, K/32]: w = q * scale of its group of 32 (llama.cpp's Q8_0)
+//   int4  uint8 [N, K/2] and fp32 scales [N, K/32]: in each group of 32, byte j holds element j in
+//         its low nibble and element j + 16 in its high nibble; w = (q - 8) * scale (Q4_0)
+#pragma once
+
+namespace pyserve::cpu {
+
+constexpr int kQuantGroup = 32;
+
+enum class WeightFormat : int { kBF16 = 1, kInt8 = 2, kInt4 = 3 };
+// Instruction sets a kernel may use; kAuto picks the best the CPU has at run time.
+enum class Isa : int { kAuto = 0, kScalar = 1, kAVX2 = 2, kAVX512 = 3 };
+
+struct QuantizedLinearArgs {
+  const float* x;        // [M, K]
+  const void* w;         // packed weights, as the format says
+  const float* scales;   // [N, K/32] (int8, int4) or null
+  const float* bias;     // [N] or null
+  float* out;            // [M, N]
+  int m, n, k;
+  WeightFormat format;
+};
+
+void quantized_linear(const QuantizedLinearArgs& args, Isa isa);
+Isa best_isa();  // what kAuto resolves to on this CPU
+
+}  // namespace pyserve::cpu

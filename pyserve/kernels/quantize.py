@@ -1,0 +1,76 @@
+"""Low-precision weights: packing fp32 weights into the formats the linear kernels read, and
+unpacking them again (the reference every back-end must agree with).
+
+    packed = quantize(weight, "int8")          # weight [N, K] fp32/bf16/fp16
+    y = kernels.linear(x, packed, bias)         # == torch.nn.functional.linear(x, packed.dequantize(), bias)
+
+Formats (see csrc/cpu/quantized_linear.h for the byte layout):
+- bf16: the weight rounded to bfloat16 (2 bytes a weight);
+- int8: symmetric, a scale per group of 32 input values, q in [-127, 127] (llama.cpp's Q8_0; 1.125 bytes);
+- int4: a scale per group of 32, q in [0, 15] standing for q - 8, two per byte (Q4_0; 0.625 bytes).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+FORMATS = ("bf16", "int8", "int4")
+GROUP = 32
+FORMAT_CODES = {"bf16": 1, "int8": 2, "int4": 3}  # csrc/cpu/quantized_linear.h WeightFormat
+
+
+@dataclass
+class QuantizedWeight:
+    """A packed [N, K] weight: `data` in the format's layout, `scales` [N, K/32] fp32 for the
+    grouped formats."""
+
+    format: str
+    data: torch.Tensor
+    scales: torch.Tensor | None
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + (0 if self.scales is None else self.scales.numel() * 4)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.shape
+        if self.format == "bf16":
+            return self.data.to(dtype)
+        if self.format == "int8":
+            q = self.data.view(n, k // GROUP, GROUP).to(torch.float32)
+        else:
+            packed = self.data.view(n, k // GROUP, GROUP // 2)
+            q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32) - 8
+        return (q * self.scales[..., None]).view(n, k).to(dtype)
+
+
+def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:
+    """Pack a [N, K] weight; the grouped formats need K to be a multiple of 32."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
+    if weight.ndim != 2:
+        raise ValueError(f"a weight to quantize must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    w = weight.detach().to(torch.float32)
+    if format == "bf16":
+        return QuantizedWeight(format, w.to(torch.bfloat16).contiguous(), None, (n, k))
+    if k % GROUP:
+        raise ValueError(f"{format} needs the input size to be a multiple of {GROUP}, got {k}")
+    groups = w.view(n, k // GROUP, GROUP)
+    if format == "int8":
+        scales = groups.abs().amax(dim=-1) / 127
+        q = torch.where(scales[..., None] > 0, groups / scales[..., None].clamp_min(1e-30), 0.0)
+        return QuantizedWeight(format, q.round().clamp(-127, 127).to(torch.int8).view(n, k).contiguous(),
+                               scales.contiguous(), (n, k))
+    # int4, as Q4_0: the value of largest magnitude maps to -8, so its sign fixes the scale's.
+    extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]
+    scales = extreme / -8
+    q = torch.where(scales[..., None] != 0, groups / torch.where(scales == 0, 1.0, scales)[..., None], 0.0)
+    q = (q + 8).round().clamp(0, 15).to(torch.uint8)
+    packed = q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)
+    return QuantizedWeight(format, packed.reshape(n, k // 2).contiguous(), scales.contiguous(), (n, k))
