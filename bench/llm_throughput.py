@@ -48,9 +48,9 @@ def workload(n: int, seed: int = 0, quick: bool = False) -> list[tuple[list[int]
             for _ in range(n)]
 
 
-def run_pyserve(model_dir: Path, reqs, device: str = "cpu", dtype=None) -> tuple[float, int, LLM]:
+def run_pyserve(model_dir: Path, reqs, device: str = "cpu", dtype=None, **options) -> tuple[float, int, LLM]:
     llm = LLM(model_dir, device=device, dtype=dtype, kv_cache_memory=2 * 2**30, max_num_seqs=128,
-              max_num_batched_tokens=1024)
+              max_num_batched_tokens=1024, **options)
     params = [SamplingParams(max_tokens=out, temperature=0, ignore_eos=True) for _, out in reqs]
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in reqs], params)

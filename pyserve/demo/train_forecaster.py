@@ -29,7 +29,7 @@ from .quality import mase, seasonal_naive
 DEFAULT_OUT = Path(__file__).parent / "models" / "seasonal-forecaster"
 PERIOD = 12
 CONFIG = {"architectures": ["CausalForecaster"], "context_length": 48, "horizon": 12, "num_bins": 256,
-          "bin_range": 3.0, "d_model": 64, "num_layers": 2, "num_heads": 4, "num_samples": 32,
+          "bin_range": 3.0, "d_model": 128, "num_layers": 3, "num_heads": 4, "num_samples": 32,
           "quantiles": [0.1, 0.5, 0.9], "batching": {"max_batch_size": 32, "max_queue_delay_s": 0.002}}
 
 
@@ -48,7 +48,7 @@ def evaluate(out: Path, series: np.ndarray, seed: int = 0) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -62,10 +62,15 @@ def main(argv=None) -> dict:
     curve = []
     for step in range(args.steps):
         rows = torch.randint(0, len(train), (128,))
-        starts = torch.randint(0, train.shape[1] - c["context_length"], (128,))
+        starts = torch.randint(c["horizon"], train.shape[1] - c["context_length"], (128,))
         windows = torch.stack([train[r, s: s + c["context_length"] + 1] for r, s in zip(rows, starts)])
-        # Scaled by the context alone, as the plugin scales a request's history.
-        tokens = binning.tokens(windows, binning.scale(windows[:, :-1]))
+        # Scaled as the plugin scales them: by the history the forecast started from, which is
+        # the window itself only at the first step; h steps in, the window has slid h values past
+        # it. (Scaling every window by itself teaches the model that a window's scaled mean is 1,
+        # and its forecasts then lag any trend.)
+        shifts = torch.randint(0, c["horizon"], (128,))
+        history = torch.stack([train[r, s - h: s - h + c["context_length"]] for r, s, h in zip(rows, starts, shifts)])
+        tokens = binning.tokens(windows, binning.scale(history))
         logits = module(tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,120 @@
+"""Low-precision weights: decode speed of the same ~112M-parameter Llama with fp32, bf16, int8 and
+int4 weights, in one run, next to the machine's copy bandwidth measured in the same run.
+
+    python bench/quantization.py [--quick] [--llama-server PATH --gguf-dir DIR]
+
+For each format: the bytes a decode step reads (the packed linear weights), batch-1 decode
+tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
+(bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
+llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
+the same batch-1 decode for comparison. Writes bench/results/quantization.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import copy_bandwidth_gbs  # noqa: E402
+from llm_throughput import batch1_decode, make_checkpoint, run_pyserve  # noqa: E402
+from report import write_result  # noqa: E402
+
+from pyserve import LLM  # noqa: E402
+from pyserve.nn import quantize_model  # noqa: E402
+
+FORMATS = ("none", "bf16", "int8", "int4")
+
+
+def streams(model_dir: Path, format: str, n: int, quick: bool) -> float:
+    """Output tokens/s of n requests generated at once (32-token prompts, 64 new tokens each)."""
+    reqs = [([0] + list(range(3 + i, 34 + i)), 16 if quick else 64) for i in range(n)]
+    elapsed, tokens, _ = run_pyserve(model_dir, reqs, quantization=format)
+    return tokens / elapsed
+
+
+def packed_bytes(model_dir: Path, format: str) -> int:
+    """Bytes of linear weights a decode step reads in this format."""
+    llm = LLM(model_dir, device="cpu")
+    model = llm.engine.model
+    if format == "none":
+        return quantize_model(model, "bf16").unpacked_bytes  # the fp32 bytes those layers held
+    return quantize_model(model, format).packed_bytes
+
+
+def llama_cpp_decode(server: Path, gguf: Path, tokens: int = 128) -> float:
+    """llama.cpp server, one request: its own timing of generated tokens per second."""
+    port = 8765
+    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-c", "2048",
+                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"prompt": [0] + list(range(3, 34)), "n_predict": tokens, "temperature": 0,
+                           "ignore_eos": True, "cache_prompt": False}).encode()
+        best = 0.0
+        for _ in range(3):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as r:
+                best = max(best, json.loads(r.read())["timings"]["predicted_per_second"])
+        return best
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--llama-server", type=Path, default=None)
+    parser.add_argument("--gguf-dir", type=Path, default=None, help="f32.gguf, q8_0.gguf, q4_0.gguf of the model")
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint (default: make one)")
+    args = parser.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = args.model_dir or make_checkpoint(Path(tmp.name), args.quick)
+    bandwidth = [copy_bandwidth_gbs()]
+    rows = {}
+    for format in FORMATS:
+        llm = LLM(model_dir, device="cpu", quantization=format)
+        decode = max(batch1_decode(llm) for _ in range(2))
+        del llm
+        nbytes = packed_bytes(model_dir, format)
+        rows[format] = {"weight_mib_read_per_token": nbytes / 2**20, "batch1_tokens_per_s": decode,
+                        "streams64_tokens_per_s": streams(model_dir, format, 64, args.quick),
+                        "batch1_gb_per_s": decode * nbytes / 1e9}
+    bandwidth.append(copy_bandwidth_gbs())
+    copy = max(bandwidth)
+    base = rows["none"]
+    for row in rows.values():
+        row["batch1_vs_fp32"] = row["batch1_tokens_per_s"] / base["batch1_tokens_per_s"]
+        row["streams64_vs_fp32"] = row["streams64_tokens_per_s"] / base["streams64_tokens_per_s"]
+        row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
+    result = {"copy_bandwidth_gbs": bandwidth, "pyserve": rows}
+    if args.llama_server and args.gguf_dir:
+        result["llama_cpp_batch1_tokens_per_s"] = {
+            name: llama_cpp_decode(args.llama_server, args.gguf_dir / f"{name}.gguf") for name in ("f32", "q8_0", "q4_0")
+            if (args.gguf_dir / f"{name}.gguf").exists()}
+    print(f"copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
+    print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
+          f"{'vs fp32':>8} {'of copy bw':>10}")
+    for name, row in rows.items():
+        print(f"{name:<6} {row['weight_mib_read_per_token']:>10.1f} {row['batch1_tokens_per_s']:>14.1f} "
+              f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} {row['streams64_vs_fp32']:>7.2f}x "
+              f"{row['batch1_fraction_of_copy_bandwidth']:>9.0%}")
+    for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
+        print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s")
+    write_result("quantization", result, args.quick)
+
+
+if __name__ == "__main__":
+    main()
