@@ -16,6 +16,7 @@ import numpy as np
 
 from ..engine import load_engine
 from ..engine.batch import TensorRequest
+from ..server.image_adapters import to_uint8
 from . import demo_model_dirs
 from .data import DIGIT_NAMES, digits, seasonal_series
 from .plots import Chart, image_grid
@@ -51,14 +52,15 @@ def digit_images(model_dirs: dict, classifier: DigitClassifier, out: Path) -> di
     prompts = [f"the digit {name}" for name in DIGIT_NAMES]
     sd = run(load_engine(model_dirs["digits-sd"], device="cpu"),
              {p: ImageRequest(prompt=p, n=8, seed=i) for i, p in enumerate(prompts)})
-    image_grid([list(sd[p].images) for p in prompts], out / "digits-sd.png", scale=2, labels=prompts)
+    image_grid([list(to_uint8(sd[p].images)) for p in prompts], out / "digits-sd.png", scale=2, labels=prompts)
     labels = np.repeat(np.arange(10), 8)
     gan = run(load_engine(model_dirs["digits-gan"], device="cpu"),
               {"all": TensorRequest({"seed": np.arange(80), "class_label": labels})})["all"].outputs["images"]
     image_grid([list(gan[d * 8:(d + 1) * 8]) for d in range(10)], out / "digits-gan.png", scale=2,
                labels=list(DIGIT_NAMES))
     vae = load_engine(model_dirs["digits-vae"], device="cpu")
-    real = (np.repeat(digits(32)[0][:8, ..., None], 3, axis=-1) * 255).round().astype(np.uint8)
+    grey, real_labels = digits(32)
+    real = (np.repeat(grey[:8, ..., None], 3, axis=-1) * 255).round().astype(np.uint8)
     encoded = run(vae, {"e": TensorRequest({"images": real})})["e"].outputs["latents"]
     outs = run(vae, {"d": TensorRequest({"latents": encoded}), "s": TensorRequest({"seed": np.arange(8)})})
     image_grid([list(real), list(outs["d"].outputs["images"]), list(outs["s"].outputs["images"])],
@@ -75,7 +77,7 @@ def digit_images(model_dirs: dict, classifier: DigitClassifier, out: Path) -> di
                                                                 sd_labels),
             "text_to_image_images": len(sd_labels),
             "gan_digit_accuracy": classifier.accuracy(gan_all.outputs["images"], gan_labels), "gan_images": 1000,
-            "vae_reconstruction_accuracy": classifier.accuracy(outs["d"].outputs["images"], np.arange(8) % 10)}
+            "vae_reconstruction_accuracy": classifier.accuracy(outs["d"].outputs["images"], real_labels[:8])}
 
 
 def forecasts(model_dir: Path, out: Path) -> dict:
