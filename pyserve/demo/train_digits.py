@@ -3,9 +3,10 @@
     python -m pyserve.demo.train_digits [--out pyserve/demo/models/digits-sd]
 
 A Stable-Diffusion-style pipeline in diffusers format, trained in two stages:
-1. a KL autoencoder (`AutoencoderKL`) from 32x32 digit images to 4x8x8 latents; its KL weight is
-   large enough that decoding z ~ N(0, I) gives digit-like strokes, so the same directory
-   (`vae/`) is the demo VAE;
+1. a KL autoencoder (`AutoencoderKL`) from 32x32 digit images to 4x8x8 latents, with a light KL
+   weight as Stable Diffusion's has: reconstructions are faithful, latents stay near unit scale,
+   and decoding z ~ N(0, I) gives strokes rather than digits. The same directory (`vae/`) is the
+   demo VAE;
 2. a character-level CLIP text encoder and a conditional UNet, trained together on the scaled
    latents with the DDPM noise-prediction loss, the caption ("the digit seven", "a handwritten
    7", ...) dropped 10% of the time so classifier-free guidance works.
