@@ -31,16 +31,17 @@ class DiffusionPipelineModel:
 
         def component(name: str, library):
             _, class_name = index[name]
-            return getattr(library, class_name).from_pretrained(model_dir / name, torch_dtype=dtype).to(device).eval()
+            # Said outright, diffusers does not print its advice to install accelerate on every load.
+            extra = {"low_cpu_mem_usage": False} if library is diffusers else {}
+            return getattr(library, class_name).from_pretrained(model_dir / name, torch_dtype=dtype,
+                                                                **extra).to(device).eval()
 
-        # Channels-last convolutions: oneDNN and cuDNN run them faster (a 20-step UNet call on this
-        # CPU: 1.27x); the math is the same.
-        unet = component("unet", diffusers).to(memory_format=torch.channels_last)
+        unet = component("unet", diffusers)
 
         use_kernel_attention(unet)
         vae = text_encoder = tokenizer = None
         if index.get("vae", [None, None])[1]:
-            vae = component("vae", diffusers).to(memory_format=torch.channels_last)
+            vae = component("vae", diffusers)
             use_kernel_attention(vae)
         if index.get("text_encoder", [None, None])[1]:
             text_encoder = component("text_encoder", transformers)

@@ -41,8 +41,8 @@ class VAEModel:
     def load(cls, model_dir: Path, device: str = "cpu") -> "VAEModel":
         import diffusers
 
-        vae = diffusers.AutoencoderKL.from_pretrained(model_dir, torch_dtype=torch.float32)
-        vae = vae.to(device, memory_format=torch.channels_last)  # faster convolutions, same math
+        vae = diffusers.AutoencoderKL.from_pretrained(model_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        vae = vae.to(device)
         use_kernel_attention(vae)
         return cls(vae, device)
 
