@@ -35,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_BLOCK_SIZE") = pyserve::cpu::kMaxBlockSize;
   m.attr("MAX_GROUP") = pyserve::cpu::kMaxGroup;
   m.attr("MAX_LINEAR_ROWS") = pyserve::cpu::kMaxLinearRows;
+  m.attr("MAX_PACKED_ROWS") = pyserve::cpu::kMaxPackedRows;
 
   m.def("num_threads", [] { return omp_get_max_threads(); });
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); });

@@ -39,7 +39,7 @@ def test_packing_round_trips_within_the_format_error(format):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("format", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 19, 64])
 def test_every_instruction_set_matches_the_reference(isa, format, rows):
     for n, k in ((1, 32), (37, 96), (130, 256)):
         packed = quantize(weights(n, k, seed=n), format)
@@ -55,7 +55,7 @@ def test_bf16_rows_of_any_length_and_the_prefill_path():
     packed = quantize(weights(10, 45), "bf16")  # 45: a tail after the last full group
     x = torch.randn(2, 45)
     torch.testing.assert_close(kernels.linear(x, packed), reference.linear(x, packed), atol=1e-4, rtol=1e-4)
-    big = torch.randn(3, 17, 45)  # 51 rows: unpacked once, torch's GEMM
+    big = torch.randn(3, 27, 45)  # 81 rows: unpacked once, torch's GEMM
     torch.testing.assert_close(kernels.linear(big, packed), reference.linear(big, packed), atol=1e-4, rtol=1e-4)
 
 
@@ -112,7 +112,7 @@ def test_quantized_models_match_transformers_on_the_same_dequantized_weights(tex
     assert report.layers > 0 and report.packed_bytes < report.unpacked_bytes
     ref = dequantized_reference(text_model_dir, format)
     with torch.no_grad():
-        for ids in PROMPTS:  # 2 to 35 tokens: the C++ kernels (<= 8 rows) and the unpacked GEMM
+        for ids in PROMPTS + [[0] + list(range(3, 72))]:  # the C++ kernels (<= 64 rows), and the unpacked GEMM
             want = ref(torch.tensor([ids])).logits[0].float()
             assert (one_sequence_forward(model, ids) - want).abs().max() <= 1e-4
     llm = LLM(text_model_dir, device="cpu", quantization=format)

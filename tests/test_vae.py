@@ -99,8 +99,8 @@ def test_operations_over_kserve_and_msgpack(vae_dir):
             again = tensor_from_wire(c.infer("vae", {"seed": np.array([6])})["outputs"]["images"])
             np.testing.assert_array_equal(again[0], got[1])
         # The sample operation is an image producer, so the images API serves it too.
-        import httpx
-        r = httpx.post(f"{server.url}/v1/images/generations", json={"model": "vae", "prompt": "", "n": 2, "seed": 3})
-        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        import openai
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        assert len(client.images.generate(model="vae", prompt="", n=2, extra_body={"seed": 3}).data) == 2
     finally:
         server.stop()

@@ -1,5 +1,6 @@
-// CPU matrix-vector products over low-precision weights, for decode-sized batches:
-// y[m] = dequant(W) x[m] + b, fp32 activations and accumulation.
+// CPU products over low-precision weights, for decode-sized batches (any number of rows; the
+// facade sends up to kMaxPackedRows, prefill goes to GEMM): y[m] = dequant(W) x[m] + b, fp32
+// activations and accumulation.
 //
 // Weight formats (W is [N, K], row-major; K a multiple of 32 for the grouped formats):
 //   bf16  uint16 [N, K]: the top half of each fp32 weight (round to nearest even)
@@ -11,6 +12,7 @@
 namespace pyserve::cpu {
 
 constexpr int kQuantGroup = 32;
+constexpr int kMaxPackedRows = 64;  // beyond this, unpacking once for a GEMM costs less
 
 enum class WeightFormat : int { kBF16 = 1, kInt8 = 2, kInt4 = 3 };
 // Instruction sets a kernel may use; kAuto picks the best the CPU has at run time.

@@ -67,10 +67,10 @@ def best_isa() -> str:
 
 
 def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
-    """Decode-sized batches (up to 8 rows) read the packed weights in C++; larger ones (prefill)
+    """Decode-sized batches (up to 64 rows) read the packed weights in C++; larger ones (prefill)
     unpack the weight once and use torch's GEMM, where the arithmetic, not the bytes, is the cost."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= _C.MAX_LINEAR_ROWS:
+    if not 0 < rows <= _C.MAX_PACKED_ROWS:
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
     n, k = weight.shape
     xf = _f32(x)
