@@ -63,7 +63,8 @@ def _serve(args) -> int:
     registry = PluginRegistry.discover(args.plugin_dir)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.models:
-        known = dict(zip(args.served_model_name or [Path(d).name for d in args.models], args.models))
+        default_names = [Path(d).stem if Path(d).suffix == ".gguf" else Path(d).name for d in args.models]
+        known = dict(zip(args.served_model_name or default_names, args.models))
     else:
         from .demo import demo_model_dirs
         known = demo_model_dirs()
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     s = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
     s.add_argument("models", nargs="*", metavar="MODEL_DIR",
-                   help="model directories (Hugging Face, diffusers, pyserve one-shot formats); none: the demo models")
+                   help="model directories (Hugging Face, diffusers, pyserve one-shot formats) or llama.cpp .gguf "
+                        "files; none: the demo models")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI /v1, KServe /v2, /metrics)")
     s.add_argument("--msgpack-port", type=int, default=8001, help="msgpack protocol port (0: off)")
@@ -138,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
     s.add_argument("--plugin-dir", action="append", default=[])
-    s.add_argument("--quantization", default="none", choices=["none", "bf16", "int8", "int4"],
+    s.add_argument("--quantization", default=None, choices=["none", "bf16", "int8", "int4"],
                    help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
-                        "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype")
+                        "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype (default: as "
+                        "the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--quantization", default="none", choices=["none", "bf16", "int8", "int4"])
+    g.add_argument("--quantization", default=None, choices=["none", "bf16", "int8", "int4"])
     g.add_argument("--plugin-dir", action="append", default=[])
     g.set_defaults(run=_generate)
 

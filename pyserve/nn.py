@@ -1,7 +1,8 @@
 """Layers for plugin authors that run through pyserve's kernels, and low-precision weights for them.
 
 A layer that can hold its weight packed (bf16, int8, int4: see `pyserve.kernels.quantize`)
-defines `pack(format) -> int` (packs, and returns the bytes the packed copy replaces);
+defines `pack(format) -> int` (packs, and returns the bytes the packed copy replaces; a layer
+with `keep_unpacked = True` is skipped);
 `quantize_model` calls it on every such layer of a loaded model, which is how `--quantization`
 works for any plugin built from these layers:
 
@@ -61,7 +62,7 @@ def quantize_model(model, format: str) -> QuantizationReport:
     report = QuantizationReport(format, 0, 0, 0)
     for root in roots:
         for layer in list(root.modules()):
-            if not callable(getattr(layer, "pack", None)):
+            if not callable(getattr(layer, "pack", None)) or getattr(layer, "keep_unpacked", False):
                 continue
             report.unpacked_bytes += layer.pack(format)
             packed = [v for v in vars(layer).values() if isinstance(v, kernels.QuantizedWeight)]

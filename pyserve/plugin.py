@@ -125,12 +125,18 @@ class PluginRegistry:
                 return info.plugin
         looked_for = (f"architectures {config.get('architectures')}" if "architectures" in config
                       else f"diffusers class {config.get('_class_name')!r}" if "_class_name" in config
+                      else f"GGUF architecture {config.get('gguf_architecture')!r}" if "gguf_architecture" in config
                       else "config.json 'architectures', model_index.json '_class_name' or a 'pyserve' field")
         raise ModelNotRecognised(f"no plugin serves {model_dir}: looked for {looked_for}; "
                                  f"plugins: {', '.join(self.names()) or 'none'}")
 
 
 def read_model_config(model_dir: Path) -> dict:
+    """config.json or model_index.json; for a llama.cpp GGUF file, its architecture."""
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        from gguf import GGUFReader  # the `gguf` extra
+        field = GGUFReader(str(model_dir)).fields.get("general.architecture")
+        return {"gguf_architecture": bytes(field.parts[field.data[0]]).decode() if field else None}
     for name in ("config.json", "model_index.json"):
         path = model_dir / name
         if path.exists():

@@ -29,16 +29,30 @@ class TextModel:
              dtype: torch.dtype | None = None, num_kv_heads: Callable[[dict], int], head_dim: Callable[[dict], int],
              transform=None, optional: tuple[str, ...] = (), ignore_prefixes: tuple[str, ...] = (),
              ignore_suffixes: tuple[str, ...] = ()) -> "TextModel":
+        """A Hugging Face directory: config.json, safetensors, tokenizer.json."""
         model_dir = Path(model_dir)
         cfg = json.loads((model_dir / "config.json").read_text())
+        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+
+        def fill(module, buffers: tuple[str, ...]) -> None:
+            load_weights(module, model_dir, transform=transform, ignore_prefixes=ignore_prefixes,
+                         ignore_suffixes=ignore_suffixes, optional=optional + buffers)
+        return cls.assemble(cfg, build, fill, tokenizer, device=device, dtype=dtype, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim)
+
+    @classmethod
+    def assemble(cls, cfg: dict, build: Callable[[dict], torch.nn.Module], fill: Callable, tokenizer: Tokenizer | None,
+                 *, device: str, dtype: torch.dtype | None, num_kv_heads: Callable[[dict], int],
+                 head_dim: Callable[[dict], int]) -> "TextModel":
+        """Build the module from its config on the meta device, `fill(module, buffer_names)` its
+        weights in place, and wrap it with its spec and tokenizer."""
         dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
         with torch.device("meta"):
             module = build(cfg)
         module = module.to_empty(device=device).to(dtype)
         if hasattr(module, "reset_buffers"):  # buffers computed from the config, not loaded
             module.reset_buffers()
-        load_weights(module, model_dir, transform=transform, ignore_prefixes=ignore_prefixes,
-                     ignore_suffixes=ignore_suffixes, optional=optional + tuple(n for n, _ in module.named_buffers()))
+        fill(module, tuple(n for n, _ in module.named_buffers()))
         if hasattr(module, "post_load"):  # e.g. fusing projections once weights are in place
             module.post_load()
         module.eval().requires_grad_(False)
@@ -46,5 +60,4 @@ class TextModel:
         spec = TextModelSpec(num_layers=cfg.get("num_hidden_layers") or cfg["n_layer"], num_kv_heads=num_kv_heads(cfg),
                              head_dim=head_dim(cfg), vocab_size=cfg["vocab_size"], max_model_len=max_len,
                              dtype=dtype, device=torch.device(device))
-        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         return cls(module, spec, tokenizer)

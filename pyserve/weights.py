@@ -27,16 +27,23 @@ def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, op
     parameters (other than `optional` ones), unknown tensors and shape mismatches raise one error
     that names them all.
     """
+    handles = [safe_open(str(path), framework="pt", device="cpu") for path in checkpoint_files(model_dir)]
+    named = ((name, lambda h=h, name=name: h.get_tensor(name)) for h in handles for name in h.keys())
+    load_tensors(module, named, model_dir, transform=transform, optional=optional, ignore_prefixes=ignore_prefixes,
+                 ignore_suffixes=ignore_suffixes)
+
+
+def load_tensors(module: torch.nn.Module, named, source: Path, *, transform=None, optional: tuple[str, ...] = (),
+                 ignore_prefixes: tuple[str, ...] = (), ignore_suffixes: tuple[str, ...] = ()) -> None:
+    """load_weights for tensors from anywhere: `named` yields (name, a function returning the tensor)."""
     params = dict(module.named_parameters()) | dict(module.named_buffers())
     seen, unexpected, mismatched = set(), [], []
-    files = checkpoint_files(model_dir)
-    handles = [safe_open(str(path), framework="pt", device="cpu") for path in files]
-    names = [(h, name) for h in handles for name in h.keys()]
+    names = list(named)
     with torch.no_grad():
-        for handle, name in tqdm(names, desc=f"loading {model_dir.name}", unit="tensor", leave=False):
+        for name, get in tqdm(names, desc=f"loading {source.name}", unit="tensor", leave=False):
             if name.startswith(ignore_prefixes) or name.endswith(ignore_suffixes):
                 continue
-            tensor = handle.get_tensor(name)
+            tensor = get()
             if transform is not None:
                 name, tensor = transform(name, tensor)
             target = params.get(name)
@@ -57,4 +64,4 @@ def load_weights(module: torch.nn.Module, model_dir: Path, *, transform=None, op
     if mismatched:
         problems.append(f"shape mismatches: {'; '.join(mismatched)}")
     if problems:
-        raise ValueError(f"checkpoint {model_dir} does not fit the model: " + " | ".join(problems))
+        raise ValueError(f"checkpoint {source} does not fit the model: " + " | ".join(problems))

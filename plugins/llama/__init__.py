@@ -10,19 +10,55 @@ def _head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
+def _num_kv_heads(cfg: dict) -> int:
+    return cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+
+
+def _build(cfg: dict) -> LlamaForCausalLM:
+    if "Qwen2ForCausalLM" in cfg.get("architectures", []):
+        cfg = {**cfg, "_qkv_bias": True}
+    return LlamaForCausalLM(cfg)
+
+
 class LlamaPlugin(Plugin):
+    """Hugging Face directories, and llama.cpp GGUF files of the llama architecture."""
+
     name = "llama"
     task = TEXT_GENERATION
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
-    def load(self, model_dir, *, device="cpu", dtype=None):
-        def build(cfg: dict) -> LlamaForCausalLM:
-            if "Qwen2ForCausalLM" in cfg.get("architectures", []):
-                cfg = {**cfg, "_qkv_bias": True}
-            return LlamaForCausalLM(cfg)
+    def matches(self, model_dir, config: dict) -> bool:
+        return config.get("gguf_architecture") == "llama" or super().matches(model_dir, config)
 
-        return TextModel.load(model_dir, build, device=device, dtype=dtype, head_dim=_head_dim,
-                              num_kv_heads=lambda c: c.get("num_key_value_heads", c["num_attention_heads"]))
+    def load(self, model_dir, *, device="cpu", dtype=None):
+        from pathlib import Path
+
+        from . import gguf_file
+        if gguf_file.is_gguf(Path(model_dir)):
+            return self.load_gguf(Path(model_dir), device=device, dtype=dtype)
+        return TextModel.load(model_dir, _build, device=device, dtype=dtype, head_dim=_head_dim,
+                              num_kv_heads=_num_kv_heads)
+
+    def load_gguf(self, path, *, device="cpu", dtype=None) -> TextModel:
+        from pyserve.weights import load_tensors
+
+        from . import gguf_file
+        cfg, tensors, tokenizer_meta, weight_format, others = gguf_file.read(path)
+
+        def fill(module, buffers):
+            load_tensors(module, ((name, lambda t=t: t) for name, t in tensors.items()), path, optional=buffers)
+        model = TextModel.assemble(cfg, _build, fill, gguf_file.tokenizer_from(tokenizer_meta), device=device,
+                                   dtype=dtype, num_kv_heads=_num_kv_heads, head_dim=_head_dim)
+        model.weight_format = weight_format  # Q8_0/Q4_0 files are packed again as int8/int4 by default
+        # A matrix the file holds in another type (the Q6_K output layer of llama.cpp's Q4_0 files)
+        # would lose precision packed as the rest: it stays unpacked.
+        for name in others:
+            owner = name.rsplit(".", 1)[0]
+            if owner == "model.embed_tokens":  # a tied head reads it: the head stays unpacked
+                model.module.keep_unpacked = True
+            elif owner in {n for n, _ in model.module.named_modules()}:  # not q/k/v, gate/up: fused since
+                model.module.get_submodule(owner).keep_unpacked = True
+        return model
 
 
 plugin = LlamaPlugin()

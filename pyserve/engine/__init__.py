@@ -45,10 +45,13 @@ def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None
                 plugin_dirs: list[str] | None = None, device: str | None = None, dtype: torch.dtype | None = None,
                 quantization: str | None = None, **options) -> Engine:
     """Find the plugin for model_dir, load the model (packing its weights when `quantization` is
-    bf16, int8 or int4), and build the engine for its task."""
+    bf16, int8 or int4; None keeps the checkpoint's own: packed for a Q8_0/Q4_0 GGUF file), and
+    build the engine for its task."""
     registry = registry or PluginRegistry.discover(plugin_dirs)
     plugin = registry.for_model(model_dir)
     model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
+    if quantization is None:
+        quantization = getattr(model, "weight_format", None)
     if quantization not in (None, "none"):
         log.info("%s: %s", Path(model_dir).name, quantize_model(model, quantization))
     return build_engine(plugin.task, model, **options)

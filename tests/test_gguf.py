@@ -1,0 +1,125 @@
+"""llama.cpp GGUF files through the llama plugin: a tiny Llama written as llama.cpp lays it out
+(its tensor names, its query/key row order, its tokenizer metadata; F32 and Q8_0 tensors packed
+by the `gguf` package) gives the logits transformers gives for the weights it holds, and a Q8_0
+file is served as int8 without losing anything."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from pyserve import LLM, SamplingParams  # noqa: E402
+from pyserve.plugin import PluginRegistry  # noqa: E402
+
+from test_llm import PROMPTS, one_sequence_forward  # noqa: E402
+from tiny_models import load_reference, make_model  # noqa: E402
+
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives query and key projections."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(model_dir, out, kind: str) -> None:
+    from safetensors.numpy import load_file
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()} | {t["id"]: t["content"] for t in tok["added_tokens"]}
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(cfg["vocab_size"])]
+    specials = {t["content"] for t in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(True)
+    w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"])
+    for name, array in load_file(model_dir / "model.safetensors").items():
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{NAMES[module]}.{suffix}"
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = cfg["num_attention_heads"] if module == "self_attn.q_proj" else cfg["num_key_value_heads"]
+                array = llama_cpp_rows(array, heads)
+        else:
+            target = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                      "lm_head.weight": "output.weight"}[name]
+        array = array.astype(np.float32)
+        if kind == "Q8_0" and array.ndim == 2:
+            packed = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(target, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(target, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def q8_reference(model_dir):
+    """transformers with every matrix replaced by its Q8_0 round trip (as the gguf package packs it)."""
+    ref = load_reference(model_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 2:
+                packed = gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0)))
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+def test_gguf_logits_match_transformers(llama_dir, tmp_path, kind):
+    path = tmp_path / f"tiny-{kind}.gguf"
+    write_gguf(llama_dir, path, kind)
+    model = PluginRegistry.discover().for_model(path).load(path)
+    assert model.weight_format == (None if kind == "F32" else "int8")
+    ref = load_reference(llama_dir) if kind == "F32" else q8_reference(llama_dir)
+    with torch.no_grad():
+        for ids in PROMPTS:
+            assert (one_sequence_forward(model, ids) - ref(torch.tensor([ids])).logits[0]).abs().max() <= 1e-4
+    # Served as int8 by default (the same values repacked), greedy tokens as transformers'.
+    llm = LLM(path, device="cpu")
+    assert llm.engine.model.module.model.layers[0].mlp.down_proj.packed is not None or kind == "F32"
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for ids, out in zip(PROMPTS, outs):
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                            pad_token_id=2, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        assert out.token_ids == want[0, len(ids):].tolist()
+
+
+def test_gguf_tokenizer_and_chat_template_come_from_the_file(llama_dir, tmp_path):
+    from pyserve.tokenizer import Tokenizer
+    path = tmp_path / "tiny.gguf"
+    write_gguf(llama_dir, path, "F32")
+    llm = LLM(path, device="cpu")
+    ours, theirs = llm.engine.info.tokenizer, Tokenizer.from_dir(llama_dir)
+    for text in ("Hello world, hello pyserve!", "Ünïcödé café 東京 🙂", "The quick brown fox"):
+        assert ours.encode(text) == theirs.encode(text)
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.encode_chat(messages) == theirs.encode_chat(messages)
+    assert ours.eos_token_ids == [1]
