@@ -46,28 +46,52 @@ def packed_bytes(model_dir: Path, format: str) -> int:
     return quantize_model(model, format).packed_bytes
 
 
+def llama_cpp_server(server: Path, gguf: Path, slots: int, port: int = 8765) -> subprocess.Popen:
+    """A llama.cpp server on the file with `slots` parallel sequences, once /health answers."""
+    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-np", str(slots),
+                             "-c", str(2048 * slots), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server did not start")
+
+
+def llama_cpp_completion(prompt: list[int], tokens: int, port: int = 8765) -> dict:
+    body = json.dumps({"prompt": prompt, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
+                       "cache_prompt": False}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
 def llama_cpp_decode(server: Path, gguf: Path, tokens: int = 128) -> float:
-    """llama.cpp server, one request: its own timing of generated tokens per second."""
-    port = 8765
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-c", "2048",
-                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """llama.cpp server, one request: its own timing of generated tokens per second (best of 3)."""
+    proc = llama_cpp_server(server, gguf, slots=1)
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        body = json.dumps({"prompt": [0] + list(range(3, 34)), "n_predict": tokens, "temperature": 0,
-                           "ignore_eos": True, "cache_prompt": False}).encode()
-        best = 0.0
-        for _ in range(3):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
-                                             {"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=300) as r:
-                best = max(best, json.loads(r.read())["timings"]["predicted_per_second"])
-        return best
+        return max(llama_cpp_completion([0] + list(range(3, 34)), tokens)["timings"]["predicted_per_second"]
+                   for _ in range(3))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def llama_cpp_streams(server: Path, gguf: Path, n: int, quick: bool) -> float:
+    """llama.cpp server with n slots: output tokens/s of the same n requests as `streams`, sent at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc = llama_cpp_server(server, gguf, slots=n)
+    try:
+        prompts = [[0] + list(range(3 + i, 34 + i)) for i in range(n)]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            outs = list(pool.map(lambda p: llama_cpp_completion(p, 16 if quick else 64), prompts))
+        return sum(o["tokens_predicted"] for o in outs) / (time.perf_counter() - start)
     finally:
         proc.terminate()
         proc.wait()
@@ -101,9 +125,12 @@ def main() -> None:
         row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
     result = {"copy_bandwidth_gbs": bandwidth, "pyserve": rows}
     if args.llama_server and args.gguf_dir:
-        result["llama_cpp_batch1_tokens_per_s"] = {
-            name: llama_cpp_decode(args.llama_server, args.gguf_dir / f"{name}.gguf") for name in ("f32", "q8_0", "q4_0")
-            if (args.gguf_dir / f"{name}.gguf").exists()}
+        files = {name: args.gguf_dir / f"{name}.gguf" for name in ("f32", "q8_0", "q4_0")
+                 if (args.gguf_dir / f"{name}.gguf").exists()}
+        result["llama_cpp_batch1_tokens_per_s"] = {name: llama_cpp_decode(args.llama_server, f)
+                                                   for name, f in files.items()}
+        result["llama_cpp_streams64_tokens_per_s"] = {name: llama_cpp_streams(args.llama_server, f, 64, args.quick)
+                                                      for name, f in files.items()}
     print(f"copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
           f"{'vs fp32':>8} {'of copy bw':>10}")
@@ -112,7 +139,8 @@ def main() -> None:
               f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} {row['streams64_vs_fp32']:>7.2f}x "
               f"{row['batch1_fraction_of_copy_bandwidth']:>9.0%}")
     for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
-        print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s")
+        print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s, 64 streams "
+              f"{result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")
     write_result("quantization", result, args.quick)
 
 
