@@ -1,8 +1,12 @@
 """pyserve plugin for Llama-family checkpoints: Llama, Mistral (sliding window), Qwen2 (QKV bias)."""
 
+from pathlib import Path
+
 from pyserve.plugin import TEXT_GENERATION, Plugin
 from pyserve.text_model import TextModel
+from pyserve.weights import load_tensors
 
+from . import gguf_file
 from .model import LlamaForCausalLM
 
 
@@ -31,18 +35,12 @@ class LlamaPlugin(Plugin):
         return config.get("gguf_architecture") == "llama" or super().matches(model_dir, config)
 
     def load(self, model_dir, *, device="cpu", dtype=None):
-        from pathlib import Path
-
-        from . import gguf_file
         if gguf_file.is_gguf(Path(model_dir)):
             return self.load_gguf(Path(model_dir), device=device, dtype=dtype)
         return TextModel.load(model_dir, _build, device=device, dtype=dtype, head_dim=_head_dim,
                               num_kv_heads=_num_kv_heads)
 
-    def load_gguf(self, path, *, device="cpu", dtype=None) -> TextModel:
-        from pyserve.weights import load_tensors
-
-        from . import gguf_file
+    def load_gguf(self, path: Path, *, device="cpu", dtype=None) -> TextModel:
         cfg, tensors, tokenizer_meta, weight_format, others = gguf_file.read(path)
 
         def fill(module, buffers):
