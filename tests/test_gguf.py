@@ -1,7 +1,7 @@
 """llama.cpp GGUF files through the llama plugin: a tiny Llama written as llama.cpp lays it out
-(its tensor names, its query/key row order, its tokenizer metadata; F32 and Q8_0 tensors packed
-by the `gguf` package) gives the logits transformers gives for the weights it holds, and a Q8_0
-file is served as int8 without losing anything."""
+(its tensor names, its query/key row order, its tokenizer metadata; F32, Q8_0 and Q4_0 tensors
+packed by the `gguf` package) gives the logits transformers gives for the weights it holds, and a Q8_0
+or Q4_0 file is served as int8 or int4 without losing anything."""
 
 import json
 
@@ -64,9 +64,10 @@ def write_gguf(model_dir, out, kind: str) -> None:
             target = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                       "lm_head.weight": "output.weight"}[name]
         array = array.astype(np.float32)
-        if kind == "Q8_0" and array.ndim == 2:
-            packed = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(target, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if kind != "F32" and array.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[kind]
+            packed = gguf.quants.quantize(array, qtype)
+            w.add_tensor(target, packed, raw_shape=packed.shape, raw_dtype=qtype)
         else:
             w.add_tensor(target, array)
     w.write_header_to_file()
@@ -80,28 +81,28 @@ def llama_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
-def q8_reference(model_dir):
-    """transformers with every matrix replaced by its Q8_0 round trip (as the gguf package packs it)."""
+def packed_reference(model_dir, kind: str):
+    """transformers with every matrix replaced by its round trip through `kind` (as the gguf package packs it)."""
     ref = load_reference(model_dir)
+    qtype = gguf.GGMLQuantizationType[kind]
     with torch.no_grad():
         for p in ref.parameters():
             if p.ndim == 2:
-                packed = gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType.Q8_0)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0)))
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)))
     return ref
 
 
-@pytest.mark.parametrize("kind", ["F32", "Q8_0"])
+@pytest.mark.parametrize("kind", ["F32", "Q8_0", "Q4_0"])
 def test_gguf_logits_match_transformers(llama_dir, tmp_path, kind):
     path = tmp_path / f"tiny-{kind}.gguf"
     write_gguf(llama_dir, path, kind)
     model = PluginRegistry.discover().for_model(path).load(path)
-    assert model.weight_format == (None if kind == "F32" else "int8")
-    ref = load_reference(llama_dir) if kind == "F32" else q8_reference(llama_dir)
+    assert model.weight_format == {"F32": None, "Q8_0": "int8", "Q4_0": "int4"}[kind]
+    ref = load_reference(llama_dir) if kind == "F32" else packed_reference(llama_dir, kind)
     with torch.no_grad():
         for ids in PROMPTS:
             assert (one_sequence_forward(model, ids) - ref(torch.tensor([ids])).logits[0]).abs().max() <= 1e-4
-    # Served as int8 by default (the same values repacked), greedy tokens as transformers'.
+    # Served packed by default (the same values in pyserve's int8/int4), greedy tokens as transformers'.
     llm = LLM(path, device="cpu")
     assert llm.engine.model.module.model.layers[0].mlp.down_proj.packed is not None or kind == "F32"
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
