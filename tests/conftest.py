@@ -136,14 +136,3 @@ def cli_server(model_dir, *args: str, tls=None):
             proc.kill()
             proc.wait()
         proc.stdout.close()
-
-
-def run_engine(engine, requests: dict) -> dict:
-    """Add every request to an engine (any task), step it until all finish; the last output of each."""
-    for request_id, request in requests.items():
-        engine.add(request_id, request)
-    outs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs[out.request_id] = out
-    return outs

@@ -4,6 +4,7 @@ test of no-argument `pyserve serve` calling every demo model over HTTP and msgpa
 import base64
 import io
 import json
+import random
 
 import numpy as np
 import pytest
@@ -12,9 +13,10 @@ import torch
 from pyserve.demo import DEMO_MODELS, demo_model_dirs
 from pyserve.demo.data import DIGIT_NAMES, is_held_out, python_docs, seasonal_series
 from pyserve.demo.quality import DigitClassifier, mase, seasonal_naive
-from pyserve.engine import load_engine
+from pyserve.demo.train_text import model_perplexity, token_stream, unigram_perplexity
+from pyserve.engine import load_engine, run_engine
 
-from conftest import cli_server, run_engine
+from conftest import cli_server
 
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
@@ -40,19 +42,11 @@ def test_text_model_perplexity_beats_a_unigram_model_3x():
 
     tok = Tokenizer.from_file(str(DIRS["pydoc-chat"] / "tokenizer.json"))
     docs = python_docs()
-
-    def stream(held_out: bool) -> np.ndarray:
-        texts = [f"<s>{text}</s>" for name, text in sorted(docs.items()) if is_held_out(name) == held_out]
-        return np.concatenate([e.ids for e in tok.encode_batch(texts, add_special_tokens=False)])
-
-    train, held = stream(False), stream(True)
-    counts = np.bincount(train, minlength=tok.get_vocab_size()) + 1.0
-    unigram = float(np.exp(-np.log(counts / counts.sum())[held].mean()))
+    train, held = (token_stream(tok, {k: v for k, v in docs.items() if is_held_out(k) == held_out},
+                                random.Random(0), chat=False) for held_out in (False, True))
+    unigram = unigram_perplexity(train, held, tok.get_vocab_size())
     model = transformers.LlamaForCausalLM.from_pretrained(DIRS["pydoc-chat"], torch_dtype=torch.float32).eval()
-    windows = torch.from_numpy(held[: len(held) // 257 * 257]).view(-1, 257)
-    with torch.no_grad():
-        logits = model(windows[:, :-1]).logits
-    model_ppl = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).exp())
+    model_ppl = model_perplexity(model, held, context=256)
     print(f"held-out perplexity {model_ppl:.1f}, unigram {unigram:.1f}: {unigram / model_ppl:.1f}x better")
     assert unigram / model_ppl >= 3
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyserve.engine import load_engine
+from pyserve.demo.data import seasonal_series
+from pyserve.engine import load_engine, run_engine
 from pyserve.engine.batch import TensorRequest
 from pyserve.errors import InvalidParameter
 
-from conftest import run_engine
-from tiny_models import make_forecaster, seasonal_series
+from tiny_models import make_forecaster
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyserve.engine import EngineDriver, load_engine
+from pyserve.engine import EngineDriver, load_engine, run_engine
 from pyserve.engine.batch import TensorRequest
 from pyserve.errors import InvalidParameter
 from pyserve.protocol import tensor_from_wire
 from pyserve.server import start_in_thread
 
-from conftest import run_engine
 from tiny_models import make_gan
 
 

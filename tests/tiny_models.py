@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from pyserve.demo.data import seasonal_series  # noqa: F401 - the tests' series are the demo's
 from pyserve.demo.train_digits import write_char_clip_tokenizer
 
 CORPUS = ["Once upon a time there was a tiny model.", "Hello world, hello pyserve!",

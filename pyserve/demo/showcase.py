@@ -14,26 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import load_engine
+from ..engine import load_engine, run_engine
 from ..engine.batch import TensorRequest
 from ..server.image_adapters import to_uint8
 from . import demo_model_dirs
 from .data import DIGIT_NAMES, digits, seasonal_series
-from .plots import Chart, image_grid
-from .quality import DigitClassifier, mase, seasonal_naive
+from .plots import image_grid
+from .quality import DigitClassifier
+from .train_forecaster import evaluate, plot_forecast
 
 CHAT_QUESTIONS = ("Tell me about json.dumps.", "What is the with statement?", "Explain os.path.join.")
 COMPLETIONS = ("The for statement", "Return a list of")
-
-
-def run(engine, requests: dict) -> dict:
-    for request_id, request in requests.items():
-        engine.add(request_id, request)
-    outs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            outs[out.request_id] = out
-    return outs
 
 
 def text_samples(model_dir: Path) -> list[tuple[str, str]]:
@@ -50,58 +41,54 @@ def digit_images(model_dirs: dict, classifier: DigitClassifier, out: Path) -> di
     from ..engine.diffusion import ImageRequest
 
     prompts = [f"the digit {name}" for name in DIGIT_NAMES]
-    sd = run(load_engine(model_dirs["digits-sd"], device="cpu"),
+    sd = run_engine(load_engine(model_dirs["digits-sd"], device="cpu"),
              {p: ImageRequest(prompt=p, n=8, seed=i) for i, p in enumerate(prompts)})
     image_grid([list(to_uint8(sd[p].images)) for p in prompts], out / "digits-sd.png", scale=2, labels=prompts)
     labels = np.repeat(np.arange(10), 8)
-    gan = run(load_engine(model_dirs["digits-gan"], device="cpu"),
+    gan = run_engine(load_engine(model_dirs["digits-gan"], device="cpu"),
               {"all": TensorRequest({"seed": np.arange(80), "class_label": labels})})["all"].outputs["images"]
     image_grid([list(gan[d * 8:(d + 1) * 8]) for d in range(10)], out / "digits-gan.png", scale=2,
                labels=list(DIGIT_NAMES))
     vae = load_engine(model_dirs["digits-vae"], device="cpu")
     grey, real_labels = digits(32)
-    real = (np.repeat(grey[:8, ..., None], 3, axis=-1) * 255).round().astype(np.uint8)
-    encoded = run(vae, {"e": TensorRequest({"images": real})})["e"].outputs["latents"]
-    outs = run(vae, {"d": TensorRequest({"latents": encoded}), "s": TensorRequest({"seed": np.arange(8)})})
-    image_grid([list(real), list(outs["d"].outputs["images"]), list(outs["s"].outputs["images"])],
+    real = rgb_pixels(grey[:8])
+    sampled = run_engine(vae, {"s": TensorRequest({"seed": np.arange(8)})})["s"].outputs["images"]
+    image_grid([list(real), list(round_trip(vae, real)), list(sampled)],
                out / "digits-vae.png", scale=2, labels=["real digits", "encoded+decoded", "sampled z~N(0,I)"])
     # The quality figures, as the tests measure them (more images here).
-    sd_all = run(load_engine(model_dirs["digits-sd"], device="cpu"),
+    sd_all = run_engine(load_engine(model_dirs["digits-sd"], device="cpu"),
                  {f"{d}-{v}": ImageRequest(prompt=text, n=10, seed=1000 + 10 * d + v, guidance_scale=5.0)
                   for d in range(10) for v, text in enumerate((f"the digit {DIGIT_NAMES[d]}", f"a handwritten {d}"))})
     sd_labels = np.concatenate([[int(k.split("-")[0])] * 10 for k in sd_all])
     gan_labels = np.arange(1000) % 10
-    gan_all = run(load_engine(model_dirs["digits-gan"], device="cpu"),
+    gan_all = run_engine(load_engine(model_dirs["digits-gan"], device="cpu"),
                   {"q": TensorRequest({"seed": np.arange(1000) + 10_000, "class_label": gan_labels})})["q"]
     return {"text_to_image_digit_accuracy": classifier.accuracy(np.concatenate([o.images for o in sd_all.values()]),
                                                                 sd_labels),
             "text_to_image_images": len(sd_labels),
             "gan_digit_accuracy": classifier.accuracy(gan_all.outputs["images"], gan_labels), "gan_images": 1000,
-            "vae_reconstruction_accuracy": classifier.accuracy(round_trip(vae, grey[:500]), real_labels[:500]),
+            "vae_reconstruction_accuracy": classifier.accuracy(round_trip(vae, rgb_pixels(grey[:500])),
+                                                               real_labels[:500]),
             "vae_images": 500}
 
 
-def round_trip(vae, grey: np.ndarray) -> np.ndarray:
-    """Digits (grey, [0, 1]) encoded to latents and decoded again by the VAE engine."""
-    pixels = (np.repeat(grey[..., None], 3, axis=-1) * 255).round().astype(np.uint8)
-    latents = run(vae, {"e": TensorRequest({"images": pixels})})["e"].outputs["latents"]
-    return run(vae, {"d": TensorRequest({"latents": latents})})["d"].outputs["images"]
+def rgb_pixels(grey: np.ndarray) -> np.ndarray:
+    """Grey images in [0, 1] as uint8 RGB, what the VAE takes."""
+    return (np.repeat(grey[..., None], 3, axis=-1) * 255).round().astype(np.uint8)
+
+
+def round_trip(vae, pixels: np.ndarray) -> np.ndarray:
+    """Images encoded to latents and decoded again by the VAE engine."""
+    latents = run_engine(vae, {"e": TensorRequest({"images": pixels})})["e"].outputs["latents"]
+    return run_engine(vae, {"d": TensorRequest({"latents": latents})})["d"].outputs["images"]
 
 
 def forecasts(model_dir: Path, out: Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
-    context, horizon = config["context_length"], config["horizon"]
-    series = seasonal_series(200, context + horizon, seed=12345)
-    history, actual = series[:, :context], series[:, context:]
-    result = run(load_engine(model_dir, device="cpu"),
-                 {"f": TensorRequest({"history": history, "seed": np.arange(200)})})["f"].outputs
-    q = result["quantiles"]
-    past, future = np.arange(context), np.arange(context, context + horizon)
-    Chart("seasonal-forecaster: a held-out series", "time step", "value").line("history", past, history[0]).line(
-        "actual", future, actual[0]).line("median forecast", future, q[0, 1]).band(
-        "10-90% band", future, q[0, 0], q[0, 2]).save(out / "forecast.png")
-    return {"forecaster_mase": mase(q[:, 1], actual, history, 12),
-            "seasonal_naive_mase": mase(seasonal_naive(history, horizon, 12), actual, history, 12), "series": 200}
+    scores = evaluate(model_dir, seasonal_series(200, config["context_length"] + config["horizon"], seed=12345))
+    plot_forecast(scores, out / "forecast.png")
+    return {"forecaster_mase": scores["mase_model"], "seasonal_naive_mase": scores["mase_seasonal_naive"],
+            "series": 200}
 
 
 def main(argv=None) -> None:

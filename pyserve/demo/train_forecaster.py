@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pyserve_plugins.forecaster.model import Binning, CausalForecaster, ForecasterModel
+from pyserve_plugins.forecaster.model import Binning, CausalForecaster
+
+from ..engine import load_engine, run_engine
+from ..engine.batch import TensorRequest
 
 from .data import seasonal_series
 from .plots import Chart, running_mean
@@ -33,16 +36,17 @@ CONFIG = {"architectures": ["CausalForecaster"], "context_length": 48, "horizon"
           "quantiles": [0.1, 0.5, 0.9], "batching": {"max_batch_size": 32, "max_queue_delay_s": 0.002}}
 
 
-def evaluate(out: Path, series: np.ndarray, seed: int = 0) -> dict:
-    """MASE of the served model's median forecast and of seasonal-naive on the series' last horizon."""
-    c = CONFIG
-    model = ForecasterModel.load(out, c)
-    history, actual = series[:, -c["horizon"] - c["context_length"]: -c["horizon"]], series[:, -c["horizon"]:]
-    result = model.run({"history": torch.from_numpy(history), "seed": torch.arange(len(series)) + seed})
-    median = result["quantiles"][:, 1].numpy()
-    return {"mase_model": mase(median, actual, history, PERIOD),
-            "mase_seasonal_naive": mase(seasonal_naive(history, c["horizon"], PERIOD), actual, history, PERIOD),
-            "history": history, "actual": actual, "quantiles": result["quantiles"].numpy()}
+def evaluate(model_dir: Path, series: np.ndarray) -> dict:
+    """MASE of the served model's median forecast (through pyserve's engine) and of seasonal-naive
+    on each series' last horizon, with what a plot needs."""
+    config = json.loads((model_dir / "config.json").read_text())
+    context, horizon = config["context_length"], config["horizon"]
+    history, actual = series[:, -horizon - context: -horizon], series[:, -horizon:]
+    request = TensorRequest({"history": np.ascontiguousarray(history), "seed": np.arange(len(series))})
+    quantiles = run_engine(load_engine(model_dir, device="cpu"), {"f": request})["f"].outputs["quantiles"]
+    return {"mase_model": mase(quantiles[:, 1], actual, history, PERIOD),
+            "mase_seasonal_naive": mase(seasonal_naive(history, horizon, PERIOD), actual, history, PERIOD),
+            "history": history, "actual": actual, "quantiles": quantiles}
 
 
 def main(argv=None) -> dict:
@@ -97,9 +101,10 @@ def main(argv=None) -> dict:
 
 
 def plot_forecast(scores: dict, path: Path, row: int = 0) -> None:
+    """One series of `evaluate`'s scores: its history, what came next, the median and 10-90% band."""
     history, actual, q = scores["history"][row], scores["actual"][row], scores["quantiles"][row]
     past, future = np.arange(len(history)), np.arange(len(history), len(history) + len(actual))
-    Chart("a held-out series: history, what came next, the forecast", "time step", "value").line(
+    Chart("seasonal-forecaster: a held-out series", "time step", "value").line(
         "history", past, history).line("actual", future, actual).line("median forecast", future, q[1]).band(
         "10-90% band", future, q[0], q[2]).save(path)
 

@@ -19,7 +19,8 @@ from .driver import EngineDriver
 
 log = logging.getLogger("pyserve.engine")
 
-__all__ = ["Engine", "EngineDriver", "EngineInfo", "EngineStats", "build_engine", "default_device", "load_engine"]
+__all__ = ["Engine", "EngineDriver", "EngineInfo", "EngineStats", "build_engine", "default_device", "load_engine",
+           "run_engine"]
 
 
 def default_device() -> str:
@@ -55,3 +56,15 @@ def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None
     if quantization not in (None, "none"):
         log.info("%s: %s", Path(model_dir).name, quantize_model(model, quantization))
     return build_engine(plugin.task, model, **options)
+
+
+def run_engine(engine: Engine, requests: dict) -> dict:
+    """Offline, without a driver: add every request (id -> request) to an engine of any task and
+    step it until all finish; returns the last output of each."""
+    for request_id, request in requests.items():
+        engine.add(request_id, request)
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id] = out
+    return outs

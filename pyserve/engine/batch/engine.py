@@ -110,7 +110,7 @@ class BatchEngine:
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
         self.operations = operations_of(model)
-        self.several = hasattr(model, "operations")  # then run() and check() are told which
+        self.several = bool(getattr(model, "operations", None))  # as operations_of: run() and check() are told which
         self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(getattr(model, "class_names", ())))
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
