@@ -174,3 +174,68 @@ def test_padded_logits_views_are_sampled_as_their_visible_columns():
             continue
         got = run(backend, device, view, rows).tokens
         assert got.tolist() == want.tolist(), backend
+
+
+def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """Bools [M, V] as the packed int32 words the sampler takes (bit t % 32 of word t // 32)."""
+    rows, vocab = allowed.shape
+    padded = torch.zeros(rows, -(-vocab // 32) * 32, dtype=torch.int64)
+    padded[:, :vocab] = allowed.long()
+    words = (padded.reshape(rows, -1, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab", [45, 1001])
+def test_allowed_token_masks_match_reference(backend, device, vocab):
+    """Masked and unmasked rows in one batch: greedy and seeded draws equal the reference, every
+    drawn token is allowed, and the unmasked rows are untouched by the masks."""
+    gen = torch.Generator().manual_seed(vocab)
+    logits = logits_for(6, vocab, seed=7)
+    allowed = torch.rand(3, vocab, generator=gen) < torch.tensor([[0.02], [0.5], [0.97]])
+    allowed[:, 3] = True  # never an empty mask
+    rows = [SamplingRow(temperature=0.0), SamplingRow(temperature=0.0), SamplingRow(temperature=1.0, seed=3),
+            SamplingRow(temperature=0.8, top_k=10, seed=4), SamplingRow(temperature=1.0, top_p=0.9, seed=5),
+            SamplingRow(temperature=0.0, logit_bias={5: 50.0})]
+    which = torch.tensor([0, -1, 1, 2, 0, 1], dtype=torch.int32)
+    params = SamplingTensors.from_rows(rows).with_allowed(pack_bits(allowed), which)
+    want = reference.sample(logits, params, num_logprobs=3)
+    got = kernels.sample(logits.to(device), params.to(device), num_logprobs=3, backend=backend)
+    assert got.tokens.cpu().tolist() == want.tokens.tolist()
+    for r, t in enumerate(want.tokens.tolist()):
+        assert which[r] < 0 or allowed[which[r], t]
+    assert int(want.tokens[1]) == int(logits[1].argmax())  # the unmasked row
+    torch.testing.assert_close(got.top_logprobs.cpu(), want.top_logprobs, atol=1e-4, rtol=1e-4)  # raw logits
+    # The reference's mask meets its definition.
+    x = reference.processed_logits(logits, params, 0)
+    assert torch.equal(torch.isfinite(x), allowed[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_masked_draws_follow_the_renormalized_distribution(backend, device):
+    vocab, draws = 40, 4000
+    if backend == "triton" and device == "cpu":  # the interpreter runs ~0.1 s per row here
+        draws = 400
+    logits = logits_for(1, vocab, seed=9, scale=1.0)
+    allowed = torch.zeros(1, vocab, dtype=torch.bool)
+    allowed[0, [1, 5, 6, 17, 33, 39]] = True
+    bits = pack_bits(allowed)
+    rows = [SamplingRow(temperature=1.0, seed=s) for s in range(draws)]
+    params = SamplingTensors.from_rows(rows).with_allowed(bits, torch.zeros(draws, dtype=torch.int32))
+    tokens = kernels.sample(logits.expand(draws, vocab).contiguous().to(device), params.to(device),
+                            backend=backend).tokens.cpu()
+    assert set(tokens.tolist()) <= {1, 5, 6, 17, 33, 39}
+    probs = torch.softmax(logits[0].masked_fill(~allowed[0], float("-inf")), 0)[allowed[0]]
+    counts = torch.bincount(tokens, minlength=vocab)[allowed[0]]
+    assert stats.chisquare(counts.numpy(), (probs * draws).numpy()).pvalue > 1e-3
+
+
+def test_allowed_masks_are_checked():
+    logits = logits_for(2, 70)
+    params = SamplingTensors.from_rows([SamplingRow()] * 2)
+    with pytest.raises(kernels.KernelInputError, match="allowed_bits must have shape"):
+        kernels.sample(logits, params.with_allowed(torch.zeros(1, 2, dtype=torch.int32),
+                                                   torch.zeros(2, dtype=torch.int32)))
+    with pytest.raises(kernels.KernelInputError, match="allowed_row must be in"):
+        kernels.sample(logits, params.with_allowed(torch.zeros(1, 3, dtype=torch.int32),
+                                                   torch.tensor([0, 1], dtype=torch.int32)))

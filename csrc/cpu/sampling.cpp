@@ -79,6 +79,21 @@ void apply_penalties(const SampleArgs& a, int row, RowScratch& w) {
   for (int i = a.bias_off[row]; i < a.bias_off[row + 1]; ++i) x[a.bias_tok[i]] += a.bias_val[i];
 }
 
+// Disallowed tokens become -inf. Rows without a mask skip this; a word of all-allowed tokens costs
+// one compare, so a permissive mask is nearly free.
+void apply_allowed(const SampleArgs& a, int row, float* x) {
+  if (a.allowed_row == nullptr || a.allowed_row[row] < 0) return;
+  const int words = (a.vocab + 31) / 32;
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.allowed_bits) + static_cast<long>(a.allowed_row[row]) * words;
+  for (int w = 0; w < words; ++w) {
+    const uint32_t word = bits[w];
+    if (word == 0xFFFFFFFFu) continue;
+    const int end = std::min(32, a.vocab - w * 32);
+    for (int b = 0; b < end; ++b)
+      if (!((word >> b) & 1u)) x[w * 32 + b] = -INFINITY;
+  }
+}
+
 // The logit threshold that top-k / top-p / min-p put on a row (keep x >= threshold).
 float candidate_threshold(const SampleArgs& a, int row, RowScratch& w, float x_max, float inv_t) {
   const int vocab = a.vocab;
@@ -128,6 +143,7 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   float raw_lse = raw_max + std::log(sum_exp_above(logits, vocab, raw_max, 1.0f, -INFINITY));
 
   apply_penalties(a, row, w);
+  apply_allowed(a, row, w.x.data());
   for (float& v : w.x)
     if (std::isnan(v)) v = -INFINITY;  // never chosen; keeps the first-maximum scan below in bounds
   const float* x = w.x.data();

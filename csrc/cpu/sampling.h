@@ -15,6 +15,8 @@ struct SampleArgs {
   const int32_t *prompt, *prompt_off, *output, *output_off;  // CSR token lists
   const int32_t *bias_tok, *bias_off;
   const float* bias_val;
+  const int32_t* allowed_bits;  // [M, ceil(V / 32)] packed masks, or null
+  const int32_t* allowed_row;   // [B]: a row's mask in allowed_bits, -1 for none; null when no mask
   int num_logprobs;
   int64_t* tokens;        // [B]
   float* logprobs;        // [B]

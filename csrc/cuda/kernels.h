@@ -22,7 +22,7 @@ void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab
             uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t repetition,
             uintptr_t presence, uintptr_t frequency, uintptr_t seed, uintptr_t step, uintptr_t prompt,
             uintptr_t prompt_off, uintptr_t output, uintptr_t output_off, uintptr_t bias_tok, uintptr_t bias_off,
-            uintptr_t bias_val, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
+            uintptr_t bias_val, uintptr_t allowed_bits, uintptr_t allowed_row, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
             uintptr_t top_logprobs, uintptr_t stream);
 
 void denoise_step(int dtype, uintptr_t x, uintptr_t cond, uintptr_t uncond, uintptr_t prev_x0, uintptr_t coef,

@@ -68,6 +68,8 @@ struct RowParams {
   const float *temperature, *top_p, *min_p, *repetition, *presence, *frequency;
   const int* top_k;
   const int64_t *seed, *step;
+  const unsigned* allowed_bits;  // [M, ceil(V / 32)] packed masks, or null
+  const int* allowed_row;        // [B]: -1 for an unmasked row; null when no row is masked
 };
 
 template <typename T>
@@ -81,6 +83,8 @@ __global__ void sample_kernel(const T* logits, float* x_all, const float* seen_a
   const long base = static_cast<long>(row) * vocab;
   float* x = x_all + base;
   const float rep = p.repetition[row], pres = p.presence[row], freq = p.frequency[row];
+  const int mask_row = p.allowed_row ? p.allowed_row[row] : -1;
+  const unsigned* allowed = mask_row >= 0 ? p.allowed_bits + static_cast<long>(mask_row) * ((vocab + 31) / 32) : nullptr;
 
   float raw_max = -INFINITY, x_max = -INFINITY;
   for (int i = threadIdx.x; i < vocab; i += kThreads) {
@@ -88,6 +92,7 @@ __global__ void sample_kernel(const T* logits, float* x_all, const float* seen_a
     float v = seen_all[base + i] > 0.0f ? (raw > 0.0f ? raw / rep : raw * rep) : raw;
     const float count = count_all[base + i];
     v = v - freq * count - (count > 0.0f ? pres : 0.0f) + bias_all[base + i];
+    if (allowed && !((allowed[i >> 5] >> (i & 31)) & 1u)) v = -INFINITY;
     if (isnan(v)) v = -INFINITY;  // never chosen: a NaN maximum would leave the greedy token at vocab
     x[i] = v;
     raw_max = fmaxf(raw_max, raw);
@@ -197,7 +202,7 @@ void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab
             uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t repetition,
             uintptr_t presence, uintptr_t frequency, uintptr_t seed, uintptr_t step, uintptr_t prompt,
             uintptr_t prompt_off, uintptr_t output, uintptr_t output_off, uintptr_t bias_tok, uintptr_t bias_off,
-            uintptr_t bias_val, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
+            uintptr_t bias_val, uintptr_t allowed_bits, uintptr_t allowed_row, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
             uintptr_t top_logprobs, uintptr_t stream) {
   if (batch == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
@@ -213,7 +218,8 @@ void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab
   scatter_kernel<<<batch, 128, 0, s>>>(ints(bias_tok), ints(bias_off), floats(bias_val), bias, vocab, 2);
   RowParams params{floats(temperature), floats(top_p), floats(min_p), floats(repetition), floats(presence),
                    floats(frequency), ints(top_k), reinterpret_cast<const int64_t*>(seed),
-                   reinterpret_cast<const int64_t*>(step)};
+                   reinterpret_cast<const int64_t*>(step), reinterpret_cast<const unsigned*>(allowed_bits),
+                   ints(allowed_row)};
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     sample_kernel<T><<<batch, kThreads, 0, s>>>(

@@ -137,6 +137,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
     tokens), presence and frequency penalties (over output counts), logit bias; then greedy when
     temperature is 0, else temperature, top-k, top-p, min-p and a draw from the counter-based
     generator keyed by (seed, step), so a seeded row's token does not depend on its batch.
+    A row with an allowed-token mask (`params.allowed_row` >= 0) draws only tokens its mask allows.
     Log-probabilities (of the chosen token and the top `num_logprobs`) are of the raw logits.
     A NaN logit counts as -inf, so it is never chosen (a row of NaNs yields token 0).
     """
@@ -150,6 +151,12 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
     for name in ("prompt_offsets", "output_offsets", "bias_offsets"):
         checks.tensor(getattr(params, name), f"params.{name}", device=dev, shape=(batch + 1,))
     checks.check(0 <= num_logprobs <= vocab, f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
+    checks.check((params.allowed_bits is None) == (params.allowed_row is None),
+                 "params.allowed_bits and params.allowed_row come together")
+    if params.allowed_bits is not None:
+        checks.tensor(params.allowed_bits, "params.allowed_bits", ndim=2, dtypes=(torch.int32,), device=dev,
+                      shape=(None, (vocab + 31) // 32))
+        checks.tensor(params.allowed_row, "params.allowed_row", dtypes=(torch.int32,), device=dev, shape=(batch,))
     if dev.type == "cpu":
         for name in ("prompt_tokens", "output_tokens", "bias_tokens"):
             ids = getattr(params, name)
@@ -159,6 +166,10 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
                      "params.top_p must be in (0, 1]")
         checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
         checks.check(bool((params.repetition_penalty > 0).all()), "params.repetition_penalty must be > 0")
+        if params.allowed_row is not None:
+            rows = params.allowed_row
+            checks.check(batch == 0 or (int(rows.min()) >= -1 and int(rows.max()) < params.allowed_bits.shape[0]),
+                         f"params.allowed_row must be in [-1, {params.allowed_bits.shape[0]})")
     with _on(dev):
         return backend_for(dev, backend).sample(logits, params, num_logprobs)
 

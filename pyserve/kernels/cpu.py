@@ -125,6 +125,8 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
          ("top_k", "prompt_tokens", "prompt_offsets", "output_tokens", "output_offsets", "bias_tokens",
           "bias_offsets")}
     seed, step = _i64(p.seed), _i64(p.step)
+    allowed_bits = None if p.allowed_bits is None else _i32(p.allowed_bits)  # kept alive through the call
+    allowed_row = None if p.allowed_row is None else _i32(p.allowed_row)
     tokens = torch.empty(batch, dtype=torch.int64)
     logprobs = torch.empty(batch, dtype=torch.float32)
     top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64)
@@ -134,7 +136,8 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
               f["frequency_penalty"].data_ptr(), i["top_k"].data_ptr(), seed.data_ptr(), step.data_ptr(),
               i["prompt_tokens"].data_ptr(), i["prompt_offsets"].data_ptr(), i["output_tokens"].data_ptr(),
               i["output_offsets"].data_ptr(), i["bias_tokens"].data_ptr(), i["bias_offsets"].data_ptr(),
-              f["bias_values"].data_ptr(), num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
+              f["bias_values"].data_ptr(), _opt(allowed_bits), _opt(allowed_row),
+              num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
               top_tokens.data_ptr(), top_logprobs.data_ptr())
     return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
 

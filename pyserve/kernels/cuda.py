@@ -119,8 +119,9 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
             _f32(p.presence_penalty), _f32(p.frequency_penalty), p.seed.long().contiguous(),
             p.step.long().contiguous(), _i32(p.prompt_tokens), _i32(p.prompt_offsets), _i32(p.output_tokens),
             _i32(p.output_offsets), _i32(p.bias_tokens), _i32(p.bias_offsets), _f32(p.bias_values)]
+    masks = [None if t is None else _i32(t) for t in (p.allowed_bits, p.allowed_row)]  # alive through the call
     _C_cuda.sample(_DTYPE[logits.dtype], logits.data_ptr(), scratch.data_ptr(), batch, vocab, logits.stride(0),
-                   *(t.data_ptr() for t in kept), num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
+                   *(t.data_ptr() for t in kept), *(0 if t is None else t.data_ptr() for t in masks), num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
                    top_tokens.data_ptr(), top_logprobs.data_ptr(), _stream())
     return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
 

@@ -93,8 +93,14 @@ def _row_slice(values: torch.Tensor, offsets: torch.Tensor, row: int) -> torch.T
     return values[int(offsets[row]):int(offsets[row + 1])].long()
 
 
+def unpack_bits(words: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` bits of packed int32 words (bit i % 32 of word i // 32) as bools."""
+    shifts = torch.arange(32, dtype=torch.int64)
+    return ((words.long()[:, None] >> shifts) & 1).bool().reshape(-1)[:count]
+
+
 def processed_logits(logits: torch.Tensor, p: SamplingTensors, row: int) -> torch.Tensor:
-    """Row `row` of the logits after penalties and logit bias (fp32)."""
+    """Row `row` of the logits after penalties, logit bias and its allowed-token mask (fp32)."""
     x = logits[row].float().clone()
     vocab = x.shape[0]
     prompt = _row_slice(p.prompt_tokens, p.prompt_offsets, row)
@@ -109,6 +115,8 @@ def processed_logits(logits: torch.Tensor, p: SamplingTensors, row: int) -> torc
     bias_tok = _row_slice(p.bias_tokens, p.bias_offsets, row)
     bias_val = p.bias_values[int(p.bias_offsets[row]):int(p.bias_offsets[row + 1])]
     x.index_add_(0, bias_tok, bias_val.float())
+    if p.allowed_row is not None and int(p.allowed_row[row]) >= 0:
+        x = x.masked_fill(~unpack_bits(p.allowed_bits[int(p.allowed_row[row])], vocab), float("-inf"))
     return torch.where(torch.isnan(x), float("-inf"), x)  # a NaN is never chosen
 
 

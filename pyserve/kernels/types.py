@@ -1,6 +1,6 @@
 """Typed inputs and outputs of the kernel ops that take more than a few tensors."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -52,6 +52,10 @@ class SamplingTensors:
     bias_tokens: torch.Tensor  # [sum] int32
     bias_values: torch.Tensor  # [sum] float32
     bias_offsets: torch.Tensor  # [B + 1] int32
+    # Structured output: packed masks of allowed tokens (bit t % 32 of word t // 32 set: token t may
+    # be drawn), one per constrained row; allowed_row[b] picks row b's mask, -1 leaves b unmasked.
+    allowed_bits: torch.Tensor | None = None  # [M, ceil(V / 32)] int32
+    allowed_row: torch.Tensor | None = None  # [B] int32
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingTensors":
@@ -83,7 +87,15 @@ class SamplingTensors:
         return t.to(device)
 
     def to(self, device: torch.device | str) -> "SamplingTensors":
-        return SamplingTensors(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return SamplingTensors(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
+
+    def with_allowed(self, bits: torch.Tensor, rows: torch.Tensor) -> "SamplingTensors":
+        """A copy whose rows draw only allowed tokens (see `allowed_bits`)."""
+        dev = self.temperature.device
+        return replace(self, allowed_bits=bits.to(dev), allowed_row=rows.to(dev))
 
     @property
     def batch_size(self) -> int:

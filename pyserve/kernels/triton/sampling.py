@@ -40,14 +40,16 @@ def _order_key(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, x_ptr, seen_ptr, count_ptr, bias_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+def _sample_kernel(logits_ptr, x_ptr, seen_ptr, count_ptr, bias_ptr, bits_ptr, mask_row_ptr, temp_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
                    rep_ptr, pres_ptr, freq_ptr, seed_ptr, step_ptr, tokens_ptr, logprob_ptr, top_tok_ptr, top_lp_ptr,
-                   vocab, row_stride, NUM_LOGPROBS: tl.constexpr, BLOCK: tl.constexpr):
+                   vocab, row_stride, NUM_LOGPROBS: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     src = logits_ptr + row.to(tl.int64) * row_stride
     base = row.to(tl.int64) * vocab
     rep, pres, freq = tl.load(rep_ptr + row), tl.load(pres_ptr + row), tl.load(freq_ptr + row)
     lanes = tl.arange(0, BLOCK)
+    mask_row = tl.load(mask_row_ptr + row) if MASKED else -1
+    words = (vocab + 31) // 32
 
     # Pass 1: processed logits into x; raw and processed maxima.
     raw_max = tl.full((), float("-inf"), tl.float32)
@@ -60,6 +62,9 @@ def _sample_kernel(logits_ptr, x_ptr, seen_ptr, count_ptr, bias_ptr, temp_ptr, t
         count = tl.load(count_ptr + base + idx, mask=ok, other=0.0)
         x = tl.where(seen > 0, tl.where(raw > 0, raw / rep, raw * rep), raw)
         x = x - freq * count - pres * (count > 0).to(tl.float32) + tl.load(bias_ptr + base + idx, mask=ok, other=0.0)
+        if MASKED:
+            word = tl.load(bits_ptr + mask_row.to(tl.int64) * words + idx // 32, mask=ok & (mask_row >= 0), other=-1)
+            x = tl.where(((word >> (idx % 32)) & 1) != 0, x, float("-inf"))
         x = tl.where(ok & (x == x), x, float("-inf"))  # NaN is never chosen
         tl.store(x_ptr + base + idx, x, mask=ok)
         raw_max = tl.maximum(raw_max, tl.max(raw, 0))
@@ -193,10 +198,12 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
     top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64, device=dev)
     top_logprobs = torch.empty(batch, num_logprobs, dtype=torch.float32, device=dev)
     f32 = lambda t: t.float().contiguous()  # noqa: E731
+    masked = p.allowed_row is not None
+    bits, mask_row = (i32(p.allowed_bits), i32(p.allowed_row)) if masked else (tokens, tokens)  # unread if unmasked
     if batch:
         _sample_kernel[(batch,)](
-            logits, x, seen, counts, bias, f32(p.temperature), i32(p.top_k), f32(p.top_p), f32(p.min_p),
+            logits, x, seen, counts, bias, bits, mask_row, f32(p.temperature), i32(p.top_k), f32(p.top_p), f32(p.min_p),
             f32(p.repetition_penalty), f32(p.presence_penalty), f32(p.frequency_penalty), p.seed.long().contiguous(),
             p.step.long().contiguous(), tokens, logprobs, top_tokens, top_logprobs, vocab, logits.stride(0),
-            NUM_LOGPROBS=num_logprobs, BLOCK=min(1024, triton.next_power_of_2(vocab)))
+            NUM_LOGPROBS=num_logprobs, MASKED=masked, BLOCK=min(1024, triton.next_power_of_2(vocab)))
     return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
