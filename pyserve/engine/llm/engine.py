@@ -17,6 +17,7 @@ from .params import SamplingParams
 from .runner import ModelRunner, SampledToken
 from .scheduler import Scheduler
 from .sequence import CompletionOutput, RequestOutput, RequestTimes, Sequence
+from .structured import GrammarCompiler, advance
 
 log = logging.getLogger("pyserve.engine")
 
@@ -81,6 +82,7 @@ class LLMEngine:
         self.eos_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
         self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         self._rng = random.Random()
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
         # Called after every step with (sequences, tokens) in it; metrics hook in here.
         self.on_step: Callable[[int, int], None] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
@@ -108,11 +110,15 @@ class LLMEngine:
         if len(ids) >= limit:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
         self._check_fits_cache(len(ids), params)
+        matcher = self._matcher(params)
         root = BlockManager.root_digest(cache_salt or "")
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else rng.row_seed(params.seed, i)
             seq = Sequence(request_id, i, ids, params, seed, cache_root=root)
+            seq.matcher = matcher.deep_copy() if matcher is not None else None
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None] * len(ids)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             seqs.append(seq)
@@ -125,10 +131,20 @@ class LLMEngine:
         """The engine-driver entry point (see pyserve.engine.driver)."""
         self.add_request(request_id, request.prompt, request.params, request.cache_salt)
 
+    def _matcher(self, params: SamplingParams):
+        if params.structured is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidParameter(params.structured.field, "this model has no tokenizer to match a grammar with")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.spec.vocab_size)
+        return self._grammars.matcher(params.structured)
+
     def _check_fits_cache(self, prompt_len: int, params: SamplingParams) -> None:
         """Refuse a request that could never run: even alone, its sequence would outgrow the cache."""
         capacity = self.num_blocks * self.block_size
-        needed = min(prompt_len + (params.max_tokens or self.max_model_len), self.max_model_len)
+        wanted = self.max_model_len if params.max_tokens is None else params.max_tokens
+        needed = min(prompt_len + wanted, self.max_model_len)
         if needed > capacity:
             field = "prompt" if prompt_len >= capacity else "max_tokens"
             raise InvalidParameter(field, f"the prompt ({prompt_len} tokens) plus max_tokens needs up to {needed} "
@@ -172,16 +188,22 @@ class LLMEngine:
         if self.on_step is not None:
             self.on_step(len(step.items), step.num_tokens)
         try:
-            sampled = self.runner.run(step, self.eos_ids)
+            result = self.runner.run(step, self.eos_ids)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             log.exception("model step failed; failing %d request(s)", len(step.items))
             return outputs + self._fail({seq.request_id for seq, _ in step.items}, f"{type(exc).__name__}: {exc}")
+        for scored in result.prompt_logprobs:
+            scored.seq.prompt_logprobs[scored.first:scored.first + len(scored.entries)] = scored.entries
+        touched: dict[str, Request] = {}
         for seq, n in step.items:
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
-        touched: dict[str, Request] = {}
+            if seq.params.max_tokens == 0 and seq.num_computed == len(seq.token_ids):  # scored, nothing to draw
+                seq.finish_reason = "length"
+                self.scheduler.finish(seq)
+                touched[seq.request_id] = self.requests[seq.request_id]
         failed: dict[str, str] = {}
-        for s in sampled:
+        for s in result.sampled:
             if s.seq.request_id in failed:
                 continue
             try:
@@ -214,9 +236,12 @@ class LLMEngine:
             seq.logprobs.append({"token_id": s.token, "logprob": s.logprob, "top": s.top})
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(s.token)
+        complete = seq.matcher is not None and advance(seq.matcher, s.token)
         may_stop = len(seq.output_ids) >= p.min_tokens
         reason = None
-        if may_stop and ((not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids):
+        if complete and s.token in self.eos_ids:
+            reason = "stop"
+        elif may_stop and ((not p.ignore_eos and s.token in self.eos_ids) or s.token in p.stop_token_ids):
             reason = "stop"
         elif may_stop and p.stop and self._cut_at_stop_string(seq):
             seq.finish_reason = "stop"  # text already cut: nothing held back is wanted
@@ -226,6 +251,8 @@ class LLMEngine:
             reason = "length"
         elif len(seq.token_ids) >= self.max_model_len:
             reason = "length"
+        elif complete:  # the grammar allows nothing more
+            reason = "stop"
         if reason is not None:
             if seq.detokenizer is not None:
                 seq.text += seq.detokenizer.flush()
@@ -257,8 +284,11 @@ class LLMEngine:
         outs = [CompletionOutput(seq.index, seq.text, list(seq.output_ids), seq.finish_reason,
                                  list(seq.logprobs) if request.params.logprobs is not None else None)
                 for seq in request.seqs]
+        first = request.seqs[0]
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished,
-                             times=request.times, num_cached_tokens=request.seqs[0].num_cached_tokens)
+                             times=request.times, num_cached_tokens=first.num_cached_tokens,
+                             prompt_logprobs=first.prompt_logprobs if request.params.prompt_logprobs is not None
+                             else None)
 
     # -- introspection ---------------------------------------------------------------------
 

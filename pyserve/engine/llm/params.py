@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 
 from ...errors import InvalidParameter
 from ...kernels.rng import SEED_RANGE
+from .structured import StructuredOutput
 
 # Bounds that keep one request from costing the server unbounded work or overflowing a kernel's
 # 32-bit parameters; each is named in the error that enforces it.
@@ -36,7 +37,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    # Log-probabilities of the prompt's tokens (each given the ones before it) and this many
+    # alternatives; the first token has none.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None
 
     _DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -63,8 +68,8 @@ class SamplingParams:
                 raise InvalidParameter(name, "must be a finite number")
         checks = [
             ("n", 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
-            ("max_tokens", self.max_tokens is None or 1 <= self.max_tokens <= MAX_TOKENS,
-             f"must be in [1, {MAX_TOKENS}]"),
+            ("max_tokens", self.max_tokens is None or 0 <= self.max_tokens <= MAX_TOKENS,
+             f"must be in [0, {MAX_TOKENS}]"),
             ("min_tokens", 0 <= self.min_tokens <= MAX_TOKENS, f"must be in [0, {MAX_TOKENS}]"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, "must be <= max_tokens"),
             ("temperature", self.temperature is None or self.temperature >= 0, "must be >= 0"),
@@ -75,6 +80,7 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("seed", self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "must fit in 64 bits"),
             ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
             ("logit_bias", all(math.isfinite(v) and -100 <= v <= 100 for v in self.logit_bias.values()),

@@ -1,6 +1,6 @@
 """Turns a scheduled step into the model's flat batch, runs it, and samples the rows that end."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -9,6 +9,7 @@ from ...kernels.types import SamplingRow, SamplingTensors
 from ...tasks import AttentionMetadata, KVCache, TextGenerationModel
 from .scheduler import ScheduledStep
 from .sequence import Sequence
+from .structured import MaskFiller
 
 
 @dataclass
@@ -19,10 +20,26 @@ class SampledToken:
     top: dict[int, float]
 
 
+@dataclass
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens first + 1 ... (each given those before), from one chunk."""
+
+    seq: Sequence
+    first: int  # the position of the first token scored
+    entries: list[dict]  # {"token_id", "logprob", "top": {id: logprob}}
+
+
+@dataclass
+class StepResult:
+    sampled: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+
+
 class ModelRunner:
     def __init__(self, model: TextGenerationModel, cache: KVCache, block_size: int):
         self.model, self.cache, self.block_size = model, cache, block_size
         self.device = model.spec.device
+        self.masks = MaskFiller(model.spec.vocab_size)
 
     def _metadata(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -52,22 +69,57 @@ class ModelRunner:
                 meta, sample_rows)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, eos_ids: list[int]) -> list[SampledToken]:
+    def run(self, step: ScheduledStep, eos_ids: list[int]) -> StepResult:
         input_ids, positions, meta, rows = self._metadata(step)
+        ending = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]  # one per row
+        # A request with max_tokens 0 (prompt scoring) ends without a draw.
+        sampling = [(seq, row) for seq, row in zip(ending, rows) if seq.params.max_tokens != 0]
+        constrained = [seq.matcher for seq, _ in sampling if seq.matcher is not None]
+        masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
         hidden = self.model.forward(input_ids, positions, meta, self.cache)
-        sampling = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]
-        if not sampling:
-            return []
-        logits = self.model.compute_logits(hidden[rows])
+        result = StepResult(prompt_logprobs=self._prompt_logprobs(step, hidden))
+        if sampling:
+            result.sampled = self._sample([seq for seq, _ in sampling], hidden[[row for _, row in sampling]],
+                                          eos_ids, masks)
+        elif masks is not None:
+            masks.result()
+        return result
+
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, eos_ids: list[int], masks) -> list[SampledToken]:
+        logits = self.model.compute_logits(hidden)
         vocab = self.model.spec.vocab_size
-        params = SamplingTensors.from_rows([self._row(seq, eos_ids, vocab) for seq in sampling], self.device)
-        num_logprobs = max((seq.params.logprobs or 0) for seq in sampling)
+        params = SamplingTensors.from_rows([self._row(seq, eos_ids, vocab) for seq in seqs], self.device)
+        if masks is not None:
+            which, index = [], 0
+            for seq in seqs:
+                which.append(index if seq.matcher is not None else -1)
+                index += seq.matcher is not None
+            params = params.with_allowed(masks.result(), torch.tensor(which, dtype=torch.int32))
+        num_logprobs = max((seq.params.logprobs or 0) for seq in seqs)
         result = kernels.sample(logits, params, num_logprobs=num_logprobs)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()
         top_ids, top_lps = result.top_tokens.tolist(), result.top_logprobs.tolist()
         return [SampledToken(seq, tokens[i], logprobs[i],
                              dict(zip(top_ids[i][:seq.params.logprobs or 0], top_lps[i][:seq.params.logprobs or 0])))
-                for i, seq in enumerate(sampling)]
+                for i, seq in enumerate(seqs)]
+
+    def _prompt_logprobs(self, step: ScheduledStep, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """Scores of the prompt tokens this step's chunks predict, for sequences that ask for them:
+        the logits at position p score prompt token p + 1."""
+        out, start = [], 0
+        for seq, n in step.items:
+            first, stop = seq.num_computed, min(seq.num_computed + n, len(seq.prompt_ids) - 1)
+            if seq.params.prompt_logprobs is not None and first < stop:
+                logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:start + stop - first]).float(), -1)
+                targets = torch.tensor(seq.prompt_ids[first + 1:stop + 1], device=logprobs.device)
+                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                top = torch.topk(logprobs, seq.params.prompt_logprobs, dim=-1)
+                top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+                out.append(PromptLogprobs(seq, first + 1, [
+                    {"token_id": t, "logprob": lp, "top": dict(zip(ids, lps))}
+                    for t, lp, ids, lps in zip(seq.prompt_ids[first + 1:stop + 1], chosen, top_ids, top_lps)]))
+            start += n
+        return out
 
     @staticmethod
     def _row(seq: Sequence, eos_ids: list[int], vocab_size: int) -> SamplingRow:

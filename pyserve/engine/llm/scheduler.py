@@ -60,7 +60,8 @@ class Scheduler:
         rejected: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            self.blocks.match_prefix(seq)
+            if seq.params.prompt_logprobs is None:  # scoring the prompt recomputes a cached prefix
+                self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.ensure_capacity(seq, seq.num_computed + n):
                 if self.running:  # blocks will come free as they finish

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from ...tokenizer import IncrementalDetokenizer
 from ..base import RequestTimes
@@ -31,8 +32,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] = field(default_factory=list)  # filled during prefill when asked for
     finish_reason: str | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: Any = None  # the llguidance matcher of a structured-output request
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
@@ -65,6 +68,7 @@ class RequestOutput:
     error: str | None = None  # set when the model failed on this request's step
     times: RequestTimes | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[dict | None] | None = None  # per prompt token (None for the first), when asked for
 
     @property
     def text(self) -> str:
