@@ -45,11 +45,16 @@ class Completion:
     finish_reason: str | None
     outputs: list[dict] = field(default_factory=list)
     usage: dict = field(default_factory=dict)
+    # With `logprobs` / `prompt_logprobs`: per token {"token_id", "logprob", "top": [[id, logprob], ...]}
+    # (None for the prompt's first token).
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list[dict | None] | None = None
 
     @classmethod
     def from_result(cls, result: dict) -> "Completion":
         first = result["outputs"][0]
-        return cls(first["text"], first["token_ids"], first["finish_reason"], result["outputs"], result["usage"])
+        return cls(first["text"], first["token_ids"], first["finish_reason"], result["outputs"], result["usage"],
+                   first.get("logprobs"), result.get("prompt_logprobs"))
 
 
 @dataclass

@@ -64,12 +64,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation ready for the assistant's reply. The template writes the
         special tokens itself, so encoding must not add them again."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        return self.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template (chat_template.jinja, chat_template.json or "
                              "tokenizer_config.json 'chat_template')")
@@ -79,8 +81,11 @@ class Tokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
+        # As transformers renders templates: plain JSON (jinja's own tojson escapes <, > and & for HTML).
+        env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
+            json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 

@@ -7,14 +7,16 @@ All faults are `ClientError`s naming the field, so the front-ends cannot drift a
 """
 
 import asyncio
+import json
 import math
 import struct
 from collections.abc import Mapping
 
 import numpy as np
 
-from ..engine.llm import RequestOutput, SamplingParams, TextRequest
+from ..engine.llm import RequestOutput, SamplingParams, StructuredOutput, TextRequest
 from ..errors import InvalidParameter
+from . import tool_calls
 from .auth import Principal
 from .models import ServedModel
 
@@ -28,6 +30,9 @@ _TYPES = {
     "presence_penalty": (int, float), "frequency_penalty": (int, float), "repetition_penalty": (int, float),
     "stream": bool, "ignore_eos": bool, "logprobs": (bool, int), "top_logprobs": int, "user": str,
     "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool, "cache_salt": str,
+    "prompt_logprobs": int, "response_format": dict, "guided_json": (dict, str), "guided_regex": str,
+    "guided_choice": list, "guided_grammar": str, "tools": list, "tool_choice": (str, dict),
+    "parallel_tool_calls": bool,
 }
 MAX_CACHE_SALT = 1024
 
@@ -81,9 +86,49 @@ def sampling_params(fields: Mapping, chat: bool) -> SamplingParams:
         min_p=get_field(fields, "min_p"), repetition_penalty=get_field(fields, "repetition_penalty"),
         presence_penalty=get_field(fields, "presence_penalty", 0.0),
         frequency_penalty=get_field(fields, "frequency_penalty", 0.0), logit_bias=bias, logprobs=logprobs,
-        skip_special_tokens=get_field(fields, "skip_special_tokens", True))
+        prompt_logprobs=get_field(fields, "prompt_logprobs"),
+        skip_special_tokens=get_field(fields, "skip_special_tokens", True), structured=structured_output(fields))
     params.validate()
     return params
+
+
+def structured_output(fields: Mapping) -> StructuredOutput | None:
+    """The constraint a request puts on its output: OpenAI's `response_format`, or vLLM's
+    `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (at most one of them)."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+             if get_field(fields, name) is not None]
+    if len(given) > 1:
+        raise InvalidParameter(given[1], f"give one of {', '.join(given)}, not several")
+    if not given:
+        return None
+    name = given[0]
+    value = get_field(fields, name)
+    if name == "response_format":
+        return _response_format(value)
+    if name == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidParameter(name, "is not valid JSON") from None
+        return StructuredOutput(json=value, field=name)
+    if name == "guided_choice":
+        return StructuredOutput(choice=tuple(value), field=name)
+    return StructuredOutput(**{name.removeprefix("guided_"): value, "field": name})
+
+
+def _response_format(value: dict) -> StructuredOutput | None:
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(json_object=True, field="response_format")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidParameter("response_format", "json_schema must be an object with a `schema` object")
+        return StructuredOutput(json=spec.get("schema", {}), field="response_format")
+    raise InvalidParameter("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
 
 
 def completion_prompts(value) -> list[str | list[int]]:
@@ -130,8 +175,31 @@ def chat_messages(value) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise InvalidParameter("messages", f"messages[{i}].content must be a string or a list of parts")
-        messages.append({**m, "content": check_text(content, "messages"), "role": check_text(m["role"], "messages")})
+        message = {**m, "content": check_text(content, "messages"), "role": check_text(m["role"], "messages")}
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        messages.append(message)
     return messages
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant turn's earlier tool calls, with their JSON arguments as objects: chat templates
+    write them with `tojson`."""
+    if not isinstance(calls, list):
+        raise InvalidParameter("messages", f"{where} must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidParameter("messages", f"{where}[{j}] must have a function with a name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise InvalidParameter("messages", f"{where}[{j}].function.arguments is not JSON") from None
+        out.append({**call, "function": {**fn, "arguments": args}})
+    return out
 
 
 def _check_prompt_size(model: ServedModel, num_chars: int, name: str) -> None:
@@ -152,13 +220,16 @@ async def prompt_ids(model: ServedModel, prompt: str | list[int], name: str = "p
     return await asyncio.to_thread(model.tokenizer.encode, prompt)
 
 
-async def chat_prompt_ids(model: ServedModel, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template, off the event loop."""
+async def chat_prompt_ids(model: ServedModel, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template, off the event loop;
+    `tools` go to the template, or into a system message when the template has no place for them."""
     if model.tokenizer is None or not model.tokenizer.chat_template:
         raise InvalidParameter("messages", "this model has no chat template")
-    _check_prompt_size(model, sum(len(m["content"]) for m in messages), "messages")
+    _check_prompt_size(model, sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])), "messages")
+    if tools and not tool_calls.teaches_tools(model.tokenizer):
+        messages, tools = tool_calls.with_tool_prompt(messages, tools), None
     try:
-        return await asyncio.to_thread(model.tokenizer.encode_chat, messages)
+        return await asyncio.to_thread(model.tokenizer.encode_chat, messages, tools)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
         raise InvalidParameter("messages", f"the chat template failed: {exc}") from None
 

@@ -8,6 +8,7 @@ connection closes. Until then the hello frame names no models."""
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
@@ -167,6 +168,11 @@ class Connection:
             if len(prompt) != 1:
                 raise InvalidParameter("prompt", "one prompt per request (a string or a list of token ids)")
             ids = await adapters.prompt_ids(model, prompt[0])
+        echo = ""
+        if method == "generate" and params.get("echo"):  # the prompt comes back before the completion
+            echo = prompt[0] if isinstance(prompt[0], str) else model.tokenizer.decode(ids)
+            if sampling.logprobs is not None and sampling.prompt_logprobs is None:
+                sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
         stream = bool(params.get("stream"))
         sent = 0
         async for out in model.driver.submit(None, adapters.text_request(ids, sampling, params, self.principal)):
@@ -181,8 +187,10 @@ class Connection:
                 sent = len(first.text)
                 continue
             if out.finished:
-                result = {"outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                                       "finish_reason": o.finish_reason} for o in out.outputs],
+                result = {"outputs": [{"index": o.index, "text": echo + o.text, "token_ids": o.token_ids,
+                                       "finish_reason": o.finish_reason, "logprobs": _wire_logprobs(o.logprobs)}
+                                      for o in out.outputs],
+                          "prompt_logprobs": _wire_logprobs(out.prompt_logprobs),
                           "usage": adapters.usage([out])}
                 if stream:
                     result["delta"] = first.text[sent:]
@@ -269,3 +277,12 @@ class MsgpackServer:
             await asyncio.wait(open_tasks, timeout=timeout)
         for connection in list(self.connections):
             connection.writer.close()
+
+
+def _wire_logprobs(entries: list[dict | None] | None) -> list | None:
+    """Logprob entries with their alternatives as [token_id, logprob] pairs (msgpack map keys are
+    strings for most decoders)."""
+    if entries is None:
+        return None
+    return [None if e is None else {"token_id": e["token_id"], "logprob": e["logprob"],
+                                    "top": [[t, lp] for t, lp in e["top"].items()]} for e in entries]

@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -17,8 +18,10 @@ from starlette.routing import Route
 from ..engine.llm import RequestOutput
 from ..errors import ClientError, InvalidParameter, ModelFailure
 from ..tasks import TEXT_GENERATION
-from . import adapters
+from ..engine.llm import StructuredOutput
+from . import adapters, tool_calls
 from .models import ServedModel
+from .tool_calls import CallFormat
 from .responses import error_body, json_body
 
 MAX_CHOICES = 1024  # prompts times n in one request
@@ -49,19 +52,39 @@ async def completions(request: Request) -> Response:
     if len(prompts) * params.n > MAX_CHOICES:
         raise InvalidParameter("prompt", f"{len(prompts)} prompts times n={params.n} exceeds {MAX_CHOICES} choices")
     ids = [await adapters.prompt_ids(model, p) for p in prompts]
-    return await _respond(request, body, model, ids, params, chat=False)
+    echo = None
+    if adapters.get_field(body, "echo", False):  # the prompt comes back before the completion
+        if model.tokenizer is None:
+            raise InvalidParameter("echo", "this model has no tokenizer to write the prompt back with")
+        echo = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in prompts]
+        if params.logprobs is not None and params.prompt_logprobs is None:
+            params = replace(params, prompt_logprobs=params.logprobs)
+    return await _respond(request, body, model, ids, params, chat=False, echo=echo)
 
 
 async def chat_completions(request: Request) -> Response:
     body = await json_body(request)
     model = text_model(request, body)
     params = adapters.sampling_params(body, chat=True)
-    ids = await adapters.chat_prompt_ids(model, adapters.chat_messages(body.get("messages")))
-    return await _respond(request, body, model, [ids], params, chat=True)
+    tools = tool_calls.tools_of(body)
+    choice = tool_calls.choice_of(body, tools)
+    ids = await adapters.chat_prompt_ids(model, adapters.chat_messages(body.get("messages")), tools or None)
+    calls = None
+    if tools and choice != "none":
+        calls = tool_calls.call_format(model.tokenizer)
+        if choice != "auto":  # a call must be made: a grammar makes it valid
+            if params.structured is not None:
+                raise InvalidParameter("tool_choice", "a required tool call cannot be combined with response_format "
+                                                      "or guided_* constraints")
+            chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
+            parallel = choice == "required" and adapters.get_field(body, "parallel_tool_calls", True)
+            params = replace(params, structured=StructuredOutput(grammar=calls.grammar(chosen, parallel),
+                                                                 field="tool_choice"))
+    return await _respond(request, body, model, [ids], params, chat=True, calls=calls)
 
 
 async def _respond(request: Request, body: dict, model: ServedModel, prompts: list[list[int]], params,
-                   chat: bool) -> Response:
+                   chat: bool, echo: list[str] | None = None, calls: CallFormat | None = None) -> Response:
     stream_opt = adapters.get_field(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -75,7 +98,7 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     metrics = request.app.state.metrics
     if stream_opt:
         include_usage = bool((options or {}).get("include_usage"))
-        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, metrics),
+        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, metrics, echo, calls),
                                  media_type="text/event-stream")
     try:
         async for _ in merged:
@@ -86,8 +109,9 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     failed = next((o.error for o in merged.last if o.error), None)
     if failed:
         raise ModelFailure(f"the model failed: {failed}")
-    shape = chat_body if chat else completion_body
-    return JSONResponse(shape(rid, model, merged.last, params.n))
+    if chat:
+        return JSONResponse(chat_body(rid, model, merged.last, params.n, calls))
+    return JSONResponse(completion_body(rid, model, merged.last, params.n, echo))
 
 
 class Merged:
@@ -140,10 +164,12 @@ class Merged:
             await stream.aclose()
 
 
-async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool, metrics):
+async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool, metrics,
+               echo: list[str] | None = None, calls: CallFormat | None = None):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
     sent: dict[int, int] = {}
+    tool_streams: dict[int, ToolCallStream] = {}
     status = "abort"
 
     def chunk(choices, usage=None):
@@ -161,6 +187,11 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
             choices = []
             for o in out.outputs:
                 index = i * n + o.index
+                if calls is not None:
+                    choice = tool_streams.setdefault(index, ToolCallStream(calls)).chunk(o, index)
+                    if choice is not None:
+                        choices.append(choice)
+                    continue
                 started = index in sent
                 delta = o.text[sent.get(index, 0):]
                 if not delta and o.finish_reason is None and started:
@@ -171,6 +202,8 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
                     choices.append({"index": index, "delta": message, "finish_reason": o.finish_reason,
                                     "logprobs": None})
                 else:
+                    if echo is not None and not started:
+                        delta = echo[i] + delta
                     choices.append({"index": index, "text": delta, "finish_reason": o.finish_reason,
                                     "logprobs": None})
             if choices:
@@ -188,16 +221,37 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
         metrics.finished(model, merged.last, status)
 
 
-def _logprobs_of(o, tokenizer) -> dict:
-    return {"tokens": [tokenizer.decode([e["token_id"]], False) for e in o.logprobs],
-            "token_logprobs": [e["logprob"] for e in o.logprobs],
-            "top_logprobs": [{tokenizer.decode([t], False): lp for t, lp in e["top"].items()} for e in o.logprobs],
-            "text_offset": []}
+def completion_logprobs(token_ids: list[int], entries: list[dict | None], tokenizer) -> dict:
+    """The completions API's logprobs: per token its text, log-probability, top alternatives and
+    character offset; a token without a score (the prompt's first) has nulls."""
+    tokens = [tokenizer.decode([t], False) for t in token_ids]
+    offsets, at = [], 0
+    for text in tokens:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e["logprob"] for e in entries],
+            "top_logprobs": [None if e is None else {tokenizer.decode([t], False): lp for t, lp in e["top"].items()}
+                             for e in entries],
+            "text_offset": offsets}
 
 
-def completion_body(rid: str, model: ServedModel, outs: list[RequestOutput], n: int) -> dict:
-    choices = [{"index": i * n + o.index, "text": o.text, "finish_reason": o.finish_reason,
-                "logprobs": _logprobs_of(o, model.tokenizer) if o.logprobs is not None else None}
+def _completion_choice(out: RequestOutput, o, index: int, tokenizer, echo: str | None) -> dict:
+    text, logprobs = o.text, None
+    if echo is not None:
+        text = echo + text
+    if o.logprobs is not None:
+        ids, entries = list(o.token_ids), list(o.logprobs)
+        if echo is not None:
+            ids = out.prompt_token_ids + ids
+            entries = (out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+        logprobs = completion_logprobs(ids, entries, tokenizer)
+    return {"index": index, "text": text, "finish_reason": o.finish_reason, "logprobs": logprobs}
+
+
+def completion_body(rid: str, model: ServedModel, outs: list[RequestOutput], n: int,
+                    echo: list[str] | None = None) -> dict:
+    choices = [_completion_choice(out, o, i * n + o.index, model.tokenizer, None if echo is None else echo[i])
                for i, out in enumerate(outs) for o in out.outputs]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model.name,
             "choices": choices, "usage": adapters.usage(outs)}
@@ -212,13 +266,58 @@ def chat_logprobs(entries: list[dict], tokenizer) -> dict:
                          "top_logprobs": [item(t, lp) for t, lp in e["top"].items()]} for e in entries]}
 
 
-def chat_body(rid: str, model: ServedModel, outs: list[RequestOutput], n: int) -> dict:
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "finish_reason": o.finish_reason,
-                "logprobs": chat_logprobs(o.logprobs, model.tokenizer) if o.logprobs is not None else None}
-               for o in outs[0].outputs]
+def _assistant_message(o, calls: CallFormat | None) -> tuple[dict, str | None]:
+    """The reply and its finish reason, with any tool calls parsed out of the text."""
+    if calls is None:
+        return {"role": "assistant", "content": o.text}, o.finish_reason
+    content, found = calls.parse(o.text)
+    if not found:
+        return {"role": "assistant", "content": o.text}, o.finish_reason
+    return ({"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in found]},
+            "tool_calls" if o.finish_reason == "stop" else o.finish_reason)
+
+
+def chat_body(rid: str, model: ServedModel, outs: list[RequestOutput], n: int, calls: CallFormat | None = None) -> dict:
+    choices = []
+    for o in outs[0].outputs:
+        message, finish_reason = _assistant_message(o, calls)
+        choices.append({"index": o.index, "message": message, "finish_reason": finish_reason,
+                        "logprobs": chat_logprobs(o.logprobs, model.tokenizer) if o.logprobs is not None else None})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model.name,
             "choices": choices, "usage": adapters.usage(outs)}
+
+
+class ToolCallStream:
+    """One streamed choice of a chat with tools: content as it comes, held back where a call may be
+    starting; each call as one `tool_calls` delta once it is complete (all of them at the end)."""
+
+    def __init__(self, calls: CallFormat):
+        self.calls = calls
+        self.sent = 0  # characters of content sent
+        self.num_calls = 0
+        self.started = False
+
+    def chunk(self, o, index: int) -> dict | None:
+        finished = o.finish_reason is not None
+        if finished:
+            content, found = self.calls.parse(o.text)
+            if not found:
+                content = o.text
+        else:
+            content, found = o.text[:self.calls.content_end(o.text)], self.calls.complete_calls(o.text)
+        delta = {}
+        if content and len(content) > self.sent:
+            delta["content"] = content[self.sent:]
+            self.sent = len(content)
+        if len(found) > self.num_calls:
+            delta["tool_calls"] = [{"index": k, **c.to_openai()} for k, c in enumerate(found) if k >= self.num_calls]
+            self.num_calls = len(found)
+        if not delta and not finished:
+            return None
+        if not self.started:
+            delta, self.started = {"role": "assistant", **delta}, True
+        reason = ("tool_calls" if self.num_calls and o.finish_reason == "stop" else o.finish_reason) if finished else None
+        return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
 
 
 routes = [

@@ -4,5 +4,7 @@ from .async_engine import AsyncLLMEngine
 from .engine import LLMEngine, TextRequest
 from .params import SamplingParams
 from .sequence import CompletionOutput, RequestOutput
+from .structured import StructuredOutput
 
-__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams", "TextRequest"]
+__all__ = ["AsyncLLMEngine", "CompletionOutput", "LLMEngine", "RequestOutput", "SamplingParams", "StructuredOutput",
+           "TextRequest"]
