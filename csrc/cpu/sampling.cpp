@@ -79,19 +79,24 @@ void apply_penalties(const SampleArgs& a, int row, RowScratch& w) {
   for (int i = a.bias_off[row]; i < a.bias_off[row + 1]; ++i) x[a.bias_tok[i]] += a.bias_val[i];
 }
 
-// Disallowed tokens become -inf. Rows without a mask skip this; a word of all-allowed tokens costs
-// one compare, so a permissive mask is nearly free.
-void apply_allowed(const SampleArgs& a, int row, float* x) {
-  if (a.allowed_row == nullptr || a.allowed_row[row] < 0) return;
-  const int words = (a.vocab + 31) / 32;
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.allowed_bits) + static_cast<long>(a.allowed_row[row]) * words;
-  for (int w = 0; w < words; ++w) {
-    const uint32_t word = bits[w];
-    if (word == 0xFFFFFFFFu) continue;
-    const int end = std::min(32, a.vocab - w * 32);
-    for (int b = 0; b < end; ++b)
-      if (!((word >> b) & 1u)) x[w * 32 + b] = -INFINITY;
+// NaN logits become -inf (never chosen; keeps the first-maximum scan in bounds), and so do the
+// tokens a row's structured-output mask leaves out, in the same pass: a masked row costs about
+// what an unmasked one does. Branch-free, so the compiler vectorises the 32 lanes of a word.
+void finite_and_allowed(const SampleArgs& a, int row, float* x) {
+  const int vocab = a.vocab;
+  if (a.allowed_row == nullptr || a.allowed_row[row] < 0) {
+    for (int i = 0; i < vocab; ++i) x[i] = x[i] == x[i] ? x[i] : -INFINITY;
+    return;
   }
+  const uint32_t* bits =
+      reinterpret_cast<const uint32_t*>(a.allowed_bits) + static_cast<long>(a.allowed_row[row]) * ((vocab + 31) / 32);
+  const int full = vocab / 32;
+  for (int w = 0; w < full; ++w) {
+    const uint32_t word = bits[w];
+    float* xs = x + w * 32;
+    for (int b = 0; b < 32; ++b) xs[b] = ((word >> b) & 1u) && xs[b] == xs[b] ? xs[b] : -INFINITY;
+  }
+  for (int i = full * 32; i < vocab; ++i) x[i] = ((bits[full] >> (i - full * 32)) & 1u) && x[i] == x[i] ? x[i] : -INFINITY;
 }
 
 // The logit threshold that top-k / top-p / min-p put on a row (keep x >= threshold).
@@ -135,6 +140,29 @@ float candidate_threshold(const SampleArgs& a, int row, RowScratch& w, float x_m
   return threshold;
 }
 
+// The first kept token (x >= threshold) at which the running sum of exp((x - x_max) * inv_t)
+// passes target, else the last kept one. Whole blocks are summed with vector code and skipped;
+// only the block where the sum crosses is walked token by token (a scalar walk over a vocabulary
+// whose kept tokens alternate unpredictably, as under a grammar's mask, is mostly mispredicts).
+int inverse_cdf(const float* x, int vocab, float x_max, float inv_t, float threshold, float target) {
+  constexpr int kBlock = 64;
+  float cdf = 0.0f;
+  int i = 0;
+  for (; i + kBlock <= vocab; i += kBlock) {
+    const float s = sum_exp_above(x + i, kBlock, x_max, inv_t, threshold);
+    if (cdf + s > target) break;
+    cdf += s;
+  }
+  for (; i < vocab; ++i) {
+    if (x[i] < threshold) continue;
+    cdf += std::exp((x[i] - x_max) * inv_t);
+    if (cdf > target) return i;
+  }
+  for (i = vocab - 1; i > 0 && x[i] < threshold; --i) {
+  }
+  return i;  // rounding left the target out of reach: the last kept token
+}
+
 void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   const int vocab = a.vocab;
   const float* logits = a.logits + static_cast<long>(row) * a.row_stride;
@@ -143,9 +171,7 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   float raw_lse = raw_max + std::log(sum_exp_above(logits, vocab, raw_max, 1.0f, -INFINITY));
 
   apply_penalties(a, row, w);
-  apply_allowed(a, row, w.x.data());
-  for (float& v : w.x)
-    if (std::isnan(v)) v = -INFINITY;  // never chosen; keeps the first-maximum scan below in bounds
+  finite_and_allowed(a, row, w.x.data());
   const float* x = w.x.data();
   const float x_max = max_of(x, vocab);
   int token = 0;
@@ -157,14 +183,7 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
     float threshold = candidate_threshold(a, row, w, x_max, inv_t);
     float total = sum_exp_above(x, vocab, x_max, inv_t, threshold);
     float target = uniform(a.seed[row], static_cast<uint32_t>(a.step[row]), 0, kSampleStream) * total;
-    float cdf = 0.0f;
-    token = -1;
-    for (int i = 0; i < vocab; ++i) {
-      if (x[i] < threshold) continue;
-      cdf += std::exp((x[i] - x_max) * inv_t);
-      token = i;
-      if (cdf > target) break;
-    }
+    token = inverse_cdf(x, vocab, x_max, inv_t, threshold, target);
   }
   a.tokens[row] = token;
   a.logprobs[row] = logits[token] - raw_lse;

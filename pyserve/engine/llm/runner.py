@@ -1,5 +1,6 @@
 """Turns a scheduled step into the model's flat batch, runs it, and samples the rows that end."""
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -81,11 +82,10 @@ class ModelRunner:
         if sampling:
             result.sampled = self._sample([seq for seq, _ in sampling], hidden[[row for _, row in sampling]],
                                           eos_ids, masks)
-        elif masks is not None:
-            masks.result()
         return result
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, eos_ids: list[int], masks) -> list[SampledToken]:
+    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, eos_ids: list[int],
+                masks: Future | None) -> list[SampledToken]:
         logits = self.model.compute_logits(hidden)
         vocab = self.model.spec.vocab_size
         params = SamplingTensors.from_rows([self._row(seq, eos_ids, vocab) for seq in seqs], self.device)
@@ -94,7 +94,7 @@ class ModelRunner:
             for seq in seqs:
                 which.append(index if seq.matcher is not None else -1)
                 index += seq.matcher is not None
-            params = params.with_allowed(masks.result(), torch.tensor(which, dtype=torch.int32))
+            params = params.with_allowed(self.masks.wait(masks), torch.tensor(which, dtype=torch.int32))
         num_logprobs = max((seq.params.logprobs or 0) for seq in seqs)
         result = kernels.sample(logits, params, num_logprobs=num_logprobs)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()

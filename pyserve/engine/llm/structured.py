@@ -15,6 +15,7 @@ Example:
 import concurrent.futures
 import functools
 import json
+import time
 from dataclasses import dataclass
 
 import llguidance
@@ -84,7 +85,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                                 eos_token=list(tokenizer.eos_token_ids) or None)
-        self._checked = functools.lru_cache(maxsize=256)(self._check)
+        self._checked = functools.lru_cache(maxsize=64)(self._check)
 
     def _check(self, grammar: str) -> str:
         return llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
@@ -122,6 +123,7 @@ class MaskFiller:
         self.words = (vocab_size + 31) // 32
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pyserve-masks")
         self._executor: llguidance.LLExecutor | None = None
+        self.stats = MaskStats()
 
     def start(self, matchers: list[llguidance.LLMatcher]) -> concurrent.futures.Future:
         """Future of (bits [M, words] int32, one row per matcher in order)."""
@@ -130,7 +132,29 @@ class MaskFiller:
     def _fill(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
+        start = time.perf_counter()
         bits = torch.empty(len(matchers), self.words, dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.data_ptr(),
                                                self.words * 4, len(matchers))
+        self.stats.steps += 1
+        self.stats.rows += len(matchers)
+        self.stats.fill_seconds += time.perf_counter() - start
         return bits
+
+    def wait(self, future: concurrent.futures.Future) -> torch.Tensor:
+        """The masks of `start`, counting the time the caller had to wait for them."""
+        start = time.perf_counter()
+        bits = future.result()
+        self.stats.wait_seconds += time.perf_counter() - start
+        return bits
+
+
+@dataclass
+class MaskStats:
+    """Where structured output's time goes: filling masks (in the worker) and waiting for them
+    (the part the forward pass did not hide)."""
+
+    steps: int = 0
+    rows: int = 0
+    fill_seconds: float = 0.0
+    wait_seconds: float = 0.0
