@@ -13,6 +13,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from ..engine.llm.structured import JSON_OPTIONS
 from ..errors import InvalidParameter
 from ..tokenizer import Tokenizer
 
@@ -79,7 +80,8 @@ class CallFormat:
                   "properties": {"name": {"const": t["function"]["name"]},
                                  self.arguments_key: t["function"].get("parameters") or {"type": "object"}}}
                  for t in tools]
-        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+        # Compact JSON, as response_format gets (a grammar's %json defaults to free whitespace).
+        return {"x-guidance": JSON_OPTIONS, **(calls[0] if len(calls) == 1 else {"anyOf": calls})}
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         """A Lark grammar (llguidance dialect) whose every sentence is one or more valid calls."""
