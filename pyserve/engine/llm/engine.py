@@ -137,7 +137,12 @@ class LLMEngine:
         if self.tokenizer is None:
             raise InvalidParameter(params.structured.field, "this model has no tokenizer to match a grammar with")
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.model.spec.vocab_size)
+            try:
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.spec.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - a tokenizer llguidance cannot read: refuse, keep serving
+                log.warning("structured output unavailable: %s", exc)
+                raise InvalidParameter(params.structured.field,
+                                       f"this model's tokenizer does not support structured output: {exc}") from None
         return self._grammars.matcher(params.structured)
 
     def _check_fits_cache(self, prompt_len: int, params: SamplingParams) -> None:
