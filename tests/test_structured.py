@@ -219,6 +219,7 @@ def test_response_format_and_guided_fields_through_the_sdk(client):
     ({"guided_regex": "(unclosed"}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_grammar": "start: missing"}, "guided_grammar"),
+    ({"guided_grammar": "root ::= undefined"}, "guided_grammar"),  # GBNF with a rule never defined
     ({"guided_choice": "yes"}, "guided_choice"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),

@@ -95,8 +95,10 @@ class GrammarCompiler:
         schema or grammar is invalid or unsupported."""
         try:
             grammar = spec.grammar_text()
-        except ValueError as exc:  # llguidance refuses malformed JSON here
-            raise InvalidParameter(spec.field, str(exc)) from None
+        except InvalidParameter:
+            raise
+        except Exception as exc:  # noqa: BLE001 - llguidance's converters raise plain exceptions on bad input
+            raise InvalidParameter(spec.field, f"invalid or unsupported: {exc}") from None
         error = self._checked(grammar)
         if error:
             raise InvalidParameter(spec.field, f"invalid or unsupported: {error.strip().splitlines()[0]}")
