@@ -11,6 +11,7 @@
 
 #include "cpu/attention.h"
 #include "cpu/denoise.h"
+#include "cpu/layer_ops.h"
 #include "cpu/linear.h"
 #include "cpu/quantized_linear.h"
 #include "cpu/sampling.h"
@@ -95,6 +96,30 @@ PYBIND11_MODULE(_C, m) {
             ptr<const int32_t>(bias_tok), ptr<const int32_t>(bias_off), ptr<const float>(bias_val),
             ptr<const int32_t>(allowed_bits), ptr<const int32_t>(allowed_row), num_logprobs,
             ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)});
+      },
+      nogil);
+
+  m.def(
+      "rms_norm",
+      [](uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t out, uintptr_t residual_out, int rows, int dim,
+         float eps) {
+        pyserve::cpu::rms_norm(ptr<const float>(x), ptr<const float>(residual), ptr<const float>(weight),
+                               ptr<float>(out), ptr<float>(residual_out), rows, dim, eps);
+      },
+      nogil);
+
+  m.def(
+      "rotary",
+      [](uintptr_t x, uintptr_t cos, uintptr_t sin, int rows, long row_stride, int rotated_heads, int head_dim) {
+        pyserve::cpu::rotary(ptr<float>(x), ptr<const float>(cos), ptr<const float>(sin), rows, row_stride,
+                             rotated_heads, head_dim);
+      },
+      nogil);
+
+  m.def(
+      "silu_mul",
+      [](uintptr_t x, uintptr_t out, int rows, int n) {
+        pyserve::cpu::silu_mul(ptr<const float>(x), ptr<float>(out), rows, n);
       },
       nogil);
 

@@ -6,7 +6,6 @@ Module and parameter names follow the Hugging Face checkpoints, so weights load 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pyserve import kernels
@@ -39,13 +38,6 @@ def rope_inv_freq(cfg: dict, head_dim: int) -> torch.Tensor:
     return inv_freq.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated by position (half-split layout); cos/sin [T, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
     """A Linear whose output is the concatenation of the given ones' outputs."""
     first = linears[0]
@@ -64,9 +56,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised x + residual, x + residual): the sum is the residual stream onward."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -87,11 +79,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                          self.kv_heads * self.head_dim], dim=-1)
-        q = apply_rope(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = v.reshape(t, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        kernels.rotary(qkv, cos, sin, self.heads + self.kv_heads)  # q and k heads lead each row
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q, k = q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       sliding_window=self.sliding_window, max_query_len=meta.max_query_len,
@@ -111,8 +104,7 @@ class MLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -124,9 +116,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = MLP(cfg["hidden_size"], cfg["intermediate_size"])
 
-    def forward(self, x, cos, sin, meta, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
+        """(this layer's output, the residual stream before it): the next norm adds them."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, meta, k_cache, v_cache), residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -166,10 +160,10 @@ class LlamaForCausalLM(nn.Module):
                 cache: KVCache) -> torch.Tensor:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
-        x = self.model.embed_tokens(input_ids)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
-            x = layer(x, cos, sin, meta, k_cache, v_cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
+        return self.model.norm(x, residual)[0]
 
     def pack(self, format: str) -> int:
         """A tied head's weight is the embedding table, which lookups still need in full: the head

@@ -26,13 +26,45 @@ from .types import Coef, SampleResult, SamplingRow, SamplingTensors
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow",
     "SamplingTensors", "WEIGHT_FORMATS", "available", "dense_attention", "denoise_step", "linear", "paged_attention",
-    "quantize", "sample", "write_kv",
+    "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
 ]
 
 
 def _on(device: torch.device):
     """Launch on the tensors' own GPU (its current stream), whatever the current device is."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
+             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMS normalisation of x [..., H] scaled by weight [H], after adding `residual` when given.
+
+    Returns (normalised, h) where h = x + residual (or x): a decoder's residual stream, carried
+    to the next layer's norm so the addition costs no separate pass.
+    """
+    checks.check(x.shape[-1] == weight.shape[-1], f"weight has {weight.shape[-1]} entries, x has {x.shape[-1]} features")
+    if residual is not None:
+        checks.tensor(residual, "residual", device=x.device, shape=tuple(x.shape))
+    return backend_for(x.device, backend).rms_norm(x, weight, eps, residual)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads: int, *,
+           backend: str | None = None) -> None:
+    """Rotary position embedding, in place, of the first `rotated_heads` heads of each row of
+    x [T, >= rotated_heads * D] (e.g. the q and k heads of a fused qkv projection), half-split
+    layout, by the row's angles: cos, sin [T, D / 2]."""
+    checks.tensor(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    checks.tensor(cos, "cos", ndim=2, device=x.device, shape=(x.shape[0], None))
+    checks.tensor(sin, "sin", device=x.device, shape=tuple(cos.shape))
+    checks.check(rotated_heads * 2 * cos.shape[1] <= x.shape[1],
+                 f"{rotated_heads} heads of {2 * cos.shape[1]} do not fit rows of {x.shape[1]}")
+    backend_for(x.device, backend).rotary(x, cos, sin, rotated_heads)
+
+
+def silu_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up for x [..., 2n] = [gate | up] (a fused gate/up projection's output)."""
+    checks.check(x.shape[-1] % 2 == 0, f"x must have an even last dimension, got {x.shape[-1]}")
+    return backend_for(x.device, backend).silu_mul(x)
 
 
 def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None, *,

@@ -2,6 +2,7 @@
 
 import torch
 
+from . import reference
 from .checks import check
 from .quantize import FORMAT_CODES, QuantizedWeight
 from .types import SampleResult, SamplingTensors
@@ -64,6 +65,34 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/cpu/quantized_li
 def best_isa() -> str:
     """The widest instruction set the packed-weight kernels use on this CPU."""
     return {v: k for k, v in ISAS.items()}[_C.best_isa()]
+
+
+def rms_norm(x, weight, eps, residual=None):
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return reference.rms_norm(x, weight, eps, residual)
+    xf, w = _f32(x), _f32(weight)
+    rf = None if residual is None else _f32(residual)
+    out = torch.empty_like(xf)
+    h = xf if rf is None else torch.empty_like(xf)
+    _C.rms_norm(xf.data_ptr(), _opt(rf), w.data_ptr(), out.data_ptr(), 0 if rf is None else h.data_ptr(),
+                xf.numel() // xf.shape[-1] if xf.numel() else 0, xf.shape[-1], float(eps))
+    return out, h
+
+
+def rotary(x, cos, sin, rotated_heads):
+    if x.dtype != torch.float32 or x.stride(-1) != 1 or cos.dtype != torch.float32:
+        return reference.rotary(x, cos, sin, rotated_heads)
+    c, s = _f32(cos), _f32(sin)
+    _C.rotary(x.data_ptr(), c.data_ptr(), s.data_ptr(), x.shape[0], x.stride(0), rotated_heads, 2 * c.shape[1])
+
+
+def silu_mul(x):
+    if x.dtype != torch.float32:
+        return reference.silu_mul(x)
+    xf = _f32(x)
+    out = torch.empty(*xf.shape[:-1], xf.shape[-1] // 2, dtype=torch.float32)
+    _C.silu_mul(xf.data_ptr(), out.data_ptr(), xf.numel() // xf.shape[-1] if xf.numel() else 0, xf.shape[-1] // 2)
+    return out
 
 
 def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):

@@ -10,6 +10,7 @@ import logging
 import torch
 
 from .checks import MAX_GRID_YZ, check
+from .reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch on the GPU, for now)
 from .types import SampleResult, SamplingTensors
 
 log = logging.getLogger("pyserve.kernels")

@@ -86,6 +86,30 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-layer steps of a decoder
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x if residual is None else x + residual
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight, h
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads: int) -> None:
+    t, half = cos.shape
+    heads = x[:, :rotated_heads * 2 * half].view(t, rotated_heads, 2 * half)
+    x1, x2 = heads.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    heads.copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
 # Sampling
 
 

@@ -15,3 +15,4 @@ if AVAILABLE:
     from .denoise import denoise_step  # noqa: F401
     from .sampling import sample  # noqa: F401
     from ..reference import linear  # noqa: F401  (torch's GEMM on the GPU)
+    from ..reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch, for now)
