@@ -6,10 +6,12 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 
 #include <cstdint>
 
 #include "cpu/attention.h"
+#include "cpu/decoder.h"
 #include "cpu/denoise.h"
 #include "cpu/layer_ops.h"
 #include "cpu/linear.h"
@@ -96,6 +98,35 @@ PYBIND11_MODULE(_C, m) {
             ptr<const int32_t>(bias_tok), ptr<const int32_t>(bias_off), ptr<const float>(bias_val),
             ptr<const int32_t>(allowed_bits), ptr<const int32_t>(allowed_row), num_logprobs,
             ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)});
+      },
+      nogil);
+
+  m.attr("MAX_STACK_ROWS") = pyserve::cpu::kMaxStackRows;
+  m.attr("STACK_LAYER_FIELDS") = 28;
+  // `table` holds 28 int64 fields a layer: input_norm, post_norm, then (w, scales, bias, n, k, format)
+  // for qkv, o, gate_up and down, then k_cache, v_cache.
+  m.def(
+      "decoder_stack",
+      [](uintptr_t x, int tokens, int hidden, int heads, int kv_heads, int head_dim, float eps, uintptr_t cos,
+         uintptr_t sin, uintptr_t table, int num_layers, uintptr_t final_norm, uintptr_t slots,
+         uintptr_t block_tables, uintptr_t seq_lens, uintptr_t query_start, int num_seqs, int max_blocks,
+         int block_size, int window, float scale) {
+        const int64_t* f = ptr<const int64_t>(table);
+        std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
+        for (int i = 0; i < num_layers; ++i, f += 28) {
+          auto linear = [&](int at) {
+            return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const float>(f[at + 1]),
+                                               ptr<const float>(f[at + 2]), static_cast<int>(f[at + 3]),
+                                               static_cast<int>(f[at + 4]), static_cast<int>(f[at + 5])};
+          };
+          layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), linear(2), linear(8), linear(14), linear(20),
+                       ptr<float>(f[26]), ptr<float>(f[27])};
+        }
+        pyserve::cpu::decoder_stack(pyserve::cpu::DecoderStackArgs{
+            ptr<float>(x), tokens, hidden, heads, kv_heads, head_dim, eps, ptr<const float>(cos),
+            ptr<const float>(sin), layers.data(), num_layers, ptr<const float>(final_norm),
+            ptr<const int64_t>(slots), ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens),
+            ptr<const int32_t>(query_start), num_seqs, max_blocks, block_size, window, scale});
       },
       nogil);
 

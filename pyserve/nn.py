@@ -28,8 +28,13 @@ class Linear(nn.Linear):
         self.packed = kernels.quantize(self.weight, format)
         return release(self, "weight")
 
+    @property
+    def matrix(self) -> "torch.Tensor | kernels.QuantizedWeight":
+        """The weight as the kernels read it: packed when packed."""
+        return self.weight if self.packed is None else self.packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight if self.packed is None else self.packed, self.bias)
+        return kernels.linear(x, self.matrix, self.bias)
 
 
 def release(module: nn.Module, name: str) -> int:

@@ -69,3 +69,63 @@ def test_layer_ops_check_their_arguments():
         kernels.rotary(rand(2, 16), rand(2, 4), rand(2, 4), 3)
     with pytest.raises(kernels.KernelInputError, match="even"):
         kernels.silu_mul(rand(2, 7))
+
+
+def random_stack(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, fmt=None, qkv_bias=True):
+    gen = torch.Generator().manual_seed(5)
+
+    def w(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    def product(n, k):
+        weight = w(n, k)
+        return kernels.quantize(weight, fmt) if fmt else weight
+
+    qkv_rows = (heads + 2 * kv_heads) * head_dim
+    return kernels.DecoderStackWeights(
+        [kernels.DecoderLayerWeights(1 + w(hidden), 1 + w(hidden), product(qkv_rows, hidden),
+                                     product(hidden, heads * head_dim), product(2 * inter, hidden),
+                                     product(hidden, inter), w(qkv_rows) if qkv_bias else None)
+         for _ in range(layers)], 1 + w(hidden), heads, kv_heads, head_dim, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", [None, "int8", "int4", "bf16"])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decoder_stack_matches_the_ops_in_order(fmt, window):
+    """The C++ stack against the reference composition: three sequences decoding at different
+    context lengths (caches already holding their earlier keys), one with two new tokens."""
+    stack = random_stack(fmt=fmt)
+    block, blocks = 4, 16
+    caches = [torch.randn(blocks, 2, block, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    contexts, new = [9, 3, 14], [1, 2, 1]
+    tables = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 0], [6, 7, 8, 9]], dtype=torch.int32)
+    positions = [p for c, n in zip(contexts, new) for p in range(c - n, c)]
+    slots = torch.tensor([int(tables[s, p // block]) * block + p % block
+                          for s, (c, n) in enumerate(zip(contexts, new)) for p in range(c - n, c)])
+    starts = torch.tensor([0, 1, 3, 4], dtype=torch.int32)
+    angles = torch.tensor(positions, dtype=torch.float32)[:, None] * (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16))
+    x = rand(len(positions), 64, seed=9)
+    args = (angles.cos(), angles.sin(), stack)
+    meta = (slots, tables, torch.tensor(contexts, dtype=torch.int32), starts)
+    mine = [c.clone() for c in caches]
+    got = kernels.decoder_stack(x, *args, mine[:2], mine[2:], *meta, scale=0.25, sliding_window=window)
+    theirs = [c.clone() for c in caches]
+    want = reference.decoder_stack(x, *args, theirs[:2], theirs[2:], *meta, scale=0.25, sliding_window=window)
+    assert got is not None  # the CPU back-end took the call
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_stack_declines_what_it_cannot_take():
+    stack = random_stack()
+    cache = torch.zeros(4, 2, 4, 16)
+    big = rand(9, 64)  # more rows than a stack call takes: the model runs op by op
+    cos = torch.ones(9, 8)
+    assert kernels.decoder_stack(big, cos, cos, stack, [cache] * 2, [cache] * 2, torch.zeros(9, dtype=torch.int64),
+                                 torch.zeros(1, 1, dtype=torch.int32), torch.tensor([9], dtype=torch.int32),
+                                 torch.tensor([0, 9], dtype=torch.int32), scale=0.25) is None
+    with pytest.raises(kernels.KernelInputError, match="layers need"):
+        kernels.decoder_stack(big, cos, cos, stack, [cache], [cache], torch.zeros(9, dtype=torch.int64),
+                              torch.zeros(1, 1, dtype=torch.int32), torch.tensor([9], dtype=torch.int32),
+                              torch.tensor([0, 9], dtype=torch.int32), scale=0.25)

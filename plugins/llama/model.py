@@ -146,6 +146,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg, self.head_dim), persistent=False)
+        self._stack: kernels.DecoderStackWeights | None = None  # the layers' weights for kernels.decoder_stack
 
     def reset_buffers(self) -> None:
         self.inv_freq.copy_(rope_inv_freq(self.cfg, self.head_dim))
@@ -155,12 +156,31 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self._stack = None
+
+    def stack_weights(self) -> kernels.DecoderStackWeights:
+        if self._stack is None:
+            attn = self.model.layers[0].self_attn
+            self._stack = kernels.DecoderStackWeights(
+                [kernels.DecoderLayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                             layer.self_attn.qkv_proj.matrix, layer.self_attn.o_proj.matrix,
+                                             layer.mlp.gate_up_proj.matrix, layer.mlp.down_proj.matrix,
+                                             layer.self_attn.qkv_proj.bias)
+                 for layer in self.model.layers],
+                self.model.norm.weight, attn.heads, attn.kv_heads, self.head_dim, self.model.norm.eps)
+        return self._stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache) -> torch.Tensor:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         x, residual = self.model.embed_tokens(input_ids), None
+        # Decode steps run the whole stack in one kernel call where the back-end has one.
+        fused = kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
+                                      meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                      scale=self.head_dim**-0.5, sliding_window=self.model.layers[0].self_attn.sliding_window)
+        if fused is not None:
+            return fused
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
         return self.model.norm(x, residual)[0]
@@ -168,6 +188,7 @@ class LlamaForCausalLM(nn.Module):
     def pack(self, format: str) -> int:
         """A tied head's weight is the embedding table, which lookups still need in full: the head
         reads a packed copy of it (an untied lm_head packs itself, as every Linear does)."""
+        self._stack = None  # the layers' weights are being repacked
         if not self.tied:
             return 0
         weight = self.model.embed_tokens.weight

@@ -21,12 +21,14 @@ from .checks import FLOAT_DTYPES, INDEX_DTYPES, KernelInputError
 from .dispatch import BACKENDS, BackendUnavailable, available, backend_for
 from .quantize import FORMATS as WEIGHT_FORMATS
 from .quantize import QuantizedWeight, quantize
-from .types import Coef, SampleResult, SamplingRow, SamplingTensors
+from .types import (Coef, DecoderLayerWeights, DecoderStackWeights, SampleResult, SamplingRow,
+                    SamplingTensors)
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "Coef", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow",
-    "SamplingTensors", "WEIGHT_FORMATS", "available", "dense_attention", "denoise_step", "linear", "paged_attention",
-    "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
+    "BACKENDS", "BackendUnavailable", "Coef", "DecoderLayerWeights", "DecoderStackWeights", "KernelInputError",
+    "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors", "WEIGHT_FORMATS", "available",
+    "decoder_stack", "dense_attention", "denoise_step", "linear", "paged_attention", "quantize", "rms_norm", "rotary",
+    "sample", "silu_mul", "write_kv",
 ]
 
 
@@ -65,6 +67,28 @@ def silu_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up for x [..., 2n] = [gate | up] (a fused gate/up projection's output)."""
     checks.check(x.shape[-1] % 2 == 0, f"x must have an even last dimension, got {x.shape[-1]}")
     return backend_for(x.device, backend).silu_mul(x)
+
+
+def decoder_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: DecoderStackWeights,
+                  k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], slot_mapping: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, *,
+                  scale: float, sliding_window: int = 0, backend: str | None = None) -> torch.Tensor | None:
+    """A whole Llama-style decoder stack (pre-norm, rotary, grouped-query paged attention, SwiGLU,
+    final norm) over x [T, hidden] in one call: decode steps then pay one call, not a dozen per
+    layer. Meaning: `reference.decoder_stack`, the per-layer ops in order.
+
+    Returns None when the back-end has no fused path for this call (the CPU's takes up to
+    `_C.MAX_STACK_ROWS` fp32 rows; the GPU back-ends have none yet): run the layers op by op.
+    """
+    checks.tensor(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
+    checks.check(len(k_caches) == len(v_caches) == len(weights.layers),
+                 f"{len(weights.layers)} layers need as many k and v caches")
+    half = weights.head_dim // 2
+    checks.tensor(cos, "cos", device=x.device, shape=(x.shape[0], half))
+    checks.tensor(sin, "sin", device=x.device, shape=(x.shape[0], half))
+    checks.tensor(slot_mapping, "slot_mapping", device=x.device, shape=(x.shape[0],))
+    return backend_for(x.device, backend).decoder_stack(x, cos, sin, weights, k_caches, v_caches, slot_mapping,
+                                                       block_tables, seq_lens, query_start_loc, scale, sliding_window)
 
 
 def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None, *,

@@ -5,7 +5,7 @@ import torch
 from . import reference
 from .checks import check
 from .quantize import FORMAT_CODES, QuantizedWeight
-from .types import SampleResult, SamplingTensors
+from .types import DecoderStackWeights, SampleResult, SamplingTensors
 
 try:
     from pyserve import _C
@@ -92,6 +92,55 @@ def silu_mul(x):
     xf = _f32(x)
     out = torch.empty(*xf.shape[:-1], xf.shape[-1] // 2, dtype=torch.float32)
     _C.silu_mul(xf.data_ptr(), out.data_ptr(), xf.numel() // xf.shape[-1] if xf.numel() else 0, xf.shape[-1] // 2)
+    return out
+
+
+def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
+    """The C++ stack's per-layer addresses (see csrc/bindings_cpu.cpp), built once per KV cache."""
+    key = tuple(c.data_ptr() for c in k_caches) + tuple(c.data_ptr() for c in v_caches)
+    if w.table is not None and w.table_key == key:
+        return w.table
+
+    def product(weight, bias=None) -> list[int]:
+        if isinstance(weight, QuantizedWeight):
+            return [weight.data.data_ptr(), _opt(weight.scales), _opt(bias), *weight.shape,
+                    FORMAT_CODES[weight.format]]
+        return [weight.data_ptr(), 0, _opt(bias), *weight.shape, 0]
+
+    fields = []
+    for layer, k_cache, v_cache in zip(w.layers, k_caches, v_caches):
+        fields += [layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *product(layer.qkv, layer.qkv_bias),
+                   *product(layer.o), *product(layer.gate_up), *product(layer.down), k_cache.data_ptr(),
+                   v_cache.data_ptr()]
+    w.table, w.table_key = torch.tensor(fields, dtype=torch.int64), key
+    return w.table
+
+
+def stack_fits(w: DecoderStackWeights, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the C++ stack takes this call: decode-sized fp32 rows, weights it can read in place."""
+    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype == torch.float32):
+        return False
+    tensors = [w.final_norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm, layer.qkv_bias)
+                                if t is not None]
+    products = [p for layer in w.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    tensors += [p for p in products if not isinstance(p, QuantizedWeight)]
+    return (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and w.head_dim <= _C.MAX_HEAD_DIM and w.heads // w.kv_heads <= _C.MAX_GROUP
+            and k_cache.shape[2] <= _C.MAX_BLOCK_SIZE)
+
+
+def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,
+                  query_start_loc, scale, sliding_window=0):
+    if not stack_fits(w, x, k_caches[0]):
+        return None  # the caller runs the layers op by op
+    table = _stack_table(w, k_caches, v_caches)
+    out = x.contiguous().clone()
+    c, s = _f32(cos), _f32(sin)
+    slots, bt, sl, qs = _i64(slot_mapping), _i32(block_tables), _i32(seq_lens), _i32(query_start_loc)
+    _C.decoder_stack(out.data_ptr(), out.shape[0], out.shape[1], w.heads, w.kv_heads, w.head_dim, float(w.eps),
+                     c.data_ptr(), s.data_ptr(), table.data_ptr(), len(w.layers), w.final_norm.data_ptr(),
+                     slots.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(), sl.shape[0], bt.shape[1],
+                     k_caches[0].shape[2], int(sliding_window), float(scale))
     return out
 
 

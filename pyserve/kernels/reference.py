@@ -7,7 +7,7 @@ import torch
 
 from . import rng
 from .quantize import QuantizedWeight
-from .types import Coef, SampleResult, SamplingTensors
+from .types import Coef, DecoderStackWeights, SampleResult, SamplingTensors
 
 # ---------------------------------------------------------------------------------------------
 # Attention
@@ -107,6 +107,24 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotated_heads:
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,
+                  query_start_loc, scale, sliding_window=0) -> torch.Tensor:
+    """The meaning of the fused stack: its steps, one reference op after another."""
+    t, residual = x.shape[0], None
+    for layer, k_cache, v_cache in zip(w.layers, k_caches, v_caches):
+        h, residual = rms_norm(x, layer.input_norm, w.eps, residual)
+        qkv = linear(h, layer.qkv, layer.qkv_bias)
+        rotary(qkv, cos, sin, w.heads + w.kv_heads)
+        q, k, v = qkv.split([w.heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], dim=-1)
+        k, v = k.reshape(t, w.kv_heads, w.head_dim), v.reshape(t, w.kv_heads, w.head_dim)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+        attn = paged_attention(q.reshape(t, w.heads, w.head_dim), k_cache, v_cache, block_tables, seq_lens,
+                               query_start_loc, scale, sliding_window)
+        h, residual = rms_norm(linear(attn.reshape(t, -1), layer.o), layer.post_norm, w.eps, residual)
+        x = linear(silu_mul(linear(h, layer.gate_up)), layer.down)
+    return rms_norm(x, w.final_norm, w.eps, residual)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,3 +131,31 @@ class Coef:
     NEXT_PREV_X0 = 9
     NOISE = 10
     COUNT = 11
+
+
+@dataclass
+class DecoderLayerWeights:
+    """One Llama-style decoder layer's weights for `kernels.decoder_stack`. Products are [out, in]
+    tensors or packed `QuantizedWeight`s; qkv rows are q heads, then k heads, then v heads, and
+    gate_up rows the gate, then the up projection."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+    qkv_bias: torch.Tensor | None = None
+
+
+@dataclass
+class DecoderStackWeights:
+    layers: list[DecoderLayerWeights]
+    final_norm: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    # The C++ back-end's table of addresses, built at the first call for a given KV cache.
+    table: torch.Tensor | None = field(default=None, repr=False)
+    table_key: tuple = field(default=(), repr=False)

@@ -1,0 +1,46 @@
+// A Llama-style decoder stack for decode-sized batches in one call (fp32 activations): per layer
+// RMS norm, fused qkv product, rotary embedding, KV-cache write, paged attention, output product,
+// RMS norm with the residual add, fused gate/up product, SiLU gate, down product; then the final
+// norm. The same kernels the per-op path calls, without a return to Python between them.
+#pragma once
+#include <cstdint>
+
+namespace pyserve::cpu {
+
+// One product's weights: fp32 [n, k] (format 0) or a packed WeightFormat code (1-3).
+struct DecoderLinear {
+  const void* w;
+  const float* scales;  // packed int8/int4 only
+  const float* bias;    // or null
+  int n, k, format;
+};
+
+struct DecoderLayer {
+  const float* input_norm;  // [hidden]
+  const float* post_norm;   // [hidden]
+  DecoderLinear qkv, o, gate_up, down;
+  float* k_cache;  // [num_blocks, kv_heads, block_size, head_dim]
+  float* v_cache;
+};
+
+struct DecoderStackArgs {
+  float* x;                 // [T, hidden]: the embeddings in, the final normed hidden states out
+  int tokens, hidden, heads, kv_heads, head_dim;
+  float eps;
+  const float *cos, *sin;   // [T, head_dim / 2]
+  const DecoderLayer* layers;
+  int num_layers;
+  const float* final_norm;  // [hidden]
+  const int64_t* slots;     // [T]
+  const int32_t *block_tables, *seq_lens, *query_start;
+  int num_seqs, max_blocks, block_size, window;
+  float scale;
+};
+
+// Rows a stack call takes: the limit of the fp32 matrix-vector kernel (packed weights take more,
+// but one limit keeps the rule simple).
+constexpr int kMaxStackRows = 8;
+
+void decoder_stack(const DecoderStackArgs& args);
+
+}  // namespace pyserve::cpu
