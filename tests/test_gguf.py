@@ -124,3 +124,39 @@ def test_gguf_tokenizer_and_chat_template_come_from_the_file(llama_dir, tmp_path
     messages = [{"role": "user", "content": "Hi"}]
     assert ours.encode_chat(messages) == theirs.encode_chat(messages)
     assert ours.eos_token_ids == [1]
+
+
+def sentencepiece_meta(tmp_path):
+    """A SentencePiece BPE model with byte fallback trained here, and the GGUF tokenizer metadata
+    llama.cpp's converter writes for such a model (pieces, scores, token types)."""
+    import sentencepiece as spm
+    from tiny_models import CORPUS
+    (tmp_path / "corpus.txt").write_text("\n".join(CORPUS * 3))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama's
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+
+    def kind(i):
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+
+    meta = {"model": "llama", "tokens": [sp.id_to_piece(i) for i in range(sp.get_piece_size())],
+            "scores": [sp.get_score(i) for i in range(sp.get_piece_size())],
+            "token_type": [kind(i) for i in range(sp.get_piece_size())], "merges": [],
+            "bos_token_id": 1, "eos_token_id": 2, "add_bos_token": True, "chat_template": None}
+    return sp, meta
+
+
+def test_sentencepiece_vocabularies_tokenize_as_sentencepiece(tmp_path):
+    """llama.cpp's "llama" tokenizer model (Llama 1/2, Mistral, TinyLlama GGUF files)."""
+    from pyserve_plugins.llama.gguf_file import tokenizer_from
+    sp, meta = sentencepiece_meta(tmp_path)
+    ours = tokenizer_from(meta)
+    texts = ["Hello world, hello pyserve!", "Once upon a time there was a tiny model.", "  two  spaces",
+             "Ünïcödé café 東京 🙂", "quick\nnew line", "zebra xylophone qq", "Ωμέγα ☃"]  # unseen pieces, bytes
+    for text in texts:
+        assert ours.encode(text) == [1] + sp.encode(text), text
+        assert ours.decode(ours.encode(text)) == sp.decode(sp.encode(text)), text
+    assert any(meta["token_type"][t] == 6 for t in sp.encode("Ωμέγα ☃"))  # the byte fallback was exercised
+    assert ours.eos_token_ids == [2] and ours.eos_token == "</s>"

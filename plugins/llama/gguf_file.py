@@ -102,6 +102,7 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, str | None, l
             kinds[name] = kind
     tokenizer = {"model": _field(reader, "tokenizer.ggml.model"), "tokens": tokens,
                  "merges": _field(reader, "tokenizer.ggml.merges", []),
+                 "scores": _field(reader, "tokenizer.ggml.scores", []),
                  "token_type": _field(reader, "tokenizer.ggml.token_type", []),
                  "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
                  "add_bos_token": _field(reader, "tokenizer.ggml.add_bos_token", False),
@@ -111,24 +112,67 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, str | None, l
     return cfg, tensors, tokenizer, PACKED_FORMATS.get(main), others
 
 
+# llama.cpp's token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
 def tokenizer_from(meta: dict):
-    """A pyserve Tokenizer from GGUF tokenizer metadata (byte-level BPE, llama.cpp's "gpt2" model)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    """A pyserve Tokenizer from GGUF tokenizer metadata: byte-level BPE (llama.cpp's "gpt2"
+    model) or SentencePiece BPE with byte fallback (its "llama" model)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, processors
 
     from pyserve.tokenizer import Tokenizer
 
-    if meta["model"] != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {meta['model']!r} is not supported yet (byte-level BPE, 'gpt2', is)")
-    vocab = {token: i for i, token in enumerate(meta["tokens"])}
-    merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
-    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(meta["tokens"], meta["token_type"]) if kind == 3]  # llama.cpp's CONTROL
-    backend.add_special_tokens([AddedToken(t, special=True) for t in control])
+    builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+    if meta["model"] not in builders:
+        raise ValueError(f"GGUF tokenizer model {meta['model']!r} is not supported yet "
+                         f"(byte-level BPE 'gpt2' and SentencePiece 'llama' are)")
+    backend: HFTokenizer = builders[meta["model"]](meta)
+    types = meta["token_type"] or [NORMAL] * len(meta["tokens"])
+    backend.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(meta["tokens"], types)
+                                if kind == CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False) for t, kind in zip(meta["tokens"], types)
+                        if kind == USER_DEFINED])
     bos = meta["tokens"][meta["bos_token_id"]] if meta["bos_token_id"] is not None else None
     eos = meta["tokens"][meta["eos_token_id"]] if meta["eos_token_id"] is not None else None
     if meta["add_bos_token"] and bos is not None:
         backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, meta["bos_token_id"])])
     return Tokenizer(backend, bos, eos, [meta["eos_token_id"]] if meta["eos_token_id"] is not None else [],
                      meta["chat_template"])
+
+
+def _byte_level_bpe(meta: dict):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(meta["tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(meta: dict):
+    """SentencePiece BPE merges the adjacent pair whose merged piece scores highest; a BPE whose
+    merge ranks follow those scores does the same. Spaces are U+2581 with one in front of the
+    text; bytes without a piece fall back to their <0xXX> tokens."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    tokens, types = meta["tokens"], meta["token_type"] or [NORMAL] * len(meta["tokens"])
+    scores = meta["scores"] or [0.0] * len(tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    mergeable = {t for t, kind in zip(tokens, types) if kind == NORMAL}
+    merges = []
+    for piece in mergeable:
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[vocab[piece]], vocab[left], vocab[right], left, right))
+    merges.sort()
+    unk = next((t for t, kind in zip(tokens, types) if kind == UNKNOWN), None)
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
+                                     fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return backend
