@@ -9,6 +9,8 @@ from pyserve import kernels
 from pyserve.kernels import cpu, reference
 from pyserve.kernels.quantize import GROUP, quantize
 
+from conftest import backend_params
+
 pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="the C++ kernels are not built")
 ISAS = [isa for isa in ("scalar", "avx2", "avx512") if cpu.ISAS[isa] <= cpu.ISAS[cpu.best_isa()]]
 
@@ -49,6 +51,21 @@ def test_every_instruction_set_matches_the_reference(isa, format, rows):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cpu.quantized_linear(x, packed, None, isa=isa), reference.linear(x, packed),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "cpu"])
+@pytest.mark.parametrize("format", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_gpu_packed_products_match_the_reference(backend, device, format, rows):
+    """The GPU back-ends' packed products (the Triton kernel runs in its interpreter here)."""
+    n, k = 45, 160 if format != "bf16" else 150  # odd sizes; bf16 takes any K
+    w, x, bias = weights(n, k, seed=rows), weights(rows, k, seed=99), weights(1, n, seed=7)[0]
+    packed = quantize(w, format)
+    want = reference.linear(x, packed, bias)
+    dev_packed = kernels.QuantizedWeight(packed.format, packed.data.to(device),
+                                         None if packed.scales is None else packed.scales.to(device), packed.shape)
+    got = kernels.linear(x.to(device), dev_packed, bias.to(device), backend=backend).cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_rows_of_any_length_and_the_prefill_path():

@@ -10,6 +10,8 @@ import logging
 import torch
 
 from .checks import MAX_GRID_YZ, check
+from . import reference
+from .quantize import FORMAT_CODES, GROUP, QuantizedWeight
 from .reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch on the GPU, for now)
 from .types import SampleResult, SamplingTensors
 
@@ -49,10 +51,25 @@ def decoder_stack(*args):
     return None  # no fused stack here yet: the model runs its layers op by op
 
 
+MAX_PACKED_ROWS = 64  # beyond this, unpacking the weight once for cuBLAS costs less
+
+
 def linear(x, weight, bias=None):
-    # cuBLAS; packed weights are unpacked per call until the GPU gets low-precision kernels.
-    from .reference import linear as unpacked_linear
-    return unpacked_linear(x, weight, bias)
+    """Packed weights at decode sizes read in the kernel; everything else through cuBLAS."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not isinstance(weight, QuantizedWeight) or not 0 < rows <= MAX_PACKED_ROWS:
+        return reference.linear(x, weight, bias)
+    n, k = weight.shape
+    if weight.format != "bf16" and k % GROUP:
+        return reference.linear(x, weight, bias)
+    xc = x.reshape(rows, k).contiguous()
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    scales = None if weight.scales is None else weight.scales.float().contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _C_cuda.quantized_linear(_DTYPE[x.dtype], xc.data_ptr(), weight.data.data_ptr(),
+                             0 if scales is None else scales.data_ptr(), 0 if b is None else b.data_ptr(),
+                             out.data_ptr(), rows, n, k, FORMAT_CODES[weight.format], _stream())
+    return out.view(*x.shape[:-1], n)
 
 
 def _stream() -> int:

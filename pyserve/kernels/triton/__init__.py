@@ -14,7 +14,7 @@ if AVAILABLE:
     from .attention import dense_attention, paged_attention, write_kv  # noqa: F401
     from .denoise import denoise_step  # noqa: F401
     from .sampling import sample  # noqa: F401
-    from ..reference import linear  # noqa: F401  (torch's GEMM on the GPU)
+    from .linear import linear  # noqa: F401  (packed weights; otherwise torch's GEMM)
     from ..reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch, for now)
 
     def decoder_stack(*args):
