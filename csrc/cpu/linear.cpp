@@ -14,15 +14,27 @@ void rows_times_weights(const LinearArgs& a, int n0, int n1) {
     const float* w = a.w + static_cast<long>(n) * a.k;
     float sums[M];
 #ifdef PYSERVE_AVX2
-    __m256 acc[M];
-    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    // Two accumulators for one or two rows: a single chain waits on each FMA's latency.
+    constexpr int kChains = M <= 2 ? 2 : 1;
+    __m256 acc[M][kChains];
+    for (int i = 0; i < M; ++i)
+      for (int ch = 0; ch < kChains; ++ch) acc[i][ch] = _mm256_setzero_ps();
     int c = 0;
+    for (; c + 8 * kChains <= a.k; c += 8 * kChains)
+      for (int ch = 0; ch < kChains; ++ch) {
+        const __m256 wv = _mm256_loadu_ps(w + c + 8 * ch);
+        for (int i = 0; i < M; ++i)
+          acc[i][ch] = _mm256_fmadd_ps(_mm256_loadu_ps(a.x + static_cast<long>(i) * a.k + c + 8 * ch), wv, acc[i][ch]);
+      }
     for (; c + 8 <= a.k; c += 8) {
       const __m256 wv = _mm256_loadu_ps(w + c);
-      for (int i = 0; i < M; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a.x + static_cast<long>(i) * a.k + c), wv, acc[i]);
+      for (int i = 0; i < M; ++i)
+        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.x + static_cast<long>(i) * a.k + c), wv, acc[i][0]);
     }
     for (int i = 0; i < M; ++i) {
-      sums[i] = hsum(acc[i]);
+      __m256 total = acc[i][0];
+      for (int ch = 1; ch < kChains; ++ch) total = _mm256_add_ps(total, acc[i][ch]);
+      sums[i] = hsum(total);
       for (int t = c; t < a.k; ++t) sums[i] += a.x[static_cast<long>(i) * a.k + t] * w[t];
     }
 #else
