@@ -117,16 +117,19 @@ def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
 
 
 def stack_fits(w: DecoderStackWeights, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the C++ stack takes this call: decode-sized fp32 rows, weights it can read in place."""
-    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype == torch.float32):
+    """Whether the C++ stack takes this call: decode-sized fp32 rows, weights it can read in place
+    (checked once per weights object: decode steps call this every time)."""
+    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype == torch.float32
+            and k_cache.shape[2] <= _C.MAX_BLOCK_SIZE):
         return False
-    tensors = [w.final_norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm, layer.qkv_bias)
-                                if t is not None]
-    products = [p for layer in w.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    tensors += [p for p in products if not isinstance(p, QuantizedWeight)]
-    return (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and w.head_dim <= _C.MAX_HEAD_DIM and w.heads // w.kv_heads <= _C.MAX_GROUP
-            and k_cache.shape[2] <= _C.MAX_BLOCK_SIZE)
+    if w.cpu_readable is None:
+        tensors = [w.final_norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm,
+                                                                       layer.qkv_bias) if t is not None]
+        products = [p for layer in w.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        tensors += [p for p in products if not isinstance(p, QuantizedWeight)]
+        w.cpu_readable = (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+                          and w.head_dim <= _C.MAX_HEAD_DIM and w.heads // w.kv_heads <= _C.MAX_GROUP)
+    return w.cpu_readable
 
 
 def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,

@@ -159,3 +159,4 @@ class DecoderStackWeights:
     # The C++ back-end's table of addresses, built at the first call for a given KV cache.
     table: torch.Tensor | None = field(default=None, repr=False)
     table_key: tuple = field(default=(), repr=False)
+    cpu_readable: bool | None = field(default=None, repr=False)  # the C++ stack can read every weight
