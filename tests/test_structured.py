@@ -363,3 +363,22 @@ def test_call_parsers_and_streaming_hold_back():
     assert json.loads(found[1].arguments) == {"city": "Paris", "unit": "C"}
     assert LLAMA3_JSON.parse("plain answer") == ("plain answer", [])
     assert LLAMA3_JSON.content_end('{"na') == 0 and LLAMA3_JSON.content_end("Hi") == 2
+
+
+def test_streamed_logprobs_add_up_to_the_whole_reply(client):
+    """Each chunk carries the logprobs of the tokens drawn since the previous one."""
+    kw = dict(model="tiny", max_tokens=12, temperature=0, logprobs=2)
+    whole = client.completions.create(prompt="Hello world", **kw).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(prompt="Hello world", stream=True, **kw)
+              if c.choices and c.choices[0].logprobs]
+    # (a later request may find its prompt cached: the same values to rounding)
+    assert [lp for c in chunks for lp in c.token_logprobs] == pytest.approx(whole.token_logprobs, abs=1e-5)
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    chat = dict(model="tiny", max_tokens=12, temperature=0, logprobs=True, top_logprobs=2,
+                messages=[{"role": "user", "content": "Hi"}])
+    reply = client.chat.completions.create(**chat).choices[0].logprobs.content
+    streamed = [item for c in client.chat.completions.create(stream=True, **chat)
+                if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [i.token for i in streamed] == [i.token for i in reply]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in reply], abs=1e-5)
+    assert all(len(i.top_logprobs) == 2 for i in streamed)

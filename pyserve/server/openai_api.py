@@ -168,7 +168,8 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
                echo: list[str] | None = None, calls: CallFormat | None = None):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
-    sent: dict[int, int] = {}
+    sent: dict[int, int] = {}  # characters of each choice's text sent
+    scored_tokens: dict[int, int] = {}  # tokens of each choice whose logprobs were sent
     tool_streams: dict[int, ToolCallStream] = {}
     status = "abort"
 
@@ -197,15 +198,21 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
                 if not delta and o.finish_reason is None and started:
                     continue
                 sent[index] = len(o.text)
+                scored = None
+                if o.logprobs is not None:  # the tokens drawn since the last chunk
+                    new = o.logprobs[scored_tokens.get(index, 0):]
+                    scored_tokens[index] = len(o.logprobs)
+                    scored = (chat_logprobs(new, model.tokenizer) if chat else
+                              completion_logprobs([e["token_id"] for e in new], new, model.tokenizer))
                 if chat:
                     message = {"content": delta} if started else {"role": "assistant", "content": delta}
                     choices.append({"index": index, "delta": message, "finish_reason": o.finish_reason,
-                                    "logprobs": None})
+                                    "logprobs": scored})
                 else:
                     if echo is not None and not started:
                         delta = echo[i] + delta
                     choices.append({"index": index, "text": delta, "finish_reason": o.finish_reason,
-                                    "logprobs": None})
+                                    "logprobs": scored})
             if choices:
                 yield chunk(choices)
         else:
