@@ -172,6 +172,45 @@ def bench_sampling(quick, device="cpu", backend="cpu", sync=lambda: None):
     return rows
 
 
+def bench_masked_sampling(quick, device="cpu", backend="cpu", sync=lambda: None):
+    """Structured output's cost in the sampler: every row masked (random bits) vs no mask."""
+    rows = []
+    for batch, vocab in [(64, 128256)] if quick else [(8, 32000), (64, 32000), (64, 128256)]:
+        logits = torch.randn(batch, vocab, device=device) * 3
+        params = SamplingTensors.from_rows([SamplingRow(temperature=0.8, seed=i) for i in range(batch)], device)
+        bits = torch.randint(-2**31, 2**31 - 1, (batch, (vocab + 31) // 32), dtype=torch.int32, device=device)
+        masked = params.with_allowed(bits, torch.arange(batch, dtype=torch.int32, device=device))
+        plain = timeit(lambda: kernels.sample(logits, params, backend=backend), sync=sync)
+        ours = timeit(lambda: kernels.sample(logits, masked, backend=backend), sync=sync)
+        rows.append(row("sampling_masked", f"batch={batch} vocab={vocab} every row masked", backend, "unmasked",
+                        ours, plain))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear layers over packed weights
+
+
+def bench_linear(quick, copy_gbs, device="cpu", backend="cpu", dtype=torch.float32, sync=lambda: None):
+    """Decode-sized products: each packed format against torch's product on the unpacked weight, with
+    the bytes the packed weight reads per call as a share of the measured copy bandwidth."""
+    rows = []
+    # Weights larger than the last-level cache, so each call reads memory, as a decode step does.
+    for n, k in [(14336, 4096)] if quick else [(14336, 4096), (4096, 14336)]:
+        w = torch.randn(n, k, device=device) * 0.02
+        dense = w.to(dtype)
+        for m in (1, 8):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            base = timeit(lambda: torch.nn.functional.linear(x, dense), sync=sync)
+            for fmt in kernels.WEIGHT_FORMATS:
+                packed = kernels.quantize(w, fmt)
+                ours = timeit(lambda: kernels.linear(x, packed, backend=backend), sync=sync)
+                gbs = packed.nbytes / (ours * 1e-3) / 1e9
+                rows.append(row("linear", f"{fmt} m={m} {n}x{k}", backend, f"torch_{str(dtype)[6:]}", ours, base,
+                                gb_s=round(gbs, 1), pct_of_copy=round(100 * gbs / copy_gbs, 1)))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Denoising
 
@@ -222,7 +261,7 @@ def bench_denoise(quick, device="cpu", backend="cpu", sync=lambda: None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases per op")
-    parser.add_argument("--ops", default="prefill,decode,sampling,denoise")
+    parser.add_argument("--ops", default="prefill,decode,sampling,denoise,linear")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (scripts/gpu-check.sh)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go")
     args = parser.parse_args()
@@ -252,9 +291,11 @@ def bench_cpu(args, ops) -> None:
     if "decode" in ops:
         rows += bench_decode(args.quick, copy_gbs)
     if "sampling" in ops:
-        rows += bench_sampling(args.quick)
+        rows += bench_sampling(args.quick) + bench_masked_sampling(args.quick)
     if "denoise" in ops:
         rows += bench_denoise(args.quick)
+    if "linear" in ops:
+        rows += bench_linear(args.quick, copy_gbs)
     out = args.results / "kernels-cpu.json"
     out.write_text(json.dumps(dict(copy_bandwidth_gbs=round(copy_gbs, 1), threads=torch.get_num_threads(),
                                    rows=rows), indent=1))
@@ -277,8 +318,11 @@ def bench_gpu(args, ops) -> None:
             rows += bench_decode(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
         if "sampling" in ops:
             rows += bench_sampling(args.quick, "cuda", backend, sync)
+            rows += bench_masked_sampling(args.quick, "cuda", backend, sync)
         if "denoise" in ops:
             rows += bench_denoise(args.quick, "cuda", backend, sync)
+        if "linear" in ops:
+            rows += bench_linear(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
     out = args.results / "kernels-gpu.json"
     out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_bandwidth_gbs=round(gpu_copy, 1),
                                    bf16_matmul_tflops=round(peak, 1), rows=rows), indent=1))

@@ -12,7 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=("diffusers==0.42.1")  # the reference schedulers of tests/test_denoise.py
-GPU_TESTS=(tests/test_attention.py tests/test_sampling.py tests/test_denoise.py tests/test_gpu.py)
+GPU_TESTS=(tests/test_attention.py tests/test_sampling.py tests/test_denoise.py tests/test_gpu.py
+           tests/test_quantization.py tests/test_layer_ops.py)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
