@@ -75,13 +75,44 @@ class Tokenizing:
     generation_defaults: dict = field(default_factory=dict)
 
 
+@dataclass
+class ImageInput:
+    """One image of a prompt, prepared by its model's `VisionSpec.preprocess`."""
+
+    pixels: torch.Tensor  # [3, H, W] float32
+    digest: str  # of the image's content: prefix-cache blocks holding its tokens are keyed by it
+
+
+@dataclass
+class StepImages:
+    """Image features for the rows of a step's flat batch that hold image placeholder tokens."""
+
+    rows: torch.Tensor  # [R] int64 indices into the step's tokens
+    embeds: torch.Tensor  # [R, hidden]
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """What the engine and the front-ends must know of a model that reads images (LLaVA-style):
+    a prompt holds `tokens_per_image` copies of `image_token_id` for each image, in order."""
+
+    image_token_id: int
+    tokens_per_image: int
+    preprocess: "object"  # PIL.Image -> pixels [3, H, W] float32, as the model's processor config says
+
+
 class TextGenerationModel(Protocol):
     spec: TextModelSpec
     tokenizer: "object"  # a pyserve.tokenizer.Tokenizer
+    vision: VisionSpec | None  # None: text only (a model may leave the attribute out)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
-        """Hidden states [T, hidden] for the step's tokens; writes their keys/values to the cache."""
+                cache: KVCache, images: StepImages | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] for the step's tokens; writes their keys/values to the cache.
+        With `images`, those rows take the given embeddings instead of their tokens' (vision models)."""
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Vision models only: pixels [N, 3, H, W] -> embeddings [N, tokens_per_image, hidden]."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] (fp32) for the given hidden rows."""

@@ -18,8 +18,15 @@ class TextModel:
     def __init__(self, module: torch.nn.Module, spec: TextModelSpec, tokenizer: Tokenizer | None):
         self.module, self.spec, self.tokenizer = module, spec, tokenizer
 
-    def forward(self, input_ids, positions, meta, cache):
-        return self.module(input_ids, positions, meta, cache)
+    vision = None  # a VisionSpec for models that read images
+
+    def forward(self, input_ids, positions, meta, cache, images=None):
+        if images is None:
+            return self.module(input_ids, positions, meta, cache)
+        return self.module(input_ids, positions, meta, cache, images)
+
+    def encode_images(self, pixels):
+        return self.module.encode_images(pixels)
 
     def compute_logits(self, hidden):
         return self.module.compute_logits(hidden)

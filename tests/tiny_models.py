@@ -174,3 +174,41 @@ def make_forecaster(out: Path, seed: int = 0, context_length: int = 32, horizon:
     save_file(module.state_dict(), out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+LLAVA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% if m['content'] is string %}"
+                  "{{ m['content'] }}{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}<image>"
+                  "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ eos_token }}{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_llava(out: Path, seed: int = 0, feature_layer: int = -2, strategy: str = "default") -> Path:
+    """A tiny LLaVA (CLIP vision tower 30x30 pixels in 6x6 patches, projector, Llama) with a
+    tokenizer that knows <image>, a chat template with image parts, and a CLIP processor config."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<image>", special=True)])
+    tok.save(str(out / "tokenizer.json"))
+    cfg_path = out / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": LLAVA_TEMPLATE}))
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=30, patch_size=6)
+    text = transformers.LlamaConfig(vocab_size=tok.get_vocab_size() + 2, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.token_to_id("<image>"),
+                                   image_seq_length=25 + (strategy == "full"), vision_feature_layer=feature_layer,
+                                   vision_feature_select_strategy=strategy)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # sharper than the default init, so greedy paths are not trivial
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(out)
+    return out

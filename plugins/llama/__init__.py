@@ -10,11 +10,11 @@ from . import gguf_file
 from .model import LlamaForCausalLM
 
 
-def _head_dim(cfg: dict) -> int:
+def head_dim(cfg: dict) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-def _num_kv_heads(cfg: dict) -> int:
+def num_kv_heads(cfg: dict) -> int:
     return cfg.get("num_key_value_heads", cfg["num_attention_heads"])
 
 
@@ -37,8 +37,8 @@ class LlamaPlugin(Plugin):
     def load(self, model_dir, *, device="cpu", dtype=None):
         if gguf_file.is_gguf(Path(model_dir)):
             return self.load_gguf(Path(model_dir), device=device, dtype=dtype)
-        return TextModel.load(model_dir, _build, device=device, dtype=dtype, head_dim=_head_dim,
-                              num_kv_heads=_num_kv_heads)
+        return TextModel.load(model_dir, _build, device=device, dtype=dtype, head_dim=head_dim,
+                              num_kv_heads=num_kv_heads)
 
     def load_gguf(self, path: Path, *, device="cpu", dtype=None) -> TextModel:
         cfg, tensors, tokenizer_meta, weight_format, others = gguf_file.read(path)
@@ -46,7 +46,7 @@ class LlamaPlugin(Plugin):
         def fill(module, buffers):
             load_tensors(module, ((name, lambda t=t: t) for name, t in tensors.items()), path, optional=buffers)
         model = TextModel.assemble(cfg, _build, fill, gguf_file.tokenizer_from(tokenizer_meta), device=device,
-                                   dtype=dtype, num_kv_heads=_num_kv_heads, head_dim=_head_dim)
+                                   dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
         model.weight_format = weight_format  # Q8_0/Q4_0 files are packed again as int8/int4 by default
         # A matrix the file holds in another type (the Q6_K output layer of llama.cpp's Q4_0 files)
         # would lose precision packed as the rest: it stays unpacked.

@@ -10,7 +10,7 @@ from torch import nn
 
 from pyserve import kernels
 from pyserve.nn import Linear
-from pyserve.tasks import AttentionMetadata, KVCache
+from pyserve.tasks import AttentionMetadata, KVCache, StepImages
 
 
 def rope_inv_freq(cfg: dict, head_dim: int) -> torch.Tensor:
@@ -171,10 +171,12 @@ class LlamaForCausalLM(nn.Module):
         return self._stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, images: StepImages | None = None) -> torch.Tensor:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         x, residual = self.model.embed_tokens(input_ids), None
+        if images is not None:  # image placeholder rows take the vision features (LLaVA-style models)
+            x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
         # Decode steps run the whole stack in one kernel call where the back-end has one.
         fused = kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
                                       meta.block_tables, meta.seq_lens, meta.query_start_loc,

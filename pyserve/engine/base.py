@@ -18,6 +18,7 @@ class EngineInfo:
     max_model_len: int = 0
     operations: tuple = ()  # pyserve.tasks.Operation of tensor models: named inputs and outputs
     class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
+    vision: Any = None  # a pyserve.tasks.VisionSpec for text models that read images
 
 
     def operation(self, name: str | None = None, *, takes: str | None = None, makes: str | None = None):

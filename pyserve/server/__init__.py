@@ -45,7 +45,7 @@ class _HTTPServer(uvicorn.Server):
 
 
 async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
-    tcp = MsgpackServer(models, config.access) if config.msgpack_port is not None else None
+    tcp = MsgpackServer(models, config.access, config.allowed_image_hosts) if config.msgpack_port is not None else None
     if tcp is not None:
         bound["msgpack_port"] = await tcp.start(config.host, config.msgpack_port, config.ssl_context())
 
@@ -89,7 +89,7 @@ class RunningServer:
 
 
 def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
-    app = build_app(models, config.access, config.feedback_db)
+    app = build_app(models, config.access, config.feedback_db, config.allowed_image_hosts)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                                       lifespan="off", timeout_graceful_shutdown=config.drain_seconds,
                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),

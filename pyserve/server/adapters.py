@@ -16,7 +16,8 @@ import numpy as np
 
 from ..engine.llm import RequestOutput, SamplingParams, StructuredOutput, TextRequest
 from ..errors import InvalidParameter
-from . import tool_calls
+from ..tasks import ImageInput
+from . import tool_calls, vision_inputs
 from .auth import Principal
 from .models import ServedModel
 
@@ -168,14 +169,18 @@ def chat_messages(value) -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidParameter("messages", f"messages[{i}] must be an object with a string role")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content
-                              if isinstance(p, dict) and isinstance(p.get("text", ""), str))
+        if isinstance(content, list):  # content parts: text, and images for models that read them
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise InvalidParameter("messages", f"messages[{i}].content parts must be objects")
+            for part in content:
+                check_text(part.get("text", ""), "messages")
         elif content is None and m["role"] == "assistant":
             content = ""
         elif not isinstance(content, str):
             raise InvalidParameter("messages", f"messages[{i}].content must be a string or a list of parts")
-        message = {**m, "content": check_text(content, "messages"), "role": check_text(m["role"], "messages")}
+        else:
+            check_text(content, "messages")
+        message = {**m, "content": content, "role": check_text(m["role"], "messages")}
         if m.get("tool_calls") is not None:
             message["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
         messages.append(message)
@@ -220,22 +225,36 @@ async def prompt_ids(model: ServedModel, prompt: str | list[int], name: str = "p
     return await asyncio.to_thread(model.tokenizer.encode, prompt)
 
 
-async def chat_prompt_ids(model: ServedModel, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template, off the event loop;
-    `tools` go to the template, or into a system message when the template has no place for them."""
+async def chat_prompt(model: ServedModel, messages: list[dict], tools: list[dict] | None = None,
+                      image_hosts: frozenset[str] = frozenset()) -> tuple[list[int], list[ImageInput]]:
+    """Token ids of a conversation rendered with the model's chat template, and its images
+    prepared for the model, off the event loop. `tools` go to the template, or into a system
+    message when the template has no place for them."""
     if model.tokenizer is None or not model.tokenizer.chat_template:
         raise InvalidParameter("messages", "this model has no chat template")
-    _check_prompt_size(model, sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])), "messages")
+    messages, parts = vision_inputs.split_images(messages)
+    if parts and model.vision is None:
+        raise InvalidParameter(parts[0].where, f"{model.name!r} does not read images")
+    if model.vision is None:  # text-only templates take content as a string
+        messages = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list)
+                    else m for m in messages]
+    text_size = sum(len(p.get("text", "")) for m in messages
+                    for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
+    _check_prompt_size(model, text_size + len(json.dumps(tools or [])), "messages")
     if tools and not tool_calls.teaches_tools(model.tokenizer):
         messages, tools = tool_calls.with_tool_prompt(messages, tools), None
     try:
-        return await asyncio.to_thread(model.tokenizer.encode_chat, messages, tools)
+        ids = await asyncio.to_thread(model.tokenizer.encode_chat, messages, tools)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's problem
         raise InvalidParameter("messages", f"the chat template failed: {exc}") from None
+    if model.vision is None:
+        return ids, []
+    return vision_inputs.expand_image_tokens(ids, model.vision), await vision_inputs.prepare(parts, model.vision,
+                                                                                             image_hosts)
 
 
 def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping | None,
-                 principal: Principal | None) -> TextRequest:
+                 principal: Principal | None, images: list[ImageInput] = ()) -> TextRequest:
     """The engine request, salted by the request's `cache_salt` and, when the server salts by API
     key, by the caller's tenant, so that only requests with both equal share cached prefixes."""
     salt = get_field(fields or {}, "cache_salt")
@@ -244,7 +263,7 @@ def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping 
     tenant = principal.tenant if principal is not None else None
     if tenant is not None:  # a hex digest: the first "/" tells tenant from salt
         salt = f"{tenant}/{salt or ''}"
-    return TextRequest(prompt_ids, params, salt)
+    return TextRequest(prompt_ids, params, salt, list(images))
 
 
 def usage(outs: list[RequestOutput]) -> dict:

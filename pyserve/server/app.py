@@ -92,7 +92,8 @@ admin_routes = [
 ]
 
 
-def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedback_db: str | None = None) -> Starlette:
+def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedback_db: str | None = None,
+              image_hosts: frozenset[str] = frozenset()) -> Starlette:
     """The app over the models in `models`; its repository routes load and unload through it."""
     app = Starlette(routes=[
         Route("/health", health),
@@ -108,4 +109,5 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
     app.state.models = models
     app.state.metrics = Metrics(models)
     app.state.feedback = FeedbackStore(feedback_db or ":memory:")
+    app.state.image_hosts = image_hosts
     return app

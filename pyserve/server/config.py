@@ -25,6 +25,8 @@ class ServerConfig:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     log_level: str = "info"
+    # Hosts whose http(s) image URLs chat requests may name; none by default (data: URLs only).
+    allowed_image_hosts: frozenset[str] = frozenset()
 
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import random
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,9 +21,9 @@ from ..errors import InvalidParameter
 from ..kernels.rng import SEED_RANGE, row_seed
 from ..tasks import IMAGE_GENERATION
 from .adapters import check_text, get_field
+from .uploads import open_image
 from .models import ModelRegistry, ServedModel
 
-MAX_UPLOAD_PIXELS = 4096 * 4096  # decompression-bomb guard for uploaded images
 
 _TYPES = {"prompt": str, "negative_prompt": str, "n": int, "size": str, "width": int, "height": int,
           "num_inference_steps": int, "guidance_scale": (int, float), "scheduler": str, "seed": int,
@@ -159,18 +158,7 @@ async def b64_pngs(images: np.ndarray) -> list[str]:
 
 
 def _decode(data: bytes, name: str) -> torch.Tensor:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as picture:
-                if picture.width * picture.height > MAX_UPLOAD_PIXELS:
-                    raise InvalidParameter(name, f"has {picture.width}x{picture.height} pixels; "
-                                                 f"at most {MAX_UPLOAD_PIXELS} are taken")
-                rgb = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
-    except InvalidParameter:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever Pillow says, the upload is at fault
-        raise InvalidParameter(name, f"is not an image Pillow can read ({type(exc).__name__})") from None
+    rgb = np.asarray(open_image(data, name).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 

@@ -36,6 +36,11 @@ class ServedModel:
     def max_model_len(self) -> int:
         return self.driver.info.max_model_len
 
+    @property
+    def vision(self):
+        """A pyserve.tasks.VisionSpec when the model reads images."""
+        return self.driver.info.vision
+
     async def final_output(self, request, request_id: str | None = None):
         """Submit a request and return its last output (for answers that are not streamed)."""
         out = None

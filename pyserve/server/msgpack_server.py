@@ -161,8 +161,10 @@ class Connection:
     async def generate(self, rid, method: str, params: dict) -> None:
         model = self.text_model(params)
         sampling = adapters.sampling_params(params, chat=method == "chat")
+        images = []
         if method == "chat":
-            ids = await adapters.chat_prompt_ids(model, adapters.chat_messages(params.get("messages")))
+            ids, images = await adapters.chat_prompt(model, adapters.chat_messages(params.get("messages")),
+                                                     image_hosts=self.server.image_hosts)
         else:
             prompt = adapters.completion_prompts(params.get("prompt"))
             if len(prompt) != 1:
@@ -175,7 +177,8 @@ class Connection:
                 sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
         stream = bool(params.get("stream"))
         sent = 0
-        async for out in model.driver.submit(None, adapters.text_request(ids, sampling, params, self.principal)):
+        request = adapters.text_request(ids, sampling, params, self.principal, images)
+        async for out in model.driver.submit(None, request):
             if out.error:
                 raise ModelFailure(f"the model failed: {out.error}")
             first = out.outputs[0]
@@ -247,9 +250,11 @@ class Connection:
 class MsgpackServer:
     """The TCP listener and its connections."""
 
-    def __init__(self, models: ModelRegistry, access: AccessPolicy | None = None):
+    def __init__(self, models: ModelRegistry, access: AccessPolicy | None = None,
+                 image_hosts: frozenset[str] = frozenset()):
         self.models = models
         self.access = access or AccessPolicy()
+        self.image_hosts = image_hosts
         self.draining = False
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None

@@ -68,7 +68,8 @@ async def chat_completions(request: Request) -> Response:
     params = adapters.sampling_params(body, chat=True)
     tools = tool_calls.tools_of(body)
     choice = tool_calls.choice_of(body, tools)
-    ids = await adapters.chat_prompt_ids(model, adapters.chat_messages(body.get("messages")), tools or None)
+    ids, images = await adapters.chat_prompt(model, adapters.chat_messages(body.get("messages")), tools or None,
+                                             request.app.state.image_hosts)
     calls = None
     if tools and choice != "none":
         calls = tool_calls.call_format(model.tokenizer)
@@ -80,18 +81,20 @@ async def chat_completions(request: Request) -> Response:
             parallel = choice == "required" and adapters.get_field(body, "parallel_tool_calls", True)
             params = replace(params, structured=StructuredOutput(grammar=calls.grammar(chosen, parallel),
                                                                  field="tool_choice"))
-    return await _respond(request, body, model, [ids], params, chat=True, calls=calls)
+    return await _respond(request, body, model, [ids], params, chat=True, calls=calls, images=images)
 
 
 async def _respond(request: Request, body: dict, model: ServedModel, prompts: list[list[int]], params,
-                   chat: bool, echo: list[str] | None = None, calls: CallFormat | None = None) -> Response:
+                   chat: bool, echo: list[str] | None = None, calls: CallFormat | None = None,
+                   images: list | None = None) -> Response:
     stream_opt = adapters.get_field(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidParameter("stream_options", "must be an object")
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
     principal = request.state.principal
-    streams = [model.driver.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal))
+    streams = [model.driver.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
+                                                                              images or []))
                for p in prompts]
     merged = Merged(streams)
     await merged.start()  # raises a refused request's ClientError before any response is sent

@@ -9,14 +9,14 @@ from typing import Callable
 
 from ...errors import InvalidParameter
 from ...kernels import rng
-from ...tasks import TEXT_GENERATION, KVCache, TextGenerationModel
+from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
 from ..base import EngineInfo, EngineStats
 from .block_manager import BlockManager
 from .params import SamplingParams
 from .runner import ModelRunner, SampledToken
 from .scheduler import Scheduler
-from .sequence import CompletionOutput, RequestOutput, RequestTimes, Sequence
+from .sequence import CompletionOutput, ImageSpan, RequestOutput, RequestTimes, Sequence
 from .structured import GrammarCompiler, advance
 
 log = logging.getLogger("pyserve.engine")
@@ -40,6 +40,7 @@ class TextRequest:
     prompt: str | list[int]
     params: SamplingParams | None = None
     cache_salt: str | None = None
+    images: list[ImageInput] = field(default_factory=list)  # vision models: one per image placeholder run
 
 
 class LLMEngine:
@@ -60,7 +61,8 @@ class LLMEngine:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_model_len = spec.max_model_len
-        self.info = EngineInfo(TEXT_GENERATION, self.tokenizer, spec.max_model_len)
+        self.info = EngineInfo(TEXT_GENERATION, self.tokenizer, spec.max_model_len,
+                               vision=getattr(model, "vision", None))
         self.block_size = block_size
         bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.dtype.itemsize
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
@@ -91,7 +93,7 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, images: list[ImageInput] = ()) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
         params = (params or SamplingParams()).resolved(self.defaults)
@@ -110,12 +112,14 @@ class LLMEngine:
         if len(ids) >= limit:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
         self._check_fits_cache(len(ids), params)
+        spans = self._image_spans(ids, list(images))
         matcher = self._matcher(params)
-        root = BlockManager.root_digest(cache_salt or "")
+        # Blocks holding an image's tokens are only shared with requests of the same images.
+        root = BlockManager.root_digest(cache_salt or "", *(span.image.digest for span in spans))
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else rng.row_seed(params.seed, i)
-            seq = Sequence(request_id, i, ids, params, seed, cache_root=root)
+            seq = Sequence(request_id, i, ids, params, seed, cache_root=root, images=spans)
             seq.matcher = matcher.deep_copy() if matcher is not None else None
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None] * len(ids)
@@ -129,7 +133,27 @@ class LLMEngine:
 
     def add(self, request_id: str, request: TextRequest) -> None:
         """The engine-driver entry point (see pyserve.engine.driver)."""
-        self.add_request(request_id, request.prompt, request.params, request.cache_salt)
+        self.add_request(request_id, request.prompt, request.params, request.cache_salt, request.images)
+
+    def _image_spans(self, ids: list[int], images: list[ImageInput]) -> list[ImageSpan]:
+        """Where each image's placeholder tokens are: runs of the model's image token, in order."""
+        vision = self.info.vision
+        if vision is None:
+            if images:
+                raise InvalidParameter("messages", "this model does not read images")
+            return []
+        at = [i for i, t in enumerate(ids) if t == vision.image_token_id]
+        size = vision.tokens_per_image
+        if len(at) != len(images) * size:
+            raise InvalidParameter("messages", f"{len(images)} image(s) need {len(images) * size} image tokens in "
+                                               f"the prompt, it holds {len(at)}")
+        spans = []
+        for k, image in enumerate(images):
+            start = at[k * size]
+            if at[k * size + size - 1] != start + size - 1:
+                raise InvalidParameter("messages", f"image {k}'s {size} tokens are not contiguous in the prompt")
+            spans.append(ImageSpan(start, size, image))
+        return spans
 
     def _matcher(self, params: SamplingParams):
         if params.structured is None:
@@ -203,6 +227,9 @@ class LLMEngine:
         for seq, n in step.items:
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
+            for k, span in enumerate(seq.images):  # an image's features are done with once its tokens are in
+                if span.start + span.length <= seq.num_computed:
+                    seq.image_embeds.pop(k, None)
             if seq.params.max_tokens == 0 and seq.num_computed == len(seq.token_ids):  # scored, nothing to draw
                 seq.finish_reason = "length"
                 self.scheduler.finish(seq)

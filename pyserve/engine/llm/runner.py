@@ -7,7 +7,7 @@ import torch
 
 from ... import kernels
 from ...kernels.types import SamplingRow, SamplingTensors
-from ...tasks import AttentionMetadata, KVCache, TextGenerationModel
+from ...tasks import AttentionMetadata, KVCache, StepImages, TextGenerationModel
 from .scheduler import ScheduledStep
 from .sequence import Sequence
 from .structured import MaskFiller
@@ -77,12 +77,39 @@ class ModelRunner:
         sampling = [(seq, row) for seq, row in zip(ending, rows) if seq.params.max_tokens != 0]
         constrained = [seq.matcher for seq, _ in sampling if seq.matcher is not None]
         masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
-        hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        images = self._step_images(step)
+        if images is None:
+            hidden = self.model.forward(input_ids, positions, meta, self.cache)
+        else:
+            hidden = self.model.forward(input_ids, positions, meta, self.cache, images)
         result = StepResult(prompt_logprobs=self._prompt_logprobs(step, hidden))
         if sampling:
             result.sampled = self._sample([seq for seq, _ in sampling], hidden[[row for _, row in sampling]],
                                           eos_ids, masks)
         return result
+
+    def _step_images(self, step: ScheduledStep) -> StepImages | None:
+        """Features for the step's image tokens: images whose tokens this step brings are encoded
+        together in one call (a chunk may bring part of an image: the rest waits on the sequence)."""
+        wanted = [(seq, k) for seq, n in step.items for k, span in enumerate(seq.images)
+                  if span.start < seq.num_computed + n and seq.num_computed < span.start + span.length
+                  and k not in seq.image_embeds]
+        if wanted:
+            pixels = torch.stack([seq.images[k].image.pixels for seq, k in wanted]).to(self.device)
+            for (seq, k), features in zip(wanted, self.model.encode_images(pixels)):
+                seq.image_embeds[k] = features
+        rows, embeds, start = [], [], 0
+        for seq, n in step.items:
+            first = seq.num_computed
+            for k, span in enumerate(seq.images):
+                lo, hi = max(first, span.start), min(first + n, span.start + span.length)
+                if lo < hi:
+                    rows.extend(range(start + lo - first, start + hi - first))
+                    embeds.append(seq.image_embeds[k][lo - span.start:hi - span.start])
+            start += n
+        if not rows:
+            return None
+        return StepImages(torch.tensor(rows, dtype=torch.int64, device=self.device), torch.cat(embeds))
 
     def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, eos_ids: list[int],
                 masks: Future | None) -> list[SampledToken]:

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from ...tasks import ImageInput
 from ...tokenizer import IncrementalDetokenizer
 from ..base import RequestTimes
 from .params import SamplingParams
@@ -13,6 +14,15 @@ class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class ImageSpan:
+    """An image's placeholder tokens in a prompt: positions [start, start + length)."""
+
+    start: int
+    length: int
+    image: ImageInput
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Sequence:
     finish_reason: str | None = None
     detokenizer: IncrementalDetokenizer | None = None
     matcher: Any = None  # the llguidance matcher of a structured-output request
+    images: list[ImageSpan] = field(default_factory=list)
+    image_embeds: dict[int, Any] = field(default_factory=dict)  # span index -> [length, hidden], while prefilling
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
