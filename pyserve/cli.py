@@ -81,7 +81,8 @@ def _serve(args) -> int:
         keys = list(args.api_key or []) + [k for f in args.api_key_file for k in read_key_file(f)]
         access = AccessPolicy(keys, [args.admin_api_key] if args.admin_api_key else [], args.cache_salt_per_key)
         config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
-                              args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level)
+                              args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level,
+                              frozenset(args.allowed_image_hosts))
         config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     s.add_argument("--feedback-db", default="pyserve-feedback.sqlite3",
                    help="SQLite file where POST /v1/feedback ratings are kept")
+    s.add_argument("--allowed-image-host", dest="allowed_image_hosts", action="append", default=[], metavar="HOST",
+                   help="a host whose http(s) image URLs chat requests may name (repeatable; default: none, "
+                        "data: URLs only)")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")

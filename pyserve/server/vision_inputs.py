@@ -3,7 +3,7 @@ parts, image sources to prepared pixels, and the prompt's <image> tokens expande
 feature count.
 
 Sources: `data:` URLs (base64 PNG, JPEG, WebP, ...) and, over msgpack, raw bytes. `http(s)` URLs
-are fetched only from hosts the server allows (`--allowed-image-hosts`; none by default), so a
+are fetched only from hosts the server allows (`--allowed-image-host`, repeatable; none by default), so a
 request can never make the server fetch an arbitrary address.
 """
 
