@@ -77,7 +77,25 @@ def test_logits_and_greedy_tokens_match_transformers(llava_dir, reference, engin
         llm.generate(ids, SamplingParams(max_tokens=8))
 
 
-def test_the_prefix_cache_never_mixes_images_and_batches_keep_them_apart(llava_dir):
+def test_other_feature_layers_and_the_full_strategy(tmp_path):
+    """vision_feature_layer -1 and "full" (the class token kept: one more token per image)."""
+    import transformers
+    model_dir = make_llava(tmp_path / "full", seed=3, feature_layer=-1, strategy="full")
+    llm = LLM(model_dir, device="cpu")
+    assert llm.engine.info.vision.tokens_per_image == 26
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, torch_dtype=torch.float32)
+    image = picture(40)
+    ids = chat_ids(llm, 1)
+    with torch.no_grad():
+        want = reference.generate(input_ids=torch.tensor([ids]), pixel_values=image_input(llm, image).pixels[None],
+                                  max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=2)
+    llm.engine.add_request("f", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                           images=[image_input(llm, image)])
+    done = [o for _ in range(50) for o in llm.engine.step() if o.finished][0]
+    assert done.token_ids == want[0, len(ids):].tolist()
+
+
+def test_the_prefix_cache_never_mixes_images_and_batches_keep_them_apart(llava_dir, reference):
     llm = LLM(llava_dir, device="cpu")
     ids = chat_ids(llm, 1)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -95,6 +113,10 @@ def test_the_prefix_cache_never_mixes_images_and_batches_keep_them_apart(llava_d
     assert alone_b.num_cached_tokens == 0  # another image: nothing reused past the shared root
     again_a = run([a])[0]
     assert again_a.num_cached_tokens > 0 and again_a.token_ids == alone_a.token_ids
+    with torch.no_grad():  # and both are what transformers generates for that image
+        want = reference.generate(input_ids=torch.tensor([ids]), pixel_values=image_input(llm, a).pixels[None],
+                                  max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert again_a.token_ids == want[0, len(ids):].tolist()
     together = run([a, b])
     assert sorted(o.token_ids for o in together) == sorted([alone_a.token_ids, alone_b.token_ids])
     assert alone_a.token_ids != alone_b.token_ids  # the image matters
