@@ -137,6 +137,8 @@ class Connection:
             pass
         except ClientError as exc:
             await self._send_error(rid, exc.status, exc.message)
+        except ConnectionError:
+            pass  # the client went away while its result was being sent; serve() logs the closed connection
         except Exception as exc:  # noqa: BLE001 - never let one request take the connection down
             log.exception("request %s failed", rid)
             await self._send_error(rid, SERVER_ERROR, f"{type(exc).__name__}: {exc}")
