@@ -136,8 +136,8 @@ def test_paged_attention_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
-@pytest.mark.parametrize("n,k", [(1, 1), (37, 19), (256, 768)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 32])  # 13 and 32: passes of eight rows over cached weights
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 19), (256, 768), (70, 1536)])
 def test_linear_matches_torch(backend, device, rows, n, k):
     g = torch.Generator().manual_seed(rows * n + k)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)

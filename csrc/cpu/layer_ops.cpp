@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "cpu/vec.h"
+
 namespace pyserve::cpu {
 namespace {
 
@@ -66,8 +68,17 @@ void silu_mul(const float* x, float* out, int rows, int n) {
     const float* gate = x + static_cast<long>(r) * 2 * n;
     const float* up = gate + n;
     float* o = out + static_cast<long>(r) * n;
-#pragma omp simd
-    for (int i = 0; i < n; ++i) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    int i = 0;
+#ifdef PYSERVE_AVX2  // std::exp does not vectorise without fast-math; exp256 does (prefill rows are many)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), top = _mm256_set1_ps(87.0f);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gate + i);
+      // exp256 takes arguments up to 87 (beyond, sigmoid is 0 to fp32 precision anyway)
+      const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_min_ps(_mm256_sub_ps(zero, g), top))));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; ++i) o[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
 }
 

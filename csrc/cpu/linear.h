@@ -3,7 +3,7 @@
 
 namespace pyserve::cpu {
 
-constexpr int kMaxLinearRows = 8;  // the facade sends larger batches to the BLAS path
+constexpr int kMaxLinearRows = 8;  // rows in registers at once; more rows take more passes
 
 struct LinearArgs {
   const float* x;     // [M, K]
