@@ -14,6 +14,7 @@
 #include "cpu/decoder.h"
 #include "cpu/denoise.h"
 #include "cpu/layer_ops.h"
+#include "cpu/lora.h"
 #include "cpu/linear.h"
 #include "cpu/quantized_linear.h"
 #include "cpu/sampling.h"
@@ -127,6 +128,17 @@ PYBIND11_MODULE(_C, m) {
             ptr<const float>(sin), layers.data(), num_layers, ptr<const float>(final_norm),
             ptr<const int64_t>(slots), ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens),
             ptr<const int32_t>(query_start), num_seqs, max_blocks, block_size, window, scale});
+      },
+      nogil);
+
+  m.def(
+      "lora",
+      [](uintptr_t y, uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t index, uintptr_t rank, uintptr_t scale,
+         int tokens, int n, int k, int max_rank) {
+        pyserve::cpu::lora(pyserve::cpu::LoraArgs{ptr<float>(y), ptr<const float>(x), ptr<const float>(a),
+                                                  ptr<const float>(b), ptr<const int32_t>(index),
+                                                  ptr<const int32_t>(rank), ptr<const float>(scale), tokens, n, k,
+                                                  max_rank});
       },
       nogil);
 

@@ -15,6 +15,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("paged_attention", &pyserve::cuda::paged_attention, nogil);
   m.def("dense_attention", &pyserve::cuda::dense_attention, nogil);
   m.def("quantized_linear", &pyserve::cuda::quantized_linear, nogil);
+  m.def("lora", &pyserve::cuda::lora, nogil);
   m.def("sample", &pyserve::cuda::sample, nogil);
   m.def("denoise_step", &pyserve::cuda::denoise_step, nogil);
   m.def("versions", &pyserve::cuda::versions);

@@ -19,6 +19,11 @@ void paged_attention(int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cach
 void quantized_linear(int dtype, uintptr_t x, uintptr_t w, uintptr_t scales, uintptr_t bias, uintptr_t out, int m,
                       int n, int k, int format, uintptr_t stream);
 
+// y [tokens, n] += each row's LoRA delta (pyserve.kernels.lora); a, b, x, y in `dtype`; `shrunk` is
+// [tokens, max_rank] fp32 scratch.
+void lora(int dtype, uintptr_t y, uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t index, uintptr_t rank,
+          uintptr_t scale, uintptr_t shrunk, int tokens, int n, int k, int max_rank, uintptr_t stream);
+
 void dense_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, int batch, int num_heads,
                      int num_kv_heads, int q_len, int kv_len, int head_dim, float scale, bool causal,
                      uintptr_t stream);

@@ -27,8 +27,8 @@ from .types import (Coef, DecoderLayerWeights, DecoderStackWeights, SampleResult
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "DecoderLayerWeights", "DecoderStackWeights", "KernelInputError",
     "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors", "WEIGHT_FORMATS", "available",
-    "decoder_stack", "dense_attention", "denoise_step", "linear", "paged_attention", "quantize", "rms_norm", "rotary",
-    "sample", "silu_mul", "write_kv",
+    "decoder_stack", "dense_attention", "denoise_step", "linear", "lora", "paged_attention", "quantize", "rms_norm",
+    "rotary", "sample", "silu_mul", "write_kv",
 ]
 
 
@@ -89,6 +89,32 @@ def decoder_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights
     checks.tensor(slot_mapping, "slot_mapping", device=x.device, shape=(x.shape[0],))
     return backend_for(x.device, backend).decoder_stack(x, cos, sin, weights, k_caches, v_caches, slot_mapping,
                                                        block_tables, seq_lens, query_start_loc, scale, sliding_window)
+
+
+def lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+         rank: torch.Tensor, scale: torch.Tensor, *, backend: str | None = None) -> None:
+    """Adds each row's LoRA delta to y [T, N] in place: a batch that mixes adapters (Punica's BGMV).
+
+    Row t uses adapter i = index[t] (-1: none): y[t] += scale[i] * b[i][:, :rank[i]] @ (a[i][:rank[i]] @ x[t]).
+    a [L, R, K] and b [L, N, R] hold the loaded adapters padded to the largest rank R; rank [L] int32
+    and scale [L] (alpha / r, or alpha / sqrt(r) for rsLoRA) per adapter. A fused projection's
+    adapters stack their ranks: q, k and v adapters of rank r are one of rank 3r whose b is block
+    diagonal.
+    """
+    checks.tensor(y, "y", ndim=2, dtypes=FLOAT_DTYPES, contiguous=True)
+    checks.tensor(x, "x", ndim=2, device=y.device, shape=(y.shape[0], None))
+    checks.tensor(a, "a", ndim=3, device=y.device, shape=(None, None, x.shape[1]))
+    checks.tensor(b, "b", ndim=3, device=y.device, shape=(a.shape[0], y.shape[1], a.shape[1]))
+    checks.tensor(index, "index", dtypes=INDEX_DTYPES, device=y.device, shape=(y.shape[0],))
+    checks.tensor(rank, "rank", dtypes=INDEX_DTYPES, device=y.device, shape=(a.shape[0],))
+    checks.tensor(scale, "scale", device=y.device, shape=(a.shape[0],))
+    if y.device.type == "cpu":
+        checks.check(index.numel() == 0 or (int(index.min()) >= -1 and int(index.max()) < a.shape[0]),
+                     f"index must be in [-1, {a.shape[0]})")
+        checks.check(rank.numel() == 0 or (int(rank.min()) >= 0 and int(rank.max()) <= a.shape[1]),
+                     f"rank must be in [0, {a.shape[1]}]")
+    with _on(y.device):
+        backend_for(y.device, backend).lora(y, x, a, b, index, rank, scale)
 
 
 def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torch.Tensor | None = None, *,

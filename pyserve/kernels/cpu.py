@@ -155,6 +155,15 @@ def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_
     return out
 
 
+def lora(y, x, a, b, index, rank, scale):
+    if y.dtype != torch.float32 or not y.is_contiguous():
+        return reference.lora(y, x, a, b, index, rank, scale)
+    xf, af, bf = _f32(x), _f32(a), _f32(b)
+    idx, ranks, scales = _i32(index), _i32(rank), _f32(scale)
+    _C.lora(y.data_ptr(), xf.data_ptr(), af.data_ptr(), bf.data_ptr(), idx.data_ptr(), ranks.data_ptr(),
+            scales.data_ptr(), y.shape[0], y.shape[1], x.shape[1], a.shape[1])
+
+
 def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     """Decode-sized batches (up to 64 rows) read the packed weights in C++; larger ones (prefill)
     unpack the weight once and use torch's GEMM, where the arithmetic, not the bytes, is the cost."""

@@ -72,6 +72,15 @@ def linear(x, weight, bias=None):
     return out.view(*x.shape[:-1], n)
 
 
+def lora(y, x, a, b, index, rank, scale) -> None:
+    tokens, n = y.shape
+    kept = [x.to(y.dtype).contiguous(), a.to(y.dtype).contiguous(), b.to(y.dtype).contiguous(), _i32(index),
+            _i32(rank), _f32(scale)]
+    shrunk = torch.empty(tokens, a.shape[1], dtype=torch.float32, device=y.device)
+    _C_cuda.lora(_DTYPE[y.dtype], y.data_ptr(), *(t.data_ptr() for t in kept), shrunk.data_ptr(), tokens, n,
+                 x.shape[1], a.shape[1], _stream())
+
+
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 

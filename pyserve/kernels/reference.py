@@ -109,6 +109,15 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
+         rank: torch.Tensor, scale: torch.Tensor) -> None:
+    for t, i in enumerate(index.tolist()):
+        if i >= 0:
+            r = int(rank[i])
+            shrunk = a[i, :r].float() @ x[t].float()
+            y[t] += (float(scale[i]) * (b[i, :, :r].float() @ shrunk)).to(y.dtype)
+
+
 def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,
                   query_start_loc, scale, sliding_window=0) -> torch.Tensor:
     """The meaning of the fused stack: its steps, one reference op after another."""

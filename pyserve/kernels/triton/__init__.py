@@ -15,6 +15,7 @@ if AVAILABLE:
     from .denoise import denoise_step  # noqa: F401
     from .sampling import sample  # noqa: F401
     from .linear import linear  # noqa: F401  (packed weights; otherwise torch's GEMM)
+    from .lora import lora  # noqa: F401
     from ..reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch, for now)
 
     def decoder_stack(*args):
