@@ -2,6 +2,7 @@
 against transformers, chunked prefill through an image, the prefix cache keyed by image."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -249,3 +250,16 @@ def test_msgpack_chat_takes_image_bytes(served, offline):
                      images=[ImageInput(want.info.vision.preprocess(decoded), "y")])
     done = [o for _ in range(100) for o in want.step() if o.finished][0]
     assert out.text == done.text
+
+
+def test_tools_and_images_in_one_conversation(client):
+    """A template without tools gets them in the system turn, next to image parts."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}}]
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(picture(50))}},
+                                             {"type": "text", "text": "Call f"}]}]
+    resp = client.chat.completions.create(model="tiny", messages=messages, tools=tools, tool_choice="required",
+                                          max_tokens=60, temperature=0, parallel_tool_calls=False)
+    call = resp.choices[0].message.tool_calls[0]
+    assert call.function.name == "f" and json.loads(call.function.arguments)["n"] in (1, 2)

@@ -210,10 +210,22 @@ def with_tool_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = "".join(f'{HermesFormat.OPEN}\n{json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})}\n{HermesFormat.CLOSE}'
+            calls = "".join(f"{HermesFormat.OPEN}\n{json.dumps(_hermes_call(c))}\n{HermesFormat.CLOSE}"
                             for c in m["tool_calls"])
-            m = {**m, "content": (m.get("content") or "") + calls}
+            m = _with_text(m, calls)
         out.append(m)
     if out and out[0]["role"] == "system":
-        return [{**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}] + out[1:]
+        return [_with_text(out[0], f"\n\n{prompt}")] + out[1:]
     return [{"role": "system", "content": prompt}] + out
+
+
+def _hermes_call(call: dict) -> dict:
+    return {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+
+
+def _with_text(message: dict, text: str) -> dict:
+    """The message with text appended, whether its content is a string or a list of parts."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        return {**message, "content": content + [{"type": "text", "text": text}]}
+    return {**message, "content": content + text}
