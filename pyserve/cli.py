@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import ClientError
 from .plugin import PluginRegistry
 
 
@@ -82,12 +83,15 @@ def _serve(args) -> int:
         access = AccessPolicy(keys, [args.admin_api_key] if args.admin_api_key else [], args.cache_salt_per_key)
         config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
                               args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level,
-                              frozenset(args.allowed_image_hosts))
+                              frozenset(args.allowed_image_hosts), tuple(_lora_pairs(args.lora)))
         config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:
         sys.exit(f"pyserve: {exc}")
-    serve(drivers, config, loader=load)
+    try:
+        serve(drivers, config, loader=load)
+    except ClientError as exc:  # e.g. a --lora adapter that does not fit the model
+        sys.exit(f"pyserve: {exc.message}")
     return 0
 
 
@@ -103,6 +107,16 @@ def _load_demos(known: dict, load) -> dict:
     if not drivers:
         sys.exit("pyserve: no demo model could be loaded")
     return drivers
+
+
+def _lora_pairs(values: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {value!r}")
+        pairs.append((name, path))
+    return pairs
 
 
 def _env_list(name: str) -> list[str]:
@@ -140,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allowed-image-host", dest="allowed_image_hosts", action="append", default=[], metavar="HOST",
                    help="a host whose http(s) image URLs chat requests may name (repeatable; default: none, "
                         "data: URLs only)")
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter over the text model as NAME (repeatable)")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")

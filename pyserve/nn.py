@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .lora import LoraStack
 
 
 class Linear(nn.Linear):
@@ -23,6 +24,7 @@ class Linear(nn.Linear):
     whose weight may be packed to fewer bytes."""
 
     packed: kernels.QuantizedWeight | None = None
+    lora: "LoraStack | None" = None  # adapters loaded for this layer (pyserve.lora)
 
     def pack(self, format: str) -> int:
         self.packed = kernels.quantize(self.weight, format)
@@ -33,8 +35,20 @@ class Linear(nn.Linear):
         """The weight as the kernels read it: packed when packed."""
         return self.weight if self.packed is None else self.packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.matrix, self.bias)
+    def forward(self, x: torch.Tensor, adapters: torch.Tensor | None = None) -> torch.Tensor:
+        """`adapters` [rows] picks each row's LoRA adapter (-1: none) among those loaded here."""
+        y = kernels.linear(x, self.matrix, self.bias)
+        if adapters is not None and self.lora is not None:
+            flat = y.view(-1, y.shape[-1])
+            kernels.lora(flat, x.reshape(-1, x.shape[-1]), self.lora.a, self.lora.b, adapters, self.lora.rank,
+                         self.lora.scale)
+        return y
+
+    def put_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        if self.lora is None:
+            self.lora = LoraStack.empty(self.in_features, self.out_features, self.bias.device if self.bias is not None
+                                        else self.matrix.device)
+        self.lora = self.lora.put(slot, a, b, scale)
 
 
 def release(module: nn.Module, name: str) -> int:

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from .errors import InvalidParameter
 from .tasks import TextModelSpec
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -20,13 +21,21 @@ class TextModel:
 
     vision = None  # a VisionSpec for models that read images
 
-    def forward(self, input_ids, positions, meta, cache, images=None):
-        if images is None:
+    def forward(self, input_ids, positions, meta, cache, images=None, adapters=None):
+        if images is None and adapters is None:
             return self.module(input_ids, positions, meta, cache)
-        return self.module(input_ids, positions, meta, cache, images)
+        if adapters is None:
+            return self.module(input_ids, positions, meta, cache, images)
+        return self.module(input_ids, positions, meta, cache, images, adapters)
 
     def encode_images(self, pixels):
         return self.module.encode_images(pixels)
+
+    def load_adapter(self, slot: int, adapter) -> None:
+        """LoRA adapter `slot` (a pyserve.lora.LoraAdapter); InvalidParameter if it does not fit."""
+        if not hasattr(self.module, "load_adapter"):
+            raise InvalidParameter("lora", "this model does not serve LoRA adapters")
+        self.module.load_adapter(slot, adapter)
 
     def compute_logits(self, hidden):
         return self.module.compute_logits(hidden)

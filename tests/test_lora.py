@@ -48,3 +48,162 @@ def test_lora_checks_its_arguments():
         kernels.lora(y, x, a, b, torch.zeros(3, dtype=torch.int32), torch.tensor([2, 9], dtype=torch.int32), scale)
     with pytest.raises(kernels.KernelInputError, match="b must have shape"):
         kernels.lora(y, x, a, b[:, :4], torch.zeros(3, dtype=torch.int32), rank, scale)
+
+
+# -- adapters on a model, against transformers + peft ----------------------------------------------
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # name -> LoraConfig arguments
+    "all": dict(r=4, lora_alpha=8, target_modules=ALL),
+    "rslora-some": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gate-only": dict(r=2, lora_alpha=16, target_modules=["gate_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def peft_models(tiny_llama_dir, tmp_path_factory):
+    """name -> (adapter directory, the peft model): random A and B (B non-zero), saved by peft."""
+    import peft
+    from tiny_models import load_reference
+    out = {}
+    for name, kw in ADAPTERS.items():
+        torch.manual_seed(len(out))
+        model = peft.get_peft_model(load_reference(tiny_llama_dir), peft.LoraConfig(init_lora_weights=False, **kw))
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, model.eval())
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_llm(tiny_llama_dir, peft_models):
+    from pyserve import LLM
+    return LLM(tiny_llama_dir, device="cpu", lora={name: path for name, (path, _) in peft_models.items()})
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Hello"
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_adapters_match_peft(lora_llm, peft_models, name):
+    from pyserve import SamplingParams
+    model = peft_models[name][1]
+    ids = lora_llm.engine.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        tokens = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                pad_token_id=2)[0, len(ids):].tolist()
+    out = lora_llm.generate(ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=0),
+                            lora=name)[0]
+    got = torch.tensor([e["logprob"] for e in out.prompt_logprobs[1:]])
+    torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
+    assert out.token_ids == tokens
+
+
+def test_one_batch_mixes_adapters_and_the_base(lora_llm):
+    from pyserve import SamplingParams
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    names = [None, "all", "rslora-some", "gate-only", "all", None]
+    prompts = [PROMPT, PROMPT, "Hello world", PROMPT, "Once upon a time", "Hello world"]
+    alone = [lora_llm.generate(p, params, lora=n)[0].token_ids for p, n in zip(prompts, names)]
+    together = lora_llm.generate(prompts, params, lora=names)
+    assert [o.token_ids for o in together] == alone
+    assert len({tuple(t) for t, p in zip(alone, prompts) if p == PROMPT}) == 3  # each adapter matters
+
+
+def test_the_prefix_cache_never_crosses_adapters(lora_llm):
+    from pyserve import SamplingParams
+    params = SamplingParams(max_tokens=2, temperature=0)
+    prompt = "Ünïcödé text: café, naïve, 東京, emoji 🙂. " * 2
+    lora_llm.generate(prompt, params, lora="all")
+    assert lora_llm.generate(prompt, params, lora="all")[0].num_cached_tokens > 0
+    assert lora_llm.generate(prompt, params, lora="gate-only")[0].num_cached_tokens == 0
+    assert lora_llm.generate(prompt, params)[0].num_cached_tokens == 0
+
+
+def test_bad_adapters_are_refused(lora_llm, tmp_path, peft_models):
+    import json
+    from pyserve import SamplingParams
+    from pyserve.errors import ClientError
+    with pytest.raises(ClientError, match="no LoRA adapter named 'nope'"):
+        lora_llm.generate("Hi", SamplingParams(max_tokens=1), lora="nope")
+    with pytest.raises(ClientError, match="is not a PEFT LoRA adapter"):
+        lora_llm.engine.load_lora("empty", tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from safetensors.torch import save_file
+    (bad / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2, "peft_type": "LORA"}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 64),
+               "base_model.model.lm_head.lora_B.weight": torch.zeros(10, 2)}, bad / "adapter_model.safetensors")
+    with pytest.raises(ClientError, match="lm_head"):
+        lora_llm.engine.load_lora("bad", bad)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 63),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)},
+              bad / "adapter_model.safetensors")
+    with pytest.raises(ClientError, match="q_proj has shapes"):
+        lora_llm.engine.load_lora("bad", bad)
+    assert "bad" not in lora_llm.engine.adapters
+
+
+# -- served by name --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir, peft_models):
+    from conftest import serving
+    with serving(tiny_llama_dir, lora_adapters=(("all", str(peft_models["all"][0])),)) as running:
+        yield running
+
+
+def test_adapters_are_models_on_every_api(served, lora_llm):
+    import openai
+    from pyserve import SamplingParams
+    from pyserve.client import Client
+    server = served[0]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["all"].model_extra["parent"] == "tiny" and listed["tiny"].model_extra["parent"] is None
+    want = lora_llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0), lora="all")[0].text
+    base = lora_llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))[0].text
+    got = client.completions.create(model="all", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+    assert got == want != base
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text == base
+    with Client("127.0.0.1", server.msgpack_port) as c:
+        assert c.generate("all", PROMPT, max_tokens=8, temperature=0).text == want
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+
+
+def test_load_and_unload_at_run_time_while_another_request_streams(served, peft_models, lora_llm):
+    import threading
+    import urllib.request
+    import json
+    import openai
+    from pyserve import SamplingParams
+    server = served[0]
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def post(route, body):
+        request = urllib.request.Request(server.url + route, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    streamed = []
+    stream = threading.Thread(target=lambda: streamed.append("".join(
+        c.choices[0].text for c in client.completions.create(model="all", prompt=PROMPT, max_tokens=40,
+                                                             stream=True, extra_body={"ignore_eos": True}))))
+    stream.start()
+    assert post("/v1/load_lora_adapter", {"lora_name": "gate", "lora_path": str(peft_models["gate-only"][0])})[0] == 200
+    want = lora_llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0), lora="gate-only")[0].text
+    assert client.completions.create(model="gate", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text == want
+    status, body = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"})
+    assert status == 400 and "lora" in body["error"]["message"]
+    assert post("/v1/unload_lora_adapter", {"lora_name": "gate"})[0] == 200
+    assert post("/v1/unload_lora_adapter", {"lora_name": "gate"})[0] == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gate", prompt=PROMPT, max_tokens=2)
+    stream.join()
+    assert streamed and streamed[0]

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from pyserve import kernels
+from pyserve.errors import InvalidParameter
+from pyserve.lora import LoraAdapter, fuse
 from pyserve.nn import Linear
 from pyserve.tasks import AttentionMetadata, KVCache, StepImages
 
@@ -77,9 +79,9 @@ class Attention(nn.Module):
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache, adapters=None):
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj(x, adapters)
         kernels.rotary(qkv, cos, sin, self.heads + self.kv_heads)  # q and k heads lead each row
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
@@ -89,7 +91,7 @@ class Attention(nn.Module):
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       sliding_window=self.sliding_window, max_query_len=meta.max_query_len,
                                       max_seq_len=meta.max_seq_len)
-        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim), adapters)
 
 
 class MLP(nn.Module):
@@ -103,8 +105,8 @@ class MLP(nn.Module):
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
-    def forward(self, x):
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x, adapters=None):
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, adapters)), adapters)
 
 
 class DecoderLayer(nn.Module):
@@ -116,11 +118,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.mlp = MLP(cfg["hidden_size"], cfg["intermediate_size"])
 
-    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache):
-        """(this layer's output, the residual stream before it): the next norm adds them."""
+    def forward(self, x, residual, cos, sin, meta, k_cache, v_cache, adapters=None):
+        """(this layer's output, the residual stream before it): the next norm adds them.
+        `adapters` [T] picks each row's LoRA adapter (-1: none)."""
         h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, meta, k_cache, v_cache), residual)
-        return self.mlp(h), residual
+        attn = self.self_attn(h, cos, sin, meta, k_cache, v_cache, adapters)
+        h, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(h, adapters), residual
 
 
 class Backbone(nn.Module):
@@ -171,21 +175,51 @@ class LlamaForCausalLM(nn.Module):
         return self._stack
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache, images: StepImages | None = None) -> torch.Tensor:
+                cache: KVCache, images: StepImages | None = None,
+                adapters: torch.Tensor | None = None) -> torch.Tensor:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
         x, residual = self.model.embed_tokens(input_ids), None
         if images is not None:  # image placeholder rows take the vision features (LLaVA-style models)
             x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
-        # Decode steps run the whole stack in one kernel call where the back-end has one.
-        fused = kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
+        # Decode steps run the whole stack in one kernel call where the back-end has one (not with
+        # LoRA adapters: they run op by op).
+        fused = None if adapters is not None else kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
                                       meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       scale=self.head_dim**-0.5, sliding_window=self.model.layers[0].self_attn.sliding_window)
         if fused is not None:
             return fused
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
-            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache)
+            x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache, adapters)
         return self.model.norm(x, residual)[0]
+
+    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
+        """Adapter `slot` on every projection (rank 0 where the adapter has none); q/k/v and
+        gate/up pieces go onto the fused projections, ranks stacked."""
+        hidden = self.cfg["hidden_size"]
+        targets = {}  # module name -> (Linear, its parts' names, their output sizes)
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp, at = layer.self_attn, layer.mlp, f"model.layers.{i}."
+            q, kv = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
+            targets[at + "qkv"] = (attn.qkv_proj, [at + f"self_attn.{p}_proj" for p in "qkv"], [q, kv, kv])
+            targets[at + "o"] = (attn.o_proj, [at + "self_attn.o_proj"], [hidden])
+            targets[at + "gate_up"] = (mlp.gate_up_proj, [at + "mlp.gate_proj", at + "mlp.up_proj"],
+                                       [mlp.down_proj.in_features] * 2)
+            targets[at + "down"] = (mlp.down_proj, [at + "mlp.down_proj"], [hidden])
+        known = {name for _, names, _ in targets.values() for name in names}
+        unknown = sorted(set(adapter.weights) - known)
+        if unknown:
+            raise InvalidParameter("lora", f"adapter {adapter.name!r} targets {unknown[0]}, which this model "
+                                           f"does not serve adapters on (attention and MLP projections)")
+        for linear, names, sizes in targets.values():
+            parts = [adapter.weights.get(name) for name in names]
+            for name, part, size in zip(names, parts, sizes):
+                if part is not None and (part[0].shape[1] != linear.in_features or part[1].shape[0] != size):
+                    raise InvalidParameter("lora", f"adapter {adapter.name!r}: {name} has shapes "
+                                                   f"{tuple(part[0].shape)}/{tuple(part[1].shape)}, the model "
+                                                   f"takes [r, {linear.in_features}]/[{size}, r]")
+            a, b = fuse(parts, sizes, linear.in_features)
+            linear.put_adapter(slot, a, b, adapter.scale)
 
     def pack(self, format: str) -> int:
         """A tied head's weight is the embedding table, which lookups still need in full: the head

@@ -15,6 +15,7 @@ Example:
 """
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -22,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ClientError, EngineUnavailable
 from .base import Engine, EngineStats
@@ -69,6 +70,12 @@ class _Abort:
 
 class _Stop:
     pass
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Any], Any]  # called with the engine, on its thread
+    result: concurrent.futures.Future
 
 
 class EngineDriver:
@@ -138,6 +145,15 @@ class EngineDriver:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """fn(engine) on the engine's thread between steps (e.g. loading a LoRA adapter); its
+        result, or its exception."""
+        if not self.ready:
+            raise EngineUnavailable(self._unavailable_reason())
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Call(fn, result))
+        return await asyncio.wrap_future(result)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; requests still open get EngineUnavailable."""
         self._stopping = True
@@ -191,6 +207,11 @@ class EngineDriver:
     def _apply(self, command) -> None:
         if isinstance(command, _Stop):
             self._stopping = True
+        elif isinstance(command, _Call):
+            try:
+                command.result.set_result(command.fn(self._engine))
+            except Exception as exc:  # noqa: BLE001 - the caller's to handle
+                command.result.set_exception(exc)
         elif isinstance(command, _Abort):
             if self._streams.pop(command.request_id, None) is not None:
                 self._engine.abort(command.request_id)
@@ -233,5 +254,7 @@ class EngineDriver:
                 command = self._commands.get_nowait()
                 if isinstance(command, _Add):
                     command.stream.admit(EngineUnavailable(self._unavailable_reason()))
+                elif isinstance(command, _Call):
+                    command.result.set_exception(EngineUnavailable(self._unavailable_reason()))
         except queue.Empty:
             pass

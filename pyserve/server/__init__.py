@@ -45,6 +45,8 @@ class _HTTPServer(uvicorn.Server):
 
 
 async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
+    for name, path in config.lora_adapters:
+        await models.load_lora(name, path)
     tcp = MsgpackServer(models, config.access, config.allowed_image_hosts) if config.msgpack_port is not None else None
     if tcp is not None:
         bound["msgpack_port"] = await tcp.start(config.host, config.msgpack_port, config.ssl_context())

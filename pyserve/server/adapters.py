@@ -254,7 +254,7 @@ async def chat_prompt(model: ServedModel, messages: list[dict], tools: list[dict
 
 
 def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping | None,
-                 principal: Principal | None, images: list[ImageInput] = ()) -> TextRequest:
+                 principal: Principal | None, images: list[ImageInput] = (), lora: str | None = None) -> TextRequest:
     """The engine request, salted by the request's `cache_salt` and, when the server salts by API
     key, by the caller's tenant, so that only requests with both equal share cached prefixes."""
     salt = get_field(fields or {}, "cache_salt")
@@ -263,7 +263,7 @@ def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping 
     tenant = principal.tenant if principal is not None else None
     if tenant is not None:  # a hex digest: the first "/" tells tenant from salt
         salt = f"{tenant}/{salt or ''}"
-    return TextRequest(prompt_ids, params, salt, list(images))
+    return TextRequest(prompt_ids, params, salt, list(images), lora)
 
 
 def usage(outs: list[RequestOutput]) -> dict:

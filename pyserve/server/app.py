@@ -89,6 +89,9 @@ admin_routes = [
     Route("/v1/feedback/export", export_feedback),
     Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
     Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+    # Loading reads a path on the server: an operator's act, as loading models is.
+    Route("/v1/load_lora_adapter", openai_api.load_lora_adapter, methods=["POST"]),
+    Route("/v1/unload_lora_adapter", openai_api.unload_lora_adapter, methods=["POST"]),
 ]
 
 

@@ -27,6 +27,8 @@ class ServerConfig:
     log_level: str = "info"
     # Hosts whose http(s) image URLs chat requests may name; none by default (data: URLs only).
     allowed_image_hosts: frozenset[str] = frozenset()
+    # LoRA adapters to serve from the start: (name, PEFT adapter directory), onto the text model.
+    lora_adapters: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):

@@ -129,7 +129,8 @@ async def _infer_tensor(request: Request, model, body: dict, blobs: dict) -> lis
 async def _infer_text(request: Request, model, body: dict, inputs) -> _Output:
     text, params = adapters.text_from_tensors(inputs, body.get("parameters"))
     ids = await adapters.prompt_ids(model, text, TEXT_INPUT)
-    out = await model.final_output(adapters.text_request(ids, params, body.get("parameters"), request.state.principal))
+    out = await model.final_output(adapters.text_request(ids, params, body.get("parameters"), request.state.principal,
+                                                             lora=model.lora))
     request.app.state.metrics.finished(model, [out])
     if out.error:
         raise ModelFailure(f"the model failed: {out.error}")

@@ -23,6 +23,8 @@ class ServedModel:
     name: str
     driver: EngineDriver
     created: int = field(default_factory=lambda: int(time.time()))
+    lora: str | None = None  # a LoRA adapter's name: requests to this name run the parent with it
+    parent: str | None = None  # the base model an adapter runs on
 
     @property
     def task(self) -> str:
@@ -55,6 +57,7 @@ Loader = Callable[[str], EngineDriver]  # name -> the driver of a freshly loaded
 class ModelRegistry:
     def __init__(self, drivers: dict[str, EngineDriver], loader: Loader | None = None):
         self._models = {name: ServedModel(name, driver) for name, driver in drivers.items()}
+        self._adapters: dict[str, ServedModel] = {}  # LoRA adapters, served under their own names
         self._loader = loader
         self._listeners: list[Callable[[str, ServedModel | None], None]] = []
 
@@ -68,7 +71,7 @@ class ModelRegistry:
         return name in self._models
 
     def names(self) -> list[str]:
-        return list(self._models)
+        return list(self._models) + list(self._adapters)
 
     def get(self, name: str | None) -> ServedModel:
         """The model called `name`; None picks the only model when there is one."""
@@ -76,10 +79,33 @@ class ModelRegistry:
             if len(self._models) == 1:
                 return next(iter(self._models.values()))
             raise ClientError("model is required: this server serves several", "model")
-        model = self._models.get(name)
+        model = self._models.get(name) or self._adapters.get(name)
         if model is None:
-            raise NotFound(f"the model {name!r} is not served; served: {', '.join(self._models)}", "model")
+            raise NotFound(f"the model {name!r} is not served; served: {', '.join(self.names())}", "model")
         return model
+
+    def adapters(self) -> list[ServedModel]:
+        return list(self._adapters.values())
+
+    async def load_lora(self, name: str, path: str, base: str | None = None) -> ServedModel:
+        """Load a PEFT LoRA adapter onto a text model (the only one when `base` is None) and serve
+        it as `name`."""
+        if name in self._models or name in self._adapters:
+            raise ClientError(f"the name {name!r} is taken", "lora_name")
+        parent = self.get(base)
+        if parent.lora is not None or parent.task != "text-generation":
+            raise ClientError(f"{parent.name!r} cannot take LoRA adapters", "model")
+        await parent.driver.call(lambda engine: engine.load_lora(name, path))
+        self._adapters[name] = adapter = ServedModel(name, parent.driver, lora=name, parent=parent.name)
+        log.info("LoRA adapter %s loaded onto %s", name, parent.name)
+        return adapter
+
+    async def unload_lora(self, name: str) -> None:
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise NotFound(f"no LoRA adapter named {name!r} is served", "lora_name")
+        await adapter.driver.call(lambda engine: engine.unload_lora(name))
+        del self._adapters[name]
 
     def on_change(self, listener: Callable[[str, ServedModel | None], None]) -> None:
         """Call listener(name, model) after a load, listener(name, None) after an unload."""

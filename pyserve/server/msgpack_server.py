@@ -179,7 +179,7 @@ class Connection:
                 sampling = replace(sampling, prompt_logprobs=sampling.logprobs)
         stream = bool(params.get("stream"))
         sent = 0
-        request = adapters.text_request(ids, sampling, params, self.principal, images)
+        request = adapters.text_request(ids, sampling, params, self.principal, images, lora=model.lora)
         async for out in model.driver.submit(None, request):
             if out.error:
                 raise ModelFailure(f"the model failed: {out.error}")
@@ -213,7 +213,8 @@ class Connection:
         inputs = [(name, adapters.wire_tensor_values(str(name), t)) for name, t in params["inputs"].items()]
         text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
         ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
-        out = await model.final_output(adapters.text_request(ids, sampling, params.get("parameters"), self.principal))
+        out = await model.final_output(adapters.text_request(ids, sampling, params.get("parameters"), self.principal,
+                                                             lora=model.lora))
         if out.error:
             raise ModelFailure(f"the model failed: {out.error}")
         result = {"outputs": {adapters.TEXT_OUTPUT: {"dtype": "bytes", "shape": [1],

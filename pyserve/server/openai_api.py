@@ -39,9 +39,31 @@ def text_model(request: Request, body: dict) -> ServedModel:
 
 
 async def list_models(request: Request) -> Response:
+    models = request.app.state.models
     return JSONResponse({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": m.created, "owned_by": "pyserve", "task": m.task}
-        for m in request.app.state.models]})
+        {"id": m.name, "object": "model", "created": m.created, "owned_by": "pyserve", "task": m.task,
+         "parent": m.parent} for m in [*models, *models.adapters()]]})
+
+
+async def load_lora_adapter(request: Request) -> Response:
+    """vLLM's shape: {"lora_name", "lora_path"} (and, with several base models, "model")."""
+    body = await json_body(request)
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if not isinstance(name, str) or not name:
+        raise InvalidParameter("lora_name", "must be a non-empty string")
+    if not isinstance(path, str) or not path:
+        raise InvalidParameter("lora_path", "must be a non-empty string")
+    await request.app.state.models.load_lora(name, path, adapters.get_field(body, "model"))
+    return JSONResponse({"lora_name": name, "loaded": True})
+
+
+async def unload_lora_adapter(request: Request) -> Response:
+    body = await json_body(request)
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name:
+        raise InvalidParameter("lora_name", "must be a non-empty string")
+    await request.app.state.models.unload_lora(name)
+    return JSONResponse({"lora_name": name, "unloaded": True})
 
 
 async def completions(request: Request) -> Response:
@@ -94,7 +116,7 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
     principal = request.state.principal
     streams = [model.driver.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
-                                                                              images or []))
+                                                                              images or [], model.lora))
                for p in prompts]
     merged = Merged(streams)
     await merged.start()  # raises a refused request's ClientError before any response is sent

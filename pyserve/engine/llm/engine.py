@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
-from ...errors import InvalidParameter
+from ...errors import InvalidParameter, NotFound
+from ...lora import LoraAdapter
 from ...kernels import rng
 from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
@@ -41,6 +42,7 @@ class TextRequest:
     params: SamplingParams | None = None
     cache_salt: str | None = None
     images: list[ImageInput] = field(default_factory=list)  # vision models: one per image placeholder run
+    lora: str | None = None  # a LoRA adapter loaded with LLMEngine.load_lora
 
 
 class LLMEngine:
@@ -85,6 +87,10 @@ class LLMEngine:
         self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         self._rng = random.Random()
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self.adapters: dict[str, int] = {}  # LoRA adapter name -> its slot in the model's adapter stacks
+        self._adapter_loads = 0
+        self._adapter_keys: dict[str, str] = {}  # prefix-cache key of each load: a reloaded name never
+        # meets the blocks its previous weights computed
         # Called after every step with (sequences, tokens) in it; metrics hook in here.
         self.on_step: Callable[[int, int], None] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
@@ -93,7 +99,7 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    cache_salt: str | None = None, images: list[ImageInput] = ()) -> None:
+                    cache_salt: str | None = None, images: list[ImageInput] = (), lora: str | None = None) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
         params = (params or SamplingParams()).resolved(self.defaults)
@@ -113,13 +119,18 @@ class LLMEngine:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
         self._check_fits_cache(len(ids), params)
         spans = self._image_spans(ids, list(images))
+        if lora is not None and lora not in self.adapters:
+            raise NotFound(f"no LoRA adapter named {lora!r} is loaded", "lora")
         matcher = self._matcher(params)
-        # Blocks holding an image's tokens are only shared with requests of the same images.
-        root = BlockManager.root_digest(cache_salt or "", *(span.image.digest for span in spans))
+        # Blocks holding an image's tokens are only shared with requests of the same images, and
+        # blocks computed under an adapter only with requests of that adapter.
+        root = BlockManager.root_digest(cache_salt or "", *(span.image.digest for span in spans),
+                                        self._adapter_keys.get(lora, ""))
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else rng.row_seed(params.seed, i)
-            seq = Sequence(request_id, i, ids, params, seed, cache_root=root, images=spans)
+            seq = Sequence(request_id, i, ids, params, seed, cache_root=root, images=spans,
+                           adapter=-1 if lora is None else self.adapters[lora])
             seq.matcher = matcher.deep_copy() if matcher is not None else None
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None] * len(ids)
@@ -133,7 +144,29 @@ class LLMEngine:
 
     def add(self, request_id: str, request: TextRequest) -> None:
         """The engine-driver entry point (see pyserve.engine.driver)."""
-        self.add_request(request_id, request.prompt, request.params, request.cache_salt, request.images)
+        self.add_request(request_id, request.prompt, request.params, request.cache_salt, request.images, request.lora)
+
+    def load_lora(self, name: str, path) -> None:
+        """Load a PEFT LoRA adapter under `name`; requests name it to use it (each row of a batch
+        its own adapter, or none)."""
+        if name in self.adapters:
+            raise InvalidParameter("lora", f"an adapter named {name!r} is already loaded")
+        free = [slot for slot in range(len(self.adapters) + 1) if slot not in self.adapters.values()]
+        self.model.load_adapter(free[0], LoraAdapter.load(name, path))
+        self.adapters[name] = free[0]
+        self._adapter_loads += 1
+        self._adapter_keys[name] = f"lora:{name}:{self._adapter_loads}"
+        log.info("LoRA adapter %s loaded from %s", name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter; refused while requests use it. Its slot is reused by the next load."""
+        if name not in self.adapters:
+            raise NotFound(f"no LoRA adapter named {name!r} is loaded", "lora_name")
+        slot = self.adapters[name]
+        if any(seq.adapter == slot for request in self.requests.values() for seq in request.seqs):
+            raise InvalidParameter("lora_name", f"adapter {name!r} is in use by running requests")
+        del self.adapters[name], self._adapter_keys[name]
+        log.info("LoRA adapter %s unloaded", name)
 
     def _image_spans(self, ids: list[int], images: list[ImageInput]) -> list[ImageSpan]:
         """Where each image's placeholder tokens are: runs of the model's image token, in order."""

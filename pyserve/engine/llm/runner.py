@@ -78,10 +78,14 @@ class ModelRunner:
         constrained = [seq.matcher for seq, _ in sampling if seq.matcher is not None]
         masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
         images = self._step_images(step)
-        if images is None:
+        adapters = None
+        if any(seq.adapter >= 0 for seq, _ in step.items):  # each token row its sequence's LoRA adapter
+            adapters = torch.tensor([seq.adapter for seq, n in step.items for _ in range(n)], dtype=torch.int32,
+                                    device=self.device)
+        if images is None and adapters is None:
             hidden = self.model.forward(input_ids, positions, meta, self.cache)
         else:
-            hidden = self.model.forward(input_ids, positions, meta, self.cache, images)
+            hidden = self.model.forward(input_ids, positions, meta, self.cache, images, adapters)
         result = StepResult(prompt_logprobs=self._prompt_logprobs(step, hidden))
         if sampling:
             result.sampled = self._sample([seq for seq, _ in sampling], hidden[[row for _, row in sampling]],

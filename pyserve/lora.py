@@ -1,0 +1,95 @@
+"""LoRA adapters in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), for
+plugins that serve several adapters over one base model.
+
+    adapter = LoraAdapter.load("my-adapter", "path/to/adapter")
+    adapter.weights["model.layers.0.self_attn.q_proj"]   # (A [r, in], B [out, r])
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import InvalidParameter
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    rank: int
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # base module name -> (A [r, in], B [out, r])
+
+    @classmethod
+    def load(cls, name: str, path: str | Path) -> "LoraAdapter":
+        path = Path(path)
+        config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not config_path.exists() or not weights_path.exists():
+            raise InvalidParameter("lora", f"{path} is not a PEFT LoRA adapter (adapter_config.json and "
+                                           f"adapter_model.safetensors)")
+        cfg = json.loads(config_path.read_text())
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise InvalidParameter("lora", f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        pieces: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(str(weights_path)).items():
+            module, _, kind = key.rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                raise InvalidParameter("lora", f"{path}: unexpected tensor {key!r} (only LoRA A/B weights are served)")
+            pieces.setdefault(module.removeprefix("base_model.model."), {})[kind[0]] = tensor.float()
+        weights = {}
+        for module, ab in pieces.items():
+            if set(ab) != {"A", "B"}:
+                raise InvalidParameter("lora", f"{path}: {module} lacks its lora_A or lora_B weight")
+            weights[module] = (ab["A"], ab["B"])
+        return cls(name, rank, scale, weights)
+
+
+@dataclass
+class LoraStack:
+    """One layer's loaded adapters, stacked for `kernels.lora` (slot i is adapter i)."""
+
+    a: torch.Tensor  # [slots, max_rank, in]
+    b: torch.Tensor  # [slots, out, max_rank]
+    rank: torch.Tensor  # [slots] int32 (0: the adapter leaves this layer alone)
+    scale: torch.Tensor  # [slots] float32
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, device) -> "LoraStack":
+        return cls(torch.zeros(0, 0, in_features, device=device), torch.zeros(0, out_features, 0, device=device),
+                   torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device))
+
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> "LoraStack":
+        """A copy with slot `slot` holding A [r, in] and B [out, r] (r may be 0)."""
+        slots, rank = max(slot + 1, self.a.shape[0]), max(a.shape[0], self.a.shape[1])
+        grown_a = torch.zeros(slots, rank, self.a.shape[2], device=self.a.device)
+        grown_b = torch.zeros(slots, self.b.shape[1], rank, device=self.b.device)
+        grown_a[:self.a.shape[0], :self.a.shape[1]] = self.a
+        grown_b[:self.b.shape[0], :, :self.b.shape[2]] = self.b
+        ranks = torch.zeros(slots, dtype=torch.int32, device=self.rank.device)
+        ranks[:self.rank.shape[0]] = self.rank
+        scales = torch.zeros(slots, device=self.scale.device)
+        scales[:self.scale.shape[0]] = self.scale
+        grown_a[slot], grown_b[slot] = 0.0, 0.0
+        grown_a[slot, :a.shape[0]], grown_b[slot, :, :b.shape[1]] = a, b
+        ranks[slot], scales[slot] = a.shape[0], scale
+        return LoraStack(grown_a, grown_b, ranks, scales)
+
+
+def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], sizes: list[int], in_features: int):
+    """One adapter for a fused projection from its parts' (A, B) (None: a part the adapter leaves
+    alone): the ranks stack, and B is block-diagonal over the parts' output rows."""
+    ranks = [0 if p is None else p[0].shape[0] for p in parts]
+    a = torch.zeros(sum(ranks), in_features)
+    b = torch.zeros(sum(sizes), sum(ranks))
+    r0 = n0 = 0
+    for part, rank, size in zip(parts, ranks, sizes):
+        if part is not None:
+            a[r0:r0 + rank] = part[0]
+            b[n0:n0 + size, r0:r0 + rank] = part[1]
+        r0, n0 = r0 + rank, n0 + size
+    return a, b
