@@ -207,3 +207,20 @@ def test_load_and_unload_at_run_time_while_another_request_streams(served, peft_
         client.completions.create(model="gate", prompt=PROMPT, max_tokens=2)
     stream.join()
     assert streamed and streamed[0]
+
+
+def test_a_step_holds_at_most_max_loras_adapters(tiny_llama_dir, peft_models):
+    from pyserve import LLM, SamplingParams
+    llm = LLM(tiny_llama_dir, device="cpu", max_loras=1,
+              lora={name: path for name, (path, _) in peft_models.items()})
+    names = ["all", "gate-only", None, "all", "rslora-some"]
+    seen = []
+    llm.engine.on_step = lambda rows, tokens: seen.append(
+        {s.adapter for s in llm.engine.scheduler.running if s.adapter >= 0})
+    outs = llm.generate([PROMPT] * len(names), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                        lora=names)
+    assert all(len(o.token_ids) == 5 for o in outs)
+    assert seen and max(len(s) for s in seen) == 1
+    alone = [llm.generate(PROMPT, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), lora=n)[0].token_ids
+             for n in names]
+    assert [o.token_ids for o in outs] == alone

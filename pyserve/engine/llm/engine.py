@@ -58,7 +58,7 @@ class LLMEngine:
 
     def __init__(self, model: TextGenerationModel, *, kv_cache_memory: int = 512 * 2**20, block_size: int = 16,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None):
+                 num_blocks: int | None = None, max_loras: int = 32):
         spec = model.spec
         self.model = model
         self.tokenizer = model.tokenizer
@@ -80,7 +80,7 @@ class LLMEngine:
         cache = KVCache.allocate(spec.num_layers, self.num_blocks, spec.num_kv_heads, block_size, spec.head_dim,
                                  spec.dtype, spec.device)
         self.blocks = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_loras)
         self.runner = ModelRunner(model, cache, block_size)
         self.requests: dict[str, Request] = {}
         self.eos_ids = list(self.tokenizer.eos_token_ids) if self.tokenizer else []

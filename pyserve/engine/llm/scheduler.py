@@ -26,9 +26,10 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 32):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
+        self.max_loras = max_loras  # distinct LoRA adapters among the running sequences
         self.max_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -58,8 +59,13 @@ class Scheduler:
                 items.append((seq, n))
                 budget -= n
         rejected: list[Sequence] = []
+        adapters = {s.adapter for s in self.running if s.adapter >= 0}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter >= 0 and seq.adapter not in adapters and len(adapters) >= self.max_loras:
+                break  # in order: it waits until a running adapter's sequences are done
+            if seq.adapter >= 0:
+                adapters.add(seq.adapter)
             if seq.params.prompt_logprobs is None:  # scoring the prompt recomputes a cached prefix
                 self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
