@@ -52,7 +52,7 @@ def _serve(args) -> int:
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model directory")
     for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "max_batch_size",
-                 "max_queue_size"):
+                 "max_queue_size", "max_loras"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
@@ -75,7 +75,8 @@ def _serve(args) -> int:
                              quantization=args.quantization if registry.for_model(known[name]).task == TEXT_GENERATION
                              else None,
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
-                             max_num_batched_tokens=args.max_num_batched_tokens, **batching)
+                             max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
+                             **batching)
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
     try:
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         "data: URLs only)")
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter over the text model as NAME (repeatable)")
+    s.add_argument("--max-loras", type=int, default=32, help="distinct LoRA adapters running at once")
     s.add_argument("--served-model-name", action="append", help="the API name of each model (default: folder)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
