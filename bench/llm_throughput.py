@@ -29,10 +29,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def make_checkpoint(out: Path, quick: bool) -> Path:
+    train_tokenizer(out)
+    return save_benchmark_llama(out, quick)
+
+
+def save_benchmark_llama(out: Path, quick: bool, vocab_size: int = 32000) -> Path:
+    """The ~100M-parameter benchmark Llama (4 layers with `quick`), random weights, into `out`."""
     import transformers
 
-    train_tokenizer(out)
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=2048,
                                    num_hidden_layers=4 if quick else 10, num_attention_heads=12,
                                    num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0,
                                    eos_token_id=1, tie_word_embeddings=False)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result  # noqa: E402
 
 from pyserve import LLM, SamplingParams  # noqa: E402
+from pyserve.server.vision_inputs import expand_image_tokens  # noqa: E402
 from pyserve.tasks import ImageInput  # noqa: E402
 
 
@@ -79,8 +80,7 @@ def main() -> None:
             question = " ".join(rng.choice(words) for _ in range(rng.randint(2, 24)))
             content = [{"type": "image"}, {"type": "text", "text": question}]
             ids = llm.engine.tokenizer.encode_chat([{"role": "user", "content": content}])
-            prompts.append([t for i in ids for t in ([i] * vision.tokens_per_image if i == vision.image_token_id
-                                                      else [i])])
+            prompts.append(expand_image_tokens(ids, vision))
         def prepared(images):
             return [ImageInput(vision.preprocess(im), hashlib.sha256(im.tobytes()).hexdigest()) for im in images]
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import timeit  # noqa: E402
+from llm_throughput import save_benchmark_llama  # noqa: E402
 from report import write_result  # noqa: E402
 
 from pyserve import LLM, SamplingParams, kernels  # noqa: E402
@@ -42,21 +43,13 @@ SCHEMA = {"type": "array", "minItems": 40, "items": {
 
 
 def make_checkpoint(out: Path, quick: bool) -> Path:
-    import transformers
-
     from pyserve.demo.data import python_docs
     from pyserve.demo.train_text import train_tokenizer
 
     tok = train_tokenizer(list(python_docs().values()), 32000)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=768, intermediate_size=2048,
-                                   num_hidden_layers=4 if quick else 10, num_attention_heads=12,
-                                   num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=0,
-                                   eos_token_id=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    return out
+    return save_benchmark_llama(out, quick, tok.get_vocab_size())
 
 
 def engine_run(llm: LLM, n: int, new_tokens: int, constrained: bool) -> dict:

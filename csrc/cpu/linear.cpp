@@ -53,21 +53,8 @@ constexpr RowsFn kRows[kMaxLinearRows] = {rows_times_weights<1>, rows_times_weig
 }  // namespace
 
 void linear(const LinearArgs& a) {
-  constexpr int kChunk = 64;  // weight rows per task: small enough to stay in cache across passes
-  const int chunks = (a.n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-  for (int c = 0; c < chunks; ++c) {
-    const int n0 = c * kChunk, n1 = n0 + kChunk < a.n ? n0 + kChunk : a.n;
-    // Up to eight input rows a pass (their accumulators live in registers); more rows take more
-    // passes over the same, now cached, weight rows.
-    for (int r = 0; r < a.m; r += kMaxLinearRows) {
-      LinearArgs part = a;
-      part.x = a.x + static_cast<long>(r) * a.k;
-      part.out = a.out + static_cast<long>(r) * a.n;
-      part.m = a.m - r < kMaxLinearRows ? a.m - r : kMaxLinearRows;
-      kRows[part.m - 1](part, n0, n1);
-    }
-  }
+  // 64 weight rows a task: small enough to stay in cache across passes
+  in_row_passes(a, 64, [](const LinearArgs& part, int n0, int n1) { kRows[part.m - 1](part, n0, n1); });
 }
 
 }  // namespace pyserve::cpu

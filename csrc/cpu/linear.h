@@ -15,4 +15,24 @@ struct LinearArgs {
 
 void linear(const LinearArgs& args);
 
+// The blocking both decode-sized products share: weight rows in chunks of `chunk` split among
+// threads, and within a chunk up to kMaxLinearRows input rows a pass (their accumulators live in
+// registers); more rows take more passes over the same, now cached, weight rows.
+// rows(part, n0, n1) computes part.m <= kMaxLinearRows rows of outputs [n0, n1).
+template <typename Args, typename Rows>
+void in_row_passes(const Args& a, int chunk, Rows rows) {
+  const int chunks = (a.n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int c = 0; c < chunks; ++c) {
+    const int n0 = c * chunk, n1 = n0 + chunk < a.n ? n0 + chunk : a.n;
+    for (int r = 0; r < a.m; r += kMaxLinearRows) {
+      Args part = a;
+      part.x = a.x + static_cast<long>(r) * a.k;
+      part.out = a.out + static_cast<long>(r) * a.n;
+      part.m = a.m - r < kMaxLinearRows ? a.m - r : kMaxLinearRows;
+      rows(part, n0, n1);
+    }
+  }
+}
+
 }  // namespace pyserve::cpu

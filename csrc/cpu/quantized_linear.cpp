@@ -223,21 +223,8 @@ void quantized_linear(const QuantizedLinearArgs& a, Isa isa) {
   if (isa == Isa::kAVX512) fns = Table<AVX512>::fns;
   if (isa == Isa::kAVX2) fns = Table<AVX2>::fns;
 #endif
-  constexpr int kChunk = 32;  // weight rows per task: their packed bytes stay in cache across passes
-  const int chunks = (a.n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-  for (int c = 0; c < chunks; ++c) {
-    const int n0 = c * kChunk, n1 = n0 + kChunk < a.n ? n0 + kChunk : a.n;
-    // Up to eight input rows a pass (the accumulators live in registers); more rows take more
-    // passes over the same, now cached, weights.
-    for (int r = 0; r < a.m; r += kMaxLinearRows) {
-      QuantizedLinearArgs part = a;
-      part.x = a.x + static_cast<long>(r) * a.k;
-      part.out = a.out + static_cast<long>(r) * a.n;
-      part.m = a.m - r < kMaxLinearRows ? a.m - r : kMaxLinearRows;
-      fns[part.m - 1](part, n0, n1);
-    }
-  }
+  // 32 weight rows a task: their packed bytes stay in cache across passes
+  in_row_passes(a, 32, [fns](const QuantizedLinearArgs& part, int n0, int n1) { fns[part.m - 1](part, n0, n1); });
 }
 
 }  // namespace pyserve::cpu
