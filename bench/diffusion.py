@@ -157,6 +157,7 @@ def summarize(reqs, finish: dict, makespan: float, outside: float) -> dict:
 
 
 def low_load(model_dir: Path, pipe, repeats: int) -> dict:
+    """One request at a time, the two systems alternating; medians."""
     engine = load_engine(model_dir, device="cpu")
     ours, theirs = [], []
     for r in range(repeats + 1):  # the first of each is a warm-up
@@ -169,7 +170,23 @@ def low_load(model_dir: Path, pipe, repeats: int) -> dict:
         pipe(PROMPTS[0], num_inference_steps=20, guidance_scale=GUIDANCE, output_type="np")
         theirs.append(time.perf_counter() - t)
     ours_s, theirs_s = statistics.median(ours[1:]), statistics.median(theirs[1:])
-    return {"pyserve_s": ours_s, "diffusers_s": theirs_s, "speed_ratio": theirs_s / ours_s}
+    # The denoiser call alone (CFG batch of 2), less noisy than whole images: pyserve's traced
+    # network against diffusers' UNet, alternating.
+    x, t = torch.randn(2, 4, 20, 20), torch.tensor([500.0, 500.0])
+    cond = torch.randn(2, 32, pipe.text_encoder.config.hidden_size)
+    calls = {"pyserve": lambda: engine.model.denoise(x, t, cond),
+             "diffusers": lambda: pipe.unet(x, t, encoder_hidden_states=cond)}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for r in range(10 * repeats + 2):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    ours_call, theirs_call = (statistics.median(times[name][2:]) for name in calls)
+    return {"pyserve_s": ours_s, "diffusers_s": theirs_s, "speed_ratio": theirs_s / ours_s,
+            "denoiser_call_ms": {"pyserve": 1e3 * ours_call, "diffusers": 1e3 * theirs_call},
+            "denoiser_call_ratio": theirs_call / ours_call}
 
 
 def main() -> None:
@@ -177,13 +194,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 requests, one low-load repeat")
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--max-batch-size", type=int, default=8, help="images pyserve denoises per step")
+    parser.add_argument("--low-load", action="store_true", help="only the one-request-at-a-time comparison")
     args = parser.parse_args()
     n = args.requests or (8 if args.quick else 32)
     reqs = workload(n)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_pipeline(Path(tmp))
         pipe = diffusers_pipeline(model_dir)
-        low = low_load(model_dir, pipe, 1 if args.quick else 6)
+        low = low_load(model_dir, pipe, 1 if args.quick else 10)
+        if args.low_load:
+            print(f"low load: {low['speed_ratio']:.2f}x per image, {low['denoiser_call_ratio']:.2f}x per denoiser call")
+            return
         # This machine's speed drifts between runs: alternate the systems and keep each one's best.
         rounds = [(run_pyserve(model_dir, reqs, args.max_batch_size), run_diffusers_per_request(pipe, reqs),
                    run_diffusers_batched(pipe, reqs)) for _ in range(1 if args.quick else 2)]
@@ -205,7 +226,8 @@ def main() -> None:
           f"{result['mean_latency_vs_per_request']:.2f}x lower mean latency; vs batched diffusers "
           f"{result['images_per_s_vs_batched']:.2f}x")
     print(f"low load (one 20-step image): pyserve {low['pyserve_s']:.2f}s, diffusers {low['diffusers_s']:.2f}s "
-          f"({low['speed_ratio']:.2f}x)")
+          f"({low['speed_ratio']:.2f}x); one denoiser call {low['denoiser_call_ms']['pyserve']:.1f} ms vs "
+          f"{low['denoiser_call_ms']['diffusers']:.1f} ms ({low['denoiser_call_ratio']:.2f}x)")
     write_result("diffusion", result, args.quick)
 
 

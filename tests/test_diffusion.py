@@ -165,3 +165,30 @@ def test_an_init_image_of_any_size_defaults_to_the_nearest_size_below(sd_dir):
     init = torch.rand(3, 20, 29)
     out = run(engine, {"r": ImageRequest(PROMPT, num_inference_steps=2, seed=1, init_image=init, strength=1.0)})["r"]
     assert out.shape == (1, 16, 24, 3)
+
+
+def test_the_denoiser_runs_traced_per_latent_size_and_a_bad_trace_stays_eager(sd_dir, caplog):
+    import plugins.diffusion.traced as traced
+
+    engine = load_engine(sd_dir, device="cpu")
+    model = engine.model
+    cond = torch.randn(3, 32, model.text_encoder.config.hidden_size)
+    t = torch.tensor([900.0, 500.0, 20.0])
+    for size in ((8, 8), (12, 8)):
+        x = torch.randn(3, 4, *size)
+        with torch.inference_mode():
+            want = model.unet(x, t, encoder_hidden_states=cond).sample
+            first, again = model.denoise(x, t, cond), model.denoise(x[:2], t[:2], cond[:2])
+        torch.testing.assert_close(first, want)
+        torch.testing.assert_close(again, want[:2], atol=1e-5, rtol=1e-5)  # the trace, at another batch size
+    assert len(model.traced.traces) == 2 and all(model.traced.traces.values())
+
+    model.traced = traced.TracedDenoiser(model.unet)
+    caplog.set_level("WARNING", logger="pyserve.diffusion")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(traced, "TOLERANCE", -1.0)  # no trace can pass the check
+        with torch.inference_mode():
+            got = model.denoise(x, t, cond), model.denoise(x, t, cond)
+    assert list(model.traced.traces.values()) == [None]
+    assert "stays eager" in caplog.text and caplog.text.count("\n") == 1
+    torch.testing.assert_close(got[1], want)

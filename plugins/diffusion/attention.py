@@ -45,11 +45,19 @@ class KernelAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _attention(q, k, v, scale: float) -> torch.Tensor:
+@torch.library.custom_op("pyserve_diffusion::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """An operator of its own, so that a traced network calls the kernel rather than recording
+    what it did to one example."""
     try:
         return kernels.dense_attention(q, k, v, scale=scale)
     except kernels.KernelInputError:  # a shape the kernels do not take (e.g. a 512-wide VAE head)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@_attention.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape)
 
 
 def use_kernel_attention(module: torch.nn.Module) -> int:
