@@ -64,22 +64,20 @@ def run(llm: LLM, prompts, adapters, new_tokens: int) -> float:
 
 def merged(llm: LLM, prompts, adapters, names, new_tokens: int) -> float:
     """Each adapter merged into the weights in turn (W += scale B A), its requests served, unmerged."""
-    linears = [m for m in llm.engine.model.module.modules() if getattr(m, "lora", None) is not None]
     tokens, start = 0, time.perf_counter()
     for name in names:
-        slot = llm.engine.adapters[name]
+        loaded = llm.engine.adapters.loaded[name]  # its layers as the model takes them
         deltas = []
         with torch.no_grad():
-            for linear in linears:
-                stack, r = linear.lora, int(linear.lora.rank[slot])
-                delta = float(stack.scale[slot]) * stack.b[slot, :, :r] @ stack.a[slot, :r]
+            for linear, a, b in loaded.layers:
+                delta = loaded.scale * b @ a
                 linear.weight.add_(delta)
-                deltas.append(delta)
+                deltas.append((linear, delta))
         own = [p for p, a in zip(prompts, adapters) if a == name]
         outs = llm.generate(own, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
         tokens += sum(len(o.token_ids) for o in outs)
         with torch.no_grad():
-            for linear, delta in zip(linears, deltas):
+            for linear, delta in deltas:
                 linear.weight.sub_(delta)
     return tokens / (time.perf_counter() - start)
 

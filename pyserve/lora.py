@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from .errors import InvalidParameter
 
+Target = tuple[torch.nn.Module, list[str], list[int]]  # a layer, its parts' module names, their output sizes
+
 
 @dataclass
 class LoraAdapter:
@@ -51,7 +53,7 @@ class LoraAdapter:
 
 @dataclass
 class LoraStack:
-    """One layer's loaded adapters, stacked for `kernels.lora` (slot i is adapter i)."""
+    """One layer's resident adapters, stacked for `kernels.lora` (a row names its slot)."""
 
     a: torch.Tensor  # [slots, max_rank, in]
     b: torch.Tensor  # [slots, out, max_rank]
@@ -64,20 +66,24 @@ class LoraStack:
                    torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device))
 
     def put(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> "LoraStack":
-        """A copy with slot `slot` holding A [r, in] and B [out, r] (r may be 0)."""
-        slots, rank = max(slot + 1, self.a.shape[0]), max(a.shape[0], self.a.shape[1])
-        grown_a = torch.zeros(slots, rank, self.a.shape[2], device=self.a.device)
-        grown_b = torch.zeros(slots, self.b.shape[1], rank, device=self.b.device)
-        grown_a[:self.a.shape[0], :self.a.shape[1]] = self.a
-        grown_b[:self.b.shape[0], :, :self.b.shape[2]] = self.b
-        ranks = torch.zeros(slots, dtype=torch.int32, device=self.rank.device)
-        ranks[:self.rank.shape[0]] = self.rank
-        scales = torch.zeros(slots, device=self.scale.device)
-        scales[:self.scale.shape[0]] = self.scale
-        grown_a[slot], grown_b[slot] = 0.0, 0.0
-        grown_a[slot, :a.shape[0]], grown_b[slot, :, :b.shape[1]] = a, b
-        ranks[slot], scales[slot] = a.shape[0], scale
-        return LoraStack(grown_a, grown_b, ranks, scales)
+        """Slot `slot` now holds A [r, in] and B [out, r] (r may be 0): written in place, or into a
+        grown copy when the slot or the rank is new."""
+        stack = self
+        if slot >= self.a.shape[0] or a.shape[0] > self.a.shape[1]:
+            stack = self._grown(max(slot + 1, self.a.shape[0]), max(a.shape[0], self.a.shape[1]))
+        r = a.shape[0]
+        stack.a[slot], stack.b[slot] = 0.0, 0.0
+        stack.a[slot, :r], stack.b[slot, :, :r] = a, b
+        stack.rank[slot], stack.scale[slot] = r, scale
+        return stack
+
+    def _grown(self, slots: int, rank: int) -> "LoraStack":
+        grown = LoraStack(self.a.new_zeros(slots, rank, self.a.shape[2]), self.b.new_zeros(slots, self.b.shape[1], rank),
+                          self.rank.new_zeros(slots), self.scale.new_zeros(slots))
+        grown.a[:self.a.shape[0], :self.a.shape[1]] = self.a
+        grown.b[:self.b.shape[0], :, :self.b.shape[2]] = self.b
+        grown.rank[:self.rank.shape[0]], grown.scale[:self.scale.shape[0]] = self.rank, self.scale
+        return grown
 
 
 def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], sizes: list[int], in_features: int):
@@ -93,3 +99,24 @@ def fuse(parts: list[tuple[torch.Tensor, torch.Tensor] | None], sizes: list[int]
             b[n0:n0 + size, r0:r0 + rank] = part[1]
         r0, n0 = r0 + rank, n0 + size
     return a, b
+
+
+def adapter_layers(adapter: LoraAdapter, targets: list[Target]) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """The adapter as (layer, A, B) for every target layer (rank 0 where it leaves one alone), the
+    parts of a fused layer stacked by `fuse`; InvalidParameter naming the module when the adapter
+    targets a module not listed or has the wrong shapes for it."""
+    known = {name for _, names, _ in targets for name in names}
+    unknown = sorted(set(adapter.weights) - known)
+    if unknown:
+        raise InvalidParameter("lora", f"adapter {adapter.name!r} targets {unknown[0]}, which this model "
+                                       f"does not serve adapters on (attention and MLP projections)")
+    layers = []
+    for layer, names, sizes in targets:
+        parts = [adapter.weights.get(name) for name in names]
+        for name, part, size in zip(names, parts, sizes):
+            if part is not None and (part[0].shape[1] != layer.in_features or part[1].shape[0] != size):
+                raise InvalidParameter("lora", f"adapter {adapter.name!r}: {name} has shapes "
+                                               f"{tuple(part[0].shape)}/{tuple(part[1].shape)}, the model "
+                                               f"takes [r, {layer.in_features}]/[{size}, r]")
+        layers.append((layer, *fuse(parts, sizes, layer.in_features)))
+    return layers

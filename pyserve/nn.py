@@ -19,12 +19,30 @@ from . import kernels
 from .lora import LoraStack
 
 
-class Linear(nn.Linear):
+class LoraTarget:
+    """A mixin for a layer y = f(x) with `in_features`, `out_features` and a `weight` on its
+    device, that takes LoRA adapters: each row of a batch adds its own adapter's delta."""
+
+    lora: "LoraStack | None" = None  # the adapters resident in this layer (pyserve.lora)
+
+    def put_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        if self.lora is None:
+            self.lora = LoraStack.empty(self.in_features, self.out_features, self.weight.device)
+        self.lora = self.lora.put(slot, a, b, scale)
+
+    def add_adapters(self, y: torch.Tensor, x: torch.Tensor, adapters: torch.Tensor | None) -> torch.Tensor:
+        """y plus each row's adapter delta; `adapters` [rows] names each row's slot (-1: none)."""
+        if adapters is not None and self.lora is not None:
+            kernels.lora(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora.a, self.lora.b, adapters,
+                         self.lora.rank, self.lora.scale)
+        return y
+
+
+class Linear(LoraTarget, nn.Linear):
     """nn.Linear whose forward is `kernels.linear` (fast decode-sized products on the CPU), and
     whose weight may be packed to fewer bytes."""
 
     packed: kernels.QuantizedWeight | None = None
-    lora: "LoraStack | None" = None  # adapters loaded for this layer (pyserve.lora)
 
     def pack(self, format: str) -> int:
         self.packed = kernels.quantize(self.weight, format)
@@ -36,19 +54,8 @@ class Linear(nn.Linear):
         return self.weight if self.packed is None else self.packed
 
     def forward(self, x: torch.Tensor, adapters: torch.Tensor | None = None) -> torch.Tensor:
-        """`adapters` [rows] picks each row's LoRA adapter (-1: none) among those loaded here."""
-        y = kernels.linear(x, self.matrix, self.bias)
-        if adapters is not None and self.lora is not None:
-            flat = y.view(-1, y.shape[-1])
-            kernels.lora(flat, x.reshape(-1, x.shape[-1]), self.lora.a, self.lora.b, adapters, self.lora.rank,
-                         self.lora.scale)
-        return y
-
-    def put_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        if self.lora is None:
-            self.lora = LoraStack.empty(self.in_features, self.out_features, self.bias.device if self.bias is not None
-                                        else self.matrix.device)
-        self.lora = self.lora.put(slot, a, b, scale)
+        """`adapters` [rows] picks each row's LoRA adapter slot (-1: none)."""
+        return self.add_adapters(kernels.linear(x, self.matrix, self.bias), x, adapters)
 
 
 def release(module: nn.Module, name: str) -> int:

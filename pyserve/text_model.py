@@ -31,11 +31,12 @@ class TextModel:
     def encode_images(self, pixels):
         return self.module.encode_images(pixels)
 
-    def load_adapter(self, slot: int, adapter) -> None:
-        """LoRA adapter `slot` (a pyserve.lora.LoraAdapter); InvalidParameter if it does not fit."""
-        if not hasattr(self.module, "load_adapter"):
+    def adapter_layers(self, adapter) -> list:
+        """A pyserve.lora.LoraAdapter as (layer, A, B) in the model's layout; InvalidParameter if it
+        does not fit."""
+        if not hasattr(self.module, "adapter_layers"):
             raise InvalidParameter("lora", "this model does not serve LoRA adapters")
-        self.module.load_adapter(slot, adapter)
+        return self.module.adapter_layers(adapter)
 
     def compute_logits(self, hidden):
         return self.module.compute_logits(hidden)

@@ -209,18 +209,51 @@ def test_load_and_unload_at_run_time_while_another_request_streams(served, peft_
     assert streamed and streamed[0]
 
 
-def test_a_step_holds_at_most_max_loras_adapters(tiny_llama_dir, peft_models):
+def test_a_pool_of_one_slot_swaps_adapters_in_and_out(tiny_llama_dir, peft_models, lora_llm):
+    """max_loras=1: one adapter resident and one per step; the others wait in host memory and
+    come back when their requests run, with the tokens a pool holding all of them gives."""
     from pyserve import LLM, SamplingParams
     llm = LLM(tiny_llama_dir, device="cpu", max_loras=1,
               lora={name: path for name, (path, _) in peft_models.items()})
-    names = ["all", "gate-only", None, "all", "rslora-some"]
+    names = ["all", "gate-only", None, "all", "rslora-some", "gate-only"]
     seen = []
     llm.engine.on_step = lambda rows, tokens: seen.append(
         {s.adapter for s in llm.engine.scheduler.running if s.adapter >= 0})
-    outs = llm.generate([PROMPT] * len(names), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
-                        lora=names)
-    assert all(len(o.token_ids) == 5 for o in outs)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outs = llm.generate([PROMPT] * len(names), params, lora=names)
     assert seen and max(len(s) for s in seen) == 1
-    alone = [llm.generate(PROMPT, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), lora=n)[0].token_ids
-             for n in names]
-    assert [o.token_ids for o in outs] == alone
+    pool = llm.engine.adapters
+    assert len(pool.resident) == 1 and pool.swaps >= 4  # every change of adapter was a swap
+    assert [o.token_ids for o in outs] == [o.token_ids for o in lora_llm.generate([PROMPT] * len(names), params,
+                                                                                  lora=names)]
+    llm.engine.unload_lora("gate-only")  # the resident one: its slot is free again
+    assert not pool.resident
+    assert llm.generate(PROMPT, params, lora="all")[0].token_ids == outs[0].token_ids
+
+
+def test_gpt2_adapters_match_peft(tmp_path):
+    import peft
+    from pyserve import LLM, SamplingParams
+    from tiny_models import load_reference, make_model
+    base = make_model(tmp_path / "gpt2", arch="gpt2")
+    models = {}
+    for i, (name, targets) in enumerate((("attn", ["c_attn"]), ("all", ["c_attn", "c_proj", "c_fc"]))):
+        torch.manual_seed(i)
+        model = peft.get_peft_model(load_reference(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=True, init_lora_weights=False))
+        model.save_pretrained(tmp_path / name)
+        models[name] = model.eval()
+    llm = LLM(base, device="cpu", lora={name: tmp_path / name for name in models})
+    ids = llm.engine.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    outs = llm.generate([ids] * 3, params, lora=[*models, None])  # one batch: both adapters and the base
+    for out, (name, model) in zip(outs, models.items()):
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            tokens = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                    pad_token_id=1)[0, len(ids):].tolist()
+        got = torch.tensor([e["logprob"] for e in out.prompt_logprobs[1:]])
+        torch.testing.assert_close(got, want[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
+        assert out.token_ids == tokens, name
+    assert len({tuple(o.token_ids) for o in outs}) == 3

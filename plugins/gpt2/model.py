@@ -8,15 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyserve import kernels
-from pyserve.nn import release
+from pyserve.lora import LoraAdapter, adapter_layers
+from pyserve.nn import LoraTarget, release
 from pyserve.tasks import AttentionMetadata, KVCache
 
 
-class Conv1D(nn.Module):
+class Conv1D(LoraTarget, nn.Module):
     """y = x @ weight + bias, with weight [in, out] as GPT-2 checkpoints store it."""
 
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
+        self.in_features, self.out_features = n_in, n_out
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
 
@@ -26,10 +28,9 @@ class Conv1D(nn.Module):
         self.packed = kernels.quantize(self.weight.t(), format)
         return release(self, "weight")
 
-    def forward(self, x):
-        if self.packed is not None:
-            return kernels.linear(x, self.packed, self.bias)
-        return torch.addmm(self.bias, x, self.weight)
+    def forward(self, x, adapters=None):
+        y = kernels.linear(x, self.packed, self.bias) if self.packed is not None else torch.addmm(self.bias, x, self.weight)
+        return self.add_adapters(y, x, adapters)
 
 
 class Attention(nn.Module):
@@ -40,13 +41,13 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(cfg["n_embd"], 3 * cfg["n_embd"])
         self.c_proj = Conv1D(cfg["n_embd"], cfg["n_embd"])
 
-    def forward(self, x, meta: AttentionMetadata, k_cache, v_cache):
+    def forward(self, x, meta: AttentionMetadata, k_cache, v_cache, adapters=None):
         t = x.shape[0]
-        q, k, v = self.c_attn(x).view(t, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = self.c_attn(x, adapters).view(t, 3, self.heads, self.head_dim).unbind(1)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
-        return self.c_proj(out.reshape(t, -1))
+        return self.c_proj(out.reshape(t, -1), adapters)
 
 
 class MLP(nn.Module):
@@ -56,8 +57,8 @@ class MLP(nn.Module):
         self.c_fc = Conv1D(cfg["n_embd"], inner)
         self.c_proj = Conv1D(inner, cfg["n_embd"])
 
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+    def forward(self, x, adapters=None):
+        return self.c_proj(F.gelu(self.c_fc(x, adapters), approximate="tanh"), adapters)
 
 
 class Block(nn.Module):
@@ -69,9 +70,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg["n_embd"], eps=eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, meta, k_cache, v_cache):
-        x = x + self.attn(self.ln_1(x), meta, k_cache, v_cache)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, meta, k_cache, v_cache, adapters=None):
+        x = x + self.attn(self.ln_1(x), meta, k_cache, v_cache, adapters)
+        return x + self.mlp(self.ln_2(x), adapters)
 
 
 class Transformer(nn.Module):
@@ -90,11 +91,17 @@ class GPT2LMHeadModel(nn.Module):
         self.head: kernels.QuantizedWeight | None = None  # a packed copy of the tied head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, images=None, adapters: torch.Tensor | None = None) -> torch.Tensor:
+        """`adapters` [T] picks each row's LoRA adapter slot (-1: none); GPT-2 reads no images."""
         x = self.transformer.wte(input_ids) + self.transformer.wpe(positions)
         for block, k_cache, v_cache in zip(self.transformer.h, cache.keys, cache.values):
-            x = block(x, meta, k_cache, v_cache)
+            x = block(x, meta, k_cache, v_cache, adapters)
         return self.transformer.ln_f(x)
+
+    def adapter_layers(self, adapter: LoraAdapter) -> list:
+        """PEFT adapters on c_attn (q/k/v already fused in GPT-2's checkpoints), c_proj and c_fc."""
+        return adapter_layers(adapter, [(m, [name], [m.out_features]) for name, m in self.named_modules()
+                                        if isinstance(m, Conv1D)])
 
     def pack(self, format: str) -> int:
         """The head is tied to wte, which lookups still need: it reads a packed copy."""

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from pyserve import kernels
-from pyserve.errors import InvalidParameter
-from pyserve.lora import LoraAdapter, fuse
+from pyserve.lora import LoraAdapter, adapter_layers
 from pyserve.nn import Linear
 from pyserve.tasks import AttentionMetadata, KVCache, StepImages
 
@@ -193,11 +192,11 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache, adapters)
         return self.model.norm(x, residual)[0]
 
-    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
-        """Adapter `slot` on every projection (rank 0 where the adapter has none); q/k/v and
-        gate/up pieces go onto the fused projections, ranks stacked."""
+    def adapter_layers(self, adapter: LoraAdapter) -> list[tuple[Linear, torch.Tensor, torch.Tensor]]:
+        """The adapter as (projection, A, B) for every projection (rank 0 where it has none): q/k/v
+        and gate/up pieces go onto the fused projections, ranks stacked."""
         hidden = self.cfg["hidden_size"]
-        targets = {}  # module name -> (Linear, its parts' names, their output sizes)
+        targets = {}  # -> (Linear, its parts' checkpoint names, their output sizes)
         for i, layer in enumerate(self.model.layers):
             attn, mlp, at = layer.self_attn, layer.mlp, f"model.layers.{i}."
             q, kv = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
@@ -206,20 +205,7 @@ class LlamaForCausalLM(nn.Module):
             targets[at + "gate_up"] = (mlp.gate_up_proj, [at + "mlp.gate_proj", at + "mlp.up_proj"],
                                        [mlp.down_proj.in_features] * 2)
             targets[at + "down"] = (mlp.down_proj, [at + "mlp.down_proj"], [hidden])
-        known = {name for _, names, _ in targets.values() for name in names}
-        unknown = sorted(set(adapter.weights) - known)
-        if unknown:
-            raise InvalidParameter("lora", f"adapter {adapter.name!r} targets {unknown[0]}, which this model "
-                                           f"does not serve adapters on (attention and MLP projections)")
-        for linear, names, sizes in targets.values():
-            parts = [adapter.weights.get(name) for name in names]
-            for name, part, size in zip(names, parts, sizes):
-                if part is not None and (part[0].shape[1] != linear.in_features or part[1].shape[0] != size):
-                    raise InvalidParameter("lora", f"adapter {adapter.name!r}: {name} has shapes "
-                                                   f"{tuple(part[0].shape)}/{tuple(part[1].shape)}, the model "
-                                                   f"takes [r, {linear.in_features}]/[{size}, r]")
-            a, b = fuse(parts, sizes, linear.in_features)
-            linear.put_adapter(slot, a, b, adapter.scale)
+        return adapter_layers(adapter, list(targets.values()))
 
     def pack(self, format: str) -> int:
         """A tied head's weight is the embedding table, which lookups still need in full: the head

@@ -8,11 +8,11 @@ from typing import Callable
 
 
 from ...errors import InvalidParameter, NotFound
-from ...lora import LoraAdapter
 from ...kernels import rng
 from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
 from ..base import EngineInfo, EngineStats
+from .adapter_pool import AdapterPool
 from .block_manager import BlockManager
 from .params import SamplingParams
 from .runner import ModelRunner, SampledToken
@@ -87,10 +87,7 @@ class LLMEngine:
         self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         self._rng = random.Random()
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
-        self.adapters: dict[str, int] = {}  # LoRA adapter name -> its slot in the model's adapter stacks
-        self._adapter_loads = 0
-        self._adapter_keys: dict[str, str] = {}  # prefix-cache key of each load: a reloaded name never
-        # meets the blocks its previous weights computed
+        self.adapters = AdapterPool(model, max_loras)  # the scheduler keeps a step's adapters within its slots
         # Called after every step with (sequences, tokens) in it; metrics hook in here.
         self.on_step: Callable[[int, int], None] | None = None
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
@@ -119,18 +116,17 @@ class LLMEngine:
             raise InvalidParameter("prompt", f"{len(ids)} tokens; the model's context is {limit}")
         self._check_fits_cache(len(ids), params)
         spans = self._image_spans(ids, list(images))
-        if lora is not None and lora not in self.adapters:
-            raise NotFound(f"no LoRA adapter named {lora!r} is loaded", "lora")
+        adapter = -1 if lora is None else self.adapters.id(lora)
         matcher = self._matcher(params)
         # Blocks holding an image's tokens are only shared with requests of the same images, and
         # blocks computed under an adapter only with requests of that adapter.
         root = BlockManager.root_digest(cache_salt or "", *(span.image.digest for span in spans),
-                                        self._adapter_keys.get(lora, ""))
+                                        self.adapters.cache_key(lora))
         seqs = []
         for i in range(params.n):
             seed = self._rng.getrandbits(63) if params.seed is None else rng.row_seed(params.seed, i)
             seq = Sequence(request_id, i, ids, params, seed, cache_root=root, images=spans,
-                           adapter=-1 if lora is None else self.adapters[lora])
+                           adapter=adapter)
             seq.matcher = matcher.deep_copy() if matcher is not None else None
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [None] * len(ids)
@@ -148,25 +144,18 @@ class LLMEngine:
 
     def load_lora(self, name: str, path) -> None:
         """Load a PEFT LoRA adapter under `name`; requests name it to use it (each row of a batch
-        its own adapter, or none)."""
-        if name in self.adapters:
-            raise InvalidParameter("lora", f"an adapter named {name!r} is already loaded")
-        free = [slot for slot in range(len(self.adapters) + 1) if slot not in self.adapters.values()]
-        self.model.load_adapter(free[0], LoraAdapter.load(name, path))
-        self.adapters[name] = free[0]
-        self._adapter_loads += 1
-        self._adapter_keys[name] = f"lora:{name}:{self._adapter_loads}"
-        log.info("LoRA adapter %s loaded from %s", name, path)
+        its own adapter, or none). Any number may be loaded: `max_loras` of them sit in the
+        model's layers at a time, the others wait in host memory."""
+        self.adapters.load(name, path)
 
     def unload_lora(self, name: str) -> None:
-        """Forget an adapter; refused while requests use it. Its slot is reused by the next load."""
+        """Forget an adapter; refused while requests use it."""
         if name not in self.adapters:
             raise NotFound(f"no LoRA adapter named {name!r} is loaded", "lora_name")
-        slot = self.adapters[name]
-        if any(seq.adapter == slot for request in self.requests.values() for seq in request.seqs):
+        adapter = self.adapters.id(name)
+        if any(seq.adapter == adapter for request in self.requests.values() for seq in request.seqs):
             raise InvalidParameter("lora_name", f"adapter {name!r} is in use by running requests")
-        del self.adapters[name], self._adapter_keys[name]
-        log.info("LoRA adapter %s unloaded", name)
+        self.adapters.unload(name)
 
     def _image_spans(self, ids: list[int], images: list[ImageInput]) -> list[ImageSpan]:
         """Where each image's placeholder tokens are: runs of the model's image token, in order."""
@@ -250,7 +239,8 @@ class LLMEngine:
         if self.on_step is not None:
             self.on_step(len(step.items), step.num_tokens)
         try:
-            result = self.runner.run(step, self.eos_ids)
+            slots = self.adapters.place({seq.adapter for seq, _ in step.items if seq.adapter >= 0})
+            result = self.runner.run(step, self.eos_ids, slots)
         except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving the rest
             log.exception("model step failed; failing %d request(s)", len(step.items))
             return outputs + self._fail({seq.request_id for seq, _ in step.items}, f"{type(exc).__name__}: {exc}")

@@ -70,7 +70,8 @@ class ModelRunner:
                 meta, sample_rows)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, eos_ids: list[int]) -> StepResult:
+    def run(self, step: ScheduledStep, eos_ids: list[int], adapter_slots: dict[int, int] | None = None) -> StepResult:
+        """`adapter_slots` maps the sequences' LoRA adapters to their slots in the model's layers."""
         input_ids, positions, meta, rows = self._metadata(step)
         ending = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]  # one per row
         # A request with max_tokens 0 (prompt scoring) ends without a draw.
@@ -80,7 +81,8 @@ class ModelRunner:
         images = self._step_images(step)
         adapters = None
         if any(seq.adapter >= 0 for seq, _ in step.items):  # each token row its sequence's LoRA adapter
-            adapters = torch.tensor([seq.adapter for seq, n in step.items for _ in range(n)], dtype=torch.int32,
+            adapters = torch.tensor([adapter_slots[seq.adapter] if seq.adapter >= 0 else -1
+                                     for seq, n in step.items for _ in range(n)], dtype=torch.int32,
                                     device=self.device)
         if images is None and adapters is None:
             hidden = self.model.forward(input_ids, positions, meta, self.cache)

@@ -48,7 +48,7 @@ class Sequence:
     matcher: Any = None  # the llguidance matcher of a structured-output request
     images: list[ImageSpan] = field(default_factory=list)
     image_embeds: dict[int, Any] = field(default_factory=dict)  # span index -> [length, hidden], while prefilling
-    adapter: int = -1  # the LoRA adapter's slot, -1 for the base model
+    adapter: int = -1  # the LoRA adapter's id in the engine's AdapterPool, -1 for the base model
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_ids)
