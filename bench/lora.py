@@ -93,8 +93,9 @@ def main() -> None:
         cfg = json.loads((model_dir / "config.json").read_text())
         names = [f"a{i}" for i in range(max(counts))]
         paths = {name: write_adapter(Path(tmp) / name, cfg, 16, i) for i, name in enumerate(names)}
-        llm = LLM(model_dir, device="cpu", kv_cache_memory=2 * 2**30, max_num_seqs=128, max_num_batched_tokens=1024,
-                  lora=paths, enable_prefix_caching=False)
+        options = dict(device="cpu", kv_cache_memory=2 * 2**30, max_num_seqs=128, max_num_batched_tokens=1024,
+                       lora=paths, enable_prefix_caching=False)
+        llm = LLM(model_dir, **options)
         prompts = requests(n, new_tokens)
         run(llm, prompts[:8], [None] * 8, 4)  # warm-up
         base = run(llm, prompts, [None] * n, new_tokens)
@@ -109,6 +110,18 @@ def main() -> None:
                                          "vs_merged": mixed / one_by_one}
             print(f"{count:>2} adapters: {mixed:7.1f} tokens/s = {mixed / base:.2f}x base (target >= 0.7 at 32); "
                   f"merged one adapter at a time {one_by_one:7.1f} -> {mixed / one_by_one:.2f}x")
+        # More adapters than slots: a quarter of them resident at a time, the rest swapped in from
+        # host memory as their requests' turn comes.
+        count, slots = max(counts), max(counts) // 4
+        pooled = LLM(model_dir, max_loras=slots, **options)
+        chosen = [names[i % count] for i in range(n)]
+        run(pooled, prompts[:8], [None] * 8, 4)
+        small = run(pooled, prompts, chosen, new_tokens)
+        result["pool"] = {"adapters": count, "slots": slots, "tokens_per_s": small, "vs_base": small / base,
+                          "vs_all_resident": small / result["adapters"][count]["tokens_per_s"],
+                          "swaps": pooled.engine.adapters.swaps}
+        print(f"{count} adapters through {slots} slots: {small:7.1f} tokens/s = {small / base:.2f}x base, "
+              f"{result['pool']['vs_all_resident']:.2f}x all resident ({pooled.engine.adapters.swaps} swaps)")
     write_result("lora", result, args.quick)
 
 
