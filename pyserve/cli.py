@@ -33,7 +33,8 @@ def _plugins(args) -> int:
 def _generate(args) -> int:
     from . import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, plugin_dirs=args.plugin_dir, quantization=args.quantization)
+    llm = LLM(args.model, device=args.device, plugin_dirs=args.plugin_dir, quantization=args.quantization,
+              tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     out = llm.generate(args.prompt, params)[0]
     print(out.text)
@@ -52,7 +53,7 @@ def _serve(args) -> int:
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model directory")
     for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "max_batch_size",
-                 "max_queue_size", "max_loras"):
+                 "max_queue_size", "max_loras", "tensor_parallel_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
@@ -71,9 +72,10 @@ def _serve(args) -> int:
         known = demo_model_dirs()
 
     def load(name: str) -> EngineDriver:
-        engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,  # KeyError: unknown
-                             quantization=args.quantization if registry.for_model(known[name]).task == TEXT_GENERATION
-                             else None,
+        text = registry.for_model(known[name]).task == TEXT_GENERATION  # KeyError: unknown
+        engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,
+                             quantization=args.quantization if text else None,
+                             tensor_parallel_size=args.tensor_parallel_size if text else 1,
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
                              **batching)
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
                         "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype (default: as "
                         "the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="text models: split each over this many ranks (processes; one GPU each on CUDA)")
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--quantization", default=None, choices=["none", "bf16", "int8", "int4"])
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many ranks")
     g.add_argument("--plugin-dir", action="append", default=[])
     g.set_defaults(run=_generate)
 

@@ -11,6 +11,7 @@ from torch import nn
 from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
 from pyserve.nn import Linear
+from pyserve.parallel import head_rows, sliced_linear
 from pyserve.tasks import AttentionMetadata, KVCache, StepImages
 
 
@@ -78,6 +79,19 @@ class Attention(nn.Module):
         self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
+    group = None  # a pyserve.parallel.Group once sharded: the output product ends in an all-reduce
+
+    def shard(self, group) -> None:
+        """Keep this rank's heads: its q and k/v heads of the fused projection (column-parallel)
+        and the matching input columns of the output projection (row-parallel)."""
+        r, n, d = group.rank, group.size, self.head_dim
+        hq, hkv = self.heads // n, self.kv_heads // n
+        q, kv = self.heads * d, self.kv_heads * d
+        rows = torch.cat([head_rows(r * hq, hq, d), head_rows(r * hkv, hkv, d, q), head_rows(r * hkv, hkv, d, q + kv)])
+        self.qkv_proj = sliced_linear(self.qkv_proj, rows=rows)
+        self.o_proj = sliced_linear(self.o_proj, cols=head_rows(r * hq, hq, d), keep_bias=r == 0)
+        self.heads, self.kv_heads, self.group = hq, hkv, group
+
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache, adapters=None):
         t = x.shape[0]
         qkv = self.qkv_proj(x, adapters)
@@ -90,7 +104,10 @@ class Attention(nn.Module):
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       sliding_window=self.sliding_window, max_query_len=meta.max_query_len,
                                       max_seq_len=meta.max_seq_len)
-        return self.o_proj(out.reshape(t, self.heads * self.head_dim), adapters)
+        out = self.o_proj(out.reshape(t, self.heads * self.head_dim), adapters)
+        if self.group is not None:
+            self.group.all_reduce(out)
+        return out
 
 
 class MLP(nn.Module):
@@ -104,8 +121,22 @@ class MLP(nn.Module):
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
+    group = None  # a pyserve.parallel.Group once sharded
+
+    def shard(self, group) -> None:
+        """Keep this rank's intermediate columns: its share of gate and of up (column-parallel)
+        and the matching inputs of down (row-parallel)."""
+        part = self.down_proj.in_features // group.size
+        mine = torch.arange(group.rank * part, (group.rank + 1) * part)
+        self.gate_up_proj = sliced_linear(self.gate_up_proj, rows=torch.cat([mine, self.down_proj.in_features + mine]))
+        self.down_proj = sliced_linear(self.down_proj, cols=mine, keep_bias=group.rank == 0)
+        self.group = group
+
     def forward(self, x, adapters=None):
-        return self.down_proj(kernels.silu_mul(self.gate_up_proj(x, adapters)), adapters)
+        out = self.down_proj(kernels.silu_mul(self.gate_up_proj(x, adapters)), adapters)
+        if self.group is not None:
+            self.group.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -161,6 +192,21 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse()
         self._stack = None
 
+    sharded = False
+
+    def shard(self, group) -> None:
+        """Tensor parallelism (pyserve.parallel): this rank keeps its share of every layer's heads
+        and MLP columns; the embedding and the output layer stay whole."""
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+        for what, count in (("attention heads", attn.heads), ("key/value heads", attn.kv_heads),
+                            ("intermediate size", mlp.down_proj.in_features)):
+            if count % group.size:
+                raise ValueError(f"the model's {what} ({count}) do not split over {group.size} ranks")
+        for layer in self.model.layers:
+            layer.self_attn.shard(group)
+            layer.mlp.shard(group)
+        self._stack, self.sharded = None, True
+
     def stack_weights(self) -> kernels.DecoderStackWeights:
         if self._stack is None:
             attn = self.model.layers[0].self_attn
@@ -182,8 +228,8 @@ class LlamaForCausalLM(nn.Module):
         if images is not None:  # image placeholder rows take the vision features (LLaVA-style models)
             x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
         # Decode steps run the whole stack in one kernel call where the back-end has one (not with
-        # LoRA adapters: they run op by op).
-        fused = None if adapters is not None else kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
+        # LoRA adapters, nor sharded: they run op by op).
+        fused = None if adapters is not None or self.sharded else kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values, meta.slot_mapping,
                                       meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                       scale=self.head_dim**-0.5, sliding_window=self.model.layers[0].self_attn.sliding_window)
         if fused is not None:

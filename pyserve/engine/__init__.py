@@ -44,12 +44,20 @@ def build_engine(task: str, model: Any, **options) -> Engine:
 
 def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,
                 plugin_dirs: list[str] | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                quantization: str | None = None, **options) -> Engine:
+                quantization: str | None = None, tensor_parallel_size: int = 1, **options) -> Engine:
     """Find the plugin for model_dir, load the model (packing its weights when `quantization` is
     bf16, int8 or int4; None keeps the checkpoint's own: packed for a Q8_0/Q4_0 GGUF file), and
-    build the engine for its task."""
+    build the engine for its task. `tensor_parallel_size` > 1 splits a text model over that many
+    ranks (pyserve.parallel)."""
     registry = registry or PluginRegistry.discover(plugin_dirs)
     plugin = registry.for_model(model_dir)
+    if tensor_parallel_size > 1:
+        if plugin.task != TEXT_GENERATION:
+            raise ValueError(f"{Path(model_dir).name}: tensor parallelism serves text-generation models only")
+        from ..parallel import load_tensor_parallel
+        model = load_tensor_parallel(plugin, model_dir, tensor_parallel_size, device=device or default_device(),
+                                     dtype=dtype, quantization=quantization, plugin_dirs=plugin_dirs)
+        return build_engine(plugin.task, model, **options)
     model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
     if quantization is None:
         quantization = getattr(model, "weight_format", None)

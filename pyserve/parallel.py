@@ -1,0 +1,216 @@
+"""Tensor parallelism: one text model split over N ranks of a torch.distributed process group, as
+Megatron-LM splits a transformer.
+
+Rank 0 is the serving process: its engine schedules, keeps the cache's books and samples as
+always. Each step it sends the batch to ranks 1..N-1 (worker processes it started), and every
+rank runs the forward pass on its slice: column-parallel products (q/k/v heads, gate/up
+columns) need no exchange, row-parallel ones (attention output, down) end in one all-reduce
+each. Every rank holds its own slice of the weights and of the KV cache (its KV heads); the
+embedding and the output layer stay whole. Gloo on CPUs, NCCL on GPUs.
+
+    model = load_tensor_parallel(plugin, "path/to/llama", 2, device="cpu")
+    engine = LLMEngine(model)   # as with any text model
+
+A plugin supports it with a `shard(group)` method on its module (see plugins/llama).
+"""
+
+import atexit
+import dataclasses
+import datetime
+import logging
+import multiprocessing
+import pickle
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import InvalidParameter
+from .tasks import KVCache
+
+log = logging.getLogger("pyserve.parallel")
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a rank that stops answering fails the others' collectives
+
+
+@dataclasses.dataclass
+class Group:
+    """This rank's place in the tensor-parallel group, and the collectives the model uses."""
+
+    rank: int
+    size: int
+    pg: dist.ProcessGroup
+    device: torch.device  # where collective buffers live (NCCL wants them on the rank's GPU)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        self.pg.allreduce([t]).wait()
+
+    def send(self, message) -> None:
+        """Rank 0: broadcast a picklable message (tensors travel through host memory)."""
+        data = torch.frombuffer(bytearray(pickle.dumps(_moved(message, torch.device("cpu")))), dtype=torch.uint8)
+        self.pg.broadcast(torch.tensor([data.numel()], device=self.device), 0).wait()
+        self.pg.broadcast(data.to(self.device), 0).wait()
+
+    def receive(self, device: torch.device):
+        size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.pg.broadcast(size, 0).wait()
+        data = torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        self.pg.broadcast(data, 0).wait()
+        return _moved(pickle.loads(data.cpu().numpy().tobytes()), device)
+
+
+def connect(rank: int, size: int, port: int, device: torch.device) -> Group:
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=TIMEOUT)
+    if device.type == "cuda":
+        pg = dist.ProcessGroupNCCL(store, rank, size)
+    else:
+        pg = dist.ProcessGroupGloo(store, rank, size, TIMEOUT)
+    return Group(rank, size, pg, device)
+
+
+def sliced_linear(linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                  keep_bias: bool = True):
+    """A copy of a pyserve.nn.Linear holding weight[rows][:, cols] (its bias sliced by rows, or
+    dropped where `keep_bias` is False: a row-parallel layer adds its bias on one rank only)."""
+    from .nn import Linear
+
+    weight = linear.weight if rows is None else linear.weight[rows]
+    weight = weight if cols is None else weight[:, cols]
+    has_bias = linear.bias is not None and keep_bias
+    out = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    out.weight.data.copy_(weight)
+    if has_bias:
+        out.bias.data.copy_(linear.bias if rows is None else linear.bias[rows])
+    return out.requires_grad_(False)
+
+
+def head_rows(first_head: int, heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
+    """The output rows of `heads` heads starting at `first_head`, in a projection whose part
+    starts at row `offset`."""
+    return offset + torch.arange(first_head * head_dim, (first_head + heads) * head_dim)
+
+
+class TensorParallelModel:
+    """Rank 0's model: its slice, plus the workers that hold the other slices."""
+
+    def __init__(self, model, group: Group, workers: list):
+        self.model, self.group, self.workers = model, group, workers
+        self.spec, self.tokenizer = model.spec, model.tokenizer
+        atexit.register(self.close)  # before multiprocessing's own exit hook kills the workers
+
+    vision = None
+
+    def forward(self, input_ids, positions, meta, cache: KVCache, images=None, adapters=None):
+        if images is not None or adapters is not None:
+            raise InvalidParameter("model", "images and LoRA adapters are not served with tensor parallelism")
+        self.group.send(("step", tuple(cache.keys[0].shape), len(cache.keys), input_ids, positions, meta))
+        return self.model.forward(input_ids, positions, meta, cache)
+
+    def compute_logits(self, hidden):
+        return self.model.compute_logits(hidden)
+
+    def adapter_layers(self, adapter):
+        raise InvalidParameter("lora", "LoRA adapters are not served with tensor parallelism")
+
+    def close(self) -> None:
+        """Stop the workers (done at exit too)."""
+        if self.workers:
+            self.group.send(("stop",))
+            for worker in self.workers:
+                worker.join(timeout=30)
+            self.workers = []
+
+
+def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: str, dtype: torch.dtype | None = None,
+                         quantization: str | None = None, plugin_dirs: list[str] | None = None) -> TensorParallelModel:
+    """Start ranks 1..size-1 as worker processes, load this rank's slice, and connect them."""
+    if size < 2:
+        raise ValueError(f"tensor parallelism needs at least 2 ranks, got {size}")
+    if torch.device(device).type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs, this machine has "
+                         f"{torch.cuda.device_count()}")
+    port = _free_port()
+    # Each rank gets its share of the cores (rank 0 keeps its own setting: it serves too).
+    threads = max(1, torch.get_num_threads() // size)
+    context = multiprocessing.get_context("spawn")
+    workers = []
+    for rank in range(1, size):
+        worker = context.Process(target=_worker, name=f"pyserve-tp-rank{rank}", daemon=True, args=(
+            rank, size, port, str(model_dir), device, dtype, quantization, plugin_dirs, threads))
+        worker.start()
+        workers.append(worker)
+    try:
+        group = connect(0, size, port, _rank_device(device, 0))
+        model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
+    except BaseException:
+        for worker in workers:
+            worker.terminate()
+        raise
+    log.info("%s: tensor parallel over %d ranks (%s)", Path(model_dir).name, size,
+             "nccl" if group.device.type == "cuda" else "gloo")
+    return TensorParallelModel(model, group, workers)
+
+
+def _load_shard(plugin, model_dir, group: Group, device: str, dtype, quantization):
+    from .nn import quantize_model
+
+    model = plugin.load(Path(model_dir), device=str(_rank_device(device, group.rank)), dtype=dtype)
+    if not hasattr(model.module, "shard"):
+        raise ValueError(f"the {plugin.name} plugin does not support tensor parallelism")
+    model.module.shard(group)
+    model.spec = dataclasses.replace(model.spec, num_kv_heads=model.spec.num_kv_heads // group.size)
+    quantization = quantization or getattr(model, "weight_format", None)
+    if quantization not in (None, "none"):
+        quantize_model(model, quantization)
+    return model
+
+
+def _worker(rank, size, port, model_dir, device, dtype, quantization, plugin_dirs, threads) -> None:
+    from .plugin import PluginRegistry
+
+    torch.set_num_threads(threads)
+    try:
+        group = connect(rank, size, port, _rank_device(device, rank))
+        plugin = PluginRegistry.discover(plugin_dirs).for_model(model_dir)
+        model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
+    except Exception as exc:  # noqa: BLE001 - rank 0 meets the same fault and reports it
+        log.error("tensor-parallel rank %d did not start: %s", rank, exc)
+        return
+    spec, cache = model.spec, None
+    with torch.inference_mode():
+        while True:
+            try:
+                message = group.receive(spec.device)
+            except RuntimeError:  # rank 0 is gone (killed, or exited without closing)
+                log.warning("tensor-parallel rank %d: rank 0 went away; stopping", rank)
+                return
+            if message[0] == "stop":
+                return
+            _, shape, layers, input_ids, positions, meta = message
+            if cache is None or tuple(cache.keys[0].shape) != shape:  # rank 0's engine sized the cache
+                cache = KVCache.allocate(layers, *shape, spec.dtype, spec.device)
+            model.forward(input_ids, positions, meta, cache)
+
+
+def _rank_device(device: str, rank: int) -> torch.device:
+    device = torch.device(device)
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def _moved(obj, device: torch.device):
+    """obj with every tensor inside (tuples, lists, dataclasses) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_moved(x, device) for x in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _moved(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
