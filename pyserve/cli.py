@@ -81,9 +81,15 @@ def _serve(args) -> int:
                              **batching)
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
+    keys = list(args.api_key or []) + [k for f in args.api_key_file for k in read_key_file(f)]
+    access = AccessPolicy(keys, [args.admin_api_key] if args.admin_api_key else [], args.cache_salt_per_key)
+    if args.ray:
+        return _serve_on_ray(args, known, access, dict(
+            device=args.device, dtype=dtype, quantization=args.quantization,
+            tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_loras=args.max_loras, **batching))
     try:
-        keys = list(args.api_key or []) + [k for f in args.api_key_file for k in read_key_file(f)]
-        access = AccessPolicy(keys, [args.admin_api_key] if args.admin_api_key else [], args.cache_salt_per_key)
         config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
                               args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level,
                               frozenset(args.allowed_image_hosts), tuple(_lora_pairs(args.lora)))
@@ -95,6 +101,31 @@ def _serve(args) -> int:
         serve(drivers, config, loader=load)
     except ClientError as exc:  # e.g. a --lora adapter that does not fit the model
         sys.exit(f"pyserve: {exc.message}")
+    return 0
+
+
+def _serve_on_ray(args, known: dict, access, engine_options: dict) -> int:
+    """The same routes, each model's engine in --replicas Ray Serve replicas (pyserve.ray)."""
+    try:
+        from .ray import RayOptions, run
+    except ImportError:
+        sys.exit('pyserve: --ray needs Ray Serve: pip install "pyserve[ray]"')
+    if args.replicas < 1:
+        sys.exit(f"--replicas must be positive, got {args.replicas}")
+    if args.lora or args.msgpack_port not in (0, 8001) or args.ssl_certfile:
+        logging.getLogger("pyserve").warning("--ray serves HTTP only: --lora, the msgpack port and TLS are not used")
+    from .engine import default_device
+    on_gpu = (args.device or default_device()).startswith("cuda")
+    autoscaling = None
+    if args.max_replicas is not None:
+        if args.max_replicas < args.replicas:
+            sys.exit(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({args.replicas})")
+        autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas}
+    options = RayOptions(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
+                         gpus_per_replica=args.tensor_parallel_size if on_gpu else 0,
+                         engine_options=engine_options, access=access,
+                         allowed_image_hosts=frozenset(args.allowed_image_hosts))
+    run(known, options, address=args.ray_address, host=args.host, port=args.port)
     return 0
 
 
@@ -168,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
                         "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype (default: as "
                         "the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
+    s.add_argument("--ray", action="store_true",
+                   help="run each model in Ray Serve replicas behind the same HTTP routes (pyserve[ray])")
+    s.add_argument("--ray-address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per model")
+    s.add_argument("--max-replicas", type=int, default=None,
+                   help="with --ray: autoscale each model between --replicas and this many by load")
+    s.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica asks for")
     s.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="text models: split each over this many ranks (processes; one GPU each on CUDA)")
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")

@@ -17,6 +17,16 @@ class ClientError(Exception):
         if status is not None:
             self.status = status
 
+    def __reduce__(self):
+        """Pickled as its fields (subclasses take other arguments): it crosses processes intact."""
+        return _rebuilt, (type(self), self.message, self.field, self.status)
+
+
+def _rebuilt(cls: type, message: str, field: str | None, status: int) -> ClientError:
+    error = cls.__new__(cls)
+    ClientError.__init__(error, message, field, status=status)
+    return error
+
 
 class InvalidParameter(ClientError, ValueError):
     """A request parameter is missing, of the wrong type or out of range; the message names it."""

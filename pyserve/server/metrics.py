@@ -2,7 +2,7 @@
 so that every engine kind reports into the same families."""
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .models import ModelRegistry, ServedModel
 
@@ -25,12 +25,16 @@ class EngineLoad:
                                              "Fraction of the engine's cache in use", labels=_LABELS),
         }
         ready = GaugeMetricFamily("pyserve_engine_ready", "1 while the model's engine takes requests", labels=_LABELS)
+        replicas = CounterMetricFamily("pyserve_replica_requests", "Requests answered by each replica (Ray Serve)",
+                                       labels=[*_LABELS, "replica"])
         for model in self.models:
             stats, labels = model.driver.stats(), [model.name, model.task]
             for name, family in families.items():
                 family.add_metric(labels, getattr(stats, name))
             ready.add_metric(labels, float(model.driver.ready))
-        return [*families.values(), ready]
+            for replica, count in getattr(model.driver, "requests_by_replica", {}).items():
+                replicas.add_metric([*labels, replica], count)
+        return [*families.values(), ready, replicas]
 
 
 class Metrics:
