@@ -3,8 +3,9 @@ each model's engine running in N Ray Serve replicas.
 
 Each replica is one pyserve engine (its own continuous batching, as `pyserve serve` runs it),
 wrapped in an `EngineReplica` deployment with its resource requests; Ray Serve places the
-replicas, restarts one that dies and spreads requests over them by load (its power-of-two-
-choices router: the shorter of two queues). The ingress deployment runs pyserve's own Starlette
+replicas and restarts one that dies. Requests go to replicas by the beginning of their prompt
+(`ray_routing.PrefixAffinityRouter`: a conversation's turns meet their cached prefix), or by
+load when that replica is much busier than the rest. The ingress deployment runs pyserve's own Starlette
 app over a model registry whose drivers are `ReplicaDriver`s: every front-end feature works
 unchanged, streaming included. Needs the `ray` extra (`pip install "pyserve[ray]"`).
 
@@ -28,6 +29,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.config import RequestRouterConfig
 
 from .engine import EngineDriver, load_engine
 from .engine.base import EngineStats
@@ -99,9 +101,12 @@ class ReplicaDriver:
 
     async def submit(self, request_id: str | None, request) -> AsyncIterator[Any]:
         stream = self.handle.options(stream=True).generate.remote(request_id, request)
-        replica = None
+        counted = False
         try:
             async for replica, out in stream:
+                if not counted:  # counted when its replica starts answering
+                    self.requests_by_replica[replica] += 1
+                    counted = True
                 yield out
         except RayError as exc:
             cause = getattr(exc, "cause", None)
@@ -113,8 +118,6 @@ class ReplicaDriver:
                                     "retry: Ray Serve is replacing it") from None
         finally:
             stream.cancel()
-        if replica is not None:
-            self.requests_by_replica[replica] += 1
 
     async def call(self, fn):
         raise ClientError("run-time model changes (e.g. LoRA loading) are not available on Ray replicas; "
@@ -153,7 +156,10 @@ def build_application(models: dict[str, str], options: RayOptions | None = None)
             {"num_replicas": options.replicas}
         deployment = serve.deployment(EngineReplica, name=_deployment_name(name), max_ongoing_requests=1024,
                                       ray_actor_options={"num_cpus": options.cpus_per_replica,
-                                                         "num_gpus": options.gpus_per_replica}, **scale)
+                                                         "num_gpus": options.gpus_per_replica},
+                                      request_router_config=RequestRouterConfig(
+                                          request_router_class="pyserve.ray_routing.PrefixAffinityRouter"),
+                                      **scale)
         engines.append(deployment.bind(str(model_dir), options.engine_options))
     ingress = serve.deployment(serve.ingress(_ingress(list(models), options))(_Ingress), name="ingress",
                                max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})

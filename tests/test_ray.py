@@ -3,9 +3,11 @@ replicas of a tiny model behind pyserve's own routes, used through real clients.
 
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
+import urllib.request
+
 import numpy as np
 import pytest
 
@@ -40,7 +42,7 @@ def on_ray(tiny_llama_dir):
 
 
 def served_by(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
     return {m[0]: float(m[1]) for m in re.findall(r'pyserve_replica_requests_total\{[^}]*replica="(\w+)"[^}]*\} (\S+)',
                                                    text)}
 
@@ -52,8 +54,9 @@ def test_two_replicas_serve_the_openai_sdk_and_tritonclient(on_ray, tiny_llama_d
     client = openai.OpenAI(base_url=f"{on_ray}/v1", api_key="none")
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
-    def plain(_):
-        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    def plain(i):  # another cache salt, another placement key: the requests spread over the replicas
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0,
+                                         extra_body={"cache_salt": f"salt-{i}"}).choices[0].text
 
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(plain, range(16)))
@@ -85,9 +88,9 @@ def test_a_seeded_request_gives_the_same_text_on_either_replica(on_ray):
     client = openai.OpenAI(base_url=f"{on_ray}/v1", api_key="none")
     before = served_by(on_ray)
 
-    def seeded(_):
-        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=1.0,
-                                         seed=1234).choices[0].text
+    def seeded(i):
+        return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=1234,
+                                         extra_body={"cache_salt": f"seeded-{i}"}).choices[0].text
 
     with ThreadPoolExecutor(8) as pool:
         texts = set(pool.map(seeded, range(16)))
@@ -96,15 +99,40 @@ def test_a_seeded_request_gives_the_same_text_on_either_replica(on_ray):
     assert all(after[r] > before.get(r, 0) for r in after)  # both replicas drew it
 
 
+def test_a_conversation_stays_on_one_replica_and_meets_its_cached_prefix(on_ray):
+    client = openai.OpenAI(base_url=f"{on_ray}/v1", api_key="none")
+    system = "You are a terse assistant."
+    before = served_by(on_ray)
+    history = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    cached = []
+    for turn in range(4):
+        reply = client.chat.completions.create(model="tiny", messages=history, max_tokens=4, temperature=0)
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+        history += [{"role": "assistant", "content": reply.choices[0].message.content},
+                    {"role": "user", "content": f"And {turn}?"}]
+    after = served_by(on_ray)
+    moved = {r: after[r] - before.get(r, 0) for r in after if after[r] - before.get(r, 0)}
+    assert list(moved.values()) == [4]  # every turn on the same replica
+    assert all(c > 0 for c in cached[1:])  # where the earlier turns' blocks were
+    spread = set()
+    for i in range(12):  # other conversations go elsewhere too
+        before = served_by(on_ray)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Topic {i}: {i * 7919}"}],
+                                       max_tokens=1, temperature=0)
+        after = served_by(on_ray)
+        spread |= {r for r in after if after[r] > before.get(r, 0)}
+    assert len(spread) == 2
+
+
 def test_a_replica_killed_mid_stream_fails_its_streams_and_the_next_requests_succeed(on_ray):
     from ray import serve
 
     client = openai.OpenAI(base_url=f"{on_ray}/v1", api_key="none", max_retries=0)
-    started, outcomes = threading.Barrier(7), []
+    started, outcomes = threading.Barrier(13), []
 
-    def stream(_):
-        chunks = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+    def stream(i):  # twelve placement keys: both replicas get streams
+        chunks = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True, "cache_salt": f"stream-{i}"})
         text = ""
         try:
             for i, chunk in enumerate(chunks):
@@ -115,7 +143,7 @@ def test_a_replica_killed_mid_stream_fails_its_streams_and_the_next_requests_suc
         except openai.APIError as exc:
             outcomes.append(("error", str(exc)))
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
     for t in threads:
         t.start()
     started.wait(timeout=60)
@@ -129,4 +157,7 @@ def test_a_replica_killed_mid_stream_fails_its_streams_and_the_next_requests_suc
     assert any(kind == "done" for kind, _ in outcomes)
     for _ in range(4):
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
-    serve.status()  # the controller is still there and answering
+    deadline = time.monotonic() + 120  # and Ray Serve brings the replica back
+    while serve.status().applications["pyserve"].deployments["engine-tiny"].replica_states.get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
