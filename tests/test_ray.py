@@ -161,3 +161,16 @@ def test_a_replica_killed_mid_stream_fails_its_streams_and_the_next_requests_suc
     while serve.status().applications["pyserve"].deployments["engine-tiny"].replica_states.get("RUNNING", 0) < 2:
         assert time.monotonic() < deadline, "the killed replica was not replaced"
         time.sleep(0.5)
+
+
+def test_a_replica_may_span_tensor_parallel_ranks(on_ray, tiny_llama_dir):
+    from ray import serve
+
+    from pyserve.ray import APP_NAME, RayOptions, build_application
+
+    want = LLM(tiny_llama_dir, device="cpu").generate(PROMPT, SamplingParams(max_tokens=12, temperature=0))[0].text
+    serve.run(build_application({"tiny": str(tiny_llama_dir)}, RayOptions(
+        replicas=1, cpus_per_replica=0.5, engine_options={"device": "cpu", "tensor_parallel_size": 2})),
+        name=APP_NAME, route_prefix="/")  # (replaces the two-replica application: this test goes last)
+    client = openai.OpenAI(base_url=f"{on_ray}/v1", api_key="none")
+    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text == want
