@@ -30,6 +30,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
+from ray.util import metrics as ray_metrics
 
 from .engine import EngineDriver, load_engine
 from .engine.base import EngineStats
@@ -59,9 +60,18 @@ class RayOptions:
 class EngineReplica:
     """One pyserve engine in a Ray Serve replica."""
 
-    def __init__(self, model_dir: str, engine_options: dict):
+    def __init__(self, model: str, model_dir: str, engine_options: dict):
         self.driver = EngineDriver(load_engine(model_dir, **engine_options))
         self.replica = serve.get_replica_context().replica_id.unique_id
+        # Engine steps happen here, so their figures go out through Ray's metrics export
+        # (Prometheus format on each node's metrics port), tagged by model and replica.
+        tags = {"model": model, "replica": self.replica}
+        batch = ray_metrics.Histogram("pyserve_replica_batch_size_tokens", "Tokens (or images) per engine step",
+                                      boundaries=[1, 4, 16, 64, 256, 1024, 4096], tag_keys=tuple(tags))
+        step = ray_metrics.Histogram("pyserve_replica_engine_step_seconds", "Time per engine step",
+                                     boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5], tag_keys=tuple(tags))
+        self.driver.set_step_observer(lambda rows, tokens: batch.observe(tokens, tags=tags),
+                                      lambda seconds: step.observe(seconds, tags=tags))
 
     def info(self):
         return self.driver.info
@@ -69,11 +79,11 @@ class EngineReplica:
     def stats(self) -> EngineStats:
         return self.driver.stats()
 
-    async def generate(self, request_id: str | None, request) -> AsyncIterator[tuple[str, Any]]:
-        """The request's outputs, each with this replica's id. A client that goes away cancels
-        this generator, and the driver aborts the request."""
+    async def generate(self, request_id: str | None, request) -> AsyncIterator[tuple[str, EngineStats, Any]]:
+        """The request's outputs, each with this replica's id and load. A client that goes away
+        cancels this generator, and the driver aborts the request."""
         async for out in self.driver.submit(request_id, request):
-            yield self.replica, out
+            yield self.replica, self.driver.stats(), out
 
 
 class ReplicaDriver:
@@ -81,7 +91,7 @@ class ReplicaDriver:
 
     def __init__(self, name: str, handle, info):
         self.name, self.handle, self.info = name, handle, info
-        self._stats = EngineStats(running=0, waiting=0, cache_usage=0.0)
+        self._loads: dict[str, EngineStats] = {}  # each replica's load, as of its latest output
         # Which replica answered each request: the app's /metrics exports it per replica.
         self.requests_by_replica: collections.Counter[str] = collections.Counter()
 
@@ -94,16 +104,22 @@ class ReplicaDriver:
         return True  # Ray Serve replaces replicas; a request with none alive fails on its own
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The replicas' loads added up (cache use averaged), as their latest outputs reported."""
+        loads = list(self._loads.values())
+        if not loads:
+            return EngineStats()
+        return EngineStats(running=sum(s.running for s in loads), waiting=sum(s.waiting for s in loads),
+                           cache_usage=sum(s.cache_usage for s in loads) / len(loads))
 
     def set_step_observer(self, observer, timer=None) -> None:
-        """Steps happen in the replicas, which report them to Ray's metrics instead."""
+        """Steps happen in the replicas, which report them to Ray's metrics export instead."""
 
     async def submit(self, request_id: str | None, request) -> AsyncIterator[Any]:
         stream = self.handle.options(stream=True).generate.remote(request_id, request)
         counted = False
         try:
-            async for replica, out in stream:
+            async for replica, load, out in stream:
+                self._loads[replica] = load
                 if not counted:  # counted when its replica starts answering
                     self.requests_by_replica[replica] += 1
                     counted = True
@@ -160,7 +176,7 @@ def build_application(models: dict[str, str], options: RayOptions | None = None)
                                       request_router_config=RequestRouterConfig(
                                           request_router_class="pyserve.ray_routing.PrefixAffinityRouter"),
                                       **scale)
-        engines.append(deployment.bind(str(model_dir), options.engine_options))
+        engines.append(deployment.bind(name, str(model_dir), options.engine_options))
     ingress = serve.deployment(serve.ingress(_ingress(list(models), options))(_Ingress), name="ingress",
                                max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
     return ingress.bind(*engines)  # the engines are bound so that they deploy with the app

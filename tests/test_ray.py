@@ -79,6 +79,8 @@ def test_two_replicas_serve_the_openai_sdk_and_tritonclient(on_ray, tiny_llama_d
 
     counts = served_by(on_ray)
     assert len(counts) == 2 and sum(counts.values()) >= 18  # both replicas answered
+    metrics = urllib.request.urlopen(f"{on_ray}/metrics", timeout=30).read().decode()
+    assert 'pyserve_engine_ready{model="tiny",task="text-generation"} 1.0' in metrics
 
     with pytest.raises(openai.BadRequestError, match="max_tokens"):  # a client's fault crosses Ray intact
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=-1)
