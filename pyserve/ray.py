@@ -5,9 +5,9 @@ Each replica is one pyserve engine (its own continuous batching, as `pyserve ser
 wrapped in an `EngineReplica` deployment with its resource requests; Ray Serve places the
 replicas and restarts one that dies. Requests go to replicas by the beginning of their prompt
 (`ray_routing.PrefixAffinityRouter`: a conversation's turns meet their cached prefix), or by
-load when that replica is much busier than the rest. The ingress deployment runs pyserve's own Starlette
-app over a model registry whose drivers are `ReplicaDriver`s: every front-end feature works
-unchanged, streaming included. Needs the `ray` extra (`pip install "pyserve[ray]"`).
+load when that replica is much busier than the rest. The ingress deployment runs pyserve's own
+Starlette app over a model registry whose drivers are `ReplicaDriver`s: every front-end feature
+works unchanged, streaming included. Needs the `ray` extra (`pip install "pyserve[ray]"`).
 
     from pyserve.ray import RayOptions, build_application
     from ray import serve
@@ -43,6 +43,7 @@ log = logging.getLogger("pyserve.ray")
 
 APP_NAME = "pyserve"
 
+
 @dataclass
 class RayOptions:
     """How `build_application` deploys: replicas per model (or an autoscaling config, Ray
@@ -75,9 +76,6 @@ class EngineReplica:
 
     def info(self):
         return self.driver.info
-
-    def stats(self) -> EngineStats:
-        return self.driver.stats()
 
     async def generate(self, request_id: str | None, request) -> AsyncIterator[tuple[str, EngineStats, Any]]:
         """The request's outputs, each with this replica's id and load. A client that goes away
@@ -116,18 +114,19 @@ class ReplicaDriver:
 
     async def submit(self, request_id: str | None, request) -> AsyncIterator[Any]:
         stream = self.handle.options(stream=True).generate.remote(request_id, request)
-        counted = False
+        replica = None
         try:
-            async for replica, load, out in stream:
-                self._loads[replica] = load
-                if not counted:  # counted when its replica starts answering
+            async for answering, load, out in stream:
+                if replica is None:  # counted when its replica starts answering
+                    replica = answering
                     self.requests_by_replica[replica] += 1
-                    counted = True
+                self._loads[replica] = load
                 yield out
         except RayError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ClientError):  # the request's own fault, as the engine said it
                 raise cause from None
+            self._loads.pop(replica, None)  # a dead replica's last load no longer counts
             log.warning("%s: the replica serving request %s failed: %s", self.name, request_id,
                         type(exc).__name__)
             raise EngineUnavailable(f"the replica serving this request stopped ({type(exc).__name__}); "
