@@ -57,6 +57,7 @@ ADAPTERS = {  # name -> LoraConfig arguments
     "all": dict(r=4, lora_alpha=8, target_modules=ALL),
     "rslora-some": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     "gate-only": dict(r=2, lora_alpha=16, target_modules=["gate_proj"]),
+    "attn-out": dict(r=3, lora_alpha=6, target_modules=["o_proj", "k_proj"]),
 }
 
 
@@ -103,12 +104,12 @@ def test_adapters_match_peft(lora_llm, peft_models, name):
 def test_one_batch_mixes_adapters_and_the_base(lora_llm):
     from pyserve import SamplingParams
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    names = [None, "all", "rslora-some", "gate-only", "all", None]
-    prompts = [PROMPT, PROMPT, "Hello world", PROMPT, "Once upon a time", "Hello world"]
+    names = [None, "all", "rslora-some", "gate-only", "attn-out", "all", None]
+    prompts = [PROMPT, PROMPT, "Hello world", PROMPT, PROMPT, "Once upon a time", "Hello world"]
     alone = [lora_llm.generate(p, params, lora=n)[0].token_ids for p, n in zip(prompts, names)]
     together = lora_llm.generate(prompts, params, lora=names)
     assert [o.token_ids for o in together] == alone
-    assert len({tuple(t) for t, p in zip(alone, prompts) if p == PROMPT}) == 3  # each adapter matters
+    assert len({tuple(t) for t, p in zip(alone, prompts) if p == PROMPT}) == 4  # each adapter matters
 
 
 def test_the_prefix_cache_never_crosses_adapters(lora_llm):
