@@ -157,6 +157,7 @@ class ModelRunner:
     @staticmethod
     def _row(seq: Sequence, eos_ids: list[int], vocab_size: int) -> SamplingRow:
         p = seq.params
+        penalised = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         bias = dict(p.logit_bias)
         if len(seq.output_ids) < p.min_tokens:  # too early to stop: ban the tokens that would
             for token in ([] if p.ignore_eos else eos_ids) + list(p.stop_token_ids):
@@ -166,4 +167,5 @@ class ModelRunner:
             repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, seed=seq.seed, step=len(seq.output_ids),
             prompt_tokens=seq.prompt_ids if p.repetition_penalty != 1.0 else (),
-            output_tokens=seq.output_ids, logit_bias=bias)
+            # Only penalties read past tokens: without them, no step copies a growing list.
+            output_tokens=seq.output_ids if penalised else (), logit_bias=bias)
