@@ -1,5 +1,7 @@
 """Scale-out on Ray Serve: throughput of 1 vs 2 replicas on this machine (one thread each, so each
 replica has a core), and what the Ray path adds to a request over `pyserve serve`, in one run.
+Also tensor parallelism: the same model split over 2 CPU ranks (one thread each) against one
+process with both threads, offline.
 
     python bench/scaleout.py [--quick]
 
@@ -57,6 +59,24 @@ def round_trip(url: str, count: int) -> float:
     return statistics.median(times[2:])
 
 
+def tensor_parallel(model_dir: Path, prompts, new_tokens: int) -> dict:
+    from pyserve import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    torch.set_num_threads(2)
+    figures = {}
+    for ranks in (1, 2):
+        llm = LLM(model_dir, device="cpu", tensor_parallel_size=ranks)
+        llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0))
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        figures[f"tp_{ranks}_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+        if ranks > 1:
+            llm.engine.model.close()
+    figures["tp_2_vs_1"] = figures["tp_2_tokens_per_s"] / figures["tp_1_tokens_per_s"]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -99,6 +119,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+        result.update(tensor_parallel(model_dir, prompts, new_tokens))
     result["two_vs_one_replica"] = result["replicas_2_tokens_per_s"] / result["replicas_1_tokens_per_s"]
     result["ray_overhead_ms"] = result["ray_round_trip_ms"] - result["pyserve_serve_round_trip_ms"]
     print(f"{n} requests x {new_tokens} tokens, 16 clients")
@@ -106,6 +127,8 @@ def main() -> None:
     print(f"2 replicas {result['replicas_2_tokens_per_s']:8.1f} tokens/s  ({result['two_vs_one_replica']:.2f}x)")
     print(f"one-token round trip: pyserve serve {result['pyserve_serve_round_trip_ms']:.1f} ms, "
           f"Ray Serve {result['ray_round_trip_ms']:.1f} ms (+{result['ray_overhead_ms']:.1f} ms)")
+    print(f"tensor parallel, offline: 1 process (2 threads) {result['tp_1_tokens_per_s']:.1f} tokens/s, "
+          f"2 ranks (1 thread each) {result['tp_2_tokens_per_s']:.1f} ({result['tp_2_vs_1']:.2f}x)")
     write_result("scaleout", result, args.quick)
 
 
