@@ -116,7 +116,12 @@ class TensorParallelModel:
     def close(self) -> None:
         """Stop the workers (done at exit too)."""
         if self.workers:
-            self.group.send(("stop",))
+            try:
+                self.group.send(("stop",))
+            except RuntimeError:  # a worker is gone already: the others stop when their pipe closes
+                log.warning("tensor-parallel workers could not be told to stop; terminating them")
+                for worker in self.workers:
+                    worker.terminate()
             for worker in self.workers:
                 worker.join(timeout=30)
             self.workers = []

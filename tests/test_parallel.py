@@ -15,7 +15,9 @@ def test_two_ranks_match_one_process(arch, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=5, logprobs=5)
     want = LLM(model_dir, device="cpu").generate(PROMPTS, params)
     split = LLM(model_dir, device="cpu", tensor_parallel_size=2)
+    workers = list(split.engine.model.workers)
     try:
+        assert [w.is_alive() for w in workers] == [True]
         assert split.engine.model.spec.num_kv_heads == 1  # each rank holds one of the two KV heads
         got = split.generate(PROMPTS, params)
         # A decode step after the first batch, with cached blocks: another request on the same prefix.
@@ -33,7 +35,7 @@ def test_two_ranks_match_one_process(arch, tmp_path):
         assert g.token_ids == w.token_ids
     assert again.num_cached_tokens > 0
     assert again.token_ids == LLM(model_dir, device="cpu").generate(PROMPTS[0] + " again", plain)[0].token_ids
-    assert not any(worker.is_alive() for worker in split.engine.model.workers)
+    assert not any(worker.is_alive() for worker in workers)  # close() stopped the other rank
 
 
 def test_what_tensor_parallelism_refuses(tmp_path):
