@@ -189,9 +189,9 @@ class _Ingress:
 def run(models: dict[str, str], options: RayOptions, *, address: str | None, host: str, port: int) -> None:
     """Connect to (or start) Ray, deploy, and serve until Ctrl-C or SIGTERM; then take the
     application down (and the local Ray instance, when this started it)."""
-    signal.signal(signal.SIGTERM, _interrupt)
     ray.init(address=address, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    signal.signal(signal.SIGTERM, _interrupt)  # after Ray's own handlers, which would abort the process
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_application(models, options), name=APP_NAME, route_prefix="/")
