@@ -14,6 +14,8 @@ embedding and the output layer stay whole. Gloo on CPUs, NCCL on GPUs.
 A plugin supports it with a `shard(group)` method on its module (see plugins/llama).
 """
 
+from __future__ import annotations  # torch builds without distributed support still import this
+
 import atexit
 import dataclasses
 import datetime
