@@ -103,9 +103,8 @@ PYBIND11_MODULE(_C, m) {
       nogil);
 
   m.attr("MAX_STACK_ROWS") = pyserve::cpu::kMaxStackRows;
-  m.attr("STACK_LAYER_FIELDS") = 28;
-  // `table` holds 28 int64 fields a layer: input_norm, post_norm, then (w, scales, bias, n, k, format)
-  // for qkv, o, gate_up and down, then k_cache, v_cache.
+  m.attr("STACK_LAYER_FIELDS") = pyserve::cpu::kStackLayerFields;
+  // `table` holds kStackLayerFields int64 fields a layer (see cpu/decoder.h).
   m.def(
       "decoder_stack",
       [](uintptr_t x, int tokens, int hidden, int heads, int kv_heads, int head_dim, float eps, uintptr_t cos,
@@ -114,7 +113,7 @@ PYBIND11_MODULE(_C, m) {
          int block_size, int window, float scale) {
         const int64_t* f = ptr<const int64_t>(table);
         std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
-        for (int i = 0; i < num_layers; ++i, f += 28) {
+        for (int i = 0; i < num_layers; ++i, f += pyserve::cpu::kStackLayerFields) {
           auto linear = [&](int at) {
             return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const float>(f[at + 1]),
                                                ptr<const float>(f[at + 2]), static_cast<int>(f[at + 3]),

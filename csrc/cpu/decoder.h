@@ -41,6 +41,10 @@ struct DecoderStackArgs {
 // but one limit keeps the rule simple).
 constexpr int kMaxStackRows = 8;
 
+// int64 fields a layer takes in the bindings' address table: input_norm, post_norm, then
+// (w, scales, bias, n, k, format) for qkv, o, gate_up and down, then k_cache, v_cache.
+constexpr int kStackLayerFields = 2 + 4 * 6 + 2;
+
 void decoder_stack(const DecoderStackArgs& args);
 
 }  // namespace pyserve::cpu

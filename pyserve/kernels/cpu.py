@@ -4,7 +4,7 @@ import torch
 
 from . import reference
 from .checks import check
-from .quantize import FORMAT_CODES, QuantizedWeight
+from .quantize import FORMAT_CODES, QuantizedWeight, packed_rows
 from .types import DecoderStackWeights, SampleResult, SamplingTensors
 
 try:
@@ -167,8 +167,8 @@ def lora(y, x, a, b, index, rank, scale):
 def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     """Decode-sized batches (up to 64 rows) read the packed weights in C++; larger ones (prefill)
     unpack the weight once and use torch's GEMM, where the arithmetic, not the bytes, is the cost."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= _C.MAX_PACKED_ROWS:
+    rows = packed_rows(x, weight, _C.MAX_PACKED_ROWS)
+    if not rows:
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
     n, k = weight.shape
     xf = _f32(x)

@@ -11,7 +11,7 @@ import torch
 
 from .checks import MAX_GRID_YZ, check
 from . import reference
-from .quantize import FORMAT_CODES, GROUP, QuantizedWeight
+from .quantize import FORMAT_CODES, packed_rows
 from .reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch on the GPU, for now)
 from .types import SampleResult, SamplingTensors
 
@@ -51,17 +51,12 @@ def decoder_stack(*args):
     return None  # no fused stack here yet: the model runs its layers op by op
 
 
-MAX_PACKED_ROWS = 64  # beyond this, unpacking the weight once for cuBLAS costs less
-
-
 def linear(x, weight, bias=None):
     """Packed weights at decode sizes read in the kernel; everything else through cuBLAS."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not isinstance(weight, QuantizedWeight) or not 0 < rows <= MAX_PACKED_ROWS:
+    rows = packed_rows(x, weight)
+    if not rows:
         return reference.linear(x, weight, bias)
     n, k = weight.shape
-    if weight.format != "bf16" and k % GROUP:
-        return reference.linear(x, weight, bias)
     xc = x.reshape(rows, k).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     scales = None if weight.scales is None else weight.scales.float().contiguous()

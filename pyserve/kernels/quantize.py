@@ -17,6 +17,8 @@ import torch
 FORMATS = ("bf16", "int8", "int4")
 GROUP = 32
 FORMAT_CODES = {"bf16": 1, "int8": 2, "int4": 3}  # csrc/cpu/quantized_linear.h WeightFormat
+# Beyond this many rows, unpacking the weight once for a GEMM costs less than reading it packed per row.
+MAX_PACKED_ROWS = 64
 
 
 @dataclass
@@ -47,6 +49,13 @@ class QuantizedWeight:
             packed = self.data.view(n, k // GROUP, GROUP // 2)
             q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32) - 8
         return (q * self.scales[..., None]).view(n, k).to(dtype)
+
+
+def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
+    """The rows of x when a decode-sized kernel over the packed weight takes the product; 0 when
+    the weight is not packed or the batch is large (or empty): then a GEMM on the unpacked weight."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= limit else 0
 
 
 def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:

@@ -6,10 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quantize import FORMAT_CODES, GROUP, QuantizedWeight
+from ..quantize import FORMAT_CODES, packed_rows
 from ..reference import linear as unpacked_linear
-
-MAX_PACKED_ROWS = 64
 
 
 @triton.jit
@@ -44,12 +42,10 @@ def _packed_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, FORMAT: tl.
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not isinstance(weight, QuantizedWeight) or not 0 < rows <= MAX_PACKED_ROWS:
+    rows = packed_rows(x, weight)
+    if not rows:
         return unpacked_linear(x, weight, bias)
     n, k = weight.shape
-    if weight.format != "bf16" and k % GROUP:
-        return unpacked_linear(x, weight, bias)
     xf = x.reshape(rows, k).contiguous()
     data = weight.data.view(torch.int16) if weight.format == "bf16" else weight.data
     out = torch.empty(rows, n, dtype=torch.float32, device=x.device)
