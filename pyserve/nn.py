@@ -97,3 +97,11 @@ def quantize_model(model, format: str) -> QuantizationReport:
     if not report.layers:
         raise ValueError("this model has no layers that can hold packed weights (pyserve.nn.Linear)")
     return report
+
+
+def pack_as_asked(model, quantization: str | None) -> QuantizationReport | None:
+    """`quantize_model` as a load asks: None packs as the checkpoint was (a Q8_0/Q4_0 GGUF file's
+    `weight_format`), "none" leaves the weights as loaded; the report, or None when nothing was packed."""
+    if quantization is None:
+        quantization = getattr(model, "weight_format", None)
+    return None if quantization in (None, "none") else quantize_model(model, quantization)

@@ -22,7 +22,6 @@ import datetime
 import logging
 import multiprocessing
 import pickle
-import socket
 from pathlib import Path
 
 import torch
@@ -62,8 +61,13 @@ class Group:
         return _moved(pickle.loads(data.cpu().numpy().tobytes()), device)
 
 
-def connect(rank: int, size: int, port: int, device: torch.device) -> Group:
-    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=TIMEOUT)
+def rendezvous(size: int, port: int = 0) -> dist.TCPStore:
+    """Rank 0's store on a free port (port 0: the system picks it), opened before the workers
+    start (so it does not wait for them here: the process group does), or a worker's connection to it."""
+    return dist.TCPStore("127.0.0.1", port, size, is_master=port == 0, timeout=TIMEOUT, wait_for_workers=False)
+
+
+def connect(rank: int, size: int, store: dist.TCPStore, device: torch.device) -> Group:
     if device.type == "cuda":
         pg = dist.ProcessGroupNCCL(store, rank, size)
     else:
@@ -137,18 +141,18 @@ def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: st
     if torch.device(device).type == "cuda" and torch.cuda.device_count() < size:
         raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs, this machine has "
                          f"{torch.cuda.device_count()}")
-    port = _free_port()
+    store = rendezvous(size)
     # Each rank gets its share of the cores (rank 0 keeps its own setting: it serves too).
     threads = max(1, torch.get_num_threads() // size)
     context = multiprocessing.get_context("spawn")
     workers = []
     for rank in range(1, size):
         worker = context.Process(target=_worker, name=f"pyserve-tp-rank{rank}", daemon=True, args=(
-            rank, size, port, str(model_dir), device, dtype, quantization, plugin_dirs, threads))
+            rank, size, store.port, str(model_dir), device, dtype, quantization, plugin_dirs, threads))
         worker.start()
         workers.append(worker)
     try:
-        group = connect(0, size, port, _rank_device(device, 0))
+        group = connect(0, size, store, _rank_device(device, 0))
         model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
     except BaseException:
         for worker in workers:
@@ -160,16 +164,14 @@ def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: st
 
 
 def _load_shard(plugin, model_dir, group: Group, device: str, dtype, quantization):
-    from .nn import quantize_model
+    from .nn import pack_as_asked
 
     model = plugin.load(Path(model_dir), device=str(_rank_device(device, group.rank)), dtype=dtype)
     if not hasattr(model.module, "shard"):
         raise ValueError(f"the {plugin.name} plugin does not support tensor parallelism")
     model.module.shard(group)
     model.spec = dataclasses.replace(model.spec, num_kv_heads=model.spec.num_kv_heads // group.size)
-    quantization = quantization or getattr(model, "weight_format", None)
-    if quantization not in (None, "none"):
-        quantize_model(model, quantization)
+    pack_as_asked(model, quantization)
     return model
 
 
@@ -178,7 +180,7 @@ def _worker(rank, size, port, model_dir, device, dtype, quantization, plugin_dir
 
     torch.set_num_threads(threads)
     try:
-        group = connect(rank, size, port, _rank_device(device, rank))
+        group = connect(rank, size, rendezvous(size, port), _rank_device(device, rank))
         plugin = PluginRegistry.discover(plugin_dirs).for_model(model_dir)
         model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
     except Exception as exc:  # noqa: BLE001 - rank 0 meets the same fault and reports it
@@ -216,8 +218,3 @@ def _moved(obj, device: torch.device):
                                            for f in dataclasses.fields(obj) if f.init})
     return obj
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

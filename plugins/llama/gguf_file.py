@@ -102,8 +102,8 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict, str | None, l
             kinds[name] = kind
     tokenizer = {"model": _field(reader, "tokenizer.ggml.model"), "tokens": tokens,
                  "merges": _field(reader, "tokenizer.ggml.merges", []),
-                 "scores": _field(reader, "tokenizer.ggml.scores", []),
-                 "token_type": _field(reader, "tokenizer.ggml.token_type", []),
+                 "scores": _field(reader, "tokenizer.ggml.scores", []) or [0.0] * len(tokens),
+                 "token_type": _field(reader, "tokenizer.ggml.token_type", []) or [NORMAL] * len(tokens),
                  "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
                  "add_bos_token": _field(reader, "tokenizer.ggml.add_bos_token", False),
                  "chat_template": _field(reader, "tokenizer.chat_template")}
@@ -128,7 +128,7 @@ def tokenizer_from(meta: dict):
         raise ValueError(f"GGUF tokenizer model {meta['model']!r} is not supported yet "
                          f"(byte-level BPE 'gpt2' and SentencePiece 'llama' are)")
     backend: HFTokenizer = builders[meta["model"]](meta)
-    types = meta["token_type"] or [NORMAL] * len(meta["tokens"])
+    types = meta["token_type"]
     backend.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(meta["tokens"], types)
                                 if kind == CONTROL])
     backend.add_tokens([AddedToken(t, normalized=False) for t, kind in zip(meta["tokens"], types)
@@ -158,8 +158,7 @@ def _sentencepiece_bpe(meta: dict):
     text; bytes without a piece fall back to their <0xXX> tokens."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
 
-    tokens, types = meta["tokens"], meta["token_type"] or [NORMAL] * len(meta["tokens"])
-    scores = meta["scores"] or [0.0] * len(tokens)
+    tokens, types, scores = meta["tokens"], meta["token_type"], meta["scores"]
     vocab = {token: i for i, token in enumerate(tokens)}
     mergeable = {t for t, kind in zip(tokens, types) if kind == NORMAL}
     merges = []

@@ -192,7 +192,9 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse()
         self._stack = None
 
-    sharded = False
+    @property
+    def sharded(self) -> bool:
+        return self.model.layers[0].self_attn.group is not None
 
     def shard(self, group) -> None:
         """Tensor parallelism (pyserve.parallel): this rank keeps its share of every layer's heads
@@ -205,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.shard(group)
             layer.mlp.shard(group)
-        self._stack, self.sharded = None, True
+        self._stack = None
 
     def stack_weights(self) -> kernels.DecoderStackWeights:
         if self._stack is None:

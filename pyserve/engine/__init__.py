@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..nn import quantize_model
+from ..nn import pack_as_asked
 from ..plugin import PluginRegistry
 from ..tasks import IMAGE_GENERATION, TENSOR, TEXT_GENERATION
 from .base import Engine, EngineInfo, EngineStats
@@ -59,10 +59,9 @@ def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None
                                      dtype=dtype, quantization=quantization, plugin_dirs=plugin_dirs)
         return build_engine(plugin.task, model, **options)
     model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
-    if quantization is None:
-        quantization = getattr(model, "weight_format", None)
-    if quantization not in (None, "none"):
-        log.info("%s: %s", Path(model_dir).name, quantize_model(model, quantization))
+    report = pack_as_asked(model, quantization)
+    if report is not None:
+        log.info("%s: %s", Path(model_dir).name, report)
     return build_engine(plugin.task, model, **options)
 
 

@@ -53,6 +53,14 @@ def get_field(fields: Mapping, name: str, default=None, types: Mapping = _TYPES)
     return value
 
 
+def required_text(fields: Mapping, name: str) -> str:
+    """A field that must be a non-empty string."""
+    value = fields.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidParameter(name, "must be a non-empty string")
+    return value
+
+
 def _token_id_list(value, name: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InvalidParameter(name, "must be a list of integer token ids")

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
-from . import kserve, openai_api, openai_images
+from . import adapters, kserve, openai_api, openai_images
 from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
@@ -39,9 +39,7 @@ async def prometheus(request: Request) -> Response:
 
 async def add_feedback(request: Request) -> Response:
     body = await json_body(request)
-    response_id, rating = body.get("response_id"), body.get("rating")
-    if not isinstance(response_id, str) or not response_id:
-        raise InvalidParameter("response_id", "must be a non-empty string")
+    response_id, rating = adapters.required_text(body, "response_id"), body.get("rating")
     if not isinstance(rating, int) or isinstance(rating, bool) or not -1 <= rating <= 5:
         raise InvalidParameter("rating", "must be an integer from -1 to 5 (-1/1 for thumbs)")
     for name in ("comment", "user", "model"):

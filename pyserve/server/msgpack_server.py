@@ -120,9 +120,7 @@ class Connection:
                 await self.send(encode({"type": "result", "id": rid, "result": {"models": self.models.names()}}))
             elif method in ("load", "unload"):
                 self.principal.require_admin()
-                name = params.get("model")
-                if not isinstance(name, str) or not name:
-                    raise InvalidParameter("model", "must be a non-empty string")
+                name = adapters.required_text(params, "model")
                 await (self.models.load(name) if method == "load" else self.models.unload(name))
                 await self.send(encode({"type": "result", "id": rid, "result": {"models": self.models.names()}}))
             elif method in ("generate", "chat"):

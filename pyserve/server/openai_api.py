@@ -48,20 +48,13 @@ async def list_models(request: Request) -> Response:
 async def load_lora_adapter(request: Request) -> Response:
     """vLLM's shape: {"lora_name", "lora_path"} (and, with several base models, "model")."""
     body = await json_body(request)
-    name, path = body.get("lora_name"), body.get("lora_path")
-    if not isinstance(name, str) or not name:
-        raise InvalidParameter("lora_name", "must be a non-empty string")
-    if not isinstance(path, str) or not path:
-        raise InvalidParameter("lora_path", "must be a non-empty string")
+    name, path = adapters.required_text(body, "lora_name"), adapters.required_text(body, "lora_path")
     await request.app.state.models.load_lora(name, path, adapters.get_field(body, "model"))
     return JSONResponse({"lora_name": name, "loaded": True})
 
 
 async def unload_lora_adapter(request: Request) -> Response:
-    body = await json_body(request)
-    name = body.get("lora_name")
-    if not isinstance(name, str) or not name:
-        raise InvalidParameter("lora_name", "must be a non-empty string")
+    name = adapters.required_text(await json_body(request), "lora_name")
     await request.app.state.models.unload_lora(name)
     return JSONResponse({"lora_name": name, "unloaded": True})
 

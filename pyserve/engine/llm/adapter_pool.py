@@ -24,7 +24,6 @@ log = logging.getLogger("pyserve.engine")
 @dataclass
 class _Loaded:
     id: int  # unique per load: a name loaded again is another adapter (and prefix-cache key)
-    name: str
     scale: float
     layers: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]  # (layer, A, B) in the model's layout
 
@@ -42,9 +41,6 @@ class AdapterPool:
     def __contains__(self, name: str) -> bool:
         return name in self.loaded
 
-    def names(self) -> list[str]:
-        return list(self.loaded)
-
     def id(self, name: str) -> int:
         if name not in self.loaded:
             raise NotFound(f"no LoRA adapter named {name!r} is loaded", "lora")
@@ -61,7 +57,7 @@ class AdapterPool:
         adapter = LoraAdapter.load(name, path)
         layers = self.model.adapter_layers(adapter)  # the plugin's mapping; raises on a mismatch
         self._loads += 1
-        self.loaded[name] = _Loaded(self._loads, name, adapter.scale, layers)
+        self.loaded[name] = _Loaded(self._loads, adapter.scale, layers)
         log.info("LoRA adapter %s loaded from %s (%d layers)", name, path, len(layers))
 
     def unload(self, name: str) -> None:
@@ -80,8 +76,9 @@ class AdapterPool:
         for adapter_id in ids:
             if adapter_id in self.resident:
                 self.resident.move_to_end(adapter_id)
-        by_id = {loaded.id: loaded for loaded in self.loaded.values()}
-        for adapter_id in ids - set(self.resident):
+        missing = ids - set(self.resident)
+        by_id = {loaded.id: loaded for loaded in self.loaded.values()} if missing else {}
+        for adapter_id in missing:
             if len(self.resident) < self.slots:
                 slot = min(set(range(self.slots)) - set(self.resident.values()))
             else:
