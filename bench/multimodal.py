@@ -12,7 +12,6 @@ the share of pyserve's time spent in the vision encoder. Writes bench/results/mu
 
 import argparse
 import hashlib
-import json
 import random
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_models import LLAVA_TEMPLATE, train_tokenizer  # noqa: E402
+from tiny_models import write_llava_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_result  # noqa: E402
@@ -37,14 +36,8 @@ from pyserve.tasks import ImageInput  # noqa: E402
 def make_checkpoint(out: Path, quick: bool) -> Path:
     """CLIP-style tower (224 px, 16 px patches: 196 image tokens) and a ~40M-parameter Llama."""
     import transformers
-    from tokenizers import AddedToken, Tokenizer
 
-    train_tokenizer(out)
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken("<image>", special=True)])
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAVA_TEMPLATE}))
+    tok = write_llava_tokenizer(out)
     vision = transformers.CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=3 if quick else 6,
                                            num_attention_heads=6, image_size=224, patch_size=16)
     text = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536,

@@ -52,8 +52,13 @@ def make_model(out: Path, arch: str = "llama", seed: int = 0, **overrides) -> Pa
                         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
         cfg = cfg_cls(**kw)
     torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():  # larger than default init so that greedy paths are not trivial
+    return save_sharpened(cls(cfg).eval(), out)
+
+
+def save_sharpened(model, out: Path) -> Path:
+    """Save a transformers model whose matrices are scaled up from the default init, so that greedy
+    paths are not trivial, with a generation config naming its BOS and EOS."""
+    with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0) if p.dim() > 1 else None
     model.save_pretrained(out, safe_serialization=True)
@@ -182,19 +187,26 @@ LLAVA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{% i
                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def make_llava(out: Path, seed: int = 0, feature_layer: int = -2, strategy: str = "default") -> Path:
-    """A tiny LLaVA (CLIP vision tower 30x30 pixels in 6x6 patches, projector, Llama) with a
-    tokenizer that knows <image>, a chat template with image parts, and a CLIP processor config."""
-    import transformers
+def write_llava_tokenizer(out: Path):
+    """The tiny BPE tokenizer with an <image> token and a chat template with image parts; returns it."""
     from tokenizers import AddedToken, Tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     tok.add_special_tokens([AddedToken("<image>", special=True)])
     tok.save(str(out / "tokenizer.json"))
     cfg_path = out / "tokenizer_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": LLAVA_TEMPLATE}))
+    return tok
+
+
+def make_llava(out: Path, seed: int = 0, feature_layer: int = -2, strategy: str = "default") -> Path:
+    """A tiny LLaVA (CLIP vision tower 30x30 pixels in 6x6 patches, projector, Llama) with a
+    tokenizer that knows <image>, a chat template with image parts, and a CLIP processor config."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = write_llava_tokenizer(out)
     vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                            num_attention_heads=2, image_size=30, patch_size=6)
     text = transformers.LlamaConfig(vocab_size=tok.get_vocab_size() + 2, hidden_size=64, intermediate_size=128,
@@ -204,11 +216,6 @@ def make_llava(out: Path, seed: int = 0, feature_layer: int = -2, strategy: str 
                                    image_seq_length=25 + (strategy == "full"), vision_feature_layer=feature_layer,
                                    vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # sharper than the default init, so greedy paths are not trivial
-        for p in model.parameters():
-            p.mul_(3.0) if p.dim() > 1 else None
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 1, "bos_token_id": 0}))
+    save_sharpened(transformers.LlavaForConditionalGeneration(cfg).eval(), out)
     transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(out)
     return out
