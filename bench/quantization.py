@@ -3,7 +3,8 @@ int4 weights, in one run, next to the machine's copy bandwidth measured in the s
 
     python bench/quantization.py [--quick] [--llama-server PATH --gguf-dir DIR]
 
-For each format: the bytes a decode step reads (the packed linear weights), batch-1 decode
+For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
+as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
 tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
 (bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
@@ -27,7 +28,9 @@ from report import write_result  # noqa: E402
 from pyserve import LLM  # noqa: E402
 from pyserve.nn import quantize_model  # noqa: E402
 
-FORMATS = ("none", "bf16", "int8", "int4")
+FORMATS = ("none", "bf16", "int8", "int4", "w8a8", "w4a8")
+# the llama.cpp file each format reads the same values as
+GGUF_OF = {"none": "f32", "int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0", "w4a8": "q4_0"}
 
 
 def streams(model_dir: Path, format: str, n: int, quick: bool) -> float:
@@ -131,6 +134,12 @@ def main() -> None:
                                                    for name, f in files.items()}
         result["llama_cpp_streams64_tokens_per_s"] = {name: llama_cpp_streams(args.llama_server, f, 64, args.quick)
                                                       for name, f in files.items()}
+        result["vs_llama_cpp"] = {
+            format: {"gguf": gguf,
+                     "batch1": rows[format]["batch1_tokens_per_s"] / result["llama_cpp_batch1_tokens_per_s"][gguf],
+                     "streams64": rows[format]["streams64_tokens_per_s"]
+                     / result["llama_cpp_streams64_tokens_per_s"][gguf]}
+            for format, gguf in GGUF_OF.items() if gguf in files}
     print(f"copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
           f"{'vs fp32':>8} {'of copy bw':>10}")
@@ -141,6 +150,9 @@ def main() -> None:
     for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
         print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s, 64 streams "
               f"{result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")
+    for format, ratio in result.get("vs_llama_cpp", {}).items():
+        print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x, "
+              f"64 streams {ratio['streams64']:.2f}x")
     write_result("quantization", result, args.quick)
 
 

@@ -117,10 +117,11 @@ PYBIND11_MODULE(_C, m) {
           auto linear = [&](int at) {
             return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const float>(f[at + 1]),
                                                ptr<const float>(f[at + 2]), static_cast<int>(f[at + 3]),
-                                               static_cast<int>(f[at + 4]), static_cast<int>(f[at + 5])};
+                                               static_cast<int>(f[at + 4]), static_cast<int>(f[at + 5]),
+                                               f[at + 6] != 0};
           };
-          layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), linear(2), linear(8), linear(14), linear(20),
-                       ptr<float>(f[26]), ptr<float>(f[27])};
+          layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), linear(2), linear(9), linear(16), linear(23),
+                       ptr<float>(f[30]), ptr<float>(f[31])};
         }
         pyserve::cpu::decoder_stack(pyserve::cpu::DecoderStackArgs{
             ptr<float>(x), tokens, hidden, heads, kv_heads, head_dim, eps, ptr<const float>(cos),
@@ -176,11 +177,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quantized_linear",
       [](uintptr_t x, uintptr_t w, uintptr_t scales, uintptr_t bias, uintptr_t out, int m, int n, int k, int format,
-         int isa) {
+         bool int8_activations, int isa) {
         pyserve::cpu::quantized_linear(
             pyserve::cpu::QuantizedLinearArgs{ptr<const float>(x), ptr<const void>(w), ptr<const float>(scales),
                                               ptr<const float>(bias), ptr<float>(out), m, n, k,
-                                              static_cast<pyserve::cpu::WeightFormat>(format)},
+                                              static_cast<pyserve::cpu::WeightFormat>(format), int8_activations},
             static_cast<pyserve::cpu::Isa>(isa));
       },
       nogil);

@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 from .errors import ClientError
+from .kernels import WEIGHT_FORMATS
 from .plugin import PluginRegistry
+
+QUANTIZATIONS = ["none", *WEIGHT_FORMATS]
 
 
 def _plugins(args) -> int:
@@ -195,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: by device)")
     s.add_argument("--plugin-dir", action="append", default=[])
-    s.add_argument("--quantization", default=None, choices=["none", "bf16", "int8", "int4"],
+    s.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                    help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
-                        "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype (default: as "
-                        "the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
+                        "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype, except that "
+                        "w8a8/w4a8 (int8/int4 weights) quantize decode-sized products' inputs to int8 on CPUs "
+                        "(default: as the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
     s.add_argument("--ray", action="store_true",
                    help="run each model in Ray Serve replicas behind the same HTTP routes (pyserve[ray])")
     s.add_argument("--ray-address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--quantization", default=None, choices=["none", "bf16", "int8", "int4"])
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many ranks")
     g.add_argument("--plugin-dir", action="append", default=[])
     g.set_defaults(run=_generate)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import kernels
+from .kernels import placement
 from .lora import LoraStack
 
 
@@ -86,6 +87,7 @@ def quantize_model(model, format: str) -> QuantizationReport:
         raise ValueError(f"--quantization must be none or one of {', '.join(kernels.WEIGHT_FORMATS)}, got {format!r}")
     roots = [model] if isinstance(model, nn.Module) else [m for m in vars(model).values() if isinstance(m, nn.Module)]
     report = QuantizationReport(format, 0, 0, 0)
+    everything: list[kernels.QuantizedWeight] = []
     for root in roots:
         for layer in list(root.modules()):
             if not callable(getattr(layer, "pack", None)) or getattr(layer, "keep_unpacked", False):
@@ -94,8 +96,10 @@ def quantize_model(model, format: str) -> QuantizationReport:
             packed = [v for v in vars(layer).values() if isinstance(v, kernels.QuantizedWeight)]
             report.layers += len(packed)
             report.packed_bytes += sum(p.nbytes for p in packed)
+            everything += packed
     if not report.layers:
         raise ValueError("this model has no layers that can hold packed weights (pyserve.nn.Linear)")
+    placement.gather(everything)  # in the order the layers run, on huge pages where granted
     return report
 
 

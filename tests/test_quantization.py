@@ -1,13 +1,15 @@
 """Low-precision weights: packing round-trips within each format's error bound, every CPU
 instruction-set path of the packed linear kernel equals the reference (the dequantized weight
-through torch), and quantized models stay close to the fp32 model."""
+through torch; for w8a8/w4a8 the inputs quantized as `quantize_rows` says), and quantized models
+stay close to the fp32 model: logits against transformers on the same dequantized weights, and
+the committed demo model's held-out perplexity and greedy tokens."""
 
 import pytest
 import torch
 
 from pyserve import kernels
 from pyserve.kernels import cpu, reference
-from pyserve.kernels.quantize import GROUP, quantize
+from pyserve.kernels.quantize import GROUP, quantize, quantize_rows
 
 from conftest import backend_params
 
@@ -40,7 +42,7 @@ def test_packing_round_trips_within_the_format_error(format):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("format", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("format", ["bf16", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 19, 64])
 def test_every_instruction_set_matches_the_reference(isa, format, rows):
     for n, k in ((1, 32), (37, 96), (130, 256)):
@@ -66,6 +68,21 @@ def test_gpu_packed_products_match_the_reference(backend, device, format, rows):
                                          None if packed.scales is None else packed.scales.to(device), packed.shape)
     got = kernels.linear(x.to(device), dev_packed, bias.to(device), backend=backend).cpu()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_activations_are_quantized_per_group_as_the_reference_says():
+    """w8a8 differs from int8 exactly by the inputs' quantization: the integer kernels equal int8's
+    kernel fed quantize_rows(x), and prefill-sized batches keep fp32 inputs."""
+    w, x = weights(70, 256), torch.randn(5, 256) * torch.logspace(-2, 2, 256)  # groups of very different size
+    x[1, 64:96] = 0.0  # an all-zero group of inputs
+    q = quantize_rows(x)
+    steps = x.view(5, -1, GROUP).abs().amax(-1, keepdim=True) / 127
+    assert torch.all((q - x).view(5, -1, GROUP).abs() <= steps / 2 * 1.0001 + 1e-30) and torch.all(q[1, 64:96] == 0)
+    for weights_only, with_inputs in (("int8", "w8a8"), ("int4", "w4a8")):
+        torch.testing.assert_close(cpu.quantized_linear(x, quantize(w, with_inputs)),
+                                   cpu.quantized_linear(q, quantize(w, weights_only)), atol=1e-4, rtol=1e-5)
+    big = torch.randn(80, 256)  # beyond the decode-sized kernels: unpacked once, fp32 inputs
+    torch.testing.assert_close(kernels.linear(big, quantize(w, "w8a8")), kernels.linear(big, quantize(w, "int8")))
 
 
 def test_bf16_rows_of_any_length_and_the_prefill_path():
@@ -135,3 +152,72 @@ def test_quantized_models_match_transformers_on_the_same_dequantized_weights(tex
     llm = LLM(text_model_dir, device="cpu", quantization=format)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == [reference_greedy(ref, ids, 12) for ids in PROMPTS]
+
+
+# -- quality on a trained model -------------------------------------------------------------------
+
+# Held-out perplexity may rise by this fraction; at least this share of greedy tokens must stay
+# (the issue asks it of the 8- and 16-bit formats).
+PERPLEXITY_RISE = {"bf16": 0.01, "int8": 0.01, "w8a8": 0.01, "int4": 0.05, "w4a8": 0.05}
+GREEDY_KEPT = {"bf16": 0.95, "int8": 0.95, "w8a8": 0.95, "int4": 0.0, "w4a8": 0.0}
+
+
+def chunked_logits(model, ids: list[int], chunk: int = 64) -> torch.Tensor:
+    """All-position logits, fed `chunk` tokens a step as chunked prefill feeds them: every product
+    then takes the decode-sized kernels (<= 64 rows), where w8a8/w4a8 quantize their inputs."""
+    from pyserve.tasks import AttentionMetadata, KVCache
+    spec, block = model.spec, 16
+    blocks = -(-len(ids) // block)
+    cache = KVCache.allocate(spec.num_layers, blocks, spec.num_kv_heads, block, spec.head_dim, spec.dtype,
+                             spec.device)
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+    logits = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), chunk):
+            end = min(start + chunk, len(ids))
+            meta = AttentionMetadata(torch.arange(start, end), table, torch.tensor([end], dtype=torch.int32),
+                                     torch.tensor([0, end - start], dtype=torch.int32), end - start, end)
+            hidden = model.forward(torch.tensor(ids[start:end]), torch.arange(start, end), meta, cache)
+            logits.append(model.compute_logits(hidden).float())
+    return torch.cat(logits)
+
+
+@pytest.fixture(scope="module")
+def held_out_windows():
+    """The demo chat model (trained on stdlib docs) and four 256-token windows of documents it
+    never saw, with its fp32 logits on them."""
+    import random
+
+    from pyserve.demo import demo_model_dirs
+    from pyserve.demo.data import is_held_out, python_docs
+    from pyserve.demo.train_text import token_stream
+    from pyserve.plugin import PluginRegistry
+    from tokenizers import Tokenizer
+
+    model_dir = demo_model_dirs()["pydoc-chat"]
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    held = token_stream(tok, {k: v for k, v in python_docs().items() if is_held_out(k)}, random.Random(0), chat=False)
+    windows = [held[i * 256:(i + 1) * 256].tolist() for i in range(4)]
+    load = lambda: PluginRegistry.discover().for_model(model_dir).load(model_dir)  # noqa: E731
+    fp32 = load()
+    return load, windows, [chunked_logits(fp32, w) for w in windows]
+
+
+def perplexity(logits: list[torch.Tensor], windows: list[list[int]]) -> float:
+    nll = [torch.nn.functional.cross_entropy(lg[:-1], torch.tensor(w[1:]), reduction="sum")
+           for lg, w in zip(logits, windows)]
+    return float(torch.exp(sum(nll) / sum(len(w) - 1 for w in windows)))
+
+
+@pytest.mark.parametrize("format", list(PERPLEXITY_RISE))
+def test_a_trained_model_keeps_its_perplexity_and_greedy_tokens(held_out_windows, format):
+    from pyserve.nn import quantize_model
+    load, windows, want = held_out_windows
+    model = load()
+    quantize_model(model, format)
+    got = [chunked_logits(model, w) for w in windows]
+    base, ppl = perplexity(want, windows), perplexity(got, windows)
+    same = float(torch.cat([g.argmax(-1) == w.argmax(-1) for g, w in zip(got, want)]).float().mean())
+    print(f"{format}: held-out perplexity {ppl:.3f} vs fp32 {base:.3f} ({ppl / base - 1:+.2%}), "
+          f"greedy tokens the same at {same:.1%} of positions")
+    assert ppl <= base * (1 + PERPLEXITY_RISE[format]) and same >= GREEDY_KEPT[format]

@@ -17,7 +17,7 @@ void product(const DecoderLinear& l, const float* x, float* out, int rows) {
     linear(LinearArgs{x, static_cast<const float*>(l.w), l.bias, out, rows, l.n, l.k});
   } else {
     quantized_linear(QuantizedLinearArgs{x, l.w, l.scales, l.bias, out, rows, l.n, l.k,
-                                         static_cast<WeightFormat>(l.format)},
+                                         static_cast<WeightFormat>(l.format), l.int8_activations},
                      Isa::kAuto);
   }
 }

@@ -13,6 +13,7 @@ struct DecoderLinear {
   const float* scales;  // packed int8/int4 only
   const float* bias;    // or null
   int n, k, format;
+  bool int8_activations;  // packed int8/int4 only: see QuantizedLinearArgs
 };
 
 struct DecoderLayer {
@@ -42,8 +43,9 @@ struct DecoderStackArgs {
 constexpr int kMaxStackRows = 8;
 
 // int64 fields a layer takes in the bindings' address table: input_norm, post_norm, then
-// (w, scales, bias, n, k, format) for qkv, o, gate_up and down, then k_cache, v_cache.
-constexpr int kStackLayerFields = 2 + 4 * 6 + 2;
+// (w, scales, bias, n, k, format, int8_activations) for qkv, o, gate_up and down, then k_cache,
+// v_cache.
+constexpr int kStackLayerFields = 2 + 4 * 7 + 2;
 
 void decoder_stack(const DecoderStackArgs& args);
 

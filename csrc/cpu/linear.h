@@ -35,4 +35,13 @@ void in_row_passes(const Args& a, int chunk, Rows rows) {
   }
 }
 
+// A family of row kernels as a table indexed by input rows - 1: Kernel<M>::run(args, n0, n1)
+// computes outputs [n0, n1) of M <= kMaxLinearRows input rows.
+template <typename Args, template <int> class Kernel>
+struct RowKernels {
+  using Fn = void (*)(const Args&, int, int);
+  static constexpr Fn fns[kMaxLinearRows] = {Kernel<1>::run, Kernel<2>::run, Kernel<3>::run, Kernel<4>::run,
+                                             Kernel<5>::run, Kernel<6>::run, Kernel<7>::run, Kernel<8>::run};
+};
+
 }  // namespace pyserve::cpu

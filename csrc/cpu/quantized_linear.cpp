@@ -13,6 +13,7 @@
 #define PYSERVE_X86 1
 #endif
 
+#include "cpu/integer_linear.h"
 #include "cpu/linear.h"  // kMaxLinearRows
 
 namespace pyserve::cpu {
@@ -95,6 +96,7 @@ PYSERVE_TARGET_AVX512 void rows_avx512(const QuantizedLinearArgs& a, int n0, int
   constexpr int kChains = M <= 2 ? 4 : 2;
   const int groups = a.k / kQuantGroup;
   for (int n = n0; n < n1; ++n) {
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
     __m512 acc[M][kChains];
     for (int i = 0; i < M; ++i)
       for (int c = 0; c < kChains; ++c) acc[i][c] = _mm512_setzero_ps();
@@ -165,6 +167,7 @@ PYSERVE_TARGET_AVX2 void rows_avx2(const QuantizedLinearArgs& a, int n0, int n1)
   constexpr int kChains = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // as the AVX-512 path; 16 registers here
   const int groups = a.k / kQuantGroup;
   for (int n = n0; n < n1; ++n) {
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
     __m256 acc[M][kChains];
     for (int i = 0; i < M; ++i)
       for (int c = 0; c < kChains; ++c) acc[i][c] = _mm256_setzero_ps();
@@ -190,13 +193,8 @@ PYSERVE_TARGET_AVX2 void rows_avx2(const QuantizedLinearArgs& a, int n0, int n1)
 
 #endif  // PYSERVE_X86
 
-using RowsFn = void (*)(const QuantizedLinearArgs&, int, int);
-
 template <template <int> class Kernel>
-struct Table {
-  static constexpr RowsFn fns[kMaxLinearRows] = {Kernel<1>::run, Kernel<2>::run, Kernel<3>::run, Kernel<4>::run,
-                                                 Kernel<5>::run, Kernel<6>::run, Kernel<7>::run, Kernel<8>::run};
-};
+using Table = RowKernels<QuantizedLinearArgs, Kernel>;
 
 template <int M> struct Scalar { static void run(const QuantizedLinearArgs& a, int n0, int n1) { rows_scalar<M>(a, n0, n1); } };
 #ifdef PYSERVE_X86
@@ -216,9 +214,10 @@ Isa best_isa() {
 }
 
 void quantized_linear(const QuantizedLinearArgs& a, Isa isa) {
+  if (a.int8_activations && a.format != WeightFormat::kBF16) return integer_linear(a, isa);
   static const Isa best = best_isa();
   if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
-  const RowsFn* fns = Table<Scalar>::fns;
+  auto fns = Table<Scalar>::fns;
 #ifdef PYSERVE_X86
   if (isa == Isa::kAVX512) fns = Table<AVX512>::fns;
   if (isa == Isa::kAVX2) fns = Table<AVX2>::fns;

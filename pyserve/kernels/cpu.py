@@ -112,8 +112,8 @@ def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
     def product(weight, bias=None) -> list[int]:
         if isinstance(weight, QuantizedWeight):
             return [weight.data.data_ptr(), _opt(weight.scales), _opt(bias), *weight.shape,
-                    FORMAT_CODES[weight.format]]
-        return [weight.data_ptr(), 0, _opt(bias), *weight.shape, 0]
+                    FORMAT_CODES[weight.format], int(weight.int8_activations)]
+        return [weight.data_ptr(), 0, _opt(bias), *weight.shape, 0, 0]
 
     fields = []
     for layer, k_cache, v_cache in zip(w.layers, k_caches, v_caches):
@@ -175,7 +175,7 @@ def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     _C.quantized_linear(xf.data_ptr(), weight.data.data_ptr(), _opt(weight.scales),
                         _opt(None if bias is None else _f32(bias)), out.data_ptr(), rows, n, k,
-                        FORMAT_CODES[weight.format], ISAS[isa])
+                        FORMAT_CODES[weight.format], weight.int8_activations, ISAS[isa])
     return out.to(x.dtype)
 
 

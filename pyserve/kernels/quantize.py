@@ -8,14 +8,21 @@ Formats (see csrc/cpu/quantized_linear.h for the byte layout):
 - bf16: the weight rounded to bfloat16 (2 bytes a weight);
 - int8: symmetric, a scale per group of 32 input values, q in [-127, 127] (llama.cpp's Q8_0; 1.125 bytes);
 - int4: a scale per group of 32, q in [0, 15] standing for q - 8, two per byte (Q4_0; 0.625 bytes).
+
+w8a8 and w4a8 are int8 and int4 weights whose decode-sized products (up to MAX_PACKED_ROWS rows)
+also quantize their input rows to int8 per group of 32 (`quantize_rows`) and take integer dot
+products, as llama.cpp's Q8_0 and Q4_0 do on CPUs: the same bytes read for a third of the work.
+Prefill-sized products keep fp32 inputs. GPU back-ends run them as int8 and int4 with their own
+(bf16) activations.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4", "w8a8", "w4a8")
 GROUP = 32
+INT8_ACTIVATIONS = {"w8a8": "int8", "w4a8": "int4"}  # a format with int8 inputs: its weights' format
 FORMAT_CODES = {"bf16": 1, "int8": 2, "int4": 3}  # csrc/cpu/quantized_linear.h WeightFormat
 # Beyond this many rows, unpacking the weight once for a GEMM costs less than reading it packed per row.
 MAX_PACKED_ROWS = 64
@@ -24,12 +31,13 @@ MAX_PACKED_ROWS = 64
 @dataclass
 class QuantizedWeight:
     """A packed [N, K] weight: `data` in the format's layout, `scales` [N, K/32] fp32 for the
-    grouped formats."""
+    grouped formats; `int8_activations` for w8a8/w4a8 (`format` is then int8/int4)."""
 
     format: str
     data: torch.Tensor
     scales: torch.Tensor | None
     shape: tuple[int, int]
+    int8_activations: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -58,10 +66,24 @@ def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
     return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= limit else 0
 
 
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """The values x [..., K] (K a multiple of 32) stand for once the int8-activation kernels
+    quantize them: per group of 32, scale = amax / 127 and q = round-half-even(x * (127 / amax))
+    (csrc/cpu/integer_linear.h), returned as fp32 q * scale."""
+    groups = x.float().reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
+    amax = groups.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    return ((groups * inv).round() * (amax / 127.0)).reshape(x.shape)
+
+
 def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:
     """Pack a [N, K] weight; the grouped formats need K to be a multiple of 32."""
     if format not in FORMATS:
         raise ValueError(f"unknown weight format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format in INT8_ACTIVATIONS:
+        packed = quantize(weight, INT8_ACTIVATIONS[format])
+        packed.int8_activations = True
+        return packed
     if weight.ndim != 2:
         raise ValueError(f"a weight to quantize must be 2-D [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape

@@ -6,7 +6,7 @@ These favour clarity over speed (plain loops over sequences and rows, fp32 math)
 import torch
 
 from . import rng
-from .quantize import QuantizedWeight
+from .quantize import QuantizedWeight, packed_rows, quantize_rows
 from .types import Coef, DecoderStackWeights, SampleResult, SamplingTensors
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +81,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):  # the packed formats mean their dequantized values
+        if weight.int8_activations and packed_rows(x, weight):
+            x = quantize_rows(x).to(x.dtype)
         weight = weight.dequantize(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
 
