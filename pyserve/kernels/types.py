@@ -28,6 +28,8 @@ def _csr(lists: list[Sequence], dtype: torch.dtype) -> tuple[torch.Tensor, torch
     offsets = [0]
     for items in lists:
         offsets.append(offsets[-1] + len(items))
+    if not offsets[-1]:  # the common case: nothing to list
+        return torch.empty(0, dtype=dtype), torch.zeros(len(lists) + 1, dtype=torch.int32)
     flat = [x for items in lists for x in items]
     return torch.tensor(flat, dtype=dtype), torch.tensor(offsets, dtype=torch.int32)
 
@@ -59,32 +61,22 @@ class SamplingTensors:
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingTensors":
-        def col(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([getattr(r, name) for r in rows], dtype=dtype)
-
+        # One tensor per dtype, split into columns: a decode step builds this for every batch, and
+        # at batch 1 each small tensor's construction costs about what the sampling kernel does.
+        temperature, top_p, min_p, repetition, presence, frequency = torch.tensor(
+            [[r.temperature, r.top_p, r.min_p, r.repetition_penalty, r.presence_penalty, r.frequency_penalty]
+             for r in rows], dtype=torch.float32).reshape(len(rows), 6).T.contiguous()
+        seed, step = torch.tensor([[r.seed, r.step] for r in rows],
+                                  dtype=torch.int64).reshape(len(rows), 2).T.contiguous()
         prompt, prompt_off = _csr([r.prompt_tokens for r in rows], torch.int32)
         output, output_off = _csr([r.output_tokens for r in rows], torch.int32)
         bias_tok, bias_off = _csr([list(r.logit_bias) for r in rows], torch.int32)
         bias_val, _ = _csr([list(r.logit_bias.values()) for r in rows], torch.float32)
-        t = cls(
-            temperature=col("temperature", torch.float32),
-            top_k=col("top_k", torch.int32),
-            top_p=col("top_p", torch.float32),
-            min_p=col("min_p", torch.float32),
-            repetition_penalty=col("repetition_penalty", torch.float32),
-            presence_penalty=col("presence_penalty", torch.float32),
-            frequency_penalty=col("frequency_penalty", torch.float32),
-            seed=col("seed", torch.int64),
-            step=col("step", torch.int64),
-            prompt_tokens=prompt,
-            prompt_offsets=prompt_off,
-            output_tokens=output,
-            output_offsets=output_off,
-            bias_tokens=bias_tok,
-            bias_values=bias_val,
-            bias_offsets=bias_off,
-        )
-        return t.to(device)
+        t = cls(temperature=temperature, top_k=torch.tensor([r.top_k for r in rows], dtype=torch.int32), top_p=top_p,
+                min_p=min_p, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
+                seed=seed, step=step, prompt_tokens=prompt, prompt_offsets=prompt_off, output_tokens=output,
+                output_offsets=output_off, bias_tokens=bias_tok, bias_values=bias_val, bias_offsets=bias_off)
+        return t if torch.device(device).type == "cpu" else t.to(device)
 
     def to(self, device: torch.device | str) -> "SamplingTensors":
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:

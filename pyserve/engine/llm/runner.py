@@ -90,8 +90,10 @@ class ModelRunner:
             hidden = self.model.forward(input_ids, positions, meta, self.cache, images, adapters)
         result = StepResult(prompt_logprobs=self._prompt_logprobs(step, hidden))
         if sampling:
-            result.sampled = self._sample([seq for seq, _ in sampling], hidden[[row for _, row in sampling]],
-                                          eos_ids, masks)
+            picked = [row for _, row in sampling]
+            # decode steps sample every row: no gather then
+            last = hidden if picked == list(range(hidden.shape[0])) else hidden[picked]
+            result.sampled = self._sample([seq for seq, _ in sampling], last, eos_ids, masks)
         return result
 
     def _step_images(self, step: ScheduledStep) -> StepImages | None:
