@@ -244,10 +244,13 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
             ids = getattr(params, name)
             checks.check(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
                          f"params.{name} holds token ids outside [0, {vocab})")
-        checks.check(bool((params.top_p > 0).all()) and bool((params.top_p <= 1).all()),
-                     "params.top_p must be in (0, 1]")
-        checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
-        checks.check(bool((params.repetition_penalty > 0).all()), "params.repetition_penalty must be > 0")
+        # One pass over the values first: every decode step comes through here.
+        if not bool(((params.top_p > 0) & (params.top_p <= 1) & (params.temperature >= 0)
+                     & (params.repetition_penalty > 0)).all()):
+            checks.check(bool((params.top_p > 0).all()) and bool((params.top_p <= 1).all()),
+                         "params.top_p must be in (0, 1]")
+            checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
+            checks.check(False, "params.repetition_penalty must be > 0")
         if params.allowed_row is not None:
             rows = params.allowed_row
             checks.check(batch == 0 or (int(rows.min()) >= -1 and int(rows.max()) < params.allowed_bits.shape[0]),

@@ -176,7 +176,7 @@ def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     _C.quantized_linear(xf.data_ptr(), weight.data.data_ptr(), _opt(weight.scales),
                         _opt(None if bias is None else _f32(bias)), out.data_ptr(), rows, n, k,
                         FORMAT_CODES[weight.format], weight.int8_activations, ISAS[isa])
-    return out.to(x.dtype)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:

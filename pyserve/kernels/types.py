@@ -28,8 +28,6 @@ def _csr(lists: list[Sequence], dtype: torch.dtype) -> tuple[torch.Tensor, torch
     offsets = [0]
     for items in lists:
         offsets.append(offsets[-1] + len(items))
-    if not offsets[-1]:  # the common case: nothing to list
-        return torch.empty(0, dtype=dtype), torch.zeros(len(lists) + 1, dtype=torch.int32)
     flat = [x for items in lists for x in items]
     return torch.tensor(flat, dtype=dtype), torch.tensor(offsets, dtype=torch.int32)
 
@@ -64,14 +62,21 @@ class SamplingTensors:
         # One tensor per dtype, split into columns: a decode step builds this for every batch, and
         # at batch 1 each small tensor's construction costs about what the sampling kernel does.
         temperature, top_p, min_p, repetition, presence, frequency = torch.tensor(
-            [[r.temperature, r.top_p, r.min_p, r.repetition_penalty, r.presence_penalty, r.frequency_penalty]
-             for r in rows], dtype=torch.float32).reshape(len(rows), 6).T.contiguous()
-        seed, step = torch.tensor([[r.seed, r.step] for r in rows],
-                                  dtype=torch.int64).reshape(len(rows), 2).T.contiguous()
-        prompt, prompt_off = _csr([r.prompt_tokens for r in rows], torch.int32)
-        output, output_off = _csr([r.output_tokens for r in rows], torch.int32)
-        bias_tok, bias_off = _csr([list(r.logit_bias) for r in rows], torch.int32)
-        bias_val, _ = _csr([list(r.logit_bias.values()) for r in rows], torch.float32)
+            [[r.temperature for r in rows], [r.top_p for r in rows], [r.min_p for r in rows],
+             [r.repetition_penalty for r in rows], [r.presence_penalty for r in rows],
+             [r.frequency_penalty for r in rows]], dtype=torch.float32)
+        seed, step = torch.tensor([[r.seed for r in rows], [r.step for r in rows]], dtype=torch.int64)
+        prompts, outputs, biases = [r.prompt_tokens for r in rows], [r.output_tokens for r in rows], \
+            [r.logit_bias for r in rows]
+        if any(prompts) or any(outputs) or any(biases):
+            prompt, prompt_off = _csr(prompts, torch.int32)
+            output, output_off = _csr(outputs, torch.int32)
+            bias_tok, bias_off = _csr([list(b) for b in biases], torch.int32)
+            bias_val, _ = _csr([list(b.values()) for b in biases], torch.float32)
+        else:  # the common case: no lists at all (the kernels only read these tensors)
+            prompt = output = bias_tok = torch.empty(0, dtype=torch.int32)
+            prompt_off = output_off = bias_off = torch.zeros(len(rows) + 1, dtype=torch.int32)
+            bias_val = torch.empty(0, dtype=torch.float32)
         t = cls(temperature=temperature, top_k=torch.tensor([r.top_k for r in rows], dtype=torch.int32), top_p=top_p,
                 min_p=min_p, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
                 seed=seed, step=step, prompt_tokens=prompt, prompt_offsets=prompt_off, output_tokens=output,

@@ -56,13 +56,11 @@ class ModelRunner:
             if first + n == len(seq.token_ids):
                 sample_rows.append(starts[-1] - 1)
         width = max(len(seq.block_table) for seq, _ in step.items)
-        tables = torch.zeros(len(step.items), width, dtype=torch.int32)
-        for i, (seq, _) in enumerate(step.items):
-            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in step.items]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=tables.to(dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             max_query_len=max(n for _, n in step.items), max_seq_len=max(seq_lens))
