@@ -72,7 +72,8 @@ def quantize_rows(x: torch.Tensor) -> torch.Tensor:
     (csrc/cpu/integer_linear.h), returned as fp32 q * scale."""
     groups = x.float().reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
     amax = groups.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, 0.0)
+    # a true division, as the kernels do (`127.0 / tensor` is a reciprocal and a product: two roundings)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)
     return ((groups * inv).round() * (amax / 127.0)).reshape(x.shape)
 
 
