@@ -8,7 +8,8 @@ as llama.cpp's do): the bytes a decode step reads (the packed linear weights), b
 tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
 (bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
-the same batch-1 decode for comparison. Writes bench/results/quantization.json.
+the same batch-1 decode for comparison, in the same rounds as pyserve's (best of three rounds,
+each taking every format and file in turn). Writes bench/results/quantization.json.
 """
 
 import argparse
@@ -73,15 +74,9 @@ def llama_cpp_completion(prompt: list[int], tokens: int, port: int = 8765) -> di
         return json.loads(r.read())
 
 
-def llama_cpp_decode(server: Path, gguf: Path, tokens: int = 128) -> float:
-    """llama.cpp server, one request: its own timing of generated tokens per second (best of 3)."""
-    proc = llama_cpp_server(server, gguf, slots=1)
-    try:
-        return max(llama_cpp_completion([0] + list(range(3, 34)), tokens)["timings"]["predicted_per_second"]
-                   for _ in range(3))
-    finally:
-        proc.terminate()
-        proc.wait()
+def llama_cpp_decode(port: int, tokens: int = 128) -> float:
+    """One request to a running llama.cpp server: its own timing of generated tokens per second."""
+    return llama_cpp_completion([0] + list(range(3, 34)), tokens, port)["timings"]["predicted_per_second"]
 
 
 def llama_cpp_streams(server: Path, gguf: Path, n: int, quick: bool) -> float:
@@ -109,16 +104,33 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model_dir or make_checkpoint(Path(tmp.name), args.quick)
-    bandwidth = [copy_bandwidth_gbs()]
+    files = {name: args.gguf_dir / f"{name}.gguf" for name in ("f32", "q8_0", "q4_0")
+             if args.llama_server and args.gguf_dir and (args.gguf_dir / f"{name}.gguf").exists()}
+    # Batch 1 in rounds that take every format and every llama.cpp file in turn, best of the
+    # rounds: this machine's memory pace drifts by up to 1.5x over minutes, and measuring one side
+    # minutes after the other would compare the drift.
+    llms = {format: LLM(model_dir, device="cpu", quantization=format) for format in FORMATS}
+    servers = {name: llama_cpp_server(args.llama_server, f, slots=1, port=8765 + i)
+               for i, (name, f) in enumerate(files.items())}
+    bandwidth, decode, theirs = [], {f: 0.0 for f in FORMATS}, {name: 0.0 for name in files}
+    try:
+        for _ in range(2 if args.quick else 3):
+            bandwidth.append(copy_bandwidth_gbs())
+            for format, llm in llms.items():
+                decode[format] = max(decode[format], batch1_decode(llm))
+            for i, name in enumerate(files):
+                theirs[name] = max(theirs[name], llama_cpp_decode(8765 + i))
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait()
+    del llms
     rows = {}
     for format in FORMATS:
-        llm = LLM(model_dir, device="cpu", quantization=format)
-        decode = max(batch1_decode(llm) for _ in range(2))
-        del llm
         nbytes = packed_bytes(model_dir, format)
-        rows[format] = {"weight_mib_read_per_token": nbytes / 2**20, "batch1_tokens_per_s": decode,
+        rows[format] = {"weight_mib_read_per_token": nbytes / 2**20, "batch1_tokens_per_s": decode[format],
                         "streams64_tokens_per_s": streams(model_dir, format, 64, args.quick),
-                        "batch1_gb_per_s": decode * nbytes / 1e9}
+                        "batch1_gb_per_s": decode[format] * nbytes / 1e9}
     bandwidth.append(copy_bandwidth_gbs())
     copy = max(bandwidth)
     base = rows["none"]
@@ -127,11 +139,8 @@ def main() -> None:
         row["streams64_vs_fp32"] = row["streams64_tokens_per_s"] / base["streams64_tokens_per_s"]
         row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
     result = {"copy_bandwidth_gbs": bandwidth, "pyserve": rows}
-    if args.llama_server and args.gguf_dir:
-        files = {name: args.gguf_dir / f"{name}.gguf" for name in ("f32", "q8_0", "q4_0")
-                 if (args.gguf_dir / f"{name}.gguf").exists()}
-        result["llama_cpp_batch1_tokens_per_s"] = {name: llama_cpp_decode(args.llama_server, f)
-                                                   for name, f in files.items()}
+    if files:
+        result["llama_cpp_batch1_tokens_per_s"] = theirs
         result["llama_cpp_streams64_tokens_per_s"] = {name: llama_cpp_streams(args.llama_server, f, 64, args.quick)
                                                       for name, f in files.items()}
         result["vs_llama_cpp"] = {
