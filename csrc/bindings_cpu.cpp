@@ -115,7 +115,7 @@ PYBIND11_MODULE(_C, m) {
         std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
         for (int i = 0; i < num_layers; ++i, f += pyserve::cpu::kStackLayerFields) {
           auto linear = [&](int at) {
-            return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const float>(f[at + 1]),
+            return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const uint16_t>(f[at + 1]),
                                                ptr<const float>(f[at + 2]), static_cast<int>(f[at + 3]),
                                                static_cast<int>(f[at + 4]), static_cast<int>(f[at + 5]),
                                                f[at + 6] != 0};
@@ -179,7 +179,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t w, uintptr_t scales, uintptr_t bias, uintptr_t out, int m, int n, int k, int format,
          bool int8_activations, int isa) {
         pyserve::cpu::quantized_linear(
-            pyserve::cpu::QuantizedLinearArgs{ptr<const float>(x), ptr<const void>(w), ptr<const float>(scales),
+            pyserve::cpu::QuantizedLinearArgs{ptr<const float>(x), ptr<const void>(w), ptr<const uint16_t>(scales),
                                               ptr<const float>(bias), ptr<float>(out), m, n, k,
                                               static_cast<pyserve::cpu::WeightFormat>(format), int8_activations},
             static_cast<pyserve::cpu::Isa>(isa));

@@ -38,7 +38,7 @@ def test_packing_round_trips_within_the_format_error(format):
     else:  # half a step, or a whole one where the top of the range clamps (Q4_0 has 8 steps down, 7 up)
         assert torch.all(err <= groups / 8 * 1.0001 + 1e-7)
     assert torch.all(back[0, :GROUP] == 0)
-    assert packed.nbytes == {"bf16": 2, "int8": 1 + 4 / GROUP, "int4": 0.5 + 4 / GROUP}[format] * w.numel()
+    assert packed.nbytes == {"bf16": 2, "int8": 1 + 2 / GROUP, "int4": 0.5 + 2 / GROUP}[format] * w.numel()
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -10,7 +10,7 @@ namespace pyserve::cpu {
 // One product's weights: fp32 [n, k] (format 0) or a packed WeightFormat code (1-3).
 struct DecoderLinear {
   const void* w;
-  const float* scales;  // packed int8/int4 only
+  const uint16_t* scales;  // packed int8/int4 only: fp16
   const float* bias;    // or null
   int n, k, format;
   bool int8_activations;  // packed int8/int4 only: see QuantizedLinearArgs

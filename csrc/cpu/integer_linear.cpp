@@ -42,7 +42,7 @@ struct Int8Rows {
 struct IntegerArgs {
   Int8Rows x;
   const void* w;
-  const float* scales;  // the weights' [N, K/32]
+  const uint16_t* scales;  // the weights' [N, K/32], fp16
   const float* bias;
   float* out;
   int m, n, k;
@@ -67,7 +67,8 @@ void rows_scalar(const IntegerArgs& a, int n0, int n1) {
         int32_t dot = 0;
         for (int j = g * kQuantGroup; j < (g + 1) * kQuantGroup; ++j)
           dot += weight_int(a, n, j) * a.x.q[static_cast<long>(i) * a.k + j];
-        s += static_cast<float>(dot) * (a.scales[static_cast<long>(n) * groups + g] * a.x.scales[i * groups + g]);
+        const float w_scale = half_to_float(a.scales[static_cast<long>(n) * groups + g]);
+        s += static_cast<float>(dot) * (w_scale * a.x.scales[i * groups + g]);
       }
       a.out[static_cast<long>(i) * a.n + n] = s + (a.bias ? a.bias[n] : 0.0f);
     }
@@ -75,8 +76,8 @@ void rows_scalar(const IntegerArgs& a, int n0, int n1) {
 
 #ifdef PYSERVE_X86
 
-#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define PYSERVE_TARGET_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define PYSERVE_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // A group of 32 weights as bytes in element order: int8's own (signed), or int4's nibbles
 // (unsigned, q + 8).
@@ -124,13 +125,13 @@ PYSERVE_TARGET_VNNI inline __m256i dot4_vnni(const IntegerArgs& a, __m256i w, co
   TARGET void NAME(const IntegerArgs& a, int n0, int n1) {                                               \
     const int groups = a.k / kQuantGroup;                                                                \
     for (int n = n0; n < n1; ++n) {                                                                      \
-      const float* w_scales = a.scales + static_cast<long>(n) * groups;                                  \
+      const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;                               \
       prefetch_ahead(a.w, a.scales, n, a.k, a.format);                                                   \
       __m256 acc[M][2];                                                                                  \
       for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                           \
       auto add_group = [&](int g, int chain) {                                                           \
         const __m256i w = group_bytes(a, n, g);                                                          \
-        const __m256 w_scale = _mm256_set1_ps(w_scales[g]);                                              \
+        const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));                                   \
         for (int i = 0; i < M; ++i) {                                                                    \
           const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;               \
           const __m256i dot = DOT4(a, w, a.x.q + at, a.x.start + at / 4);                                \

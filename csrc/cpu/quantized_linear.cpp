@@ -1,5 +1,5 @@
 // Decode reads every weight once per token, so fewer bytes per weight is the lever: these kernels
-// stream packed weights (2, 1.125 or 0.625 bytes each instead of 4), widen each group of 32 to
+// stream packed weights (2, 1.0625 or 0.5625 bytes each instead of 4), widen each group of 32 to
 // fp32 in registers, scale it once, and reuse it for up to eight input rows. The AVX-512 and AVX2
 // paths are compiled with function target attributes and chosen at run time from the CPU's
 // features, so one binary runs on CPUs with either (and falls back to scalar code without AVX2).
@@ -33,12 +33,12 @@ inline float weight_at(const QuantizedLinearArgs& a, long n, int c) {
     case WeightFormat::kBF16:
       return bf16_to_float(static_cast<const uint16_t*>(a.w)[i]);
     case WeightFormat::kInt8:
-      return static_cast<const int8_t*>(a.w)[i] * a.scales[n * (a.k / kQuantGroup) + c / kQuantGroup];
+      return static_cast<const int8_t*>(a.w)[i] * half_to_float(a.scales[n * (a.k / kQuantGroup) + c / kQuantGroup]);
     case WeightFormat::kInt4: {
       const int g = c / kQuantGroup, j = c % kQuantGroup;
       const uint8_t byte = static_cast<const uint8_t*>(a.w)[n * (a.k / 2) + g * 16 + j % 16];
       const int q = j < 16 ? byte & 0x0F : byte >> 4;
-      return (q - 8) * a.scales[n * (a.k / kQuantGroup) + g];
+      return (q - 8) * half_to_float(a.scales[n * (a.k / kQuantGroup) + g]);
     }
   }
   return 0.0f;
@@ -61,7 +61,7 @@ void rows_scalar(const QuantizedLinearArgs& a, int n0, int n1) {
 
 // ---- AVX-512: a group of 32 weights is two 16-lane vectors --------------------------------------
 
-#define PYSERVE_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define PYSERVE_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
 PYSERVE_TARGET_AVX512 inline void group_avx512(const QuantizedLinearArgs& a, long n, int g, __m512& w0, __m512& w1) {
   const long c = static_cast<long>(g) * kQuantGroup;
@@ -71,7 +71,7 @@ PYSERVE_TARGET_AVX512 inline void group_avx512(const QuantizedLinearArgs& a, lon
     w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p + 16))), 16));
     return;
   }
-  const __m512 scale = _mm512_set1_ps(a.scales[n * (a.k / kQuantGroup) + g]);
+  const __m512 scale = _mm512_set1_ps(_cvtsh_ss(a.scales[n * (a.k / kQuantGroup) + g]));
   if (a.format == WeightFormat::kInt8) {
     const int8_t* p = static_cast<const int8_t*>(a.w) + n * a.k + c;
     w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
@@ -129,7 +129,7 @@ PYSERVE_TARGET_AVX512 void rows_avx512(const QuantizedLinearArgs& a, int n0, int
 
 // ---- AVX2: a group of 32 weights is four 8-lane vectors -----------------------------------------
 
-#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 PYSERVE_TARGET_AVX2 inline void group_avx2(const QuantizedLinearArgs& a, long n, int g, __m256* w) {
   const long c = static_cast<long>(g) * kQuantGroup;
@@ -139,7 +139,7 @@ PYSERVE_TARGET_AVX2 inline void group_avx2(const QuantizedLinearArgs& a, long n,
       w[j] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p + 8 * j))), 16));
     return;
   }
-  const __m256 scale = _mm256_set1_ps(a.scales[n * (a.k / kQuantGroup) + g]);
+  const __m256 scale = _mm256_set1_ps(_cvtsh_ss(a.scales[n * (a.k / kQuantGroup) + g]));
   if (a.format == WeightFormat::kInt8) {
     const int8_t* p = static_cast<const int8_t*>(a.w) + n * a.k + c;
     for (int j = 0; j < 4; ++j)

@@ -15,7 +15,7 @@ void paged_attention(int dtype, uintptr_t q, uintptr_t k_cache, uintptr_t v_cach
                      float scale, int window, int num_splits, int split_keys, uintptr_t stream);
 
 // y [m, n] = x [m, k] times a packed weight (format: 1 bf16, 2 int8, 3 int4) plus bias; x, bias and y
-// in `dtype`, scales fp32.
+// in `dtype`, scales fp16.
 void quantized_linear(int dtype, uintptr_t x, uintptr_t w, uintptr_t scales, uintptr_t bias, uintptr_t out, int m,
                       int n, int k, int format, uintptr_t stream);
 

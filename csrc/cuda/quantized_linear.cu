@@ -12,22 +12,22 @@ constexpr int kWarps = 4;
 constexpr int kGroup = 32;
 
 template <int Format>
-__device__ __forceinline__ float weight_at(const void* w, const float* scales, long row, int c, int k) {
+__device__ __forceinline__ float weight_at(const void* w, const __half* scales, long row, int c, int k) {
   if constexpr (Format == 1) {  // bf16 bits
     const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(w)[row * k + c]) << 16;
     return __uint_as_float(bits);
   } else if constexpr (Format == 2) {  // int8
-    return static_cast<const int8_t*>(w)[row * k + c] * scales[row * (k / kGroup) + c / kGroup];
+    return static_cast<const int8_t*>(w)[row * k + c] * __half2float(scales[row * (k / kGroup) + c / kGroup]);
   } else {  // int4: byte j % 16 of the group holds element j in its low nibble, j + 16 in its high one
     const int j = c % kGroup;
     const uint8_t byte = static_cast<const uint8_t*>(w)[row * (k / 2) + (c / kGroup) * 16 + j % 16];
     const int q = j < 16 ? byte & 0x0F : byte >> 4;
-    return (q - 8) * scales[row * (k / kGroup) + c / kGroup];
+    return (q - 8) * __half2float(scales[row * (k / kGroup) + c / kGroup]);
   }
 }
 
 template <typename T, int Format>
-__global__ void packed_linear_kernel(const T* x, const void* w, const float* scales, const T* bias, T* out, int n,
+__global__ void packed_linear_kernel(const T* x, const void* w, const __half* scales, const T* bias, T* out, int n,
                                      int k) {
   const int lane = threadIdx.x % 32;
   const long feature = static_cast<long>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -50,7 +50,7 @@ void quantized_linear(int dtype, uintptr_t x, uintptr_t w, uintptr_t scales, uin
     using T = std::remove_pointer_t<decltype(tag)>;
     auto launch = [&](auto kernel) {
       kernel<<<grid, kWarps * 32, 0, s>>>(reinterpret_cast<const T*>(x), reinterpret_cast<const void*>(w),
-                                          reinterpret_cast<const float*>(scales), reinterpret_cast<const T*>(bias),
+                                          reinterpret_cast<const __half*>(scales), reinterpret_cast<const T*>(bias),
                                           reinterpret_cast<T*>(out), n, k);
     };
     if (format == 1) launch(packed_linear_kernel<T, 1>);

@@ -59,10 +59,9 @@ def linear(x, weight, bias=None):
     n, k = weight.shape
     xc = x.reshape(rows, k).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    scales = None if weight.scales is None else weight.scales.float().contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _C_cuda.quantized_linear(_DTYPE[x.dtype], xc.data_ptr(), weight.data.data_ptr(),
-                             0 if scales is None else scales.data_ptr(), 0 if b is None else b.data_ptr(),
+                             0 if weight.scales is None else weight.scales.data_ptr(), 0 if b is None else b.data_ptr(),
                              out.data_ptr(), rows, n, k, FORMAT_CODES[weight.format], _stream())
     return out.view(*x.shape[:-1], n)
 

@@ -6,8 +6,10 @@ unpacking them again (the reference every back-end must agree with).
 
 Formats (see csrc/cpu/quantized_linear.h for the byte layout):
 - bf16: the weight rounded to bfloat16 (2 bytes a weight);
-- int8: symmetric, a scale per group of 32 input values, q in [-127, 127] (llama.cpp's Q8_0; 1.125 bytes);
-- int4: a scale per group of 32, q in [0, 15] standing for q - 8, two per byte (Q4_0; 0.625 bytes).
+- int8: symmetric, an fp16 scale per group of 32 input values, q in [-127, 127] (llama.cpp's Q8_0;
+  1.0625 bytes);
+- int4: an fp16 scale per group of 32, q in [0, 15] standing for q - 8, two per byte (Q4_0; 0.5625
+  bytes).
 
 w8a8 and w4a8 are int8 and int4 weights whose decode-sized products (up to MAX_PACKED_ROWS rows)
 also quantize their input rows to int8 per group of 32 (`quantize_rows`) and take integer dot
@@ -30,8 +32,9 @@ MAX_PACKED_ROWS = 64
 
 @dataclass
 class QuantizedWeight:
-    """A packed [N, K] weight: `data` in the format's layout, `scales` [N, K/32] fp32 for the
-    grouped formats; `int8_activations` for w8a8/w4a8 (`format` is then int8/int4)."""
+    """A packed [N, K] weight: `data` in the format's layout, `scales` [N, K/32] fp16 for the
+    grouped formats (as llama.cpp stores them: a decode step reads them too); `int8_activations`
+    for w8a8/w4a8 (`format` is then int8/int4)."""
 
     format: str
     data: torch.Tensor
@@ -41,7 +44,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + (0 if self.scales is None else self.scales.numel() * 4)
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.data.numel() * self.data.element_size() + scales
 
     @property
     def device(self) -> torch.device:
@@ -56,7 +60,7 @@ class QuantizedWeight:
         else:
             packed = self.data.view(n, k // GROUP, GROUP // 2)
             q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32) - 8
-        return (q * self.scales[..., None]).view(n, k).to(dtype)
+        return (q * self.scales[..., None].float()).view(n, k).to(dtype)
 
 
 def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
@@ -77,6 +81,13 @@ def quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return ((groups * inv).round() * (amax / 127.0)).reshape(x.shape)
 
 
+def fp16_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Scales as the packed formats store them; the values are chosen against these."""
+    if not bool((scales.abs() <= 65504).all()):  # NaN and infinity fail this too
+        raise ValueError("weights beyond fp16 scales' range (|w| up to ~8e6) cannot be packed")
+    return scales.to(torch.float16).contiguous()
+
+
 def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:
     """Pack a [N, K] weight; the grouped formats need K to be a multiple of 32."""
     if format not in FORMATS:
@@ -95,14 +106,16 @@ def quantize(weight: torch.Tensor, format: str) -> QuantizedWeight:
         raise ValueError(f"{format} needs the input size to be a multiple of {GROUP}, got {k}")
     groups = w.view(n, k // GROUP, GROUP)
     if format == "int8":
-        scales = groups.abs().amax(dim=-1) / 127
-        q = torch.where(scales[..., None] > 0, groups / scales[..., None].clamp_min(1e-30), 0.0)
-        return QuantizedWeight(format, q.round().clamp(-127, 127).to(torch.int8).view(n, k).contiguous(),
-                               scales.contiguous(), (n, k))
+        scales = fp16_scales(groups.abs().amax(dim=-1) / 127)
+        s = scales.float()[..., None]
+        q = torch.where(s > 0, groups / s.clamp_min(1e-30), 0.0)
+        return QuantizedWeight(format, q.round().clamp(-127, 127).to(torch.int8).view(n, k).contiguous(), scales,
+                               (n, k))
     # int4, as Q4_0: the value of largest magnitude maps to -8, so its sign fixes the scale's.
     extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))[..., 0]
-    scales = extreme / -8
-    q = torch.where(scales[..., None] != 0, groups / torch.where(scales == 0, 1.0, scales)[..., None], 0.0)
+    scales = fp16_scales(extreme / -8)
+    s = scales.float()
+    q = torch.where(s[..., None] != 0, groups / torch.where(s == 0, 1.0, s)[..., None], 0.0)
     q = (q + 8).round().clamp(0, 15).to(torch.uint8)
     packed = q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)
-    return QuantizedWeight(format, packed.reshape(n, k // 2).contiguous(), scales.contiguous(), (n, k))
+    return QuantizedWeight(format, packed.reshape(n, k // 2).contiguous(), scales, (n, k))

@@ -26,7 +26,8 @@ def _packed_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, FORMAT: tl.
             bits = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=ok, other=0).to(tl.int32)
             w = ((bits & 0xFFFF) << 16).to(tl.float32, bitcast=True)
         else:
-            scale = tl.load(s_ptr + n[:, None].to(tl.int64) * (K // 32) + (k // 32)[None, :], mask=ok, other=0.0)
+            scale = tl.load(s_ptr + n[:, None].to(tl.int64) * (K // 32) + (k // 32)[None, :], mask=ok,
+                            other=0.0).to(tl.float32)
             if FORMAT == 2:  # int8
                 q = tl.load(w_ptr + n[:, None].to(tl.int64) * K + k[None, :], mask=ok, other=0).to(tl.float32)
             else:  # int4: in a group's 16 bytes, element j sits in byte j % 16, low nibble first
