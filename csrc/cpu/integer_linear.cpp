@@ -119,7 +119,8 @@ PYSERVE_TARGET_VNNI inline __m256i dot4_vnni(const IntegerArgs& a, __m256i w, co
 }
 
 // Each weight row's groups, for M input rows; two accumulator chains a row so that a group's
-// multiply-add does not wait on the previous one's.
+// multiply-add does not wait on the previous one's. A macro, not a shared template: each copy must
+// be compiled under its own target attribute for its dot product (VNNI or not) to inline.
 #define PYSERVE_INTEGER_ROWS(NAME, TARGET, DOT4)                                                         \
   template <int M>                                                                                       \
   TARGET void NAME(const IntegerArgs& a, int n0, int n1) {                                               \
