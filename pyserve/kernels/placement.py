@@ -1,11 +1,10 @@
 """Where packed weights live: one buffer, backed by 2 MiB pages where the OS grants them.
 
-A decode step streams every weight once (~100 MB for a 112M-parameter model in int8). With 4 KiB
+A decode step streams every weight once (~90 MB for a 112M-parameter model in int8). With 4 KiB
 pages each 4 KiB of that stream costs a TLB miss and a page walk, and small tensors scattered
 over the heap never get huge pages (Linux's transparent huge pages are opt-in per range here:
-"madvise" mode). Gathered into one advised buffer, in the order a step reads them, the packed
-products ran 5-17% faster on this machine's 112M model (measured with the same weights, the
-same run).
+"madvise" mode). Gathered into one advised buffer, in the order a step reads them, the 112M
+model's 40 decode products read ~36 GB/s instead of ~28 on this machine (same weights, same run).
 """
 
 import ctypes
