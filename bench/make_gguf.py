@@ -19,9 +19,11 @@ from pathlib import Path
 def convert(model_dir: Path, llama_cpp: Path, out: Path, outtype: str) -> None:
     spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", llama_cpp / "convert_hf_to_gguf.py")
     converter = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    sys.path[:0] = [str(llama_cpp), str(llama_cpp / "gguf-py")]  # newer converters import modules beside them
     spec.loader.exec_module(converter)
-    converter.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+    # older trees define TextModel in the script, newer ones in their `conversion` package
+    text_model = getattr(converter, "TextModel", None) or importlib.import_module("conversion.base").TextModel
+    text_model.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype]
     converter.main()
 

@@ -1,7 +1,7 @@
 """Low-precision weights: decode speed of the same ~112M-parameter Llama with fp32, bf16, int8 and
 int4 weights, in one run, next to the machine's copy bandwidth measured in the same run.
 
-    python bench/quantization.py [--quick] [--llama-server PATH --gguf-dir DIR]
+    python bench/quant.py [--quick] [--llama-server PATH --gguf-dir DIR]
 
 For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
 as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
@@ -9,7 +9,7 @@ tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 deco
 (bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
 the same batch-1 decode for comparison, in the same rounds as pyserve's (best of three rounds,
-each taking every format and file in turn). Writes bench/results/quantization.json.
+each taking every format and file in turn). Writes bench/results/quant.json.
 """
 
 import argparse
@@ -162,7 +162,7 @@ def main() -> None:
     for format, ratio in result.get("vs_llama_cpp", {}).items():
         print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x, "
               f"64 streams {ratio['streams64']:.2f}x")
-    write_result("quantization", result, args.quick)
+    write_result("quant", result, args.quick)
 
 
 if __name__ == "__main__":
