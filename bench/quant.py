@@ -95,6 +95,19 @@ def llama_cpp_streams(server: Path, gguf: Path, n: int, quick: bool) -> float:
         proc.wait()
 
 
+def machine() -> dict:
+    """What the figures depend on: the CPU, the kernels it gets (AVX-512 VNNI or AVX2), the threads."""
+    import platform
+
+    import torch
+
+    from pyserve.kernels import cpu
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return {"cpu": names[0] if names else platform.processor(), "kernels": cpu.best_isa(),
+            "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -138,7 +151,7 @@ def main() -> None:
         row["batch1_vs_fp32"] = row["batch1_tokens_per_s"] / base["batch1_tokens_per_s"]
         row["streams64_vs_fp32"] = row["streams64_tokens_per_s"] / base["streams64_tokens_per_s"]
         row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
-    result = {"copy_bandwidth_gbs": bandwidth, "pyserve": rows}
+    result = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "pyserve": rows}
     if files:
         result["llama_cpp_batch1_tokens_per_s"] = theirs
         result["llama_cpp_streams64_tokens_per_s"] = {name: llama_cpp_streams(args.llama_server, f, 64, args.quick)
@@ -149,7 +162,7 @@ def main() -> None:
                      "streams64": rows[format]["streams64_tokens_per_s"]
                      / result["llama_cpp_streams64_tokens_per_s"][gguf]}
             for format, gguf in GGUF_OF.items() if gguf in files}
-    print(f"copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
+    print(f"{result['machine']}; copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
           f"{'vs fp32':>8} {'of copy bw':>10}")
     for name, row in rows.items():

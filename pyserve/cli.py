@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="text models: pack the linear layers' weights (int8/int4: a scale per 32 values, as "
                         "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype, except that "
                         "w8a8/w4a8 (int8/int4 weights) quantize decode-sized products' inputs to int8 on CPUs "
-                        "(default: as the checkpoint: packed for Q8_0/Q4_0 GGUF files, none otherwise)")
+                        "(default: as the checkpoint: w8a8/w4a8 for Q8_0/Q4_0 GGUF files, none otherwise)")
     s.add_argument("--ray", action="store_true",
                    help="run each model in Ray Serve replicas behind the same HTTP routes (pyserve[ray])")
     s.add_argument("--ray-address", default=None, help="with --ray: a running Ray cluster (default: start one here)")

@@ -1,7 +1,7 @@
 """llama.cpp GGUF files through the llama plugin: a tiny Llama written as llama.cpp lays it out
 (its tensor names, its query/key row order, its tokenizer metadata; F32, Q8_0 and Q4_0 tensors
 packed by the `gguf` package) gives the logits transformers gives for the weights it holds, and a Q8_0
-or Q4_0 file is served as int8 or int4 without losing anything."""
+or Q4_0 file is packed as int8 or int4 without losing anything."""
 
 import json
 
@@ -97,19 +97,22 @@ def test_gguf_logits_match_transformers(llama_dir, tmp_path, kind):
     path = tmp_path / f"tiny-{kind}.gguf"
     write_gguf(llama_dir, path, kind)
     model = PluginRegistry.discover().for_model(path).load(path)
-    assert model.weight_format == {"F32": None, "Q8_0": "int8", "Q4_0": "int4"}[kind]
+    assert model.weight_format == {"F32": None, "Q8_0": "w8a8", "Q4_0": "w4a8"}[kind]
     ref = load_reference(llama_dir) if kind == "F32" else packed_reference(llama_dir, kind)
     with torch.no_grad():
         for ids in PROMPTS:
             assert (one_sequence_forward(model, ids) - ref(torch.tensor([ids])).logits[0]).abs().max() <= 1e-4
-    # Served packed by default (the same values in pyserve's int8/int4), greedy tokens as transformers'.
-    llm = LLM(path, device="cpu")
+    # Served packed (the same values in pyserve's int8/int4; by default w8a8/w4a8, whose int8
+    # inputs are checked in test_quantization), greedy tokens as transformers'.
+    llm = LLM(path, device="cpu", quantization={"F32": None, "Q8_0": "int8", "Q4_0": "int4"}[kind])
     assert llm.engine.model.module.model.layers[0].mlp.down_proj.packed is not None or kind == "F32"
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for ids, out in zip(PROMPTS, outs):
         want = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                             pad_token_id=2, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         assert out.token_ids == want[0, len(ids):].tolist()
+    if kind != "F32":  # by default, packed with int8 inputs
+        assert LLM(path, device="cpu").engine.model.module.model.layers[0].mlp.down_proj.packed.int8_activations
 
 
 def test_gguf_tokenizer_and_chat_template_come_from_the_file(llama_dir, tmp_path):

@@ -47,7 +47,7 @@ class LlamaPlugin(Plugin):
             load_tensors(module, ((name, lambda t=t: t) for name, t in tensors.items()), path, optional=buffers)
         model = TextModel.assemble(cfg, _build, fill, gguf_file.tokenizer_from(tokenizer_meta), device=device,
                                    dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
-        model.weight_format = weight_format  # Q8_0/Q4_0 files are packed again as int8/int4 by default
+        model.weight_format = weight_format  # Q8_0/Q4_0 files are packed again as w8a8/w4a8 by default
         # A matrix the file holds in another type (the Q6_K output layer of llama.cpp's Q4_0 files)
         # would lose precision packed as the rest: it stays unpacked.
         for name in others:

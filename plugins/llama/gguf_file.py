@@ -5,8 +5,8 @@ renamed to the Hugging Face layout the model loads.
 
 llama.cpp's converter reorders the rows of the query and key projections (its rotary embedding
 pairs neighbouring values, Hugging Face's pairs the two halves of a head); reading undoes that.
-A file of Q8_0 or Q4_0 weights says so in `weight_format`, and its weights are packed again into
-pyserve's int8 or int4 layout, which hold the same values: the scale of each group of 32 is again
+A file of Q8_0 or Q4_0 weights says so in `weight_format` (w8a8 or w4a8), and its weights are packed
+again into pyserve's int8 or int4 layout, which hold the same values: the scale of each group of 32 is again
 its largest magnitude over 127 (Q8_0) or its extreme over -8 (Q4_0), as llama.cpp chose it.
 """
 
@@ -21,7 +21,9 @@ NAMES = {  # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "mode
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-PACKED_FORMATS = {"Q8_0": "int8", "Q4_0": "int4"}
+# w8a8/w4a8: the values of int8/int4, multiplied as llama.cpp multiplies these files (inputs
+# quantized to int8 on CPUs), which is also the faster of the two there
+PACKED_FORMATS = {"Q8_0": "w8a8", "Q4_0": "w4a8"}
 
 
 def is_gguf(path: Path) -> bool:
