@@ -14,6 +14,7 @@ each taking every format and file in turn). Writes bench/results/quant.json.
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,10 @@ from kernels import copy_bandwidth_gbs  # noqa: E402
 from llm_throughput import batch1_decode, make_checkpoint, run_pyserve  # noqa: E402
 from report import write_result  # noqa: E402
 
+import torch  # noqa: E402
+
 from pyserve import LLM  # noqa: E402
+from pyserve.kernels import cpu  # noqa: E402
 from pyserve.nn import quantize_model  # noqa: E402
 
 FORMATS = ("none", "bf16", "int8", "int4", "w8a8", "w4a8")
@@ -97,11 +101,6 @@ def llama_cpp_streams(server: Path, gguf: Path, n: int, quick: bool) -> float:
 
 def machine() -> dict:
     """What the figures depend on: the CPU, the kernels it gets (AVX-512 VNNI or AVX2), the threads."""
-    import platform
-
-    import torch
-
-    from pyserve.kernels import cpu
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
     return {"cpu": names[0] if names else platform.processor(), "kernels": cpu.best_isa(),

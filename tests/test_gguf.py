@@ -12,6 +12,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from pyserve import LLM, SamplingParams  # noqa: E402
+from pyserve.nn import pack_as_asked  # noqa: E402
 from pyserve.plugin import PluginRegistry  # noqa: E402
 
 from test_llm import PROMPTS, one_sequence_forward  # noqa: E402
@@ -111,8 +112,9 @@ def test_gguf_logits_match_transformers(llama_dir, tmp_path, kind):
         want = ref.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                             pad_token_id=2, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         assert out.token_ids == want[0, len(ids):].tolist()
-    if kind != "F32":  # by default, packed with int8 inputs
-        assert LLM(path, device="cpu").engine.model.module.model.layers[0].mlp.down_proj.packed.int8_activations
+    if kind != "F32":  # as a load packs it by default: with int8 inputs
+        pack_as_asked(model, None)
+        assert model.module.model.layers[0].mlp.down_proj.packed.int8_activations
 
 
 def test_gguf_tokenizer_and_chat_template_come_from_the_file(llama_dir, tmp_path):

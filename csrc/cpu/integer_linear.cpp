@@ -131,7 +131,8 @@ PYSERVE_TARGET_VNNI inline __m256i dot4_vnni(const IntegerArgs& a, __m256i w, co
       prefetch_ahead(a.w, a.scales, n, a.k, a.format);                                                   \
       __m256 acc[M][2];                                                                                  \
       for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                           \
-      auto add_group = [&](int g, int chain) {                                                           \
+      /* the lambda names its target too: it does not inherit the function's (quantized_linear.cpp) */     \
+      auto add_group = [&](int g, int chain) TARGET {                                                    \
         const __m256i w = group_bytes(a, n, g);                                                          \
         const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));                                   \
         for (int i = 0; i < M; ++i) {                                                                    \

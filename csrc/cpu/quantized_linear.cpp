@@ -100,7 +100,8 @@ PYSERVE_TARGET_AVX512 void rows_avx512(const QuantizedLinearArgs& a, int n0, int
     __m512 acc[M][kChains];
     for (int i = 0; i < M; ++i)
       for (int c = 0; c < kChains; ++c) acc[i][c] = _mm512_setzero_ps();
-    // GCC 12 does not give a lambda its enclosing function's target: it names its own
+    // GCC does not give a lambda its enclosing function's target, so it names its own: without it,
+    // a build whose -march lacks AVX-512 fails here (and intrinsics in helpers would not inline)
     auto add_group = [&](int g, int chain) PYSERVE_TARGET_AVX512 {
       __m512 w0, w1;
       group_avx512(a, n, g, w0, w1);
