@@ -34,10 +34,14 @@ namespace {
 
 // Quantized input rows, addressed like the fp32 rows they replace: `rows + r * k` is row r.
 struct Int8Rows {
-  const int8_t* q;        // [M, K]
-  const float* scales;    // [M, K/32]
-  const int32_t* start;   // [M, K/4]: -zero_point x the sum of each 4 inputs (see the VNNI kernel)
-  Int8Rows operator+(long offset) const { return {q + offset, scales + offset / kQuantGroup, start + offset / 4}; }
+  const int8_t* q;          // [M, K]: in element order, or interleaved by fours of groups (AVX2 int8)
+  const int8_t* magnitude;  // |q| in q's layout, or null (only AVX2's int8 kernel reads it)
+  const float* scales;      // [M, K/32]
+  const int32_t* start;     // [M, K/4]: -zero_point x the sum of each 4 inputs (see the VNNI kernel)
+  Int8Rows operator+(long offset) const {
+    return {q + offset, magnitude ? magnitude + offset : nullptr, scales + offset / kQuantGroup,
+            start ? start + offset / 4 : nullptr};
+  }
 };
 
 struct IntegerArgs {
@@ -98,15 +102,12 @@ PYSERVE_TARGET_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The dot products of each 4 bytes of a group (8 int32 lanes), AVX2: vpmaddubsw multiplies
-// unsigned by signed bytes, so int8 weights give their magnitudes and move their signs onto the
-// inputs (|w| <= 127 keeps each pair's sum within int16); int4's nibbles are unsigned already,
-// and the zero point's share comes back through `start`.
-PYSERVE_TARGET_AVX2 inline __m256i dot4_avx2(const IntegerArgs& a, __m256i w, const int8_t* xq, const int32_t* start) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)), ones = _mm256_set1_epi16(1);
-  if (a.format == WeightFormat::kInt8)
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), ones);
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones),
+// The dot products of each 4 bytes of an int4 group (8 int32 lanes), AVX2: vpmaddubsw multiplies
+// unsigned by signed bytes, and the nibbles are unsigned (q + 8): the zero point's share comes
+// back through `start`. (AVX2's int8 weights take rows_avx2_int8 below.)
+PYSERVE_TARGET_AVX2 inline __m256i dot4_avx2(const IntegerArgs&, __m256i w, const int8_t* xq, const int32_t* start) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start)));
 }
 
@@ -155,8 +156,130 @@ PYSERVE_TARGET_VNNI inline __m256i dot4_vnni(const IntegerArgs& a, __m256i w, co
   }
 
 PYSERVE_INTEGER_ROWS(rows_avx2, PYSERVE_TARGET_AVX2, dot4_avx2)
+
+// Int8 weights on AVX2, where the group-by-group kernel above spends four of its six vector
+// instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the multiply-add)
+// and two pipes run them. Here four groups share one int32 vector: its lane j sums the products of
+// group j's first 16 values and lane j + 4 those of its last 16, so four groups take four dot
+// products and one fp32 multiply-add between them. The weights come to that layout in registers
+// (eight 32-bit shuffles per four groups of a weight row, shared by every input row); the inputs
+// are quantized into it (interleave_fours). The inputs are the unsigned side of vpmaddubsw, as
+// |x| with x's sign moved onto the weights: both are within [-127, 127], so no pair of products
+// leaves int16.
+constexpr int kFour = 4 * kQuantGroup;  // values a four of groups holds
+
+// Four groups' vectors (bytes in element order) in the interleaved order (see above).
+PYSERVE_TARGET_AVX2 inline void interleave_four(const __m256i g[4], __m256i u[4]) {
+  const __m256i a = _mm256_unpacklo_epi32(g[0], g[1]), b = _mm256_unpackhi_epi32(g[0], g[1]),
+                c = _mm256_unpacklo_epi32(g[2], g[3]), d = _mm256_unpackhi_epi32(g[2], g[3]);
+  u[0] = _mm256_unpacklo_epi64(a, c);
+  u[1] = _mm256_unpackhi_epi64(a, c);
+  u[2] = _mm256_unpacklo_epi64(b, d);
+  u[3] = _mm256_unpackhi_epi64(b, d);
+}
+
+// Eight int32 lanes of 4-byte dot products: 32 weights by the inputs at q (magnitudes at m).
+PYSERVE_TARGET_AVX2 inline __m256i dot_by_magnitude(__m256i w, const int8_t* q, const int8_t* m) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m256i mag = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+
+template <int M>
+PYSERVE_TARGET_AVX2 void rows_avx2_int8(const IntegerArgs& a, int n0, int n1) {
+  const int groups = a.k / kQuantGroup, fours = groups / 4;
+  for (int n = n0; n < n1; ++n) {
+    const int8_t* w = static_cast<const int8_t*>(a.w) + static_cast<long>(n) * a.k;
+    const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (int f = 0; f < fours; ++f) {
+      const __m256i* four = reinterpret_cast<const __m256i*>(w + f * kFour);
+      const __m256i g[4] = {_mm256_loadu_si256(four), _mm256_loadu_si256(four + 1), _mm256_loadu_si256(four + 2),
+                            _mm256_loadu_si256(four + 3)};
+      __m256i u[4];
+      interleave_four(g, u);
+      const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
+      const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
+      for (int i = 0; i < M; ++i) {
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
+        const int8_t *q = a.x.q + at, *m = a.x.magnitude + at;
+        __m256i dot = dot_by_magnitude(u[0], q, m);
+        for (int t = 1; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_by_magnitude(u[t], q + 32 * t, m + 32 * t));
+        const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
+      }
+    }
+    for (int g = 4 * fours; g < groups; ++g) {  // the groups after the last four, in element order
+      const __m256i wg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kQuantGroup));
+      const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
+      for (int i = 0; i < M; ++i) {
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
+        const __m256i dot = dot_by_magnitude(wg, a.x.q + at, a.x.magnitude + at);
+        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+      }
+    }
+    const float b = a.bias ? a.bias[n] : 0.0f;
+    for (int i = 0; i < M; ++i) a.out[static_cast<long>(i) * a.n + n] = hsum(acc[i]) + b;
+  }
+}
 PYSERVE_INTEGER_ROWS(rows_vnni, PYSERVE_TARGET_VNNI, dot4_vnni)
 #undef PYSERVE_INTEGER_ROWS
+
+// One group of 32 inputs quantized as quantize_row_groups does (vcvtps2dq rounds half to even, as
+// nearbyint does under the default rounding mode), its bytes in element order.
+PYSERVE_TARGET_AVX2 inline __m256i quantize_group(const float* v, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 x0 = _mm256_loadu_ps(v), x1 = _mm256_loadu_ps(v + 8), x2 = _mm256_loadu_ps(v + 16),
+               x3 = _mm256_loadu_ps(v + 24);
+  const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, x2), _mm256_andnot_ps(sign, x3)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  *scale = amax / 127.0f;
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, inv)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, inv));
+  // the packs work within 128-bit halves: the bytes come out as 4-value pieces, put back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Input rows for the integer kernels: quantized per group (quantize_row_groups), `start` as the
+// kernel's zero point asks (or null), and with `magnitude` the fours of groups in rows_avx2_int8's
+// layout and their |q| beside them.
+PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, int zero_point, int8_t* q,
+                                            float* scales, int32_t* start, int8_t* magnitude) {
+  const int groups = k / kQuantGroup, fours = groups / 4;
+  const __m256i ones = _mm256_set1_epi8(1), pairs = _mm256_set1_epi16(1), minus_zero = _mm256_set1_epi32(-zero_point);
+  auto store = [](int8_t* to, __m256i v) PYSERVE_TARGET_AVX2 { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v); };
+  for (long r = 0; r < rows; ++r) {
+    __m256i four[4];
+    for (int g = 0; g < groups; ++g) {
+      const long at = r * k + static_cast<long>(g) * kQuantGroup;
+      const __m256i v = quantize_group(x + at, scales + r * groups + g);
+      if (start) {
+        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, v), pairs);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + at / 4), _mm256_mullo_epi32(sums, minus_zero));
+      }
+      if (!magnitude || g >= 4 * fours) {
+        store(q + at, v);
+        if (magnitude) store(magnitude + at, _mm256_abs_epi8(v));
+      } else if ((four[g % 4] = v), g % 4 == 3) {
+        __m256i u[4];
+        interleave_four(four, u);
+        const long first = at - 3 * kQuantGroup;
+        for (int t = 0; t < 4; ++t) {
+          store(q + first + 32 * t, u[t]);
+          store(magnitude + first + 32 * t, _mm256_abs_epi8(u[t]));
+        }
+      }
+    }
+  }
+}
 
 bool has_vnni() {
   return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
@@ -171,6 +294,7 @@ using Table = RowKernels<IntegerArgs, Kernel>;
 template <int M> struct Scalar { static void run(const IntegerArgs& a, int n0, int n1) { rows_scalar<M>(a, n0, n1); } };
 #ifdef PYSERVE_X86
 template <int M> struct AVX2 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2<M>(a, n0, n1); } };
+template <int M> struct AVX2Int8 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_int8<M>(a, n0, n1); } };
 template <int M> struct VNNI { static void run(const IntegerArgs& a, int n0, int n1) { rows_vnni<M>(a, n0, n1); } };
 #endif
 
@@ -181,25 +305,43 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
   if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
   auto fns = Table<Scalar>::fns;
   int zero_point = 0;  // of the weights' unsigned bytes, for the kernel chosen
+  bool interleaved = false;  // inputs in rows_avx2_int8's layout
 #ifdef PYSERVE_X86
   static const bool vnni = has_vnni();
   if (isa == Isa::kAVX512 && vnni) {
     fns = Table<VNNI>::fns;
     zero_point = a.format == WeightFormat::kInt8 ? 128 : 8;
+  } else if (isa >= Isa::kAVX2 && a.format == WeightFormat::kInt8) {
+    fns = Table<AVX2Int8>::fns;
+    interleaved = true;
   } else if (isa >= Isa::kAVX2) {
     fns = Table<AVX2>::fns;
-    zero_point = a.format == WeightFormat::kInt8 ? 0 : 8;
+    zero_point = 8;
   }
 #endif
+  // a decode step makes dozens of these calls: the buffers are kept, one set a calling thread
+  thread_local std::vector<int8_t> q, magnitude;
+  thread_local std::vector<float> x_scales;
+  thread_local std::vector<int32_t> start;
   const long values = static_cast<long>(a.m) * a.k;
-  std::vector<int8_t> q(values);
-  std::vector<float> x_scales(values / kQuantGroup);
-  std::vector<int32_t> start(values / 4);
-  quantize_row_groups(a.x, values / kQuantGroup, reinterpret_cast<signed char*>(q.data()), x_scales.data());
-  for (long d = 0; d < values / 4; ++d)
-    start[d] = -zero_point * (q[4 * d] + q[4 * d + 1] + q[4 * d + 2] + q[4 * d + 3]);
-  const IntegerArgs args{{q.data(), x_scales.data(), start.data()}, a.w, a.scales, a.bias, a.out, a.m, a.n, a.k,
-                         a.format};
+  q.resize(values);
+  x_scales.resize(values / kQuantGroup);
+  start.resize(zero_point ? values / 4 : 0);
+  magnitude.resize(interleaved ? values : 0);
+  int32_t* starts = zero_point ? start.data() : nullptr;
+#ifdef PYSERVE_X86
+  if (isa >= Isa::kAVX2)
+    quantize_rows_avx2(a.x, a.m, a.k, zero_point, q.data(), x_scales.data(), starts,
+                       interleaved ? magnitude.data() : nullptr);
+  else
+#endif
+  {
+    quantize_row_groups(a.x, values / kQuantGroup, reinterpret_cast<signed char*>(q.data()), x_scales.data());
+    for (long d = 0; starts && d < values / 4; ++d)
+      starts[d] = -zero_point * (q[4 * d] + q[4 * d + 1] + q[4 * d + 2] + q[4 * d + 3]);
+  }
+  const Int8Rows x{q.data(), interleaved ? magnitude.data() : nullptr, x_scales.data(), starts};
+  const IntegerArgs args{x, a.w, a.scales, a.bias, a.out, a.m, a.n, a.k, a.format};
   // 32 weight rows a task, as the fp32-activation kernels
   in_row_passes(args, 32, [fns](const IntegerArgs& part, int n0, int n1) { fns[part.m - 1](part, n0, n1); });
 }
