@@ -199,7 +199,7 @@ def bench_linear(quick, copy_gbs, device="cpu", backend="cpu", dtype=torch.float
     for n, k in [(14336, 4096)] if quick else [(14336, 4096), (4096, 14336)]:
         w = torch.randn(n, k, device=device) * 0.02
         dense = w.to(dtype)
-        for m in (1, 8):
+        for m in (1, 8, 64):  # 64: a decode step under load
             x = torch.randn(m, k, device=device, dtype=dtype)
             base = timeit(lambda: torch.nn.functional.linear(x, dense), sync=sync)
             for fmt in kernels.WEIGHT_FORMATS:

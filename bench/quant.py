@@ -1,7 +1,7 @@
 """Low-precision weights: decode speed of the same ~112M-parameter Llama with fp32, bf16, int8 and
 int4 weights, in one run, next to the machine's copy bandwidth measured in the same run.
 
-    python bench/quant.py [--quick] [--llama-server PATH --gguf-dir DIR]
+    python bench/quant.py [--quick] [--llama-server PATH --gguf-dir DIR] [--formats none,w8a8] [--rounds N]
 
 For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
 as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
@@ -9,8 +9,9 @@ tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 deco
 (bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
 the same batch-1 decode for comparison, in the same rounds as pyserve's (best of three rounds,
-each taking every format and file in turn; 64 streams likewise, best of two rounds). Writes
-bench/results/quant.json.
+each taking every format and file in turn; 64 streams likewise, in one round fewer; every round's
+figure is kept under "rounds"). Writes
+bench/results/quant.json (with --formats, quant-<formats>.json).
 """
 
 import argparse
@@ -114,39 +115,46 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=None)
     parser.add_argument("--gguf-dir", type=Path, default=None, help="f32.gguf, q8_0.gguf, q4_0.gguf of the model")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a checkpoint (default: make one)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; none (fp32) is always run")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of each measurement (default 3, quick 2)")
     args = parser.parse_args()
+    formats = ["none"] + [f for f in args.formats.split(",") if f in FORMATS and f != "none"]
+    rounds = args.rounds or (2 if args.quick else 3)
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model_dir or make_checkpoint(Path(tmp.name), args.quick)
     files = {name: args.gguf_dir / f"{name}.gguf" for name in ("f32", "q8_0", "q4_0")
-             if args.llama_server and args.gguf_dir and (args.gguf_dir / f"{name}.gguf").exists()}
+             if args.llama_server and args.gguf_dir and (args.gguf_dir / f"{name}.gguf").exists()
+             and any(GGUF_OF.get(f) == name for f in formats)}
     # Batch 1 in rounds that take every format and every llama.cpp file in turn, best of the
     # rounds: this machine's memory pace drifts by up to 1.5x over minutes, and measuring one side
     # minutes after the other would compare the drift.
-    llms = {format: LLM(model_dir, device="cpu", quantization=format) for format in FORMATS}
+    llms = {format: LLM(model_dir, device="cpu", quantization=format) for format in formats}
     servers = {name: llama_cpp_server(args.llama_server, f, slots=1, port=8765 + i)
                for i, (name, f) in enumerate(files.items())}
-    bandwidth, decode, theirs = [], {f: 0.0 for f in FORMATS}, {name: 0.0 for name in files}
+    bandwidth, spread = [], {name: [] for name in [*formats, *files]}  # each round's tokens/s
     try:
-        for _ in range(2 if args.quick else 3):
+        for _ in range(rounds):
             bandwidth.append(copy_bandwidth_gbs())
             for format, llm in llms.items():
-                decode[format] = max(decode[format], batch1_decode(llm))
+                spread[format].append(batch1_decode(llm))
             for i, name in enumerate(files):
-                theirs[name] = max(theirs[name], llama_cpp_decode(8765 + i))
+                spread[name].append(llama_cpp_decode(8765 + i))
     finally:
         for proc in servers.values():
             proc.terminate()
             proc.wait()
     del llms
-    # 64 streams in rounds as well, each side's best
-    ours_64, theirs_64 = {f: 0.0 for f in FORMATS}, {name: 0.0 for name in files}
-    for _ in range(1 if args.quick else 2):
-        for format in FORMATS:
-            ours_64[format] = max(ours_64[format], streams(model_dir, format, 64, args.quick))
+    decode, theirs = {f: max(spread[f]) for f in formats}, {name: max(spread[name]) for name in files}
+    # 64 streams in rounds as well (one fewer: each takes longer), each side's best
+    spread_64 = {name: [] for name in [*formats, *files]}
+    for _ in range(max(1, rounds - 1)):
+        for format in formats:
+            spread_64[format].append(streams(model_dir, format, 64, args.quick))
         for name, f in files.items():
-            theirs_64[name] = max(theirs_64[name], llama_cpp_streams(args.llama_server, f, 64, args.quick))
+            spread_64[name].append(llama_cpp_streams(args.llama_server, f, 64, args.quick))
+    ours_64, theirs_64 = {f: max(spread_64[f]) for f in formats}, {name: max(spread_64[name]) for name in files}
     rows = {}
-    for format in FORMATS:
+    for format in formats:
         nbytes = packed_bytes(model_dir, format)
         rows[format] = {"weight_mib_read_per_token": nbytes / 2**20, "batch1_tokens_per_s": decode[format],
                         "streams64_tokens_per_s": ours_64[format], "batch1_gb_per_s": decode[format] * nbytes / 1e9}
@@ -157,7 +165,8 @@ def main() -> None:
         row["batch1_vs_fp32"] = row["batch1_tokens_per_s"] / base["batch1_tokens_per_s"]
         row["streams64_vs_fp32"] = row["streams64_tokens_per_s"] / base["streams64_tokens_per_s"]
         row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
-    result = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "pyserve": rows}
+    result = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "pyserve": rows,
+              "rounds": {"batch1_tokens_per_s": spread, "streams64_tokens_per_s": spread_64}}
     if files:
         result["llama_cpp_batch1_tokens_per_s"] = theirs
         result["llama_cpp_streams64_tokens_per_s"] = theirs_64
@@ -166,7 +175,7 @@ def main() -> None:
                      "batch1": rows[format]["batch1_tokens_per_s"] / result["llama_cpp_batch1_tokens_per_s"][gguf],
                      "streams64": rows[format]["streams64_tokens_per_s"]
                      / result["llama_cpp_streams64_tokens_per_s"][gguf]}
-            for format, gguf in GGUF_OF.items() if gguf in files}
+            for format, gguf in GGUF_OF.items() if gguf in files and format in formats}
     print(f"{result['machine']}; copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
           f"{'vs fp32':>8} {'of copy bw':>10}")
@@ -180,7 +189,7 @@ def main() -> None:
     for format, ratio in result.get("vs_llama_cpp", {}).items():
         print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x, "
               f"64 streams {ratio['streams64']:.2f}x")
-    write_result("quant", result, args.quick)
+    write_result("quant" if formats == list(FORMATS) else "quant-" + "-".join(formats), result, args.quick)
 
 
 if __name__ == "__main__":
