@@ -4,7 +4,7 @@
 // eight lanes: the same weight bytes for a third of the work. At batch 1 both kinds keep pace with
 // memory on the 112M benchmark model (273 vs 270 tokens/s); where the same bytes feed many rows,
 // under load, the integer kernels carried 64 streams 1.23x faster. Without VNNI, int8 weights take
-// a kernel of their own (rows_avx2_int8), which spends fewer instructions on each group.
+// a kernel of their own (rows_avx2_fours), which spends fewer instructions on each group, as do int4.
 #include "cpu/integer_linear.h"
 
 #include <cmath>
@@ -35,8 +35,8 @@ namespace {
 
 // Quantized input rows, addressed like the fp32 rows they replace: `rows + r * k` is row r.
 struct Int8Rows {
-  const int8_t* q;          // [M, K]: in element order, or interleaved by fours of groups (AVX2 int8)
-  const int8_t* magnitude;  // |q| in q's layout, or null (only AVX2's int8 kernel reads it)
+  const int8_t* q;          // [M, K]: in element order, or interleaved by fours of groups (AVX2)
+  const int8_t* magnitude;  // |q| in q's layout, or null (only AVX2's int8 weights read it)
   const float* scales;      // [M, K/32]
   const int32_t* start;     // [M, K/4]: -zero_point x the sum of each 4 inputs (see the VNNI kernel)
   Int8Rows operator+(long offset) const {
@@ -103,15 +103,6 @@ PYSERVE_TARGET_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The dot products of each 4 bytes of an int4 group (8 int32 lanes), AVX2: vpmaddubsw multiplies
-// unsigned by signed bytes, and the nibbles are unsigned (q + 8): the zero point's share comes
-// back through `start`. (AVX2's int8 weights take rows_avx2_int8 below.)
-PYSERVE_TARGET_AVX2 inline __m256i dot4_avx2(const IntegerArgs&, __m256i w, const int8_t* xq, const int32_t* start) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)),
-                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start)));
-}
-
 // VNNI's vpdpbusd adds unsigned-by-signed byte products to int32 lanes in one instruction. The
 // weights are the unsigned side: int8 with its sign bit flipped is q + 128, int4's nibbles are
 // q + 8, and each lane starts from -zero_point x its 4 inputs' sum to take the offset back out.
@@ -121,52 +112,49 @@ PYSERVE_TARGET_VNNI inline __m256i dot4_vnni(const IntegerArgs& a, __m256i w, co
                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
 }
 
-// Each weight row's groups, for M input rows; two accumulator chains a row so that a group's
-// multiply-add does not wait on the previous one's. A macro, not a shared template: each copy must
-// be compiled under its own target attribute for its dot product (VNNI or not) to inline.
-#define PYSERVE_INTEGER_ROWS(NAME, TARGET, DOT4)                                                         \
-  template <int M>                                                                                       \
-  TARGET void NAME(const IntegerArgs& a, int n0, int n1) {                                               \
-    const int groups = a.k / kQuantGroup;                                                                \
-    for (int n = n0; n < n1; ++n) {                                                                      \
-      const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;                               \
-      prefetch_ahead(a.w, a.scales, n, a.k, a.format);                                                   \
-      __m256 acc[M][2];                                                                                  \
-      for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();                           \
-      /* the lambda names its target too: it does not inherit the function's (quantized_linear.cpp) */     \
-      auto add_group = [&](int g, int chain) TARGET {                                                    \
-        const __m256i w = group_bytes(a, n, g);                                                          \
-        const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));                                   \
-        for (int i = 0; i < M; ++i) {                                                                    \
-          const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;               \
-          const __m256i dot = DOT4(a, w, a.x.q + at, a.x.start + at / 4);                                \
-          const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));     \
-          acc[i][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i][chain]);                \
-        }                                                                                                \
-      };                                                                                                 \
-      int g = 0;                                                                                         \
-      for (; g + 2 <= groups; g += 2) {                                                                  \
-        add_group(g, 0);                                                                                 \
-        add_group(g + 1, 1);                                                                             \
-      }                                                                                                  \
-      if (g < groups) add_group(g, 0);                                                                   \
-      const float b = a.bias ? a.bias[n] : 0.0f;                                                         \
-      for (int i = 0; i < M; ++i)                                                                        \
-        a.out[static_cast<long>(i) * a.n + n] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + b;           \
-    }                                                                                                    \
+// VNNI: each weight row's groups, for M input rows; two accumulator chains a row so that a
+// group's multiply-add does not wait on the previous one's.
+template <int M>
+PYSERVE_TARGET_VNNI void rows_vnni(const IntegerArgs& a, int n0, int n1) {
+  const int groups = a.k / kQuantGroup;
+  for (int n = n0; n < n1; ++n) {
+    const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
+    __m256 acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    // the lambda names its target too: it does not inherit the function's (quantized_linear.cpp)
+    auto add_group = [&](int g, int chain) PYSERVE_TARGET_VNNI {
+      const __m256i w = group_bytes(a, n, g);
+      const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
+      for (int i = 0; i < M; ++i) {
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
+        const __m256i dot = dot4_vnni(a, w, a.x.q + at, a.x.start + at / 4);
+        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
+        acc[i][chain] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i][chain]);
+      }
+    };
+    int g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      add_group(g, 0);
+      add_group(g + 1, 1);
+    }
+    if (g < groups) add_group(g, 0);
+    const float b = a.bias ? a.bias[n] : 0.0f;
+    for (int i = 0; i < M; ++i)
+      a.out[static_cast<long>(i) * a.n + n] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + b;
   }
+}
 
-PYSERVE_INTEGER_ROWS(rows_avx2, PYSERVE_TARGET_AVX2, dot4_avx2)
-
-// Int8 weights on AVX2, where the group-by-group kernel above spends four of its six vector
-// instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the multiply-add)
+// AVX2 without VNNI, where a kernel going group by group, as the one above, spends four of its six
+// vector instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the multiply-add)
 // and two pipes run them. Here four groups share one int32 vector: its lane j sums the products of
 // group j's first 16 values and lane j + 4 those of its last 16, so four groups take four dot
 // products and one fp32 multiply-add between them. The weights come to that layout in registers
 // (eight 32-bit shuffles per four groups of a weight row, shared by every input row); the inputs
-// are quantized into it (interleave_fours). The inputs are the unsigned side of vpmaddubsw, as
-// |x| with x's sign moved onto the weights: both are within [-127, 127], so no pair of products
-// leaves int16.
+// are quantized into it (quantize_rows_avx2). For int8 weights the inputs are the unsigned side of
+// vpmaddubsw, as |x| with x's sign moved onto the weights (both within [-127, 127], so no pair of
+// products leaves int16); int4's nibbles are unsigned already, and each lane starts from -8 x the
+// sum of its 16 inputs.
 constexpr int kFour = 4 * kQuantGroup;  // values a four of groups holds
 
 // Four groups' vectors (bytes in element order) in the interleaved order (see above).
@@ -179,11 +167,21 @@ PYSERVE_TARGET_AVX2 inline void interleave_four(const __m256i g[4], __m256i u[4]
   u[3] = _mm256_unpackhi_epi64(b, d);
 }
 
-// Eight int32 lanes of 4-byte dot products: 32 weights by the inputs at q (magnitudes at m).
-PYSERVE_TARGET_AVX2 inline __m256i dot_by_magnitude(__m256i w, const int8_t* q, const int8_t* m) {
+// Eight int32 lanes of 4-byte dot products of 32 weights (as group_bytes gives them) by the inputs
+// at q: int8 by the magnitudes at m, int4 as unsigned nibbles (their zero point is in the start).
+template <WeightFormat F>
+PYSERVE_TARGET_AVX2 inline __m256i dot_bytes(__m256i w, const int8_t* q, const int8_t* m) {
   const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  if (F == WeightFormat::kInt4) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
   const __m256i mag = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m));
   return _mm256_madd_epi16(_mm256_maddubs_epi16(mag, _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+
+// What a run of int32 lanes starts from: int4's -8 x its inputs' sum (`start`), int8's zero.
+template <WeightFormat F>
+PYSERVE_TARGET_AVX2 inline __m256i lane_start(const int32_t* start) {
+  if (F == WeightFormat::kInt8) return _mm256_setzero_si256();
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start));
 }
 
 // Weight rows in blocks of kBlockRows and the inputs in spans of kSpanFours fours (1,024 values):
@@ -192,8 +190,8 @@ PYSERVE_TARGET_AVX2 inline __m256i dot_by_magnitude(__m256i w, const int8_t* q, 
 // weight row. A row's sum runs four by four in the same order either way.
 constexpr int kBlockRows = 32, kSpanFours = 8;
 
-template <int M>
-PYSERVE_TARGET_AVX2 void rows_avx2_int8(const IntegerArgs& a, int n0, int n1) {
+template <int M, WeightFormat F>
+PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
   const int groups = a.k / kQuantGroup, fours = groups / 4;
   __m256 sums[kBlockRows][M];
   for (int block = n0; block < n1; block += kBlockRows) {
@@ -206,23 +204,21 @@ PYSERVE_TARGET_AVX2 void rows_avx2_int8(const IntegerArgs& a, int n0, int n1) {
       const int f1 = f0 + kSpanFours < fours ? f0 + kSpanFours : fours;
       for (int r = 0; r < rows; ++r) {
         const long n = block + r;
-        const int8_t* w = static_cast<const int8_t*>(a.w) + n * a.k;
         const uint16_t* w_scales = a.scales + n * groups;
         __m256 acc[M];
         for (int i = 0; i < M; ++i) acc[i] = sums[r][i];
         for (int f = f0; f < f1; ++f) {
-          const __m256i* four = reinterpret_cast<const __m256i*>(w + f * kFour);
-          const __m256i g[4] = {_mm256_loadu_si256(four), _mm256_loadu_si256(four + 1),
-                                _mm256_loadu_si256(four + 2), _mm256_loadu_si256(four + 3)};
+          const __m256i g[4] = {group_bytes(a, n, 4 * f), group_bytes(a, n, 4 * f + 1), group_bytes(a, n, 4 * f + 2),
+                                group_bytes(a, n, 4 * f + 3)};
           __m256i u[4];
           interleave_four(g, u);
           const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
           const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
           for (int i = 0; i < M; ++i) {
             const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
-            const int8_t *q = a.x.q + at, *m = a.x.magnitude + at;
-            __m256i dot = dot_by_magnitude(u[0], q, m);
-            for (int t = 1; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_by_magnitude(u[t], q + 32 * t, m + 32 * t));
+            const int8_t *q = a.x.q + at, *m = a.x.magnitude ? a.x.magnitude + at : q;  // int4 reads no m
+            __m256i dot = lane_start<F>(a.x.start + at / 4);
+            for (int t = 0; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_bytes<F>(u[t], q + 32 * t, m + 32 * t));
             const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
           }
@@ -232,15 +228,15 @@ PYSERVE_TARGET_AVX2 void rows_avx2_int8(const IntegerArgs& a, int n0, int n1) {
     }
     for (int r = 0; r < rows; ++r) {
       const long n = block + r;
-      const int8_t* w = static_cast<const int8_t*>(a.w) + n * a.k;
       __m256 acc[M];
       for (int i = 0; i < M; ++i) acc[i] = sums[r][i];
       for (int g = 4 * fours; g < groups; ++g) {  // the groups after the last four, in element order
-        const __m256i wg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kQuantGroup));
+        const __m256i wg = group_bytes(a, n, g);
         const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(a.scales[n * groups + g]));
         for (int i = 0; i < M; ++i) {
           const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
-          const __m256i dot = dot_by_magnitude(wg, a.x.q + at, a.x.magnitude + at);
+          const int8_t* m = a.x.magnitude ? a.x.magnitude + at : a.x.q + at;
+          const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at, m));
           const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
           acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
         }
@@ -250,9 +246,6 @@ PYSERVE_TARGET_AVX2 void rows_avx2_int8(const IntegerArgs& a, int n0, int n1) {
     }
   }
 }
-
-PYSERVE_INTEGER_ROWS(rows_vnni, PYSERVE_TARGET_VNNI, dot4_vnni)
-#undef PYSERVE_INTEGER_ROWS
 
 // One group of 32 inputs quantized as quantize_row_groups does (vcvtps2dq rounds half to even, as
 // nearbyint does under the default rounding mode), its bytes in element order.
@@ -274,34 +267,39 @@ PYSERVE_TARGET_AVX2 inline __m256i quantize_group(const float* v, float* scale) 
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Input rows for the integer kernels: quantized per group (quantize_row_groups), `start` as the
-// kernel's zero point asks (or null), and with `magnitude` the fours of groups in rows_avx2_int8's
-// layout and their |q| beside them.
-PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, int zero_point, int8_t* q,
-                                            float* scales, int32_t* start, int8_t* magnitude) {
-  const int groups = k / kQuantGroup, fours = groups / 4;
+// Input rows for the integer kernels: quantized per group (quantize_row_groups), and `start` as
+// the kernel's zero point asks (or null). With `interleave`, the fours of groups take
+// rows_avx2_fours' layout, each four's start is its 8 lanes' (at the four's first slots), and
+// `magnitude` (or null) gets |q| beside them.
+PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, int zero_point, bool interleave,
+                                            int8_t* q, float* scales, int32_t* start, int8_t* magnitude) {
+  const int groups = k / kQuantGroup, fours = interleave ? groups / 4 : 0;
   const __m256i ones = _mm256_set1_epi8(1), pairs = _mm256_set1_epi16(1), minus_zero = _mm256_set1_epi32(-zero_point);
   auto store = [](int8_t* to, __m256i v) PYSERVE_TARGET_AVX2 { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v); };
+  // -zero_point x each int32 lane's inputs
+  auto lane_sums = [&](__m256i v) PYSERVE_TARGET_AVX2 {
+    return _mm256_mullo_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones, v), pairs), minus_zero);
+  };
   for (long r = 0; r < rows; ++r) {
     __m256i four[4];
     for (int g = 0; g < groups; ++g) {
       const long at = r * k + static_cast<long>(g) * kQuantGroup;
       const __m256i v = quantize_group(x + at, scales + r * groups + g);
-      if (start) {
-        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(ones, v), pairs);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + at / 4), _mm256_mullo_epi32(sums, minus_zero));
-      }
-      if (!magnitude || g >= 4 * fours) {
+      if (g >= 4 * fours) {
         store(q + at, v);
         if (magnitude) store(magnitude + at, _mm256_abs_epi8(v));
+        if (start) _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + at / 4), lane_sums(v));
       } else if ((four[g % 4] = v), g % 4 == 3) {
         __m256i u[4];
         interleave_four(four, u);
         const long first = at - 3 * kQuantGroup;
+        __m256i sum = _mm256_setzero_si256();
         for (int t = 0; t < 4; ++t) {
           store(q + first + 32 * t, u[t]);
-          store(magnitude + first + 32 * t, _mm256_abs_epi8(u[t]));
+          if (magnitude) store(magnitude + first + 32 * t, _mm256_abs_epi8(u[t]));
+          if (start) sum = _mm256_add_epi32(sum, lane_sums(u[t]));
         }
+        if (start) _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + first / 4), sum);
       }
     }
   }
@@ -319,8 +317,8 @@ using Table = RowKernels<IntegerArgs, Kernel>;
 
 template <int M> struct Scalar { static void run(const IntegerArgs& a, int n0, int n1) { rows_scalar<M>(a, n0, n1); } };
 #ifdef PYSERVE_X86
-template <int M> struct AVX2 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2<M>(a, n0, n1); } };
-template <int M> struct AVX2Int8 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_int8<M>(a, n0, n1); } };
+template <int M> struct AVX2Int8 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_fours<M, WeightFormat::kInt8>(a, n0, n1); } };
+template <int M> struct AVX2Int4 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_fours<M, WeightFormat::kInt4>(a, n0, n1); } };
 template <int M> struct VNNI { static void run(const IntegerArgs& a, int n0, int n1) { rows_vnni<M>(a, n0, n1); } };
 #endif
 
@@ -331,18 +329,16 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
   if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
   auto fns = Table<Scalar>::fns;
   int zero_point = 0;  // of the weights' unsigned bytes, for the kernel chosen
-  bool interleaved = false;  // inputs in rows_avx2_int8's layout
+  bool interleaved = false;  // inputs in rows_avx2_fours' layout
 #ifdef PYSERVE_X86
   static const bool vnni = has_vnni();
   if (isa == Isa::kAVX512 && vnni) {
     fns = Table<VNNI>::fns;
     zero_point = a.format == WeightFormat::kInt8 ? 128 : 8;
-  } else if (isa >= Isa::kAVX2 && a.format == WeightFormat::kInt8) {
-    fns = Table<AVX2Int8>::fns;
-    interleaved = true;
   } else if (isa >= Isa::kAVX2) {
-    fns = Table<AVX2>::fns;
-    zero_point = 8;
+    fns = a.format == WeightFormat::kInt8 ? Table<AVX2Int8>::fns : Table<AVX2Int4>::fns;
+    zero_point = a.format == WeightFormat::kInt8 ? 0 : 8;
+    interleaved = true;
   }
 #endif
   // a decode step makes dozens of these calls: the buffers are kept, one set a calling thread
@@ -353,12 +349,12 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
   q.resize(values);
   x_scales.resize(values / kQuantGroup);
   start.resize(zero_point ? values / 4 : 0);
-  magnitude.resize(interleaved ? values : 0);
+  magnitude.resize(interleaved && a.format == WeightFormat::kInt8 ? values : 0);
   int32_t* starts = zero_point ? start.data() : nullptr;
 #ifdef PYSERVE_X86
   if (isa >= Isa::kAVX2)
-    quantize_rows_avx2(a.x, a.m, a.k, zero_point, q.data(), x_scales.data(), starts,
-                       interleaved ? magnitude.data() : nullptr);
+    quantize_rows_avx2(a.x, a.m, a.k, zero_point, interleaved, q.data(), x_scales.data(), starts,
+                       magnitude.empty() ? nullptr : magnitude.data());
   else
 #endif
   {
@@ -366,7 +362,7 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
     for (long d = 0; starts && d < values / 4; ++d)
       starts[d] = -zero_point * (q[4 * d] + q[4 * d + 1] + q[4 * d + 2] + q[4 * d + 3]);
   }
-  const Int8Rows x{q.data(), interleaved ? magnitude.data() : nullptr, x_scales.data(), starts};
+  const Int8Rows x{q.data(), magnitude.empty() ? nullptr : magnitude.data(), x_scales.data(), starts};
   const IntegerArgs args{x, a.w, a.scales, a.bias, a.out, a.m, a.n, a.k, a.format};
   // 32 weight rows a task, as the fp32-activation kernels
   in_row_passes(args, 32, [fns](const IntegerArgs& part, int n0, int n1) { fns[part.m - 1](part, n0, n1); });
