@@ -184,66 +184,43 @@ PYSERVE_TARGET_AVX2 inline __m256i lane_start(const int32_t* start) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start));
 }
 
-// Weight rows in blocks of kBlockRows and the inputs in spans of kSpanFours fours (1,024 values):
-// each weight row's part takes the span's M input rows and their magnitudes (16 KB at 8 rows) from
-// the L1 cache, where whole rows of a large K (8 x 4096 x 2 bytes) would come from L2 once per
-// weight row. A row's sum runs four by four in the same order either way.
-constexpr int kBlockRows = 32, kSpanFours = 8;
-
 template <int M, WeightFormat F>
 PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
   const int groups = a.k / kQuantGroup, fours = groups / 4;
-  __m256 sums[kBlockRows][M];
-  for (int block = n0; block < n1; block += kBlockRows) {
-    const int rows = n1 - block < kBlockRows ? n1 - block : kBlockRows;
-    for (int r = 0; r < rows; ++r) {
-      prefetch_ahead(a.w, a.scales, block + r, a.k, a.format);
-      for (int i = 0; i < M; ++i) sums[r][i] = _mm256_setzero_ps();
-    }
-    for (int f0 = 0; f0 < fours; f0 += kSpanFours) {
-      const int f1 = f0 + kSpanFours < fours ? f0 + kSpanFours : fours;
-      for (int r = 0; r < rows; ++r) {
-        const long n = block + r;
-        const uint16_t* w_scales = a.scales + n * groups;
-        __m256 acc[M];
-        for (int i = 0; i < M; ++i) acc[i] = sums[r][i];
-        for (int f = f0; f < f1; ++f) {
-          const __m256i g[4] = {group_bytes(a, n, 4 * f), group_bytes(a, n, 4 * f + 1), group_bytes(a, n, 4 * f + 2),
-                                group_bytes(a, n, 4 * f + 3)};
-          __m256i u[4];
-          interleave_four(g, u);
-          const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
-          const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
-          for (int i = 0; i < M; ++i) {
-            const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
-            const int8_t *q = a.x.q + at, *m = a.x.magnitude ? a.x.magnitude + at : q;  // int4 reads no m
-            __m256i dot = lane_start<F>(a.x.start + at / 4);
-            for (int t = 0; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_bytes<F>(u[t], q + 32 * t, m + 32 * t));
-            const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
-          }
-        }
-        for (int i = 0; i < M; ++i) sums[r][i] = acc[i];
+  for (int n = n0; n < n1; ++n) {
+    const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (int f = 0; f < fours; ++f) {
+      const __m256i g[4] = {group_bytes(a, n, 4 * f), group_bytes(a, n, 4 * f + 1), group_bytes(a, n, 4 * f + 2),
+                            group_bytes(a, n, 4 * f + 3)};
+      __m256i u[4];
+      interleave_four(g, u);
+      const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
+      const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
+      for (int i = 0; i < M; ++i) {
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
+        const int8_t *q = a.x.q + at, *m = a.x.magnitude ? a.x.magnitude + at : q;  // int4 reads no m
+        __m256i dot = lane_start<F>(a.x.start + at / 4);
+        for (int t = 0; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_bytes<F>(u[t], q + 32 * t, m + 32 * t));
+        const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
       }
     }
-    for (int r = 0; r < rows; ++r) {
-      const long n = block + r;
-      __m256 acc[M];
-      for (int i = 0; i < M; ++i) acc[i] = sums[r][i];
-      for (int g = 4 * fours; g < groups; ++g) {  // the groups after the last four, in element order
-        const __m256i wg = group_bytes(a, n, g);
-        const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(a.scales[n * groups + g]));
-        for (int i = 0; i < M; ++i) {
-          const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
-          const int8_t* m = a.x.magnitude ? a.x.magnitude + at : a.x.q + at;
-          const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at, m));
-          const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
-        }
+    for (int g = 4 * fours; g < groups; ++g) {  // the groups after the last four, in element order
+      const __m256i wg = group_bytes(a, n, g);
+      const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
+      for (int i = 0; i < M; ++i) {
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
+        const int8_t* m = a.x.magnitude ? a.x.magnitude + at : a.x.q + at;
+        const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at, m));
+        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
       }
-      const float b = a.bias ? a.bias[n] : 0.0f;
-      for (int i = 0; i < M; ++i) a.out[static_cast<long>(i) * a.n + n] = hsum(acc[i]) + b;
     }
+    const float b = a.bias ? a.bias[n] : 0.0f;
+    for (int i = 0; i < M; ++i) a.out[static_cast<long>(i) * a.n + n] = hsum(acc[i]) + b;
   }
 }
 
