@@ -3,8 +3,8 @@
 // (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw and vpmaddwd) and one fp32 multiply-add per
 // eight lanes: the same weight bytes for a third of the work. At batch 1 both kinds keep pace with
 // memory on the 112M benchmark model (273 vs 270 tokens/s); where the same bytes feed many rows,
-// under load, the integer kernels carried 64 streams 1.23x faster. Without VNNI, int8 weights take
-// a kernel of their own (rows_avx2_fours), which spends fewer instructions on each group, as do int4.
+// under load, the integer kernels carried 64 streams 1.23x faster. Without VNNI, int8 and int4
+// weights take rows_avx2_fours, which spends fewer instructions on each group.
 #include "cpu/integer_linear.h"
 
 #include <cmath>
