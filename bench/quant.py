@@ -8,10 +8,10 @@ as llama.cpp's do): the bytes a decode step reads (the packed linear weights), b
 tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
 (bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
-the same batch-1 decode for comparison, in the same rounds as pyserve's (best of three rounds,
-each taking every format and file in turn; 64 streams likewise, in one round fewer; every round's
-figure is kept under "rounds"). Writes
-bench/results/quant.json (with --formats, quant-<formats>.json).
+the same batch-1 decode for comparison, in the same rounds as pyserve's (best of the rounds,
+three by default, each taking every format and file in turn; 64 streams likewise, in one round
+fewer; every round's figure is kept under "rounds"). Writes bench/results/quant.json (with
+--formats, quant-<formats>.json).
 """
 
 import argparse
@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; none (fp32) is always run")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of each measurement (default 3, quick 2)")
     args = parser.parse_args()
-    formats = ["none"] + [f for f in args.formats.split(",") if f in FORMATS and f != "none"]
+    asked = [f for f in args.formats.split(",") if f]
+    if unknown := [f for f in asked if f not in FORMATS]:
+        parser.error(f"--formats: unknown {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
+    formats = ["none"] + [f for f in FORMATS[1:] if f in asked]
     rounds = args.rounds or (2 if args.quick else 3)
     tmp = tempfile.TemporaryDirectory()
     model_dir = args.model_dir or make_checkpoint(Path(tmp.name), args.quick)

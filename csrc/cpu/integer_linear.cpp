@@ -38,7 +38,9 @@ struct Int8Rows {
   const int8_t* q;          // [M, K]: in element order, or interleaved by fours of groups (AVX2)
   const int8_t* magnitude;  // |q| in q's layout, or null (only AVX2's int8 weights read it)
   const float* scales;      // [M, K/32]
-  const int32_t* start;     // [M, K/4]: -zero_point x the sum of each 4 inputs (see the VNNI kernel)
+  // [M, K/4]: -zero_point x the sum of each int32 lane's inputs (4 in element order; interleaved,
+  // a four of groups keeps its 8 lanes' sums in its first slots), or null where the zero point is 0
+  const int32_t* start;
   Int8Rows operator+(long offset) const {
     return {q + offset, magnitude ? magnitude + offset : nullptr, scales + offset / kQuantGroup,
             start ? start + offset / 4 : nullptr};
@@ -146,8 +148,8 @@ PYSERVE_TARGET_VNNI void rows_vnni(const IntegerArgs& a, int n0, int n1) {
 }
 
 // AVX2 without VNNI, where a kernel going group by group, as the one above, spends four of its six
-// vector instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the multiply-add)
-// and two pipes run them. Here four groups share one int32 vector: its lane j sums the products of
+// vector instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the
+// multiply-add) and two pipes run them. Here four groups share one int32 vector: its lane j sums the products of
 // group j's first 16 values and lane j + 4 those of its last 16, so four groups take four dot
 // products and one fp32 multiply-add between them. The weights come to that layout in registers
 // (eight 32-bit shuffles per four groups of a weight row, shared by every input row); the inputs
