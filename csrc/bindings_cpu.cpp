@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <string>
 #include <vector>
 
 #include <cstdint>
@@ -82,15 +83,16 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil);
 
+  // Returns why the arguments' values are unusable (nothing is drawn then), or an empty string.
   m.def(
       "sample",
       [](uintptr_t logits, int batch, int vocab, long row_stride, uintptr_t temperature, uintptr_t top_p,
          uintptr_t min_p, uintptr_t repetition, uintptr_t presence, uintptr_t frequency, uintptr_t top_k,
-         uintptr_t seed, uintptr_t step, uintptr_t prompt, uintptr_t prompt_off, uintptr_t output,
-         uintptr_t output_off, uintptr_t bias_tok, uintptr_t bias_off, uintptr_t bias_val, uintptr_t allowed_bits,
-         uintptr_t allowed_row, int num_logprobs, uintptr_t tokens, uintptr_t logprobs, uintptr_t top_tokens,
-         uintptr_t top_logprobs) {
-        pyserve::cpu::sample(SampleArgs{
+         uintptr_t seed, uintptr_t step, uintptr_t prompt, uintptr_t prompt_off, long prompt_len, uintptr_t output,
+         uintptr_t output_off, long output_len, uintptr_t bias_tok, uintptr_t bias_off, uintptr_t bias_val,
+         long bias_len, uintptr_t allowed_bits, uintptr_t allowed_row, int masks, int num_logprobs, uintptr_t tokens,
+         uintptr_t logprobs, uintptr_t top_tokens, uintptr_t top_logprobs) {
+        const SampleArgs args{
             ptr<const float>(logits), batch, vocab, row_stride, ptr<const float>(temperature),
             ptr<const float>(top_p), ptr<const float>(min_p), ptr<const float>(repetition),
             ptr<const float>(presence), ptr<const float>(frequency), ptr<const int32_t>(top_k),
@@ -98,7 +100,10 @@ PYBIND11_MODULE(_C, m) {
             ptr<const int32_t>(prompt_off), ptr<const int32_t>(output), ptr<const int32_t>(output_off),
             ptr<const int32_t>(bias_tok), ptr<const int32_t>(bias_off), ptr<const float>(bias_val),
             ptr<const int32_t>(allowed_bits), ptr<const int32_t>(allowed_row), num_logprobs,
-            ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)});
+            ptr<int64_t>(tokens), ptr<float>(logprobs), ptr<int64_t>(top_tokens), ptr<float>(top_logprobs)};
+        std::string why = pyserve::cpu::check_sample_args(args, {prompt_len, output_len, bias_len, masks});
+        if (why.empty()) pyserve::cpu::sample(args);
+        return why;
       },
       nogil);
 

@@ -1,6 +1,8 @@
 """The fused sampler on every back-end against the reference, by exact match where the result is
 deterministic and by a chi-square test where it is a draw."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from scipy import stats
@@ -130,16 +132,29 @@ def test_seeded_draws_are_the_same_on_one_and_two_threads():
     assert torch.equal(one, two)
 
 
-def test_sampling_rejects_bad_arguments():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sampling_rejects_bad_arguments(backend):
+    """Each CPU back-end checks the values it reads (the C++ one in its own pass over the rows)."""
     logits = logits_for(2, 10)
-    with pytest.raises(kernels.KernelInputError, match="params has 1 rows"):
-        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow()]))
-    with pytest.raises(kernels.KernelInputError, match="top_p"):
-        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow(top_p=1.5)] * 2))
-    with pytest.raises(kernels.KernelInputError, match="output_tokens"):
-        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow(output_tokens=[10])] * 2))
-    with pytest.raises(kernels.KernelInputError, match="num_logprobs"):
-        kernels.sample(logits, SamplingTensors.from_rows([SamplingRow()] * 2), num_logprobs=11)
+
+    def rejects(match, params, **kw):
+        with pytest.raises(kernels.KernelInputError, match=match):
+            kernels.sample(logits, params, backend=backend, **kw)
+
+    rejects("params has 1 rows", SamplingTensors.from_rows([SamplingRow()]))
+    rejects("num_logprobs", SamplingTensors.from_rows([SamplingRow()] * 2), num_logprobs=11)
+    for field, bad in (("top_p", 1.5), ("top_p", 0.0), ("top_p", float("nan")), ("temperature", -0.5),
+                       ("temperature", float("nan")), ("repetition_penalty", 0.0)):
+        rejects(f"params.{field} must be", SamplingTensors.from_rows([SamplingRow(), SamplingRow(**{field: bad})]))
+    rejects("params.output_tokens holds token ids outside", SamplingTensors.from_rows([SamplingRow(output_tokens=[10])] * 2))
+    rejects("params.prompt_tokens holds", SamplingTensors.from_rows([SamplingRow(prompt_tokens=[3, -1])] * 2))
+    rejects("params.bias_tokens holds", SamplingTensors.from_rows([SamplingRow(logit_bias={12: 1.0})] * 2))
+    good = SamplingTensors.from_rows([SamplingRow(output_tokens=[1, 2]), SamplingRow(output_tokens=[3])])
+    for offsets in ([0, 2, 4], [1, 2, 3], [0, 3, 2]):  # past the end, not from 0, falling
+        rejects("params.output_offsets must rise from 0",
+                replace(good, output_offsets=torch.tensor(offsets, dtype=torch.int32)))
+    rejects("params.bias_values must have shape", replace(good, bias_values=torch.zeros(1)))
+    assert kernels.sample(logits, good, backend=backend).tokens.shape == (2,)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

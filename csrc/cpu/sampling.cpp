@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -196,7 +198,37 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   }
 }
 
+// Why a CSR list is unreadable: offsets must rise from 0 to its length, and ids lie in [0, vocab).
+std::string check_list(const char* name, const int32_t* ids, const int32_t* off, int batch, long size, int vocab) {
+  bool rising = off[0] == 0 && off[batch] == size;
+  for (int b = 0; b < batch && rising; ++b) rising = off[b] <= off[b + 1];
+  if (!rising)
+    return "params." + std::string(name) + "_offsets must rise from 0 to the length of params." + name + "_tokens";
+  for (long i = 0; i < size; ++i)
+    if (ids[i] < 0 || ids[i] >= vocab)
+      return "params." + std::string(name) + "_tokens holds token ids outside [0, " + std::to_string(vocab) + ")";
+  return {};
+}
+
 }  // namespace
+
+std::string check_sample_args(const SampleArgs& a, const SampleSizes& sizes) {
+  for (auto [name, ids, off, size] : {std::tuple{"prompt", a.prompt, a.prompt_off, sizes.prompt},
+                                      std::tuple{"output", a.output, a.output_off, sizes.output},
+                                      std::tuple{"bias", a.bias_tok, a.bias_off, sizes.bias}}) {
+    std::string why = check_list(name, ids, off, a.batch, size, a.vocab);
+    if (!why.empty()) return why;
+  }
+  for (int b = 0; b < a.batch; ++b) {
+    // Written so that NaN fails each test.
+    if (!(a.top_p[b] > 0.0f && a.top_p[b] <= 1.0f)) return "params.top_p must be in (0, 1]";
+    if (!(a.temperature[b] >= 0.0f)) return "params.temperature must be >= 0";
+    if (!(a.repetition_penalty[b] > 0.0f)) return "params.repetition_penalty must be > 0";
+    if (a.allowed_row != nullptr && (a.allowed_row[b] < -1 || a.allowed_row[b] >= sizes.masks))
+      return "params.allowed_row must be in [-1, " + std::to_string(sizes.masks) + ")";
+  }
+  return {};
+}
 
 void sample(const SampleArgs& a) {
 #pragma omp parallel if (a.batch > 1)

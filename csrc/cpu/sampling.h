@@ -1,6 +1,7 @@
 // CPU fused sampler (fp32 logits, per-row parameters; see pyserve.kernels.sample).
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace pyserve::cpu {
 
@@ -23,6 +24,16 @@ struct SampleArgs {
   int64_t* top_tokens;    // [B, num_logprobs]
   float* top_logprobs;    // [B, num_logprobs]
 };
+
+// Lengths of the arrays SampleArgs points at, which the checks compare the offsets with.
+struct SampleSizes {
+  long prompt, output, bias;  // tokens in each CSR list
+  int masks;                  // rows of allowed_bits
+};
+
+// What is wrong with the arguments' values, naming the parameter; empty when nothing is. The
+// sampler reads token lists through their offsets, so these are checked before any row is drawn.
+std::string check_sample_args(const SampleArgs& args, const SampleSizes& sizes);
 
 void sample(const SampleArgs& args);
 

@@ -232,6 +232,9 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
         checks.tensor(getattr(params, name), f"params.{name}", device=dev, shape=(batch,))
     for name in ("prompt_offsets", "output_offsets", "bias_offsets"):
         checks.tensor(getattr(params, name), f"params.{name}", device=dev, shape=(batch + 1,))
+    for name in ("prompt_tokens", "output_tokens", "bias_tokens"):
+        checks.tensor(getattr(params, name), f"params.{name}", device=dev, ndim=1)
+    checks.tensor(params.bias_values, "params.bias_values", device=dev, shape=tuple(params.bias_tokens.shape))
     checks.check(0 <= num_logprobs <= vocab, f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
     checks.check((params.allowed_bits is None) == (params.allowed_row is None),
                  "params.allowed_bits and params.allowed_row come together")
@@ -239,22 +242,10 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
         checks.tensor(params.allowed_bits, "params.allowed_bits", ndim=2, dtypes=(torch.int32,), device=dev,
                       shape=(None, (vocab + 31) // 32))
         checks.tensor(params.allowed_row, "params.allowed_row", dtypes=(torch.int32,), device=dev, shape=(batch,))
-    if dev.type == "cpu":
-        for name in ("prompt_tokens", "output_tokens", "bias_tokens"):
-            ids = getattr(params, name)
-            checks.check(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
-                         f"params.{name} holds token ids outside [0, {vocab})")
-        # One pass over the values first: every decode step comes through here.
-        if not bool(((params.top_p > 0) & (params.top_p <= 1) & (params.temperature >= 0)
-                     & (params.repetition_penalty > 0)).all()):
-            checks.check(bool((params.top_p > 0).all()) and bool((params.top_p <= 1).all()),
-                         "params.top_p must be in (0, 1]")
-            checks.check(bool((params.temperature >= 0).all()), "params.temperature must be >= 0")
-            checks.check(False, "params.repetition_penalty must be > 0")
-        if params.allowed_row is not None:
-            rows = params.allowed_row
-            checks.check(batch == 0 or (int(rows.min()) >= -1 and int(rows.max()) < params.allowed_bits.shape[0]),
-                         f"params.allowed_row must be in [-1, {params.allowed_bits.shape[0]})")
+    # On the CPU the values (ranges, token ids, offsets) are checked by the back-end that reads
+    # them: the C++ sampler in one pass over the rows, the reference one in torch. Every decode
+    # step comes through here, and a dozen tensor ops on tiny tensors cost about what a draw does.
+    # The GPU back-ends take them as given: a check there would wait for the device.
     with _on(dev):
         return backend_for(dev, backend).sample(logits, params, num_logprobs)
 

@@ -229,14 +229,16 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
     logprobs = torch.empty(batch, dtype=torch.float32)
     top_tokens = torch.empty(batch, num_logprobs, dtype=torch.int64)
     top_logprobs = torch.empty(batch, num_logprobs, dtype=torch.float32)
-    _C.sample(x.data_ptr(), batch, vocab, x.stride(0), f["temperature"].data_ptr(), f["top_p"].data_ptr(),
-              f["min_p"].data_ptr(), f["repetition_penalty"].data_ptr(), f["presence_penalty"].data_ptr(),
-              f["frequency_penalty"].data_ptr(), i["top_k"].data_ptr(), seed.data_ptr(), step.data_ptr(),
-              i["prompt_tokens"].data_ptr(), i["prompt_offsets"].data_ptr(), i["output_tokens"].data_ptr(),
-              i["output_offsets"].data_ptr(), i["bias_tokens"].data_ptr(), i["bias_offsets"].data_ptr(),
-              f["bias_values"].data_ptr(), _opt(allowed_bits), _opt(allowed_row),
-              num_logprobs, tokens.data_ptr(), logprobs.data_ptr(),
-              top_tokens.data_ptr(), top_logprobs.data_ptr())
+    why = _C.sample(x.data_ptr(), batch, vocab, x.stride(0), f["temperature"].data_ptr(), f["top_p"].data_ptr(),
+                    f["min_p"].data_ptr(), f["repetition_penalty"].data_ptr(), f["presence_penalty"].data_ptr(),
+                    f["frequency_penalty"].data_ptr(), i["top_k"].data_ptr(), seed.data_ptr(), step.data_ptr(),
+                    i["prompt_tokens"].data_ptr(), i["prompt_offsets"].data_ptr(), i["prompt_tokens"].numel(),
+                    i["output_tokens"].data_ptr(), i["output_offsets"].data_ptr(), i["output_tokens"].numel(),
+                    i["bias_tokens"].data_ptr(), i["bias_offsets"].data_ptr(), f["bias_values"].data_ptr(),
+                    i["bias_tokens"].numel(), _opt(allowed_bits), _opt(allowed_row),
+                    0 if allowed_bits is None else allowed_bits.shape[0], num_logprobs, tokens.data_ptr(),
+                    logprobs.data_ptr(), top_tokens.data_ptr(), top_logprobs.data_ptr())
+    check(not why, why)
     return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
 
 

@@ -6,6 +6,7 @@ These favour clarity over speed (plain loops over sequences and rows, fp32 math)
 import torch
 
 from . import rng
+from .checks import check
 from .quantize import QuantizedWeight, packed_rows, quantize_rows
 from .types import Coef, DecoderStackWeights, SampleResult, SamplingTensors
 
@@ -202,9 +203,27 @@ def draw(x: torch.Tensor, keep: torch.Tensor, temperature: float, u: float) -> i
     return int(hit[0]) if len(hit) else int(torch.nonzero(keep)[-1])
 
 
+def _check_sample_values(p: SamplingTensors, vocab: int) -> None:
+    """The C++ sampler's checks (csrc/cpu/sampling.cpp check_sample_args), in torch."""
+    for name in ("prompt", "output", "bias"):
+        ids, off = getattr(p, f"{name}_tokens"), getattr(p, f"{name}_offsets")
+        check(int(off[0]) == 0 and int(off[-1]) == ids.numel() and bool((off[1:] >= off[:-1]).all()),
+              f"params.{name}_offsets must rise from 0 to the length of params.{name}_tokens")
+        check(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
+              f"params.{name}_tokens holds token ids outside [0, {vocab})")
+    check(bool(((p.top_p > 0) & (p.top_p <= 1)).all()), "params.top_p must be in (0, 1]")
+    check(bool((p.temperature >= 0).all()), "params.temperature must be >= 0")
+    check(bool((p.repetition_penalty > 0).all()), "params.repetition_penalty must be > 0")
+    if p.allowed_row is not None:
+        masks = p.allowed_bits.shape[0]
+        check(bool(((p.allowed_row >= -1) & (p.allowed_row < masks)).all()),
+              f"params.allowed_row must be in [-1, {masks})")
+
+
 def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> SampleResult:
     """Pick one token per row of logits [B, V]; see `pyserve.kernels.sample` for the contract."""
     batch = logits.shape[0]
+    _check_sample_values(p, logits.shape[1])
     raw = torch.log_softmax(logits.float(), dim=-1)
     u = rng.uniform(p.seed, p.step, torch.zeros_like(p.seed), rng.SAMPLE_STREAM)
     tokens = torch.empty(batch, dtype=torch.int64)

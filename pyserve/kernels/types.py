@@ -1,5 +1,6 @@
 """Typed inputs and outputs of the kernel ops that take more than a few tensors."""
 
+import array
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
@@ -24,12 +25,20 @@ class SamplingRow:
     logit_bias: dict[int, float] = field(default_factory=dict)
 
 
+_ARRAY_TYPECODES = {torch.float32: "f", torch.int32: "i", torch.int64: "q"}
+
+
+def _column(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor of Python numbers (the tensor keeps the array's buffer alive)."""
+    buffer = array.array(_ARRAY_TYPECODES[dtype], values)
+    return torch.frombuffer(buffer, dtype=dtype) if values else torch.empty(0, dtype=dtype)
+
+
 def _csr(lists: list[Sequence], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = [0]
     for items in lists:
         offsets.append(offsets[-1] + len(items))
-    flat = [x for items in lists for x in items]
-    return torch.tensor(flat, dtype=dtype), torch.tensor(offsets, dtype=torch.int32)
+    return _column([x for items in lists for x in items], dtype), _column(offsets, torch.int32)
 
 
 @dataclass
@@ -59,13 +68,13 @@ class SamplingTensors:
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow], device: torch.device | str = "cpu") -> "SamplingTensors":
-        # One tensor per dtype, split into columns: a decode step builds this for every batch, and
-        # at batch 1 each small tensor's construction costs about what the sampling kernel does.
-        temperature, top_p, min_p, repetition, presence, frequency = torch.tensor(
-            [[r.temperature for r in rows], [r.top_p for r in rows], [r.min_p for r in rows],
-             [r.repetition_penalty for r in rows], [r.presence_penalty for r in rows],
-             [r.frequency_penalty for r in rows]], dtype=torch.float32)
-        seed, step = torch.tensor([[r.seed for r in rows], [r.step for r in rows]], dtype=torch.int64)
+        # Each column through an array's buffer: a decode step builds these for every batch, and at
+        # batch 1 torch.tensor's parsing of small lists costs about what the sampling kernel does.
+        temperature, top_p, min_p, repetition, presence, frequency = (
+            _column([getattr(r, name) for r in rows], torch.float32)
+            for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                         "frequency_penalty"))
+        seed, step = _column([r.seed for r in rows], torch.int64), _column([r.step for r in rows], torch.int64)
         prompts, outputs, biases = [r.prompt_tokens for r in rows], [r.output_tokens for r in rows], \
             [r.logit_bias for r in rows]
         if any(prompts) or any(outputs) or any(biases):
@@ -77,7 +86,7 @@ class SamplingTensors:
             prompt = output = bias_tok = torch.empty(0, dtype=torch.int32)
             prompt_off = output_off = bias_off = torch.zeros(len(rows) + 1, dtype=torch.int32)
             bias_val = torch.empty(0, dtype=torch.float32)
-        t = cls(temperature=temperature, top_k=torch.tensor([r.top_k for r in rows], dtype=torch.int32), top_p=top_p,
+        t = cls(temperature=temperature, top_k=_column([r.top_k for r in rows], torch.int32), top_p=top_p,
                 min_p=min_p, repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency,
                 seed=seed, step=step, prompt_tokens=prompt, prompt_offsets=prompt_off, output_tokens=output,
                 output_offsets=output_off, bias_tokens=bias_tok, bias_values=bias_val, bias_offsets=bias_off)
