@@ -93,6 +93,18 @@ def test_bf16_rows_of_any_length_and_the_prefill_path():
     torch.testing.assert_close(kernels.linear(big, packed), reference.linear(big, packed), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("format", ["bf16", "int8", "int4", "w8a8"])
+def test_prefill_unpacks_large_weights_a_block_of_rows_at_a_time(monkeypatch, format):
+    """Beyond the decode-sized kernels a weight is unpacked in blocks of rows (here 7 of its 37,
+    the last block short), with the same result as unpacking it whole."""
+    n, k = 37, 64
+    packed, x, bias = quantize(weights(n, k), format), torch.randn(2, 40, k), torch.randn(n)
+    monkeypatch.setattr(cpu, "UNPACK_BYTES", 7 * 4 * k)
+    torch.testing.assert_close(cpu.quantized_linear(x, packed, bias), reference.linear(x, packed, bias),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cpu.quantized_linear(x, packed), reference.linear(x, packed), atol=1e-4, rtol=1e-4)
+
+
 def test_bad_weights_and_inputs_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize(torch.randn(4, 40), "int8")

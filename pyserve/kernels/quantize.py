@@ -51,6 +51,13 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.data.device
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows [start, stop), as views of this weight's storage."""
+        n, k = self.shape
+        scales = None if self.scales is None else self.scales.view(n, -1)[start:stop]
+        return QuantizedWeight(self.format, self.data.view(n, -1)[start:stop], scales, (stop - start, k),
+                               self.int8_activations)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k = self.shape
         if self.format == "bf16":
