@@ -16,4 +16,4 @@ else
   python -m pip install --quiet -e ".[test]"
   mkdir -p build && echo "$stamp" > "$stamp_file"
 fi
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
