@@ -4,6 +4,8 @@ through torch; for w8a8/w4a8 the inputs quantized as `quantize_rows` says), and 
 stay close to the fp32 model: logits against transformers on the same dequantized weights, and
 the committed demo model's held-out perplexity and greedy tokens."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -99,7 +101,8 @@ def test_prefill_unpacks_large_weights_a_block_of_rows_at_a_time(monkeypatch, fo
     the last block short), with the same result as unpacking it whole."""
     n, k = 37, 64
     packed, x, bias = quantize(weights(n, k), format), torch.randn(2, 40, k), torch.randn(n)
-    monkeypatch.setattr(cpu, "UNPACK_BYTES", 7 * 4 * k)
+    # the module, not the function pyserve.kernels exports under its name
+    monkeypatch.setattr(importlib.import_module("pyserve.kernels.quantize"), "UNPACK_BYTES", 7 * 4 * k)
     torch.testing.assert_close(cpu.quantized_linear(x, packed, bias), reference.linear(x, packed, bias),
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cpu.quantized_linear(x, packed), reference.linear(x, packed), atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ import torch
 
 from . import reference
 from .checks import check
-from .quantize import FORMAT_CODES, QuantizedWeight, packed_rows
+from .quantize import FORMAT_CODES, QuantizedWeight, packed_rows, unpacked_linear
 from .types import DecoderStackWeights, SampleResult, SamplingTensors
 
 try:
@@ -164,18 +164,12 @@ def lora(y, x, a, b, index, rank, scale):
             scales.data_ptr(), y.shape[0], y.shape[1], x.shape[1], a.shape[1])
 
 
-# Prefill-sized batches unpack a weight this many bytes of fp32 at a time: a Llama 3 output layer
-# unpacked whole would be a 2 GB transient.
-UNPACK_BYTES = 16 * 2**20
-
-
 def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     """Decode-sized batches (up to 64 rows) read the packed weights in C++; larger ones (prefill)
-    take torch's GEMM on the weight unpacked a block of rows at a time (see UNPACK_BYTES): there
-    the arithmetic, not the bytes, is the cost."""
+    take torch's GEMM on the weight unpacked a block of rows at a time (`unpacked_linear`)."""
     rows = packed_rows(x, weight, _C.MAX_PACKED_ROWS)
     if not rows:
-        return _unpacked_linear(x, weight, bias)
+        return unpacked_linear(x, weight, bias)
     n, k = weight.shape
     xf = _f32(x)
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
@@ -183,19 +177,6 @@ def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
                         _opt(None if bias is None else _f32(bias)), out.data_ptr(), rows, n, k,
                         FORMAT_CODES[weight.format], weight.int8_activations, ISAS[isa])
     return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-def _unpacked_linear(x, weight: QuantizedWeight, bias=None):
-    n, k = weight.shape
-    block = max(1, UNPACK_BYTES // (4 * max(k, 1)))
-    if block >= n:
-        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        out[..., start:stop] = torch.nn.functional.linear(x, weight.rows(start, stop).dequantize(x.dtype),
-                                                          None if bias is None else bias[start:stop])
-    return out
 
 
 def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:

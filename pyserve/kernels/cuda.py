@@ -10,8 +10,7 @@ import logging
 import torch
 
 from .checks import MAX_GRID_YZ, check
-from . import reference
-from .quantize import FORMAT_CODES, packed_rows
+from .quantize import FORMAT_CODES, packed_rows, unpacked_linear
 from .reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch on the GPU, for now)
 from .types import SampleResult, SamplingTensors
 
@@ -55,7 +54,7 @@ def linear(x, weight, bias=None):
     """Packed weights at decode sizes read in the kernel; everything else through cuBLAS."""
     rows = packed_rows(x, weight)
     if not rows:
-        return reference.linear(x, weight, bias)
+        return unpacked_linear(x, weight, bias)
     n, k = weight.shape
     xc = x.reshape(rows, k).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()

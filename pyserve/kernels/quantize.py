@@ -77,6 +77,29 @@ def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
     return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= limit else 0
 
 
+# Beyond MAX_PACKED_ROWS a product unpacks its weight this many bytes of fp32 rows at a time:
+# unpacked whole, a Llama 3 output layer was a 4 GB transient.
+UNPACK_BYTES = 16 * 2**20
+
+
+def unpacked_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x times the weight's values through torch's GEMM (cuBLAS on a GPU), a packed weight unpacked
+    a block of rows at a time: the path of prefill-sized batches, where the arithmetic, not the
+    bytes, is the cost. Inputs stay as they are (w8a8 quantizes only decode-sized ones)."""
+    if not isinstance(weight, QuantizedWeight):
+        return torch.nn.functional.linear(x, weight, bias)
+    n, k = weight.shape
+    block = max(1, UNPACK_BYTES // (4 * max(k, 1)))
+    if block >= n:
+        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        out[..., start:stop] = torch.nn.functional.linear(x, weight.rows(start, stop).dequantize(x.dtype),
+                                                          None if bias is None else bias[start:stop])
+    return out
+
+
 def quantize_rows(x: torch.Tensor) -> torch.Tensor:
     """The values x [..., K] (K a multiple of 32) stand for once the int8-activation kernels
     quantize them: per group of 32, scale = amax / 127 and q = round-half-even(x * (127 / amax))

@@ -1,13 +1,13 @@
 """Triton products over packed weights for decode-sized batches (see pyserve.kernels.quantize):
 each program computes BLOCK_N outputs of one input row, unpacking its weight tile in registers,
-so the packed bytes are read once. Larger batches unpack the weight once for a GEMM."""
+so the packed bytes are read once. Larger batches unpack the weight, a block of rows at a time, for a
+GEMM."""
 
 import torch
 import triton
 import triton.language as tl
 
-from ..quantize import FORMAT_CODES, packed_rows
-from ..reference import linear as unpacked_linear
+from ..quantize import FORMAT_CODES, packed_rows, unpacked_linear
 
 
 @triton.jit
