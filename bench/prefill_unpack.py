@@ -1,5 +1,5 @@
 """Prefill-sized products on packed CPU weights: the weight unpacked in blocks of rows
-(`pyserve.kernels.quantize.unpacked_linear`, UNPACK_BYTES at a time) against unpacked whole, as
+(`pyserve.kernels.quantize.unpacked_linear`, UNPACK_BLOCK_BYTES at a time) against unpacked whole, as
 before. Peak resident memory above the start (Linux's VmHWM, reset just before) and time of one
 product, each way in its own process, in alternating rounds.
 
@@ -28,7 +28,7 @@ def measure(n: int, k: int, rows: int, whole: bool) -> dict:
 
     quantize = importlib.import_module("pyserve.kernels.quantize")  # the module (pyserve.kernels exports a function)
     if whole:
-        quantize.UNPACK_BYTES = 1 << 62
+        quantize.UNPACK_WHOLE_BYTES = 1 << 62
     weight = QuantizedWeight("int8", torch.randint(-127, 128, (n, k), dtype=torch.int8),
                              (torch.rand(n, k // 32) / 100).half(), (n, k))
     x = torch.randn(rows, k)

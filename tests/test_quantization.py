@@ -101,8 +101,9 @@ def test_prefill_unpacks_large_weights_a_block_of_rows_at_a_time(monkeypatch, fo
     the last block short), with the same result as unpacking it whole."""
     n, k = 37, 64
     packed, x, bias = quantize(weights(n, k), format), torch.randn(2, 40, k), torch.randn(n)
-    # the module, not the function pyserve.kernels exports under its name
-    monkeypatch.setattr(importlib.import_module("pyserve.kernels.quantize"), "UNPACK_BYTES", 7 * 4 * k)
+    module = importlib.import_module("pyserve.kernels.quantize")  # not the function pyserve.kernels exports
+    monkeypatch.setattr(module, "UNPACK_WHOLE_BYTES", 0)
+    monkeypatch.setattr(module, "UNPACK_BLOCK_BYTES", 7 * 4 * k)
     torch.testing.assert_close(cpu.quantized_linear(x, packed, bias), reference.linear(x, packed, bias),
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cpu.quantized_linear(x, packed), reference.linear(x, packed), atol=1e-4, rtol=1e-4)

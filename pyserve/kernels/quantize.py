@@ -77,23 +77,25 @@ def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
     return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= limit else 0
 
 
-# Beyond MAX_PACKED_ROWS a product unpacks its weight this many bytes of fp32 rows at a time, a
-# block that stays in cache while the GEMM reads it: unpacked whole, a Llama 3 output layer was a
-# 4 GB transient. 4 MB measured fastest at 1,024 rows of a 14336 x 4096 layer on a 2-core AVX2
-# machine (0.87 s; 16 MB 0.90, 1 MB 1.10, whole 1.16).
-UNPACK_BYTES = 4 * 2**20
+# Beyond MAX_PACKED_ROWS a product unpacks its weight for a GEMM: whole where the fp32 copy is at
+# most UNPACK_WHOLE_BYTES, else UNPACK_BLOCK_BYTES of rows at a time, blocks that stay in cache
+# while the GEMM reads them (unpacked whole, a Llama 3 output layer was a 4 GB transient). Measured
+# on a 2-core AVX2 machine: 14336 x 4096 at 1,024 rows 1.22 s in 4 MB blocks, 1.46 whole; 4096 x
+# 768 at 2,048 rows 111 ms whole, 141 ms in 4 MB blocks (narrower GEMMs).
+UNPACK_WHOLE_BYTES = 32 * 2**20
+UNPACK_BLOCK_BYTES = 4 * 2**20
 
 
 def unpacked_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x times the weight's values through torch's GEMM (cuBLAS on a GPU), a packed weight unpacked
-    a block of rows at a time: the path of prefill-sized batches, where the arithmetic, not the
-    bytes, is the cost. Inputs stay as they are (w8a8 quantizes only decode-sized ones)."""
+    """x times the weight's values through torch's GEMM (cuBLAS on a GPU), a large packed weight
+    unpacked a block of rows at a time: the path of prefill-sized batches, where the arithmetic,
+    not the bytes, is the cost. Inputs stay as they are (w8a8 quantizes only decode-sized ones)."""
     if not isinstance(weight, QuantizedWeight):
         return torch.nn.functional.linear(x, weight, bias)
     n, k = weight.shape
-    block = max(1, UNPACK_BYTES // (4 * max(k, 1)))
-    if block >= n:
+    if 4 * n * k <= UNPACK_WHOLE_BYTES:
         return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
+    block = max(1, UNPACK_BLOCK_BYTES // (4 * k))
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     for start in range(0, n, block):
         stop = min(start + block, n)
