@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import ssl
+import threading
 import urllib.error
 import urllib.request
 
@@ -280,6 +281,34 @@ def test_tls_on_both_ports(tiny_llama_dir, reference, certificate):
         assert "".join(asyncio.run(run())) == want
         with pytest.raises((ConnectionError, OSError, ValueError)):  # plain TCP gets no hello
             Client("127.0.0.1", server.msgpack_port, api_key=USER, timeout=5)
+
+
+def test_stopping_over_tls_waits_for_requests_not_for_idle_pooled_clients(tiny_llama_dir, certificate):
+    """An idle keep-alive connection over TLS ends at once when the server stops (it used to hold
+    the stop for the whole drain time, waiting for a close_notify the pooled client never sends),
+    while a stream still running at the stop finishes."""
+    certfile, keyfile = certificate
+    trust = ssl.create_default_context(cafile=certfile)
+    with serving(tiny_llama_dir, api_key=USER, ssl_certfile=certfile, ssl_keyfile=keyfile) as (server, _):
+        def client():
+            return openai.OpenAI(base_url=server.url + "/v1", api_key=USER, max_retries=0, timeout=60,
+                                 http_client=openai.DefaultHttpxClient(verify=trust))
+
+        idle = client()
+        idle.completions.create(model="tiny", prompt="Hello", max_tokens=2)  # its connection stays pooled
+        stream = client().completions.create(model="tiny", prompt="Hello", max_tokens=40, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stopping = threading.Thread(target=server.stop)
+        stopping.start()
+        chunks = list(stream)
+        # A bound for a hang, not a speed: a stop takes well under a second here, and the idle
+        # connection held it for asyncio's 30 s TLS shutdown timeout.
+        server.thread.join(timeout=15)
+        ended = not server.thread.is_alive()
+        stopping.join()
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert ended, "the stop waited on the idle connection"
 
 
 def test_the_command_line_takes_keys_salting_and_tls_and_logs_no_key(tiny_llama_dir, certificate, tmp_path):

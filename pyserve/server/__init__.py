@@ -2,7 +2,8 @@
 run together on one event loop over one model registry.
 
 Shutdown (Ctrl-C, SIGTERM, or `stop()`): both ports stop taking new work at once, open requests
-get up to the drain time to finish, then the engines stop, and the process exits normally.
+get up to the drain time to finish (idle TLS keep-alive connections end at once), then the engines
+stop, and the process exits normally.
 """
 
 import asyncio
@@ -25,11 +26,29 @@ log = logging.getLogger("pyserve.server")
 
 
 class _HTTPServer(uvicorn.Server):
-    """uvicorn, with signals that start a drain and are not raised again after it (exit code 0)."""
+    """uvicorn, with signals that start a drain and are not raised again after it (exit code 0),
+    and idle TLS connections ended at once on shutdown."""
 
     def __init__(self, config: uvicorn.Config, handle_signals: bool):
         super().__init__(config)
         self.handle_signals = handle_signals
+
+    async def shutdown(self, sockets=None) -> None:
+        """uvicorn's shutdown, with idle TLS connections ended at once. uvicorn closes an idle
+        keep-alive connection, and over TLS the close waits for the client's close_notify, which a
+        pooled client (the openai SDK's) never sends: every stop then took asyncio's 30 s TLS
+        shutdown timeout.
+        Once such a close has begun and nothing is left to write, the connection is aborted;
+        connections still answering a request are not closing yet, and drain as before."""
+        stopping = asyncio.ensure_future(super().shutdown(sockets))
+        while not stopping.done():
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if (transport is not None and transport.is_closing() and transport.get_extra_info("sslcontext")
+                        and not transport.get_write_buffer_size()):
+                    transport.abort()
+            await asyncio.wait({stopping}, timeout=0.05)
+        await stopping
 
     @contextlib.contextmanager
     def capture_signals(self):
