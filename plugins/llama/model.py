@@ -7,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
@@ -175,8 +174,6 @@ class LlamaForCausalLM(nn.Module):
         if cfg.get("use_sliding_window") is False:  # Qwen2 keeps the field but may switch it off
             window = 0
         self.model = Backbone(cfg, self.head_dim, window)
-        self.sliding_window = window
-        self.group = None  # a pyserve.parallel.Group once sharded
         self.tied = cfg.get("tie_word_embeddings", False)
         self.head: kernels.QuantizedWeight | None = None  # a packed copy of a tied head
         if not self.tied:
@@ -195,6 +192,10 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse()
         self._stack = None
 
+    @property
+    def sharded(self) -> bool:
+        return self.model.layers[0].self_attn.group is not None
+
     def shard(self, group) -> None:
         """Tensor parallelism (pyserve.parallel): this rank keeps its share of every layer's heads
         and MLP columns; the embedding and the output layer stay whole."""
@@ -206,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.shard(group)
             layer.mlp.shard(group)
-        self.group, self._stack = group, None
+        self._stack = None
 
     def stack_weights(self) -> kernels.DecoderStackWeights:
         if self._stack is None:
@@ -225,16 +226,16 @@ class LlamaForCausalLM(nn.Module):
                 adapters: torch.Tensor | None = None) -> torch.Tensor:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = angles.cos(), angles.sin()
-        x, residual = F.embedding(input_ids, self.model.embed_tokens.weight), None
+        x, residual = self.model.embed_tokens(input_ids), None
         if images is not None:  # image placeholder rows take the vision features (LLaVA-style models)
             x = x.index_copy(0, images.rows, images.embeds.to(x.dtype))
         # Decode steps run the whole stack in one kernel call where the back-end has one (not with
-        # LoRA adapters, nor sharded: they run op by op). The plain attributes read here, rather
-        # than the layers' through nn.Module lookups, are most of this path's Python at batch 1.
-        if adapters is None and self.group is None:
+        # LoRA adapters, nor sharded: they run op by op).
+        if adapters is None and not self.sharded:
+            window = self.model.layers[0].self_attn.sliding_window
             fused = kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values,
                                           meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                          scale=self.head_dim**-0.5, sliding_window=self.sliding_window)
+                                          scale=self.head_dim**-0.5, sliding_window=window)
             if fused is not None:
                 return fused
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
