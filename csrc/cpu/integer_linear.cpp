@@ -3,8 +3,8 @@
 // (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw and vpmaddwd) and one fp32 multiply-add per
 // eight lanes: the same weight bytes for a third of the work. At batch 1 both kinds keep pace with
 // memory on the 112M benchmark model (273 vs 270 tokens/s); where the same bytes feed many rows,
-// under load, the integer kernels carried 64 streams 1.23x faster. Without VNNI, int8 and int4
-// weights take rows_avx2_fours, which spends fewer instructions on each group.
+// under load, the integer kernels carried 64 streams 1.23x faster. Without VNNI, int8 weights take
+// rows_avx2_fours and int4 weights rows_avx2_int4, which spend fewer instructions on each group.
 #include "cpu/integer_linear.h"
 
 #include <cmath>
@@ -33,13 +33,21 @@ void quantize_row_groups(const float* x, long groups, signed char* q, float* sca
 
 namespace {
 
+// The order a kernel reads a row's quantized inputs in, four groups (128 values) at a time.
+enum class InputLayout {
+  kElementOrder,  // rows_scalar, rows_vnni
+  kFours,         // interleaved by fours of groups: rows_avx2_fours (int8 weights)
+  kPairs,         // each pair of groups' first halves, then their last halves: rows_avx2_int4
+};
+
 // Quantized input rows, addressed like the fp32 rows they replace: `rows + r * k` is row r.
 struct Int8Rows {
-  const int8_t* q;          // [M, K]: in element order, or interleaved by fours of groups (AVX2)
+  const int8_t* q;          // [M, K], as the kernel's InputLayout says
   const int8_t* magnitude;  // |q| in q's layout, or null (only AVX2's int8 weights read it)
   const float* scales;      // [M, K/32]
-  // [M, K/4]: -zero_point x the sum of each int32 lane's inputs (4 in element order; interleaved,
-  // a four of groups keeps its 8 lanes' sums in its first slots), or null where the zero point is 0
+  // [M, K/4]: -zero_point x the sum of each int32 lane's inputs (4 in element order; in the AVX2
+  // layouts a four of groups keeps its 8 lanes' sums in its first slots), or null where the zero
+  // point is 0
   const int32_t* start;
   Int8Rows operator+(long offset) const {
     return {q + offset, magnitude ? magnitude + offset : nullptr, scales + offset / kQuantGroup,
@@ -147,16 +155,15 @@ PYSERVE_TARGET_VNNI void rows_vnni(const IntegerArgs& a, int n0, int n1) {
   }
 }
 
-// AVX2 without VNNI, where a kernel going group by group, as the one above, spends four of its six
-// vector instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales' product, the
-// multiply-add) and two pipes run them. Here four groups share one int32 vector: its lane j sums the products of
-// group j's first 16 values and lane j + 4 those of its last 16, so four groups take four dot
-// products and one fp32 multiply-add between them. The weights come to that layout in registers
-// (eight 32-bit shuffles per four groups of a weight row, shared by every input row); the inputs
-// are quantized into it (quantize_rows_avx2). For int8 weights the inputs are the unsigned side of
-// vpmaddubsw, as |x| with x's sign moved onto the weights (both within [-127, 127], so no pair of
-// products leaves int16); int4's nibbles are unsigned already, and each lane starts from -8 x the
-// sum of its 16 inputs.
+// int8 weights on AVX2 without VNNI, where a kernel going group by group, as the one above, spends
+// four of its six vector instructions a group on multiplies (vpmaddubsw, vpmaddwd, the scales'
+// product, the multiply-add) and two pipes run them. Here four groups share one int32 vector: its
+// lane j sums the products of group j's first 16 values and lane j + 4 those of its last 16, so
+// four groups take four dot products and one fp32 multiply-add between them. The weights come to
+// that layout in registers (eight 32-bit shuffles per four groups of a weight row, shared by every
+// input row); the inputs are quantized into it (quantize_rows_avx2). The inputs are the unsigned
+// side of vpmaddubsw, as |x| with x's sign moved onto the weights (both within [-127, 127], so no
+// pair of products leaves int16).
 constexpr int kFour = 4 * kQuantGroup;  // values a four of groups holds
 
 // Four groups' vectors (bytes in element order) in the interleaved order (see above).
@@ -186,7 +193,26 @@ PYSERVE_TARGET_AVX2 inline __m256i lane_start(const int32_t* start) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start));
 }
 
+// The groups after a row's last four of groups, in element order (as quantize_rows_avx2 leaves
+// them), added to acc.
 template <int M, WeightFormat F>
+PYSERVE_TARGET_AVX2 inline void add_tail_groups(const IntegerArgs& a, long n, __m256 acc[M]) {
+  const int groups = a.k / kQuantGroup;
+  const uint16_t* w_scales = a.scales + n * groups;
+  for (int g = groups / 4 * 4; g < groups; ++g) {
+    const __m256i wg = group_bytes(a, n, g);
+    const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
+    for (int i = 0; i < M; ++i) {
+      const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
+      const int8_t* m = a.x.magnitude ? a.x.magnitude + at : a.x.q + at;
+      const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at, m));
+      const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+    }
+  }
+}
+
+template <int M>
 PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
   const int groups = a.k / kQuantGroup, fours = groups / 4;
   for (int n = n0; n < n1; ++n) {
@@ -203,24 +229,60 @@ PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
       const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
       for (int i = 0; i < M; ++i) {
         const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
-        const int8_t *q = a.x.q + at, *m = a.x.magnitude ? a.x.magnitude + at : q;  // int4 reads no m
-        __m256i dot = lane_start<F>(a.x.start + at / 4);
-        for (int t = 0; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_bytes<F>(u[t], q + 32 * t, m + 32 * t));
+        const int8_t *q = a.x.q + at, *m = a.x.magnitude + at;
+        __m256i dot = _mm256_setzero_si256();
+        for (int t = 0; t < 4; ++t)
+          dot = _mm256_add_epi32(dot, dot_bytes<WeightFormat::kInt8>(u[t], q + 32 * t, m + 32 * t));
         const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
       }
     }
-    for (int g = 4 * fours; g < groups; ++g) {  // the groups after the last four, in element order
-      const __m256i wg = group_bytes(a, n, g);
-      const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
+    add_tail_groups<M, WeightFormat::kInt8>(a, n, acc);
+    const float b = a.bias ? a.bias[n] : 0.0f;
+    for (int i = 0; i < M; ++i) a.out[static_cast<long>(i) * a.n + n] = hsum(acc[i]) + b;
+  }
+}
+
+// int4 weights on AVX2. 32 packed bytes hold two groups: their low nibbles are both groups' first
+// 16 values, their high nibbles both groups' last 16, so an AND and a shift unpack 64 weights
+// (rows_avx2_fours' layout would cost eight shuffles a four on top). The inputs are quantized into
+// that order (each pair of groups: both first halves, then both last halves). Nibbles are at most
+// 15, so the two byte-pair products of a pair of groups add up in int16 before one vpmaddwd, and a
+// vphaddd folds two pairs' lanes into one vector, [g, g, g+2, g+2, g+1, g+1, g+3, g+3] by group,
+// for one fp32 multiply-add a four of groups. Each lane starts from -8 x the sum of its inputs.
+template <int M>
+PYSERVE_TARGET_AVX2 void rows_avx2_int4(const IntegerArgs& a, int n0, int n1) {
+  const int groups = a.k / kQuantGroup, fours = groups / 4;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), pairs = _mm256_set1_epi16(1);
+  const __m256i by_lane = _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3);  // a four's scales as the lanes hold them
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* w = static_cast<const uint8_t*>(a.w) + static_cast<long>(n) * (a.k / 2);
+    const uint16_t* w_scales = a.scales + static_cast<long>(n) * groups;
+    prefetch_ahead(a.w, a.scales, n, a.k, a.format);
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    for (int f = 0; f < fours; ++f) {
+      const __m256i b01 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * f)),
+                    b23 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * f + 32));
+      const __m256i first01 = _mm256_and_si256(b01, low4), last01 = _mm256_and_si256(_mm256_srli_epi16(b01, 4), low4),
+                    first23 = _mm256_and_si256(b23, low4), last23 = _mm256_and_si256(_mm256_srli_epi16(b23, 4), low4);
+      const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
       for (int i = 0; i < M; ++i) {
-        const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
-        const int8_t* m = a.x.magnitude ? a.x.magnitude + at : a.x.q + at;
-        const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at, m));
-        const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
+        const long at = static_cast<long>(i) * a.k + static_cast<long>(f) * kFour;
+        const __m256i* x = reinterpret_cast<const __m256i*>(a.x.q + at);
+        const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(first01, _mm256_loadu_si256(x)),
+                                             _mm256_maddubs_epi16(last01, _mm256_loadu_si256(x + 1)));
+        const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(first23, _mm256_loadu_si256(x + 2)),
+                                             _mm256_maddubs_epi16(last23, _mm256_loadu_si256(x + 3)));
+        const __m256i dot = _mm256_add_epi32(
+            _mm256_hadd_epi32(_mm256_madd_epi16(s01, pairs), _mm256_madd_epi16(s23, pairs)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.x.start + at / 4)));
+        const __m128 scales = _mm_mul_ps(ws, _mm_loadu_ps(a.x.scales + at / kQuantGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                 _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scales), by_lane), acc[i]);
       }
     }
+    add_tail_groups<M, WeightFormat::kInt4>(a, n, acc);
     const float b = a.bias ? a.bias[n] : 0.0f;
     for (int i = 0; i < M; ++i) a.out[static_cast<long>(i) * a.n + n] = hsum(acc[i]) + b;
   }
@@ -246,13 +308,13 @@ PYSERVE_TARGET_AVX2 inline __m256i quantize_group(const float* v, float* scale) 
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// Input rows for the integer kernels: quantized per group (quantize_row_groups), and `start` as
-// the kernel's zero point asks (or null). With `interleave`, the fours of groups take
-// rows_avx2_fours' layout, each four's start is its 8 lanes' (at the four's first slots), and
-// `magnitude` (or null) gets |q| beside them.
-PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, int zero_point, bool interleave,
+// Input rows for the integer kernels: quantized per group (quantize_row_groups), the fours of
+// groups in `layout`, the groups after the last four in element order, and `start` as the
+// kernel's zero point asks (or null; in a four, its 8 lanes' at the four's first slots).
+// `magnitude` (or null) gets |q| beside q.
+PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, int zero_point, InputLayout layout,
                                             int8_t* q, float* scales, int32_t* start, int8_t* magnitude) {
-  const int groups = k / kQuantGroup, fours = interleave ? groups / 4 : 0;
+  const int groups = k / kQuantGroup, fours = layout == InputLayout::kElementOrder ? 0 : groups / 4;
   const __m256i ones = _mm256_set1_epi8(1), pairs = _mm256_set1_epi16(1), minus_zero = _mm256_set1_epi32(-zero_point);
   auto store = [](int8_t* to, __m256i v) PYSERVE_TARGET_AVX2 { _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), v); };
   // -zero_point x each int32 lane's inputs
@@ -269,16 +331,26 @@ PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, in
         if (magnitude) store(magnitude + at, _mm256_abs_epi8(v));
         if (start) _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + at / 4), lane_sums(v));
       } else if ((four[g % 4] = v), g % 4 == 3) {
-        __m256i u[4];
-        interleave_four(four, u);
+        __m256i u[4], lanes;
+        if (layout == InputLayout::kFours) {
+          interleave_four(four, u);
+          lanes = _mm256_add_epi32(_mm256_add_epi32(lane_sums(u[0]), lane_sums(u[1])),
+                                   _mm256_add_epi32(lane_sums(u[2]), lane_sums(u[3])));
+        } else {  // kPairs: each pair of groups' first halves, then their last halves
+          u[0] = _mm256_permute2x128_si256(four[0], four[1], 0x20);
+          u[1] = _mm256_permute2x128_si256(four[0], four[1], 0x31);
+          u[2] = _mm256_permute2x128_si256(four[2], four[3], 0x20);
+          u[3] = _mm256_permute2x128_si256(four[2], four[3], 0x31);
+          // folded as rows_avx2_int4 folds its dot products
+          lanes = _mm256_hadd_epi32(_mm256_add_epi32(lane_sums(u[0]), lane_sums(u[1])),
+                                    _mm256_add_epi32(lane_sums(u[2]), lane_sums(u[3])));
+        }
         const long first = at - 3 * kQuantGroup;
-        __m256i sum = _mm256_setzero_si256();
         for (int t = 0; t < 4; ++t) {
           store(q + first + 32 * t, u[t]);
           if (magnitude) store(magnitude + first + 32 * t, _mm256_abs_epi8(u[t]));
-          if (start) sum = _mm256_add_epi32(sum, lane_sums(u[t]));
         }
-        if (start) _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + first / 4), sum);
+        if (start) _mm256_storeu_si256(reinterpret_cast<__m256i*>(start + first / 4), lanes);
       }
     }
   }
@@ -296,8 +368,8 @@ using Table = RowKernels<IntegerArgs, Kernel>;
 
 template <int M> struct Scalar { static void run(const IntegerArgs& a, int n0, int n1) { rows_scalar<M>(a, n0, n1); } };
 #ifdef PYSERVE_X86
-template <int M> struct AVX2Int8 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_fours<M, WeightFormat::kInt8>(a, n0, n1); } };
-template <int M> struct AVX2Int4 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_fours<M, WeightFormat::kInt4>(a, n0, n1); } };
+template <int M> struct AVX2Int8 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_fours<M>(a, n0, n1); } };
+template <int M> struct AVX2Int4 { static void run(const IntegerArgs& a, int n0, int n1) { rows_avx2_int4<M>(a, n0, n1); } };
 template <int M> struct VNNI { static void run(const IntegerArgs& a, int n0, int n1) { rows_vnni<M>(a, n0, n1); } };
 #endif
 
@@ -308,16 +380,17 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
   if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
   auto fns = Table<Scalar>::fns;
   int zero_point = 0;  // of the weights' unsigned bytes, for the kernel chosen
-  bool interleaved = false;  // inputs in rows_avx2_fours' layout
+  InputLayout layout = InputLayout::kElementOrder;
 #ifdef PYSERVE_X86
   static const bool vnni = has_vnni();
   if (isa == Isa::kAVX512 && vnni) {
     fns = Table<VNNI>::fns;
     zero_point = a.format == WeightFormat::kInt8 ? 128 : 8;
   } else if (isa >= Isa::kAVX2) {
-    fns = a.format == WeightFormat::kInt8 ? Table<AVX2Int8>::fns : Table<AVX2Int4>::fns;
-    zero_point = a.format == WeightFormat::kInt8 ? 0 : 8;
-    interleaved = true;
+    const bool int8 = a.format == WeightFormat::kInt8;
+    fns = int8 ? Table<AVX2Int8>::fns : Table<AVX2Int4>::fns;
+    zero_point = int8 ? 0 : 8;
+    layout = int8 ? InputLayout::kFours : InputLayout::kPairs;
   }
 #endif
   // a decode step makes dozens of these calls: the buffers are kept, one set a calling thread
@@ -328,11 +401,11 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
   q.resize(values);
   x_scales.resize(values / kQuantGroup);
   start.resize(zero_point ? values / 4 : 0);
-  magnitude.resize(interleaved && a.format == WeightFormat::kInt8 ? values : 0);
+  magnitude.resize(layout == InputLayout::kFours ? values : 0);
   int32_t* starts = zero_point ? start.data() : nullptr;
 #ifdef PYSERVE_X86
   if (isa >= Isa::kAVX2)
-    quantize_rows_avx2(a.x, a.m, a.k, zero_point, interleaved, q.data(), x_scales.data(), starts,
+    quantize_rows_avx2(a.x, a.m, a.k, zero_point, layout, q.data(), x_scales.data(), starts,
                        magnitude.empty() ? nullptr : magnitude.data());
   else
 #endif
