@@ -47,7 +47,8 @@ def test_packing_round_trips_within_the_format_error(format):
 @pytest.mark.parametrize("format", ["bf16", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 19, 64])
 def test_every_instruction_set_matches_the_reference(isa, format, rows):
-    for n, k in ((1, 32), (37, 224), (130, 256)):  # 224: a four of groups and three after it
+    # 224: a four of groups and three after it; 1248: longer rows, 39 groups
+    for n, k in ((1, 32), (37, 224), (130, 256), (23, 1248)):
         packed = quantize(weights(n, k, seed=n), format)
         x, bias = torch.randn(rows, k), torch.randn(n)
         want = reference.linear(x, packed, bias)
@@ -55,6 +56,21 @@ def test_every_instruction_set_matches_the_reference(isa, format, rows):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(cpu.quantized_linear(x, packed, None, isa=isa), reference.linear(x, packed),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("format", ["w8a8", "w4a8"])
+def test_integer_products_give_a_row_the_same_result_in_any_batch(isa, format):
+    """The integer kernels reduce a row in one order whatever rows share its batch: bit for bit
+    the same alone, in a pass of 8 and in a batch of three passes (so a seeded decode's logits do
+    not depend on the other requests; the fp32-input kernels do not promise this: how many
+    accumulator chains they keep depends on the rows in a pass)."""
+    packed = quantize(weights(40, 2080, seed=3), format)
+    x, bias = torch.randn(19, 2080), torch.randn(40)
+    batch = cpu.quantized_linear(x, packed, bias, isa=isa)
+    for i in (0, 7, 18):
+        assert torch.equal(cpu.quantized_linear(x[i:i + 1], packed, bias, isa=isa)[0], batch[i])
+    assert torch.equal(cpu.quantized_linear(x[:8], packed, bias, isa=isa), batch[:8])
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "cpu"])
