@@ -11,12 +11,8 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PYSERVE_X86 1
-#endif
-
 #include "cpu/linear.h"  // in_row_passes, RowKernels
+#include "cpu/x86.h"
 
 namespace pyserve::cpu {
 
@@ -92,9 +88,6 @@ void rows_scalar(const IntegerArgs& a, int n0, int n1) {
 
 #ifdef PYSERVE_X86
 
-#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define PYSERVE_TARGET_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-
 // A group of 32 weights as bytes in element order: int8's own (signed), or int4's nibbles
 // (unsigned, q + 8).
 PYSERVE_TARGET_AVX2 inline __m256i group_bytes(const IntegerArgs& a, long n, int g) {
@@ -104,13 +97,6 @@ PYSERVE_TARGET_AVX2 inline __m256i group_bytes(const IntegerArgs& a, long n, int
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.w) + n * (a.k / 2) + g * 16));
   const __m128i low4 = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
-}
-
-PYSERVE_TARGET_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // VNNI's vpdpbusd adds unsigned-by-signed byte products to int32 lanes in one instruction. The

@@ -8,13 +8,9 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define PYSERVE_X86 1
-#endif
-
 #include "cpu/integer_linear.h"
 #include "cpu/linear.h"  // kMaxLinearRows
+#include "cpu/x86.h"
 
 namespace pyserve::cpu {
 namespace {
@@ -60,8 +56,6 @@ void rows_scalar(const QuantizedLinearArgs& a, int n0, int n1) {
 #ifdef PYSERVE_X86
 
 // ---- AVX-512: a group of 32 weights is two 16-lane vectors --------------------------------------
-
-#define PYSERVE_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
 PYSERVE_TARGET_AVX512 inline void group_avx512(const QuantizedLinearArgs& a, long n, int g, __m512& w0, __m512& w1) {
   const long c = static_cast<long>(g) * kQuantGroup;
@@ -131,8 +125,6 @@ PYSERVE_TARGET_AVX512 void rows_avx512(const QuantizedLinearArgs& a, int n0, int
 
 // ---- AVX2: a group of 32 weights is four 8-lane vectors -----------------------------------------
 
-#define PYSERVE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 PYSERVE_TARGET_AVX2 inline void group_avx2(const QuantizedLinearArgs& a, long n, int g, __m256* w) {
   const long c = static_cast<long>(g) * kQuantGroup;
   if (a.format == WeightFormat::kBF16) {
@@ -157,12 +149,6 @@ PYSERVE_TARGET_AVX2 inline void group_avx2(const QuantizedLinearArgs& a, long n,
   for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(w[j], scale);
 }
 
-PYSERVE_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int M>
 PYSERVE_TARGET_AVX2 void rows_avx2(const QuantizedLinearArgs& a, int n0, int n1) {
@@ -186,7 +172,7 @@ PYSERVE_TARGET_AVX2 void rows_avx2(const QuantizedLinearArgs& a, int n0, int n1)
     for (int i = 0; i < M; ++i) {
       __m256 total = acc[i][0];
       for (int c = 1; c < kChains; ++c) total = _mm256_add_ps(total, acc[i][c]);
-      float s = hsum_avx2(total);
+      float s = hsum(total);
       for (int c = groups * kQuantGroup; c < a.k; ++c) s += a.x[static_cast<long>(i) * a.k + c] * weight_at(a, n, c);
       a.out[static_cast<long>(i) * a.n + n] = s + b;
     }

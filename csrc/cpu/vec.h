@@ -5,20 +5,13 @@
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#include "cpu/x86.h"  // hsum
 #define PYSERVE_AVX2 1
 #endif
 
 namespace pyserve::cpu {
 
 #ifdef PYSERVE_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // exp for x <= 0 (softmax arguments), rel. error ~1e-7; very negative x gives 0.
 inline __m256 exp256(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
