@@ -49,11 +49,12 @@ PYBIND11_MODULE(_C, m) {
       "paged_attention",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables, uintptr_t seq_lens,
          uintptr_t query_start, uintptr_t out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-         int block_size, int max_blocks, float scale, int window) {
+         int block_size, int max_blocks, float scale, int window, bool bf16_cache) {
         pyserve::cpu::paged_attention(PagedAttentionArgs{
-            ptr<const float>(q), ptr<const float>(k_cache), ptr<const float>(v_cache),
+            ptr<const float>(q), ptr<const void>(k_cache), ptr<const void>(v_cache),
             ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens), ptr<const int32_t>(query_start),
-            ptr<float>(out), num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, window});
+            ptr<float>(out), num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, window,
+            bf16_cache});
       },
       nogil);
 
@@ -76,10 +77,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "write_kv",
       [](uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t slots, long num_tokens,
-         int num_kv_heads, int block_size, int head_dim) {
-        pyserve::cpu::write_kv(WriteKVArgs{ptr<const float>(k), ptr<const float>(v), ptr<float>(k_cache),
-                                           ptr<float>(v_cache), ptr<const int64_t>(slots), num_tokens, num_kv_heads,
-                                           block_size, head_dim});
+         int num_kv_heads, int block_size, int head_dim, bool bf16_cache) {
+        pyserve::cpu::write_kv(WriteKVArgs{ptr<const float>(k), ptr<const float>(v), ptr<void>(k_cache),
+                                           ptr<void>(v_cache), ptr<const int64_t>(slots), num_tokens, num_kv_heads,
+                                           block_size, head_dim, bf16_cache});
       },
       nogil);
 
@@ -115,7 +116,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int tokens, int hidden, int heads, int kv_heads, int head_dim, float eps, uintptr_t cos,
          uintptr_t sin, uintptr_t table, int num_layers, uintptr_t final_norm, uintptr_t slots,
          uintptr_t block_tables, uintptr_t seq_lens, uintptr_t query_start, int num_seqs, int max_blocks,
-         int block_size, int window, float scale) {
+         int block_size, int window, float scale, bool bf16_cache) {
         const int64_t* f = ptr<const int64_t>(table);
         std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
         for (int i = 0; i < num_layers; ++i, f += pyserve::cpu::kStackLayerFields) {
@@ -126,13 +127,13 @@ PYBIND11_MODULE(_C, m) {
                                                f[at + 6] != 0};
           };
           layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), linear(2), linear(9), linear(16), linear(23),
-                       ptr<float>(f[30]), ptr<float>(f[31])};
+                       ptr<void>(f[30]), ptr<void>(f[31])};
         }
         pyserve::cpu::decoder_stack(pyserve::cpu::DecoderStackArgs{
             ptr<float>(x), tokens, hidden, heads, kv_heads, head_dim, eps, ptr<const float>(cos),
             ptr<const float>(sin), layers.data(), num_layers, ptr<const float>(final_norm),
             ptr<const int64_t>(slots), ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens),
-            ptr<const int32_t>(query_start), num_seqs, max_blocks, block_size, window, scale});
+            ptr<const int32_t>(query_start), num_seqs, max_blocks, block_size, window, scale, bf16_cache});
       },
       nogil);
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import ClientError
 from .kernels import WEIGHT_FORMATS
 from .plugin import PluginRegistry
+from .tasks import KV_CACHE_DTYPES
 
 QUANTIZATIONS = ["none", *WEIGHT_FORMATS]
 
@@ -37,7 +38,7 @@ def _generate(args) -> int:
     from . import LLM, SamplingParams
 
     llm = LLM(args.model, device=args.device, plugin_dirs=args.plugin_dir, quantization=args.quantization,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     out = llm.generate(args.prompt, params)[0]
     print(out.text)
@@ -81,7 +82,7 @@ def _serve(args) -> int:
                              tensor_parallel_size=args.tensor_parallel_size if text else 1,
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
-                             **batching)
+                             kv_cache_dtype=args.kv_cache_dtype, **batching)
         return EngineDriver(engine, name=f"pyserve-engine-{name}")
 
     keys = list(args.api_key or []) + [k for f in args.api_key_file for k in read_key_file(f)]
@@ -91,7 +92,7 @@ def _serve(args) -> int:
             device=args.device, dtype=dtype, quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory=int(args.kv_cache_memory_gib * 2**30),
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_loras=args.max_loras, **batching))
+            max_loras=args.max_loras, kv_cache_dtype=args.kv_cache_dtype, **batching))
     try:
         config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
                               args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level,
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="text models: split each over this many ranks (processes; one GPU each on CUDA)")
     s.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV cache size per model")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="text models: the KV cache's dtype (auto: --dtype's); on CPUs bfloat16 under float32 "
+                        "activations halves the bytes long contexts read")
     s.add_argument("--max-num-seqs", type=int, default=128, help="sequences running at once")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     s.add_argument("--max-batch-size", type=int, default=None,
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many ranks")
     g.add_argument("--plugin-dir", action="append", default=[])
     g.set_defaults(run=_generate)

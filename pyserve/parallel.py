@@ -110,7 +110,8 @@ class TensorParallelModel:
     def forward(self, input_ids, positions, meta, cache: KVCache, images=None, adapters=None):
         if images is not None or adapters is not None:
             raise InvalidParameter("model", "images and LoRA adapters are not served with tensor parallelism")
-        self.group.send(("step", tuple(cache.keys[0].shape), len(cache.keys), input_ids, positions, meta))
+        self.group.send(("step", tuple(cache.keys[0].shape), cache.keys[0].dtype, len(cache.keys), input_ids,
+                         positions, meta))
         return self.model.forward(input_ids, positions, meta, cache)
 
     def compute_logits(self, hidden):
@@ -196,9 +197,9 @@ def _worker(rank, size, port, model_dir, device, dtype, quantization, plugin_dir
                 return
             if message[0] == "stop":
                 return
-            _, shape, layers, input_ids, positions, meta = message
+            _, shape, cache_dtype, layers, input_ids, positions, meta = message
             if cache is None or tuple(cache.keys[0].shape) != shape:  # rank 0's engine sized the cache
-                cache = KVCache.allocate(layers, *shape, spec.dtype, spec.device)
+                cache = KVCache.allocate(layers, *shape, cache_dtype, spec.device)
             model.forward(input_ids, positions, meta, cache)
 
 

@@ -64,6 +64,26 @@ class TextModelSpec:
     device: torch.device
 
 
+# What --kv-cache-dtype takes: "auto" keeps the model's dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def kv_cache_dtype_for(spec: TextModelSpec, asked: str | None) -> torch.dtype:
+    """The KV cache's dtype: the model's, or the one asked for. On a CPU an fp32 model may keep bf16
+    keys and values (half the bytes a long context's decode reads, rounded to nearest even when
+    written); the GPU kernels read a cache in the activations' dtype only."""
+    if asked in (None, "auto"):
+        return spec.dtype
+    if asked not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {asked!r}")
+    dtype = getattr(torch, asked)
+    if dtype != spec.dtype and spec.device.type != "cpu":
+        model = str(spec.dtype).removeprefix("torch.")
+        raise ValueError(f"kv_cache_dtype {asked} differs from the model's {model}: only the CPU back-end reads a "
+                         f"KV cache in another dtype (on {spec.device.type}, set --dtype)")
+    return dtype
+
+
 @dataclass
 class Tokenizing:
     """Tokenizer-side facts of a model: special ids, chat template, generation defaults."""

@@ -84,6 +84,34 @@ def test_paged_attention_half_precision(backend, device, dtype):
     torch.testing.assert_close(got.cpu().float(), expected.float(), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("window", [0, 40])
+def test_cpu_paged_attention_reads_a_bf16_cache_under_fp32_queries(head_dim, window):
+    """`kv_cache_dtype="bfloat16"` on a CPU: the keys and values are bf16, the arithmetic fp32, so
+    the output is the reference's on the same (widened) values to fp32 precision."""
+    q, k_cache, v_cache, *rest = paged_case(MIXED, 8, 2, head_dim, 16, seed=head_dim + window)
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    expected = reference.paged_attention(q, k_cache, v_cache, *rest, scale=0.125, sliding_window=window)
+    got = kernels.paged_attention(q, k_cache, v_cache, *rest, scale=0.125, sliding_window=window, backend="cpu")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **tolerance(torch.float32))
+
+
+def test_cpu_write_kv_rounds_into_a_bf16_cache_as_torch_does():
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(9, 2, 64, generator=g), torch.randn(9, 2, 64, generator=g)
+    # halfway between two bf16 values: ties go to the even one, either way
+    k[0, 0, :4] = torch.tensor([0x3F808000, 0x3F818000, -0x40800000 + 0x8000, 0x00008000],
+                               dtype=torch.int32).view(torch.float32)
+    slots = torch.tensor([0, 5, 17, 31, -1, 40, 41, 63, 2])
+    want_k, want_v = torch.zeros(4, 2, 16, 64, dtype=torch.bfloat16), torch.zeros(4, 2, 16, 64, dtype=torch.bfloat16)
+    reference.write_kv(k, v, want_k, want_v, slots)
+    got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+    kernels.write_kv(k, v, got_k, got_v, slots, backend="cpu")
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert want_k[0, 0, 0, :2].view(torch.int16).tolist() == [0x3F80, 0x3F82]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_write_kv_matches_reference(backend, device):
     g = torch.Generator().manual_seed(1)

@@ -98,6 +98,26 @@ def test_scheduling_does_not_change_greedy_outputs(llama_dir, llama_reference, e
     assert llm.engine.num_free_blocks() == llm.engine.num_blocks
 
 
+def test_a_bf16_kv_cache_holds_twice_the_tokens_and_keeps_the_greedy_outputs(llama_dir, llama_reference):
+    fp32 = LLM(llama_dir, device="cpu", kv_cache_memory=2**22)
+    llm = LLM(llama_dir, device="cpu", kv_cache_memory=2**22, kv_cache_dtype="bfloat16")
+    assert llm.engine.num_blocks == 2 * fp32.engine.num_blocks
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == llama_reference
+
+
+def test_kv_cache_dtype_is_checked():
+    from pyserve.tasks import TextModelSpec, kv_cache_dtype_for
+    spec = TextModelSpec(2, 2, 16, 100, 64, torch.float32, torch.device("cpu"))
+    assert kv_cache_dtype_for(spec, "auto") == torch.float32
+    assert kv_cache_dtype_for(spec, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
+        kv_cache_dtype_for(spec, "float8")
+    gpu = TextModelSpec(2, 2, 16, 100, 64, torch.bfloat16, torch.device("cuda"))
+    assert kv_cache_dtype_for(gpu, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="only the CPU back-end"):
+        kv_cache_dtype_for(gpu, "float32")
+
+
 def test_prefix_cache_hits_give_the_same_tokens(llama_dir, llama_reference):
     llm = LLM(llama_dir, device="cpu")
     long_prompt = PROMPTS[3]

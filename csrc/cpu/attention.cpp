@@ -1,7 +1,8 @@
-// CPU attention (fp32): paged attention over a block-table KV cache, KV writes by slot, and dense
-// attention. One online-softmax core serves all three callers: a work item is a set of query rows
-// that share one KV head (all heads of a GQA group, several tokens of a prefill chunk), and it walks
-// the keys tile by tile, so each key and value is read once for the whole group.
+// CPU attention (fp32 arithmetic): paged attention over a block-table KV cache (fp32 or bf16), KV
+// writes by slot, and dense attention. One online-softmax core serves all three callers: a work
+// item is a set of query rows that share one KV head (all heads of a GQA group, several tokens of
+// a prefill chunk), and it walks the keys tile by tile, so each key and value is read once for
+// the whole group; a bf16 cache's tile is widened to fp32 once, as it comes up.
 #include "cpu/attention.h"
 
 #include <omp.h>
@@ -22,15 +23,18 @@ constexpr int kMaxTile = 64;       // keys per tile
 constexpr int kSplitKeys = 512;    // keys per split of a long decode
 constexpr int kPackedMinRows = 12;  // rows from which transposing a key tile pays off
 
-// Up to kMaxTile consecutive key positions; their rows may lie in different cache blocks.
+// Up to kMaxTile consecutive key positions; their rows may lie in different cache blocks. The
+// online softmax reads fp32 rows; a tile of a bf16 cache holds its rows' addresses only until
+// `widened` copies them to fp32 (prefetching needs no more).
 struct Tile {
   const float* k[kMaxTile];
   const float* v[kMaxTile];
   int first_pos;  // position of the first key
   int len = 0;
-  void add(const float* key, const float* value) {
-    k[len] = key;
-    v[len++] = value;
+  int row_bytes = 0;  // of a key (or value) row where it lies, for prefetching
+  void add(const void* key, const void* value) {
+    k[len] = static_cast<const float*>(key);
+    v[len++] = static_cast<const float*>(value);
   }
 };
 
@@ -47,9 +51,25 @@ struct RowState {
   alignas(64) float kt[256 * kMaxTile];  // the tile's keys transposed, [dim][key]
   Tile tiles[2];                // the tile in use and the one being prefetched
   const Tile* ahead = nullptr;  // the next tile, requested a key at a time during this one
+  Tile wide;                    // a bf16 tile's rows widened to fp32, in the arrays below
+  alignas(64) float wide_k[kMaxTile * kMaxHeadDim];
+  alignas(64) float wide_v[kMaxTile * kMaxHeadDim];
 };
 
-// This thread's RowState, kept across calls: at ~150 KB a fresh one is an mmap, page faults and a
+// The tile `t` of a bf16 cache, its rows widened into st's arrays.
+const Tile& widened(RowState& st, const Tile& t) {
+  const int d = st.dim;
+  st.wide.first_pos = t.first_pos;
+  st.wide.len = 0;
+  for (int j = 0; j < t.len; ++j) {
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(t.k[j]), st.wide_k + j * d, d);
+    bf16_to_f32(reinterpret_cast<const uint16_t*>(t.v[j]), st.wide_v + j * d, d);
+    st.wide.add(st.wide_k + j * d, st.wide_v + j * d);
+  }
+  return st.wide;
+}
+
+// This thread's RowState, kept across calls: at ~280 KB a fresh one is an mmap, page faults and a
 // munmap, which cost ~15 us a call, most of a short decode's attention.
 RowState& thread_row_state(int dim) {
   thread_local std::unique_ptr<RowState> state(new RowState());
@@ -149,11 +169,11 @@ void scores_packed(RowState& st, const Tile& t, float scale) {
 
 // Request keys [j0, j1) of a tile (keys and values), spread over the work of the current tile
 // so that only a few lines are in flight at once.
-inline void prefetch_keys(const Tile& t, int j0, int j1, int dim) {
+inline void prefetch_keys(const Tile& t, int j0, int j1) {
   for (int j = j0; j < std::min(j1, t.len); ++j)
-    for (int i = 0; i < dim; i += 16) {
-      __builtin_prefetch(t.k[j] + i);
-      __builtin_prefetch(t.v[j] + i);
+    for (int i = 0; i < t.row_bytes; i += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(t.k[j]) + i);
+      __builtin_prefetch(reinterpret_cast<const char*>(t.v[j]) + i);
     }
 }
 
@@ -171,7 +191,7 @@ void scores(RowState& st, const Tile& t, float scale) {
   for (; j + 2 <= t.len && full_rows > 0; j += 2) {
     const float* k0 = t.k[j];
     const float* k1 = t.k[j + 1];
-    if (st.ahead) prefetch_keys(*st.ahead, j, j + 2, d);
+    if (st.ahead) prefetch_keys(*st.ahead, j, j + 2);
     for (int r = 0; r < full_rows; r += 4) {
       __m256 acc[4][2];
       for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -299,7 +319,7 @@ void attend_tile(RowState& st, const Tile& t, float scale, bool causal, int wind
 
 // Ask for a tile's keys and values ahead of use: paged blocks sit at scattered addresses that
 // the hardware prefetcher cannot predict, so decode would otherwise wait on memory for every row.
-void prefetch_tile(const Tile& t, int dim) { prefetch_keys(t, 0, t.len, dim); }
+void prefetch_tile(const Tile& t) { prefetch_keys(t, 0, t.len); }
 
 void reset(RowState& st) {
   std::fill(st.m, st.m + st.n, -INFINITY);
@@ -325,6 +345,7 @@ void paged_attention(const PagedAttentionArgs& a) {
   const int tok_tile = std::max(1, kMaxRows / group);
   const int split_blocks = std::max(1, kSplitKeys / a.block_size);
   const int tile_blocks = std::max(1, kMaxTile / a.block_size);
+  const long value_bytes = a.bf16_cache ? 2 : 4;
 
   std::vector<WorkItem> items;
   std::vector<int> split_first;  // per split group: index of its first partial row set
@@ -372,17 +393,21 @@ void paged_attention(const PagedAttentionArgs& a) {
       auto tile_at = [&](int b, Tile& tile) {
         tile.first_pos = b * a.block_size;
         tile.len = 0;
+        tile.row_bytes = a.head_dim * value_bytes;
         for (int blk = b; blk < std::min(end, b + tile_blocks); ++blk) {
           const long base = (static_cast<long>(table[blk]) * a.num_kv_heads + it.kv_head) * a.block_size * a.head_dim;
           const int keys = std::min(a.block_size, ctx - blk * a.block_size);
-          for (int j = 0; j < keys; ++j) tile.add(a.k_cache + base + j * a.head_dim, a.v_cache + base + j * a.head_dim);
+          for (int j = 0; j < keys; ++j) {
+            const long at = (base + static_cast<long>(j) * a.head_dim) * value_bytes;
+            tile.add(static_cast<const char*>(a.k_cache) + at, static_cast<const char*>(a.v_cache) + at);
+          }
         }
       };
       Tile* cur = &st->tiles[0];
       Tile* next = &st->tiles[1];
       if (it.blk_begin < end) {
         tile_at(it.blk_begin, *cur);
-        prefetch_tile(*cur, a.head_dim);
+        prefetch_tile(*cur);
       }
       for (int b = it.blk_begin; b < end; b += tile_blocks) {
         st->ahead = nullptr;
@@ -391,7 +416,7 @@ void paged_attention(const PagedAttentionArgs& a) {
           st->ahead = next;
         }
         const bool before_window = a.window > 0 && cur->first_pos + cur->len - 1 <= min_pos - a.window;
-        if (!before_window) attend_tile(*st, *cur, a.scale, true, a.window);
+        if (!before_window) attend_tile(*st, a.bf16_cache ? widened(*st, *cur) : *cur, a.scale, true, a.window);
         std::swap(cur, next);
       }
       for (int r = 0; r < st->n; ++r) {
@@ -492,8 +517,14 @@ void write_kv(const WriteKVArgs& a) {
     const long block = slot / a.block_size, offset = slot % a.block_size;
     for (int h = 0; h < a.num_kv_heads; ++h) {
       const long dst = ((block * a.num_kv_heads + h) * a.block_size + offset) * a.head_dim;
-      std::memcpy(a.k_cache + dst, a.k + i * row + h * a.head_dim, sizeof(float) * a.head_dim);
-      std::memcpy(a.v_cache + dst, a.v + i * row + h * a.head_dim, sizeof(float) * a.head_dim);
+      const float *k = a.k + i * row + h * a.head_dim, *v = a.v + i * row + h * a.head_dim;
+      if (a.bf16_cache) {
+        f32_to_bf16(k, static_cast<uint16_t*>(a.k_cache) + dst, a.head_dim);
+        f32_to_bf16(v, static_cast<uint16_t*>(a.v_cache) + dst, a.head_dim);
+      } else {
+        std::memcpy(static_cast<float*>(a.k_cache) + dst, k, sizeof(float) * a.head_dim);
+        std::memcpy(static_cast<float*>(a.v_cache) + dst, v, sizeof(float) * a.head_dim);
+      }
     }
   }
 }

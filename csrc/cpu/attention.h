@@ -1,4 +1,5 @@
-// CPU attention kernels (fp32, contiguous inputs checked by the Python facade).
+// CPU attention kernels (fp32 arithmetic, contiguous inputs checked by the Python facade). The
+// paged KV cache holds fp32 or bf16 values: bf16 halves the bytes long-context decode reads.
 #pragma once
 #include <cstdint>
 
@@ -11,8 +12,8 @@ constexpr int kMaxGroup = 64;
 
 struct PagedAttentionArgs {
   const float* q;            // [T, H, D]
-  const float* k_cache;      // [num_blocks, Hkv, block_size, D]
-  const float* v_cache;
+  const void* k_cache;       // [num_blocks, Hkv, block_size, D], fp32 or bf16
+  const void* v_cache;
   const int32_t* block_tables;  // [S, max_blocks]
   const int32_t* seq_lens;      // [S]
   const int32_t* query_start;   // [S + 1]
@@ -20,6 +21,7 @@ struct PagedAttentionArgs {
   int num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   float scale;
   int window;  // 0 = no sliding window
+  bool bf16_cache = false;
 };
 
 struct DenseAttentionArgs {
@@ -36,11 +38,12 @@ struct DenseAttentionArgs {
 struct WriteKVArgs {
   const float* k;  // [T, Hkv, D]
   const float* v;
-  float* k_cache;  // [num_blocks, Hkv, block_size, D]
-  float* v_cache;
+  void* k_cache;  // [num_blocks, Hkv, block_size, D], fp32 or bf16 (rounded to nearest even)
+  void* v_cache;
   const int64_t* slots;  // [T], -1 skips
   long num_tokens;
   int num_kv_heads, block_size, head_dim;
+  bool bf16_cache = false;
 };
 
 void paged_attention(const PagedAttentionArgs& args);

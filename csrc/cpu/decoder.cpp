@@ -46,10 +46,11 @@ void decoder_stack(const DecoderStackArgs& a) {
     gather_columns(qkv.data(), qkv_width, 0, q_width, q.data(), t);
     gather_columns(qkv.data(), qkv_width, q_width, kv_width, k.data(), t);
     gather_columns(qkv.data(), qkv_width, q_width + kv_width, kv_width, v.data(), t);
-    write_kv(WriteKVArgs{k.data(), v.data(), layer.k_cache, layer.v_cache, a.slots, t, a.kv_heads, a.block_size, d});
+    write_kv(WriteKVArgs{k.data(), v.data(), layer.k_cache, layer.v_cache, a.slots, t, a.kv_heads, a.block_size, d,
+                         a.bf16_cache});
     paged_attention(PagedAttentionArgs{q.data(), layer.k_cache, layer.v_cache, a.block_tables, a.seq_lens,
                                        a.query_start, attn.data(), a.num_seqs, a.heads, a.kv_heads, d, a.block_size,
-                                       a.max_blocks, a.scale, a.window});
+                                       a.max_blocks, a.scale, a.window, a.bf16_cache});
     product(layer.o, attn.data(), a.x, t);
     rms_norm(a.x, residual.data(), layer.post_norm, normed.data(), residual.data(), t, hidden, a.eps);
     const int inter = layer.gate_up.n / 2;

@@ -20,8 +20,8 @@ struct DecoderLayer {
   const float* input_norm;  // [hidden]
   const float* post_norm;   // [hidden]
   DecoderLinear qkv, o, gate_up, down;
-  float* k_cache;  // [num_blocks, kv_heads, block_size, head_dim]
-  float* v_cache;
+  void* k_cache;  // [num_blocks, kv_heads, block_size, head_dim], fp32 or bf16 (bf16_cache)
+  void* v_cache;
 };
 
 struct DecoderStackArgs {
@@ -36,6 +36,7 @@ struct DecoderStackArgs {
   const int32_t *block_tables, *seq_lens, *query_start;
   int num_seqs, max_blocks, block_size, window;
   float scale;
+  bool bf16_cache;
 };
 
 // Rows a stack call takes: the limit of the fp32 matrix-vector kernel (packed weights take more,

@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include "cpu/x86.h"  // hsum
@@ -75,6 +76,34 @@ inline float exp_sub_sum(float* x, float m, int n) {
     s += x[i];
   }
   return s;
+}
+
+// bf16 values (the top halves of fp32 ones) widened to fp32.
+inline void bf16_to_f32(const uint16_t* x, float* y, int n) {
+  int i = 0;
+#ifdef PYSERVE_AVX2
+  for (; i + 8 <= n; i += 8) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
+    std::memcpy(y + i, &bits, sizeof bits);
+  }
+}
+
+// fp32 values rounded to the nearest bf16, ties to even, as torch's conversion (NaN stays NaN).
+inline void f32_to_bf16(const float* x, uint16_t* y, int n) {
+  for (int i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    if ((bits & 0x7FFFFFFF) > 0x7F800000) {
+      y[i] = static_cast<uint16_t>((bits >> 16) | 0x40);
+      continue;
+    }
+    y[i] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
 }
 
 inline float max_of(const float* x, int n) {

@@ -35,13 +35,17 @@ def _opt(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# The KV cache dtypes the C++ attention reads in place (values are fp32 in its arithmetic).
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if k_cache.dtype != torch.float32 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the cpu back-end needs contiguous float32 KV caches")
+    if k_cache.dtype not in CACHE_DTYPES or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the cpu back-end needs contiguous float32 or bfloat16 KV caches")
     slots = _i64(slot_mapping)
     k, v = _f32(k), _f32(v)
     _C.write_kv(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2])
+                k.shape[0], k.shape[1], k_cache.shape[2], k.shape[2], k_cache.dtype == torch.bfloat16)
 
 
 # Beyond MAX_LINEAR_ROWS rows the fp32 kernel makes passes of eight over cached weight rows; that
@@ -127,7 +131,7 @@ def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
 def stack_fits(w: DecoderStackWeights, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the C++ stack takes this call: decode-sized fp32 rows, weights it can read in place
     (checked once per weights object: decode steps call this every time)."""
-    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype == torch.float32
+    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype in CACHE_DTYPES
             and k_cache.shape[2] <= _C.MAX_BLOCK_SIZE):
         return False
     if w.cpu_readable is None:
@@ -151,7 +155,7 @@ def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_
     _C.decoder_stack(out.data_ptr(), out.shape[0], out.shape[1], w.heads, w.kv_heads, w.head_dim, float(w.eps),
                      c.data_ptr(), s.data_ptr(), table.data_ptr(), len(w.layers), w.final_norm.data_ptr(),
                      slots.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(), sl.shape[0], bt.shape[1],
-                     k_caches[0].shape[2], int(sliding_window), float(scale))
+                     k_caches[0].shape[2], int(sliding_window), float(scale), k_caches[0].dtype == torch.bfloat16)
     return out
 
 
@@ -188,12 +192,13 @@ def _check_limits(head_dim: int, group: int, block_size: int = 0) -> None:
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window=0,
                     max_query_len=0, max_seq_len=0):
     _check_limits(q.shape[2], q.shape[1] // k_cache.shape[1], k_cache.shape[2])
-    qf, kc, vc = _f32(q), _f32(k_cache), _f32(v_cache)
+    qf = _f32(q)
+    kc, vc = (k_cache, v_cache) if k_cache.dtype in CACHE_DTYPES else (_f32(k_cache), _f32(v_cache))
     bt, sl, qs = _i32(block_tables), _i32(seq_lens), _i32(query_start_loc)
     out = torch.empty_like(qf)
     _C.paged_attention(qf.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(),
                        out.data_ptr(), sl.shape[0], q.shape[1], k_cache.shape[1], q.shape[2], k_cache.shape[2],
-                       bt.shape[1], float(scale), int(sliding_window))
+                       bt.shape[1], float(scale), int(sliding_window), kc.dtype == torch.bfloat16)
     return out.to(q.dtype)
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 from ...errors import InvalidParameter, NotFound
 from ...kernels import rng
-from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel
+from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel, kv_cache_dtype_for
 from ...tokenizer import IncrementalDetokenizer
 from ..base import EngineInfo, EngineStats
 from .adapter_pool import AdapterPool
@@ -58,15 +58,16 @@ class LLMEngine:
 
     def __init__(self, model: TextGenerationModel, *, kv_cache_memory: int = 512 * 2**20, block_size: int = 16,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None, max_loras: int = 32):
+                 num_blocks: int | None = None, max_loras: int = 32, kv_cache_dtype: str | None = None):
         spec = model.spec
+        cache_dtype = kv_cache_dtype_for(spec, kv_cache_dtype)
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_model_len = spec.max_model_len
         self.info = EngineInfo(TEXT_GENERATION, self.tokenizer, spec.max_model_len,
                                vision=getattr(model, "vision", None))
         self.block_size = block_size
-        bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * spec.dtype.itemsize
+        bytes_per_block = 2 * spec.num_layers * spec.num_kv_heads * block_size * spec.head_dim * cache_dtype.itemsize
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -78,7 +79,7 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         cache = KVCache.allocate(spec.num_layers, self.num_blocks, spec.num_kv_heads, block_size, spec.head_dim,
-                                 spec.dtype, spec.device)
+                                 cache_dtype, spec.device)
         self.blocks = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, max_loras)
         self.runner = ModelRunner(model, cache, block_size)
@@ -90,8 +91,8 @@ class LLMEngine:
         self.adapters = AdapterPool(model, max_loras)  # the scheduler keeps a step's adapters within its slots
         # Called after every step with (sequences, tokens) in it; metrics hook in here.
         self.on_step: Callable[[int, int], None] | None = None
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, block_size,
-                 self.num_blocks * bytes_per_block / 2**20)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", self.num_blocks, block_size,
+                 self.num_blocks * bytes_per_block / 2**20, str(cache_dtype).removeprefix("torch."))
 
     # -- requests --------------------------------------------------------------------------
 
