@@ -9,7 +9,8 @@ steps: decode tokens/s, and the bytes a step reads (packed weights plus the KV c
 over). Cases: one stream at a short and at a long context, and 8 streams at the long one, each
 cache dtype in turn in rounds (best of the rounds: this machine's pace drifts). With
 `--llama-server` and a GGUF file of the same weights, llama.cpp (its default f16 KV cache) decodes
-the same prompts. Writes bench/results/kv-cache.json.
+the single streams' prompts (its timings of several slots count the others' prompt processing).
+Writes bench/results/kv-cache.json.
 """
 
 import argparse
@@ -18,7 +19,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,11 +53,10 @@ def decode_rate(llm: LLM, batch: list[list[int]]) -> float:
     return len(batch) * NEW_TOKENS / (time.perf_counter() - start)
 
 
-def llama_cpp_rate(server: Path, gguf: Path, batch: list[list[int]], port: int = 8790) -> float:
-    """llama.cpp's decode tokens/s on the same prompts, one slot a stream, from its own timings."""
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-np", str(len(batch)),
-                             "-c", str(2048 * len(batch)), "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def llama_cpp_rate(server: Path, gguf: Path, ids: list[int], port: int = 8790) -> float:
+    """llama.cpp's decode tokens/s on one prompt, from its own timings."""
+    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-c", "2048",
+                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
             try:
@@ -66,10 +65,7 @@ def llama_cpp_rate(server: Path, gguf: Path, batch: list[list[int]], port: int =
                         break
             except OSError:
                 time.sleep(0.2)
-        with ThreadPoolExecutor(len(batch)) as pool:
-            outs = list(pool.map(lambda ids: llama_cpp_completion(ids, NEW_TOKENS, port), batch))
-        # decoding overlaps across slots: all tokens over the longest decode
-        return sum(o["tokens_predicted"] for o in outs) / max(o["timings"]["predicted_ms"] / 1e3 for o in outs)
+        return llama_cpp_completion(ids, NEW_TOKENS, port)["timings"]["predicted_per_second"]
     finally:
         proc.terminate()
         proc.wait()
@@ -106,8 +102,8 @@ def main() -> None:
                # the mean context over the timed steps
                **{f"{dtype}_kv_mib_read_per_step": streams * (length + NEW_TOKENS // 2) * per_token / 2**20
                   for dtype, per_token in kv_bytes_per_token.items()}}
-        if args.llama_server and args.gguf:
-            row["llama_cpp_tokens_per_s"] = llama_cpp_rate(args.llama_server, args.gguf, prompts(streams, length))
+        if args.llama_server and args.gguf and streams == 1:
+            row["llama_cpp_tokens_per_s"] = llama_cpp_rate(args.llama_server, args.gguf, prompts(1, length)[0])
             row["bf16_vs_llama_cpp"] = best["bfloat16"] / row["llama_cpp_tokens_per_s"]
         rows.append(row)
     result = {"quantization": args.quantization, "weight_mib_read_per_step": weight_bytes / 2**20,
