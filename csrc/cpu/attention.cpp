@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -177,8 +178,54 @@ inline void prefetch_keys(const Tile& t, int j0, int j1) {
     }
 }
 
-// S[r][j] = scale * q_r . k_j: four rows by two keys at a time, so each key load serves four
-// rows and one shuffle tree reduces eight dot products.
+#ifdef PYSERVE_AVX2
+// S[r..r+4)[j, j+1]: four rows by two keys, so each key load serves four rows and one shuffle
+// tree reduces eight dot products.
+inline void four_rows_two_keys(RowState& st, int r, const float* k0, const float* k1, int j, float scale) {
+  __m256 acc[4][2];
+  for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int c = 0; c < st.dim; c += 8) {
+    __m256 kv0 = _mm256_loadu_ps(k0 + c), kv1 = _mm256_loadu_ps(k1 + c);
+    for (int i = 0; i < 4; ++i) {
+      __m256 qv = _mm256_loadu_ps(st.q[r + i] + c);
+      acc[i][0] = _mm256_fmadd_ps(qv, kv0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(qv, kv1, acc[i][1]);
+    }
+  }
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, _mm256_mul_ps(hsum_4x2(acc), _mm256_set1_ps(scale)));
+  for (int i = 0; i < 4; ++i) {
+    st.s[(r + i) * kMaxTile + j] = sums[2 * i];
+    st.s[(r + i) * kMaxTile + j + 1] = sums[2 * i + 1];
+  }
+}
+
+// S[r..r+R)[j..j+4) for the R < 4 rows left over (all of a decode step's rows when a GQA group
+// has fewer than four heads): four keys a row, reduced by one shuffle tree a row.
+template <int R>
+inline void few_rows_four_keys(RowState& st, int r, const Tile& t, int j, float scale) {
+  __m256 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int kk = 0; kk < 4; ++kk) acc[i][kk] = _mm256_setzero_ps();
+  for (int c = 0; c < st.dim; c += 8) {
+    __m256 q[R];
+    for (int i = 0; i < R; ++i) q[i] = _mm256_loadu_ps(st.q[r + i] + c);
+    for (int kk = 0; kk < 4; ++kk) {
+      const __m256 k = _mm256_loadu_ps(t.k[j + kk] + c);
+      for (int i = 0; i < R; ++i) acc[i][kk] = _mm256_fmadd_ps(q[i], k, acc[i][kk]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    // lanes 0-3: keys j..j+3 over the first half of the columns, lanes 4-7 over the second
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[i][0], acc[i][1]), _mm256_hadd_ps(acc[i][2], acc[i][3]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(st.s + (r + i) * kMaxTile + j, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+  }
+}
+#endif
+
+// S[r][j] = scale * q_r . k_j, register-blocked by four keys; the next tile's keys are requested
+// a few at a time meanwhile.
 void scores(RowState& st, const Tile& t, float scale) {
   const int d = st.dim;
   int j = 0;
@@ -187,35 +234,21 @@ void scores(RowState& st, const Tile& t, float scale) {
     scores_packed(st, t, scale);
     return;
   }
-  const int full_rows = d % 8 == 0 ? st.n / 4 * 4 : 0;
-  for (; j + 2 <= t.len && full_rows > 0; j += 2) {
-    const float* k0 = t.k[j];
-    const float* k1 = t.k[j + 1];
-    if (st.ahead) prefetch_keys(*st.ahead, j, j + 2);
+  const int full_rows = st.n / 4 * 4;
+  for (; j + 4 <= t.len && d % 8 == 0; j += 4) {
+    if (st.ahead) prefetch_keys(*st.ahead, j, j + 4);
     for (int r = 0; r < full_rows; r += 4) {
-      __m256 acc[4][2];
-      for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-      for (int c = 0; c < d; c += 8) {
-        __m256 kv0 = _mm256_loadu_ps(k0 + c), kv1 = _mm256_loadu_ps(k1 + c);
-        for (int i = 0; i < 4; ++i) {
-          __m256 qv = _mm256_loadu_ps(st.q[r + i] + c);
-          acc[i][0] = _mm256_fmadd_ps(qv, kv0, acc[i][0]);
-          acc[i][1] = _mm256_fmadd_ps(qv, kv1, acc[i][1]);
-        }
-      }
-      alignas(32) float sums[8];
-      _mm256_store_ps(sums, _mm256_mul_ps(hsum_4x2(acc), _mm256_set1_ps(scale)));
-      for (int i = 0; i < 4; ++i) {
-        st.s[(r + i) * kMaxTile + j] = sums[2 * i];
-        st.s[(r + i) * kMaxTile + j + 1] = sums[2 * i + 1];
-      }
+      four_rows_two_keys(st, r, t.k[j], t.k[j + 1], j, scale);
+      four_rows_two_keys(st, r, t.k[j + 2], t.k[j + 3], j + 2, scale);
     }
-    for (int r = full_rows; r < st.n; ++r) {
-      st.s[r * kMaxTile + j] = dot(st.q[r], k0, d) * scale;
-      st.s[r * kMaxTile + j + 1] = dot(st.q[r], k1, d) * scale;
+    switch (st.n - full_rows) {
+      case 3: few_rows_four_keys<3>(st, full_rows, t, j, scale); break;
+      case 2: few_rows_four_keys<2>(st, full_rows, t, j, scale); break;
+      case 1: few_rows_four_keys<1>(st, full_rows, t, j, scale); break;
     }
   }
 #endif
+  if (st.ahead) prefetch_keys(*st.ahead, j, st.ahead->len);
   for (; j < t.len; ++j)
     for (int r = 0; r < st.n; ++r) st.s[r * kMaxTile + j] = dot(st.q[r], t.k[j], d) * scale;
 }
@@ -297,9 +330,17 @@ void accumulate_values(RowState& st, const Tile& t) {
 void attend_tile(RowState& st, const Tile& t, float scale, bool causal, int window) {
   scores(st, t, scale);
   const int d = st.dim;
+  // Most tiles mask nothing (a decode step's keys all precede it): skip the per-key test then.
+  int first_row_pos = INT_MAX, last_row_pos = INT_MIN;
+  for (int r = 0; r < st.n; ++r) {
+    first_row_pos = std::min(first_row_pos, st.pos[r]);
+    last_row_pos = std::max(last_row_pos, st.pos[r]);
+  }
+  const bool masks = (causal && t.first_pos + t.len - 1 > first_row_pos) ||
+                     (window > 0 && last_row_pos - t.first_pos >= window);
   for (int r = 0; r < st.n; ++r) {
     float* s = st.s + r * kMaxTile;
-    for (int j = 0; j < t.len; ++j) {
+    for (int j = 0; masks && j < t.len; ++j) {
       int dist = st.pos[r] - (t.first_pos + j);
       if ((causal && dist < 0) || (window > 0 && dist >= window)) s[j] = -INFINITY;
     }
