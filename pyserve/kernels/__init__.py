@@ -134,7 +134,8 @@ def linear(x: torch.Tensor, weight: "torch.Tensor | QuantizedWeight", bias: torc
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
-    """Store new keys/values [T, Hkv, D] into the caches [num_blocks, Hkv, block_size, D] in place.
+    """Store new keys/values [T, Hkv, D] into the caches [num_blocks, Hkv, block_size, D] in place,
+    converted to the caches' dtype (rounded to nearest even: fp32 keys into a bf16 cache).
 
     Token i goes to slot `slot_mapping[i]` = block * block_size + offset; a slot of -1 is skipped.
     """
@@ -160,7 +161,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     keys/values must already be in the cache). k_cache/v_cache [num_blocks, Hkv, block_size, D], so
     one block of one KV head is contiguous; H is a multiple of Hkv (GQA/MQA); block_tables
     [S, max_blocks]. `sliding_window` > 0 lets a query
-    at position p see keys at p - window + 1 .. p. Returns [T, H, D] in q's dtype.
+    at position p see keys at p - window + 1 .. p. Returns [T, H, D] in q's dtype. The caches may
+    hold another dtype than q (the CPU back-end reads fp32 or bf16 caches in place).
 
     `max_query_len` and `max_seq_len` (the step's longest query and sequence, known on the host)
     size the launch; without them they are read from the tensors, which on a GPU waits for it.
