@@ -6,21 +6,14 @@
 #include "cpu/quantized_linear.h"
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu/integer_linear.h"
 #include "cpu/linear.h"  // kMaxLinearRows
+#include "cpu/vec.h"  // bf16_to_float
 #include "cpu/x86.h"
 
 namespace pyserve::cpu {
 namespace {
-
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Weight (n, c) as fp32: the reference every vector path must agree with.
 inline float weight_at(const QuantizedLinearArgs& a, long n, int c) {

@@ -78,7 +78,15 @@ inline float exp_sub_sum(float* x, float m, int n) {
   return s;
 }
 
-// bf16 values (the top halves of fp32 ones) widened to fp32.
+// A bf16 value (the top half of an fp32 one) as fp32.
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// bf16 values widened to fp32.
 inline void bf16_to_f32(const uint16_t* x, float* y, int n) {
   int i = 0;
 #ifdef PYSERVE_AVX2
@@ -87,10 +95,7 @@ inline void bf16_to_f32(const uint16_t* x, float* y, int n) {
     _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
   }
 #endif
-  for (; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;
-    std::memcpy(y + i, &bits, sizeof bits);
-  }
+  for (; i < n; ++i) y[i] = bf16_to_float(x[i]);
 }
 
 // fp32 values rounded to the nearest bf16, ties to even, as torch's conversion (NaN stays NaN).
