@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <vector>
@@ -31,6 +32,22 @@ using pyserve::cpu::WriteKVArgs;
 template <typename T>
 T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
+}
+
+// A product's seven table fields: w, scales, bias, n, k, format, int8_activations.
+pyserve::cpu::DecoderLinear decoder_linear(const int64_t* f) {
+  return {reinterpret_cast<const void*>(f[0]), ptr<const uint16_t>(f[1]), ptr<const float>(f[2]),
+          static_cast<int>(f[3]), static_cast<int>(f[4]), static_cast<int>(f[5]), f[6] != 0};
+}
+
+// The layers of a decoder stack's address table (kStackLayerFields int64 fields a layer).
+std::vector<pyserve::cpu::DecoderLayer> stack_layers(uintptr_t table, int num_layers) {
+  const int64_t* f = ptr<const int64_t>(table);
+  std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
+  for (int i = 0; i < num_layers; ++i, f += pyserve::cpu::kStackLayerFields)
+    layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), decoder_linear(f + 2), decoder_linear(f + 9),
+                 decoder_linear(f + 16), decoder_linear(f + 23), ptr<void>(f[30]), ptr<void>(f[31])};
+  return layers;
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -117,23 +134,51 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t sin, uintptr_t table, int num_layers, uintptr_t final_norm, uintptr_t slots,
          uintptr_t block_tables, uintptr_t seq_lens, uintptr_t query_start, int num_seqs, int max_blocks,
          int block_size, int window, float scale, bool bf16_cache) {
-        const int64_t* f = ptr<const int64_t>(table);
-        std::vector<pyserve::cpu::DecoderLayer> layers(num_layers);
-        for (int i = 0; i < num_layers; ++i, f += pyserve::cpu::kStackLayerFields) {
-          auto linear = [&](int at) {
-            return pyserve::cpu::DecoderLinear{reinterpret_cast<const void*>(f[at]), ptr<const uint16_t>(f[at + 1]),
-                                               ptr<const float>(f[at + 2]), static_cast<int>(f[at + 3]),
-                                               static_cast<int>(f[at + 4]), static_cast<int>(f[at + 5]),
-                                               f[at + 6] != 0};
-          };
-          layers[i] = {ptr<const float>(f[0]), ptr<const float>(f[1]), linear(2), linear(9), linear(16), linear(23),
-                       ptr<void>(f[30]), ptr<void>(f[31])};
-        }
+        const std::vector<pyserve::cpu::DecoderLayer> layers = stack_layers(table, num_layers);
         pyserve::cpu::decoder_stack(pyserve::cpu::DecoderStackArgs{
             ptr<float>(x), tokens, hidden, heads, kv_heads, head_dim, eps, ptr<const float>(cos),
             ptr<const float>(sin), layers.data(), num_layers, ptr<const float>(final_norm),
             ptr<const int64_t>(slots), ptr<const int32_t>(block_tables), ptr<const int32_t>(seq_lens),
             ptr<const int32_t>(query_start), num_seqs, max_blocks, block_size, window, scale, bf16_cache});
+      },
+      nogil);
+
+  // A decode step (one token a sequence) from host lists: its metadata never becomes tensors.
+  // `head` is a product's seven fields as in the table. Returns each row's greedy token.
+  m.def(
+      "decode_step",
+      [](uintptr_t logits, const std::vector<int64_t>& token_ids, const std::vector<int64_t>& positions,
+         const std::vector<int64_t>& slots, const std::vector<std::vector<int32_t>>& block_tables,
+         uintptr_t embedding, uintptr_t inv_freq, const std::array<int64_t, 7>& head, int hidden, int heads,
+         int kv_heads, int head_dim, float eps, uintptr_t table, int num_layers, uintptr_t final_norm,
+         int block_size, int window, float scale, bool bf16_cache) {
+        const int t = static_cast<int>(token_ids.size());
+        int width = 1;
+        for (const auto& row : block_tables) width = std::max(width, static_cast<int>(row.size()));
+        std::vector<int32_t> tables(static_cast<long>(t) * width, 0), seq_lens(t), query_start(t + 1);
+        for (int r = 0; r < t; ++r) {
+          std::copy(block_tables[r].begin(), block_tables[r].end(), tables.begin() + static_cast<long>(r) * width);
+          seq_lens[r] = static_cast<int32_t>(positions[r] + 1);
+          query_start[r + 1] = r + 1;
+        }
+        const std::vector<pyserve::cpu::DecoderLayer> layers = stack_layers(table, num_layers);
+        pyserve::cpu::DecoderStackArgs stack{
+            nullptr, t, hidden, heads, kv_heads, head_dim, eps, nullptr, nullptr, layers.data(), num_layers,
+            ptr<const float>(final_norm), slots.data(), tables.data(), seq_lens.data(), query_start.data(), t,
+            width, block_size, window, scale, bf16_cache};
+        std::vector<int64_t> greedy(t);
+        pyserve::cpu::decode_step(pyserve::cpu::DecodeStepArgs{stack, ptr<const float>(embedding), token_ids.data(),
+                                                               positions.data(), ptr<const float>(inv_freq),
+                                                               decoder_linear(head.data()), ptr<float>(logits),
+                                                               greedy.data()});
+        return greedy;
+      },
+      nogil);
+
+  m.def(
+      "greedy",
+      [](uintptr_t logits, int batch, int vocab, long row_stride, uintptr_t tokens) {
+        pyserve::cpu::greedy(ptr<const float>(logits), batch, vocab, row_stride, ptr<int64_t>(tokens));
       },
       nogil);
 

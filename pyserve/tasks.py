@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from .kernels.types import DecodeOutput
+
 TEXT_GENERATION = "text-generation"
 IMAGE_GENERATION = "image-generation"
 TENSOR = "tensor"
@@ -34,6 +36,18 @@ class AttentionMetadata:
     # launches with them instead of reading the tensors back from the device.
     max_query_len: int = 0
     max_seq_len: int = 0
+
+
+@dataclass
+class DecodeBatch:
+    """A decode step as host lists: one new token for each of B sequences (see
+    `TextGenerationModel.decode_logits`). Sequence b's token sits at positions[b], its keys and
+    values go to cache slot slots[b], and block_tables[b] lists the sequence's blocks."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
 
 
 @dataclass
@@ -136,6 +150,11 @@ class TextGenerationModel(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] (fp32) for the given hidden rows."""
+
+    def decode(self, batch: DecodeBatch, cache: KVCache) -> DecodeOutput | None:
+        """Optional: a decode step's logits (and greedy tokens) in one call, writing its keys and
+        values to the cache as `forward` does; None declines, and the engine runs `forward` and
+        `compute_logits` instead. Engines call it only for steps without images or adapters."""
 
 
 @dataclass(frozen=True)

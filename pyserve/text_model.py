@@ -41,6 +41,10 @@ class TextModel:
     def compute_logits(self, hidden):
         return self.module.compute_logits(hidden)
 
+    def decode(self, batch, cache):
+        decode = getattr(self.module, "decode", None)
+        return None if decode is None else decode(batch, cache)
+
     @classmethod
     def load(cls, model_dir: str | Path, build: Callable[[dict], torch.nn.Module], *, device: str = "cpu",
              dtype: torch.dtype | None = None, num_kv_heads: Callable[[dict], int], head_dim: Callable[[dict], int],

@@ -132,3 +132,53 @@ def test_decoder_stack_declines_what_it_cannot_take():
         kernels.decoder_stack(big, cos, cos, stack, [cache], [cache], torch.zeros(9, dtype=torch.int64),
                               torch.zeros(1, 1, dtype=torch.int32), torch.tensor([9], dtype=torch.int32),
                               torch.tensor([0, 9], dtype=torch.int32), scale=0.25)
+
+
+@pytest.mark.parametrize("fmt", [None, "w8a8", "int4"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_matches_the_ops_in_order(fmt, cache_dtype):
+    """The C++ decode step (ids to logits from host lists) against the reference: three sequences
+    one token each, ragged block tables, a window; the logits, greedy tokens and cache writes."""
+    stack = random_stack(fmt=fmt)
+    vocab, block = 45, 4
+    embedding = rand(vocab, 64, seed=11)
+    head = rand(vocab, 64, seed=12) * 0.2
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    weights = kernels.DecoderModelWeights(stack, embedding, inv_freq, kernels.quantize(head, fmt) if fmt else head)
+    caches = [torch.randn(16, 2, block, 16, generator=torch.Generator().manual_seed(i)).to(cache_dtype)
+              for i in range(4)]
+    tables = [[0, 1, 2], [4], [6, 7, 8, 9]]
+    positions = [8, 2, 13]
+    slots = [tables[s][p // block] * block + p % block for s, p in enumerate(positions)]
+    ids = [5, vocab - 1, 0]
+    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    got = kernels.decode_step(ids, positions, slots, tables, weights, mine[:2], mine[2:], scale=0.25,
+                              sliding_window=5)
+    want = reference.decode_step(ids, positions, slots, tables, weights, theirs[:2], theirs[2:], 0.25, 5)
+    assert got is not None  # the CPU back-end took the call
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    assert got.greedy == reference.greedy(got.logits).tolist()
+    for a, b in zip(mine, theirs):  # a bf16 cache: new keys within one bf16 step (2^-7 at most)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5 if cache_dtype == torch.float32 else 2**-7)
+    # the meaning spelled out once more: the embedding rows through decoder_stack and the head
+    angles = torch.tensor(positions, dtype=torch.float32)[:, None] * inv_freq
+    width = max(map(len, tables))
+    hidden = reference.decoder_stack(
+        embedding[ids], angles.cos(), angles.sin(), stack, [c.clone() for c in caches[:2]],
+        [c.clone() for c in caches[2:]], torch.tensor(slots),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        torch.tensor([p + 1 for p in positions], dtype=torch.int32), torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+        0.25, 5)
+    torch.testing.assert_close(want.logits, reference.linear(hidden, weights.head), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_checks_and_declines():
+    weights = kernels.DecoderModelWeights(random_stack(), rand(45, 64), torch.ones(8), rand(45, 64))
+    cache = torch.zeros(4, 2, 4, 16)
+    with pytest.raises(kernels.KernelInputError, match="token ids"):
+        kernels.decode_step([45], [0], [0], [[0]], weights, [cache] * 2, [cache] * 2, scale=0.25)
+    with pytest.raises(kernels.KernelInputError, match="one entry a sequence"):
+        kernels.decode_step([1, 2], [0], [0], [[0]], weights, [cache] * 2, [cache] * 2, scale=0.25)
+    many = list(range(9))  # more rows than a stack call takes
+    assert kernels.decode_step(many, many, many, [[0, 1, 2]] * 9, weights, [cache] * 2, [cache] * 2,
+                               scale=0.25) is None

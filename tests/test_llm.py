@@ -65,9 +65,20 @@ def test_greedy_generation_matches_transformers(model_dir):
     ref = load_reference(model_dir)
     want = [reference_greedy(ref, ids, 32) for ids in PROMPTS]
     llm = LLM(model_dir, device="cpu")
+    model, fused = llm.engine.model, []
+    decode = model.decode
+
+    def counted(batch, cache):  # the decode steps the model took in one call (kernels.decode_step)
+        out = decode(batch, cache)
+        fused.append(out is not None)
+        return out
+    model.decode = counted
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == want
     assert llm.engine.num_free_blocks() == llm.engine.num_blocks
+    # every decode step of the llama family went through the fused call; gpt2 has none
+    assert fused and all(fused) != model_dir.name.startswith("gpt2")
+    assert any(fused) != model_dir.name.startswith("gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -178,6 +178,30 @@ def test_nan_logits_are_never_chosen(backend, device):
     assert all(0 <= t < vocab and not torch.isnan(logits[r, t]) for r, t in enumerate(drawn.tolist()))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 7, 300, 32003])
+def test_greedy_finds_what_the_sampler_draws_at_temperature_zero(backend, device, vocab):
+    """kernels.greedy, the sampler's shortcut for plain greedy rows, on the sampler's own rule:
+    the first maximum (ties to the lower id), NaN as -inf, token 0 when nothing beats -inf."""
+    logits = logits_for(7, vocab, seed=vocab).round()  # rounded: ties at the maximum are common
+    logits[1, ::3] = float("nan")
+    logits[2] = float("nan")
+    logits[3, -1] = float("inf")
+    logits[4] = float("-inf")
+    logits[5, :] = logits[5].max()  # all tied
+    logits[6, vocab // 2:] = float("nan")  # NaNs in the last lanes
+    rows = [SamplingRow(temperature=0.0) for _ in range(7)]
+    got = kernels.greedy(logits.to(device), backend=backend).cpu()
+    drawn = run(backend, device, logits, rows).tokens.cpu()
+    first_max = [int((row == row.max()).nonzero()[0]) if row.max() > float("-inf") else 0
+                 for row in torch.where(torch.isnan(logits), float("-inf"), logits)]
+    assert got.tolist() == drawn.tolist() == first_max
+    assert reference.greedy(logits).tolist() == first_max
+    padded = torch.zeros(3, vocab + 5)
+    padded[:, :vocab] = logits[:3]
+    assert kernels.greedy(padded[:, :vocab].to(device), backend=backend).cpu().tolist() == first_max[:3]
+
+
 def test_padded_logits_views_are_sampled_as_their_visible_columns():
     vocab = 1000
     padded = logits_for(3, 1024, seed=8)

@@ -1,6 +1,7 @@
 // See decoder.h. Scratch lives in this call's vectors: at decode sizes it is a few hundred KB.
 #include "cpu/decoder.h"
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -8,6 +9,7 @@
 #include "cpu/layer_ops.h"
 #include "cpu/linear.h"
 #include "cpu/quantized_linear.h"
+#include "cpu/sampling.h"
 
 namespace pyserve::cpu {
 namespace {
@@ -62,6 +64,26 @@ void decoder_stack(const DecoderStackArgs& a) {
   }
   rms_norm(a.x, a.num_layers ? residual.data() : nullptr, a.final_norm, normed.data(), nullptr, t, hidden, a.eps);
   std::memcpy(a.x, normed.data(), sizeof(float) * t * hidden);
+}
+
+void decode_step(DecodeStepArgs a) {
+  const int t = a.stack.tokens, hidden = a.stack.hidden, half = a.stack.head_dim / 2;
+  std::vector<float> x(static_cast<long>(t) * hidden), cos(t * half), sin(t * half);
+  for (int r = 0; r < t; ++r) {
+    std::memcpy(x.data() + static_cast<long>(r) * hidden, a.embedding + a.token_ids[r] * hidden,
+                sizeof(float) * hidden);
+    for (int i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(a.positions[r]) * a.inv_freq[i];
+      cos[r * half + i] = std::cos(angle);
+      sin[r * half + i] = std::sin(angle);
+    }
+  }
+  a.stack.x = x.data();
+  a.stack.cos = cos.data();
+  a.stack.sin = sin.data();
+  decoder_stack(a.stack);
+  product(a.head, x.data(), a.logits, t);
+  greedy(a.logits, t, a.head.n, a.head.n, a.greedy);
 }
 
 }  // namespace pyserve::cpu

@@ -50,4 +50,22 @@ constexpr int kStackLayerFields = 2 + 4 * 7 + 2;
 
 void decoder_stack(const DecoderStackArgs& args);
 
+// A decode step from token ids to logits: the ids' embedding rows, rotary angles from the
+// positions (cos and sin of position x inv_freq, in fp32 as torch computes them), decoder_stack,
+// the output product, and each row's greedy token (sampling.h greedy) while the logits are in
+// cache. The step's Python around the stack (a few dozen tensor ops, on caches the weight stream
+// has just flushed) cost about a tenth of a batch-1 step.
+struct DecodeStepArgs {
+  DecoderStackArgs stack;     // its x, cos and sin are this call's own
+  const float* embedding;     // [vocab, hidden]
+  const int64_t* token_ids;   // [T], each in [0, vocab)
+  const int64_t* positions;   // [T]
+  const float* inv_freq;      // [head_dim / 2]
+  DecoderLinear head;         // [vocab, hidden]
+  float* logits;              // [T, vocab]
+  int64_t* greedy;            // [T]
+};
+
+void decode_step(DecodeStepArgs args);
+
 }  // namespace pyserve::cpu

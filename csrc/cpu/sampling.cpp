@@ -43,12 +43,20 @@ void top_entries(const float* x, int n, int k, std::vector<Scored>& out) {
   std::sort_heap(out.begin(), out.end(), before);
 }
 
+// Kept by each thread across calls: a fresh one costs a decode step ~100 us (its vectors are
+// large enough that every allocation maps and faults in new pages). A row leaves `seen` and
+// `counts` all zero again, so growing is the only preparation a call needs.
 struct RowScratch {
   std::vector<float> x;
   std::vector<uint8_t> seen;
   std::vector<int> counts;
   std::vector<Scored> top;
-  explicit RowScratch(int vocab) : x(vocab), seen(vocab, 0), counts(vocab, 0) {}
+  void fit(int vocab) {
+    if (static_cast<int>(x.size()) >= vocab) return;
+    x.resize(vocab);
+    seen.resize(vocab, 0);
+    counts.resize(vocab, 0);
+  }
 };
 
 void apply_penalties(const SampleArgs& a, int row, RowScratch& w) {
@@ -233,9 +241,37 @@ std::string check_sample_args(const SampleArgs& a, const SampleSizes& sizes) {
 void sample(const SampleArgs& a) {
 #pragma omp parallel if (a.batch > 1)
   {
-    RowScratch w(a.vocab);
+    thread_local RowScratch w;
+    w.fit(a.vocab);
 #pragma omp for schedule(dynamic, 1)
     for (int row = 0; row < a.batch; ++row) sample_row(a, row, w);
+  }
+}
+
+void greedy(const float* logits, int batch, int vocab, long row_stride, int64_t* tokens) {
+  for (int row = 0; row < batch; ++row) {
+    const float* x = logits + row * row_stride;
+    float best = -INFINITY;
+    int i = 0;
+#ifdef PYSERVE_AVX2
+    // max_ps returns its second operand when either is NaN: the running maximum skips NaNs
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= vocab; i += 8) vm = _mm256_max_ps(_mm256_loadu_ps(x + i), vm);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    for (float v : lanes) best = v > best ? v : best;
+#endif
+    for (; i < vocab; ++i) best = x[i] > best ? x[i] : best;
+    int token = 0;
+    if (best > -INFINITY) {
+#ifdef PYSERVE_AVX2
+      const __m256 vb = _mm256_set1_ps(best);
+      while (token + 8 <= vocab && !_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + token), vb, _CMP_EQ_OQ)))
+        token += 8;
+#endif
+      while (x[token] != best) ++token;
+    }
+    tokens[row] = token;
   }
 }
 

@@ -37,4 +37,8 @@ std::string check_sample_args(const SampleArgs& args, const SampleSizes& sizes);
 
 void sample(const SampleArgs& args);
 
+// Each row's first maximum, NaN counting as -inf (a row with nothing above -inf gives token 0):
+// what sample() draws at temperature 0 with no penalty, bias or mask, without its other passes.
+void greedy(const float* logits, int batch, int vocab, long row_stride, int64_t* tokens);
+
 }  // namespace pyserve::cpu

@@ -12,7 +12,7 @@ from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
 from pyserve.nn import Linear
 from pyserve.parallel import head_rows, sliced_linear
-from pyserve.tasks import AttentionMetadata, KVCache, StepImages
+from pyserve.tasks import AttentionMetadata, DecodeBatch, KVCache, StepImages
 
 
 def rope_inv_freq(cfg: dict, head_dim: int) -> torch.Tensor:
@@ -180,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
         self.cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg, self.head_dim), persistent=False)
-        self._stack: kernels.DecoderStackWeights | None = None  # the layers' weights for kernels.decoder_stack
+        self._weights: kernels.DecoderModelWeights | None = None  # for kernels.decoder_stack and decode_step
 
     def reset_buffers(self) -> None:
         self.inv_freq.copy_(rope_inv_freq(self.cfg, self.head_dim))
@@ -190,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-        self._stack = None
+        self._weights = None
 
     @property
     def sharded(self) -> bool:
@@ -207,19 +207,22 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.shard(group)
             layer.mlp.shard(group)
-        self._stack = None
+        self._weights = None
 
-    def stack_weights(self) -> kernels.DecoderStackWeights:
-        if self._stack is None:
+    def model_weights(self) -> kernels.DecoderModelWeights:
+        if self._weights is None:
             attn = self.model.layers[0].self_attn
-            self._stack = kernels.DecoderStackWeights(
+            stack = kernels.DecoderStackWeights(
                 [kernels.DecoderLayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                                              layer.self_attn.qkv_proj.matrix, layer.self_attn.o_proj.matrix,
                                              layer.mlp.gate_up_proj.matrix, layer.mlp.down_proj.matrix,
                                              layer.self_attn.qkv_proj.bias)
                  for layer in self.model.layers],
                 self.model.norm.weight, attn.heads, attn.kv_heads, self.head_dim, self.model.norm.eps)
-        return self._stack
+            embedding = self.model.embed_tokens.weight
+            head = (self.head if self.head is not None else embedding) if self.tied else self.lm_head.matrix
+            self._weights = kernels.DecoderModelWeights(stack, embedding, self.inv_freq, head)
+        return self._weights
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, images: StepImages | None = None,
@@ -233,7 +236,7 @@ class LlamaForCausalLM(nn.Module):
         # LoRA adapters, nor sharded: they run op by op).
         if adapters is None and not self.sharded:
             window = self.model.layers[0].self_attn.sliding_window
-            fused = kernels.decoder_stack(x, cos, sin, self.stack_weights(), cache.keys, cache.values,
+            fused = kernels.decoder_stack(x, cos, sin, self.model_weights().stack, cache.keys, cache.values,
                                           meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                           scale=self.head_dim**-0.5, sliding_window=window)
             if fused is not None:
@@ -241,6 +244,15 @@ class LlamaForCausalLM(nn.Module):
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
             x, residual = layer(x, residual, cos, sin, meta, k_cache, v_cache, adapters)
         return self.model.norm(x, residual)[0]
+
+    def decode(self, batch: DecodeBatch, cache: KVCache) -> kernels.DecodeOutput | None:
+        """A decode step in one kernel call where the back-end has one (not sharded: the ranks'
+        steps go through `forward`)."""
+        if self.sharded:
+            return None
+        return kernels.decode_step(batch.token_ids, batch.positions, batch.slots, batch.block_tables,
+                                     self.model_weights(), cache.keys, cache.values, scale=self.head_dim**-0.5,
+                                     sliding_window=self.model.layers[0].self_attn.sliding_window)
 
     def adapter_layers(self, adapter: LoraAdapter) -> list[tuple[Linear, torch.Tensor, torch.Tensor]]:
         """The adapter as (projection, A, B) for every projection (rank 0 where it has none): q/k/v
@@ -260,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
     def pack(self, format: str) -> int:
         """A tied head's weight is the embedding table, which lookups still need in full: the head
         reads a packed copy of it (an untied lm_head packs itself, as every Linear does)."""
-        self._stack = None  # the layers' weights are being repacked
+        self._weights = None  # the layers' weights are being repacked
         if not self.tied:
             return 0
         weight = self.model.embed_tokens.weight

@@ -113,3 +113,6 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
+
+    def decode(self, batch, cache) -> kernels.DecodeOutput | None:
+        return self.language_model.decode(batch, cache)

@@ -21,14 +21,14 @@ from .checks import FLOAT_DTYPES, INDEX_DTYPES, KernelInputError
 from .dispatch import BACKENDS, BackendUnavailable, available, backend_for
 from .quantize import FORMATS as WEIGHT_FORMATS
 from .quantize import QuantizedWeight, quantize
-from .types import (Coef, DecoderLayerWeights, DecoderStackWeights, SampleResult, SamplingRow,
-                    SamplingTensors)
+from .types import (Coef, DecodeOutput, DecoderLayerWeights, DecoderModelWeights, DecoderStackWeights,
+                    SampleResult, SamplingRow, SamplingTensors)
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "Coef", "DecoderLayerWeights", "DecoderStackWeights", "KernelInputError",
-    "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors", "WEIGHT_FORMATS", "available",
-    "decoder_stack", "dense_attention", "denoise_step", "linear", "lora", "paged_attention", "quantize", "rms_norm",
-    "rotary", "sample", "silu_mul", "write_kv",
+    "BACKENDS", "BackendUnavailable", "Coef", "DecodeOutput", "DecoderLayerWeights", "DecoderModelWeights", "DecoderStackWeights",
+    "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors", "WEIGHT_FORMATS",
+    "available", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy", "linear", "lora",
+    "paged_attention", "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
 ]
 
 
@@ -89,6 +89,30 @@ def decoder_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights
     checks.tensor(slot_mapping, "slot_mapping", device=x.device, shape=(x.shape[0],))
     return backend_for(x.device, backend).decoder_stack(x, cos, sin, weights, k_caches, v_caches, slot_mapping,
                                                        block_tables, seq_lens, query_start_loc, scale, sliding_window)
+
+
+def decode_step(token_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
+                weights: DecoderModelWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *,
+                scale: float, sliding_window: int = 0, backend: str | None = None) -> DecodeOutput | None:
+    """A decode step, one new token a sequence, from token ids to logits [B, vocab] (fp32) in one
+    call: embedding rows, rotary angles (position x inv_freq), `decoder_stack`, the output product,
+    and each row's greedy token (`greedy`). Sequence b's token is at positions[b], its keys and
+    values go to cache slot slots[b], and block_tables[b] lists its blocks. The metadata stay host
+    lists: at batch 1, building their tensors costs more than the call's own glue. Meaning:
+    `reference.decode_step`.
+
+    Returns None when the back-end has no such path (the CPU's takes what `decoder_stack` takes;
+    the GPU back-ends have none yet): run `decoder_stack` and the head instead.
+    """
+    batch, vocab = len(token_ids), weights.embedding.shape[0]
+    checks.check(batch > 0 and len(positions) == len(slots) == len(block_tables) == batch,
+                 f"token_ids, positions, slots and block_tables need one entry a sequence, got "
+                 f"{batch}, {len(positions)}, {len(slots)} and {len(block_tables)}")
+    checks.check(all(0 <= t < vocab for t in token_ids), f"token ids must be in [0, {vocab})")
+    checks.check(len(k_caches) == len(v_caches) == len(weights.stack.layers),
+                 f"{len(weights.stack.layers)} layers need as many k and v caches")
+    return backend_for(weights.embedding.device, backend).decode_step(
+        token_ids, positions, slots, block_tables, weights, k_caches, v_caches, scale, sliding_window)
 
 
 def lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, index: torch.Tensor,
@@ -251,6 +275,15 @@ def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int =
     # The GPU back-ends take them as given: a check there would wait for the device.
     with _on(dev):
         return backend_for(dev, backend).sample(logits, params, num_logprobs)
+
+
+def greedy(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Each row's first maximum [B] (int64), a NaN logit counting as -inf: the token `sample`
+    draws at temperature 0 for a row without penalties, bias or mask, without `sample`'s other
+    passes over the row (its log-probabilities)."""
+    checks.tensor(logits, "logits", ndim=2, dtypes=FLOAT_DTYPES)
+    with _on(logits.device):
+        return backend_for(logits.device, backend).greedy(logits)
 
 
 def denoise_step(x: torch.Tensor, cond: torch.Tensor, coef: torch.Tensor, seed: torch.Tensor, step: torch.Tensor, *,

@@ -5,7 +5,7 @@ import torch
 from . import reference
 from .checks import check
 from .quantize import FORMAT_CODES, QuantizedWeight, packed_rows, unpacked_linear
-from .types import DecoderStackWeights, SampleResult, SamplingTensors
+from .types import DecodeOutput, DecoderModelWeights, DecoderStackWeights, SampleResult, SamplingTensors
 
 try:
     from pyserve import _C
@@ -107,31 +107,36 @@ def silu_mul(x):
     return out
 
 
+def _product_fields(weight, bias=None) -> list[int]:
+    """A product's address fields in the C++ stack's table (see csrc/cpu/decoder.h)."""
+    if isinstance(weight, QuantizedWeight):
+        return [weight.data.data_ptr(), _opt(weight.scales), _opt(bias), *weight.shape, FORMAT_CODES[weight.format],
+                int(weight.int8_activations)]
+    return [weight.data_ptr(), 0, _opt(bias), *weight.shape, 0, 0]
+
+
 def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
     """The C++ stack's per-layer addresses (see csrc/bindings_cpu.cpp), built once per KV cache."""
     key = tuple(c.data_ptr() for c in k_caches) + tuple(c.data_ptr() for c in v_caches)
     if w.table is not None and w.table_key == key:
         return w.table
-
-    def product(weight, bias=None) -> list[int]:
-        if isinstance(weight, QuantizedWeight):
-            return [weight.data.data_ptr(), _opt(weight.scales), _opt(bias), *weight.shape,
-                    FORMAT_CODES[weight.format], int(weight.int8_activations)]
-        return [weight.data_ptr(), 0, _opt(bias), *weight.shape, 0, 0]
-
     fields = []
     for layer, k_cache, v_cache in zip(w.layers, k_caches, v_caches):
-        fields += [layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *product(layer.qkv, layer.qkv_bias),
-                   *product(layer.o), *product(layer.gate_up), *product(layer.down), k_cache.data_ptr(),
-                   v_cache.data_ptr()]
+        fields += [layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *_product_fields(layer.qkv, layer.qkv_bias),
+                   *_product_fields(layer.o), *_product_fields(layer.gate_up), *_product_fields(layer.down),
+                   k_cache.data_ptr(), v_cache.data_ptr()]
     w.table, w.table_key = torch.tensor(fields, dtype=torch.int64), key
     return w.table
 
 
-def stack_fits(w: DecoderStackWeights, x: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the C++ stack takes this call: decode-sized fp32 rows, weights it can read in place
-    (checked once per weights object: decode steps call this every time)."""
-    if not (x.dtype == torch.float32 and 0 < x.shape[0] <= _C.MAX_STACK_ROWS and k_cache.dtype in CACHE_DTYPES
+def _readable(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_contiguous()
+
+
+def stack_fits(w: DecoderStackWeights, rows: int, dtype: torch.dtype, k_cache: torch.Tensor) -> bool:
+    """Whether the C++ stack takes `rows` rows of `dtype`: decode-sized fp32 rows, weights it can
+    read in place (checked once per weights object: decode steps call this every time)."""
+    if not (dtype == torch.float32 and 0 < rows <= _C.MAX_STACK_ROWS and k_cache.dtype in CACHE_DTYPES
             and k_cache.shape[2] <= _C.MAX_BLOCK_SIZE):
         return False
     if w.cpu_readable is None:
@@ -139,14 +144,14 @@ def stack_fits(w: DecoderStackWeights, x: torch.Tensor, k_cache: torch.Tensor) -
                                                                        layer.qkv_bias) if t is not None]
         products = [p for layer in w.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         tensors += [p for p in products if not isinstance(p, QuantizedWeight)]
-        w.cpu_readable = (all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-                          and w.head_dim <= _C.MAX_HEAD_DIM and w.heads // w.kv_heads <= _C.MAX_GROUP)
+        w.cpu_readable = (all(map(_readable, tensors)) and w.head_dim <= _C.MAX_HEAD_DIM
+                          and w.heads // w.kv_heads <= _C.MAX_GROUP)
     return w.cpu_readable
 
 
 def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,
                   query_start_loc, scale, sliding_window=0):
-    if not stack_fits(w, x, k_caches[0]):
+    if not stack_fits(w, x.shape[0], x.dtype, k_caches[0]):
         return None  # the caller runs the layers op by op
     table = _stack_table(w, k_caches, v_caches)
     out = x.contiguous().clone()
@@ -157,6 +162,27 @@ def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_
                      slots.data_ptr(), bt.data_ptr(), sl.data_ptr(), qs.data_ptr(), sl.shape[0], bt.shape[1],
                      k_caches[0].shape[2], int(sliding_window), float(scale), k_caches[0].dtype == torch.bfloat16)
     return out
+
+
+def decode_step(token_ids, positions, slots, block_tables, w: DecoderModelWeights, k_caches, v_caches, scale,
+                sliding_window=0):
+    s = w.stack
+    if not stack_fits(s, len(token_ids), w.embedding.dtype, k_caches[0]):
+        return None
+    if w.cpu_readable is None:
+        w.cpu_readable = (_readable(w.embedding) and _readable(w.inv_freq)
+                          and (isinstance(w.head, QuantizedWeight) or _readable(w.head)))
+        w.head_fields = _product_fields(w.head)
+    if not w.cpu_readable:
+        return None
+    table = _stack_table(s, k_caches, v_caches)
+    logits = torch.empty(len(token_ids), w.embedding.shape[0], dtype=torch.float32)
+    greedy = _C.decode_step(logits.data_ptr(), token_ids, positions, slots, block_tables, w.embedding.data_ptr(),
+                            w.inv_freq.data_ptr(), w.head_fields, w.embedding.shape[1], s.heads, s.kv_heads,
+                            s.head_dim, float(s.eps), table.data_ptr(), len(s.layers), s.final_norm.data_ptr(),
+                            k_caches[0].shape[2], int(sliding_window), float(scale),
+                            k_caches[0].dtype == torch.bfloat16)
+    return DecodeOutput(logits, greedy)
 
 
 def lora(y, x, a, b, index, rank, scale):
@@ -245,6 +271,13 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
                     logprobs.data_ptr(), top_tokens.data_ptr(), top_logprobs.data_ptr())
     check(not why, why)
     return SampleResult(tokens, logprobs, top_tokens, top_logprobs)
+
+
+def greedy(logits):
+    x = logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)
+    tokens = torch.empty(x.shape[0], dtype=torch.int64)
+    _C.greedy(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), tokens.data_ptr())
+    return tokens
 
 
 def denoise_step(x, cond, uncond, prev_x0, coef, seed, step):

@@ -8,7 +8,7 @@ import torch
 from . import rng
 from .checks import check
 from .quantize import QuantizedWeight, packed_rows, quantize_rows
-from .types import Coef, DecoderStackWeights, SampleResult, SamplingTensors
+from .types import Coef, DecodeOutput, DecoderModelWeights, DecoderStackWeights, SampleResult, SamplingTensors
 
 # ---------------------------------------------------------------------------------------------
 # Attention
@@ -139,12 +139,34 @@ def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_
     return rms_norm(x, w.final_norm, w.eps, residual)[0]
 
 
+def decode_step(token_ids, positions, slots, block_tables, w: DecoderModelWeights, k_caches, v_caches, scale,
+                sliding_window=0) -> DecodeOutput:
+    """The meaning of the fused decode step: its metadata as tensors, then embedding, rotary
+    angles, the stack and the head."""
+    dev, batch = w.embedding.device, len(token_ids)
+    width = max(len(table) for table in block_tables)
+    tables = torch.tensor([table + [0] * (width - len(table)) for table in block_tables], dtype=torch.int32,
+                          device=dev)
+    angles = torch.tensor(positions, dtype=torch.float32, device=dev)[:, None] * w.inv_freq[None, :].float()
+    x = w.embedding[torch.tensor(token_ids, device=dev)]
+    hidden = decoder_stack(x, angles.cos().to(x.dtype), angles.sin().to(x.dtype), w.stack, k_caches, v_caches,
+                           torch.tensor(slots, dtype=torch.int64, device=dev), tables,
+                           torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev),
+                           torch.arange(batch + 1, dtype=torch.int32, device=dev), scale, sliding_window)
+    logits = linear(hidden, w.head).float()
+    return DecodeOutput(logits, greedy(logits).tolist())
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
 
 def _row_slice(values: torch.Tensor, offsets: torch.Tensor, row: int) -> torch.Tensor:
     return values[int(offsets[row]):int(offsets[row + 1])].long()
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().masked_fill(logits.isnan(), float("-inf")).argmax(-1)
 
 
 def unpack_bits(words: torch.Tensor, count: int) -> torch.Tensor:

@@ -24,6 +24,13 @@ class SamplingRow:
     output_tokens: Sequence[int] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the row's token is its logits' first maximum (`kernels.greedy`): temperature 0
+        with nothing that changes the logits. Top-k, top-p and min-p always keep the maximum."""
+        return (self.temperature == 0.0 and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.logit_bias)
+
 
 _ARRAY_TYPECODES = {torch.float32: "f", torch.int32: "i", torch.int64: "q"}
 
@@ -116,6 +123,14 @@ class SampleResult:
     top_logprobs: torch.Tensor  # [B, n] float32
 
 
+@dataclass
+class DecodeOutput:
+    """What `kernels.decode_step` returns."""
+
+    logits: torch.Tensor  # [B, vocab] float32
+    greedy: list[int]  # each row's first maximum, as `kernels.greedy` finds it
+
+
 class Coef:
     """Columns of the per-row denoising coefficient table (see `denoise_step`).
 
@@ -166,3 +181,18 @@ class DecoderStackWeights:
     table: torch.Tensor | None = field(default=None, repr=False)
     table_key: tuple = field(default=(), repr=False)
     cpu_readable: bool | None = field(default=None, repr=False)  # the C++ stack can read every weight
+
+
+@dataclass
+class DecoderModelWeights:
+    """A decoder stack with its two ends, for `kernels.decode_logits`: the token embeddings
+    [vocab, hidden], the rotary inverse frequencies [head_dim / 2] and the output product
+    [vocab, hidden] (a tensor or a packed `QuantizedWeight`)."""
+
+    stack: DecoderStackWeights
+    embedding: torch.Tensor
+    inv_freq: torch.Tensor
+    head: object
+    # The C++ back-end's: whether it reads the ends in place, and the head's address fields.
+    cpu_readable: bool | None = field(default=None, repr=False)
+    head_fields: list[int] = field(default_factory=list, repr=False)

@@ -7,7 +7,7 @@ import torch
 
 from ... import kernels
 from ...kernels.types import SamplingRow, SamplingTensors
-from ...tasks import AttentionMetadata, KVCache, StepImages, TextGenerationModel
+from ...tasks import AttentionMetadata, DecodeBatch, KVCache, StepImages, TextGenerationModel
 from .scheduler import ScheduledStep
 from .sequence import Sequence
 from .structured import MaskFiller
@@ -17,7 +17,7 @@ from .structured import MaskFiller
 class SampledToken:
     seq: Sequence
     token: int
-    logprob: float
+    logprob: float | None  # None where the request asked for no log-probabilities
     top: dict[int, float]
 
 
@@ -67,15 +67,37 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
                 meta, sample_rows)
 
+    def _decode_batch(self, step: ScheduledStep) -> DecodeBatch | None:
+        """The step as a DecodeBatch when every sequence brings its one next token and draws the
+        one after it, without a LoRA adapter or prompt scoring; else None."""
+        bs = self.block_size
+        batch = DecodeBatch([], [], [], [])
+        for seq, n in step.items:
+            pos = seq.num_computed
+            if (n != 1 or pos + 1 != len(seq.token_ids) or seq.adapter >= 0 or seq.params.max_tokens == 0
+                    or seq.params.prompt_logprobs is not None):
+                return None
+            batch.token_ids.append(seq.token_ids[pos])
+            batch.positions.append(pos)
+            batch.slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            batch.block_tables.append(seq.block_table)
+        return batch
+
     @torch.inference_mode()
     def run(self, step: ScheduledStep, eos_ids: list[int], adapter_slots: dict[int, int] | None = None) -> StepResult:
         """`adapter_slots` maps the sequences' LoRA adapters to their slots in the model's layers."""
+        ending = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]
+        constrained = [seq.matcher for seq in ending if seq.matcher is not None and seq.params.max_tokens != 0]
+        masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
+        # Decode steps go from token ids to logits in one call where the model has one
+        decode = getattr(self.model, "decode", None)
+        batch = self._decode_batch(step) if decode is not None else None
+        out = decode(batch, self.cache) if batch is not None else None
+        if out is not None:
+            return StepResult(sampled=self._draw(ending, out.logits, eos_ids, masks, out.greedy))
         input_ids, positions, meta, rows = self._metadata(step)
-        ending = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]  # one per row
         # A request with max_tokens 0 (prompt scoring) ends without a draw.
         sampling = [(seq, row) for seq, row in zip(ending, rows) if seq.params.max_tokens != 0]
-        constrained = [seq.matcher for seq, _ in sampling if seq.matcher is not None]
-        masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
         images = self._step_images(step)
         adapters = None
         if any(seq.adapter >= 0 for seq, _ in step.items):  # each token row its sequence's LoRA adapter
@@ -91,7 +113,7 @@ class ModelRunner:
             picked = [row for _, row in sampling]
             # decode steps sample every row: no gather then
             last = hidden if picked == list(range(hidden.shape[0])) else hidden[picked]
-            result.sampled = self._sample([seq for seq, _ in sampling], last, eos_ids, masks)
+            result.sampled = self._draw([seq for seq, _ in sampling], self.model.compute_logits(last), eos_ids, masks)
         return result
 
     def _step_images(self, step: ScheduledStep) -> StepImages | None:
@@ -117,11 +139,17 @@ class ModelRunner:
             return None
         return StepImages(torch.tensor(rows, dtype=torch.int64, device=self.device), torch.cat(embeds))
 
-    def _sample(self, seqs: list[Sequence], hidden: torch.Tensor, eos_ids: list[int],
-                masks: Future | None) -> list[SampledToken]:
-        logits = self.model.compute_logits(hidden)
+    def _draw(self, seqs: list[Sequence], logits: torch.Tensor, eos_ids: list[int], masks: Future | None,
+              greedy: list[int] | None = None) -> list[SampledToken]:
+        """Each sequence's next token from its row of logits; `greedy`, where given, holds each
+        row's first maximum already."""
         vocab = self.model.spec.vocab_size
-        params = SamplingTensors.from_rows([self._row(seq, eos_ids, vocab) for seq in seqs], self.device)
+        rows = [self._row(seq, eos_ids, vocab) for seq in seqs]
+        if masks is None and all(row.greedy and seq.params.logprobs is None for row, seq in zip(rows, seqs)):
+            # the common greedy step: the sampler's first maximum, without its other passes
+            tokens = greedy if greedy is not None else kernels.greedy(logits).tolist()
+            return [SampledToken(seq, token, None, {}) for seq, token in zip(seqs, tokens)]
+        params = SamplingTensors.from_rows(rows, self.device)
         if masks is not None:
             which, index = [], 0
             for seq in seqs:

@@ -16,7 +16,10 @@ if AVAILABLE:
     from .sampling import sample  # noqa: F401
     from .linear import linear  # noqa: F401  (packed weights; otherwise torch's GEMM)
     from .lora import lora  # noqa: F401
-    from ..reference import rms_norm, rotary, silu_mul  # noqa: F401  (torch, for now)
+    from ..reference import greedy, rms_norm, rotary, silu_mul  # noqa: F401  (torch, for now)
 
     def decoder_stack(*args):
         return None  # no fused stack here yet: the model runs its layers op by op
+
+    def decode_step(*args):
+        return None  # nor a fused decode step
