@@ -177,9 +177,11 @@ class DecoderStackWeights:
     kv_heads: int
     head_dim: int
     eps: float
-    # The C++ back-end's table of addresses, built at the first call for a given KV cache.
+    # The C++ back-end's table of addresses, built at the first call for a given KV cache, and
+    # whether that cache is one it reads.
     table: torch.Tensor | None = field(default=None, repr=False)
     table_key: tuple = field(default=(), repr=False)
+    table_cache_fits: bool = field(default=False, repr=False)
     cpu_readable: bool | None = field(default=None, repr=False)  # the C++ stack can read every weight
 
 
