@@ -6,7 +6,10 @@ int4 weights, in one run, next to the machine's copy bandwidth measured in the s
 For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
 as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
 tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
-(bytes per token x tokens/s) as a fraction of the copy bandwidth. With `--llama-server` (a built
+(bytes per token x tokens/s) as a fraction of the copy bandwidth, two ways: the best tokens/s over
+the best copy of the run, and the median over rounds of each measurement against the copies
+taken just before and after it (this machine's memory pace drifts by up to 1.5x within a minute,
+so a best copy and a best decode are seldom from the same moment). With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
 the same batch-1 decode for comparison, in the same rounds as pyserve's (best of the rounds,
 three by default, each taking every format and file in turn; 64 streams likewise, in one round
@@ -17,6 +20,7 @@ fewer; every round's figure is kept under "rounds"). Writes bench/results/quant.
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,13 +139,15 @@ def main() -> None:
     servers = {name: llama_cpp_server(args.llama_server, f, slots=1, port=8765 + i)
                for i, (name, f) in enumerate(files.items())}
     bandwidth, spread = [], {name: [] for name in [*formats, *files]}  # each round's tokens/s
+    beside = {name: [] for name in spread}  # the copy bandwidth around each of those measurements
     try:
         for _ in range(rounds):
-            bandwidth.append(copy_bandwidth_gbs())
-            for format, llm in llms.items():
-                spread[format].append(batch1_decode(llm))
-            for i, name in enumerate(files):
-                spread[name].append(llama_cpp_decode(8765 + i))
+            for name in spread:
+                before = copy_bandwidth_gbs()
+                bandwidth.append(before)
+                spread[name].append(batch1_decode(llms[name]) if name in llms else
+                                    llama_cpp_decode(8765 + list(files).index(name)))
+                beside[name].append((before, copy_bandwidth_gbs()))
     finally:
         for proc in servers.values():
             proc.terminate()
@@ -156,23 +162,33 @@ def main() -> None:
         for name, f in files.items():
             spread_64[name].append(llama_cpp_streams(args.llama_server, f, 64, args.quick))
     ours_64, theirs_64 = {f: max(spread_64[f]) for f in formats}, {name: max(spread_64[name]) for name in files}
+    nbytes = {format: packed_bytes(model_dir, format) for format in formats}
+    # a llama.cpp file reads the bytes of the format holding the same values
+    nbytes.update({name: nbytes[f] for name in files for f in formats if GGUF_OF.get(f) == name})
+    bandwidth += [b for pairs in beside.values() for _, b in pairs]
+    copy = max(bandwidth)
+    paired = {name: statistics.median(tps * nbytes[name] / 1e9 / ((b0 + b1) / 2)
+                                      for tps, (b0, b1) in zip(spread[name], beside[name]))
+              for name in spread if name in nbytes}
     rows = {}
     for format in formats:
-        nbytes = packed_bytes(model_dir, format)
-        rows[format] = {"weight_mib_read_per_token": nbytes / 2**20, "batch1_tokens_per_s": decode[format],
-                        "streams64_tokens_per_s": ours_64[format], "batch1_gb_per_s": decode[format] * nbytes / 1e9}
-    bandwidth.append(copy_bandwidth_gbs())
-    copy = max(bandwidth)
+        rows[format] = {"weight_mib_read_per_token": nbytes[format] / 2**20, "batch1_tokens_per_s": decode[format],
+                        "streams64_tokens_per_s": ours_64[format],
+                        "batch1_gb_per_s": decode[format] * nbytes[format] / 1e9}
     base = rows["none"]
-    for row in rows.values():
+    for format, row in rows.items():
         row["batch1_vs_fp32"] = row["batch1_tokens_per_s"] / base["batch1_tokens_per_s"]
         row["streams64_vs_fp32"] = row["streams64_tokens_per_s"] / base["streams64_tokens_per_s"]
         row["batch1_fraction_of_copy_bandwidth"] = row["batch1_gb_per_s"] / copy
+        row["batch1_fraction_of_copy_bandwidth_paired"] = paired[format]
     result = {"machine": machine(), "copy_bandwidth_gbs": bandwidth, "pyserve": rows,
-              "rounds": {"batch1_tokens_per_s": spread, "streams64_tokens_per_s": spread_64}}
+              "rounds": {"batch1_tokens_per_s": spread, "batch1_copy_gbs_before_after": beside,
+                         "streams64_tokens_per_s": spread_64}}
     if files:
         result["llama_cpp_batch1_tokens_per_s"] = theirs
         result["llama_cpp_streams64_tokens_per_s"] = theirs_64
+        result["llama_cpp_batch1_fraction_of_copy_bandwidth_paired"] = {name: paired[name] for name in files
+                                                                         if name in paired}
         result["vs_llama_cpp"] = {
             format: {"gguf": gguf,
                      "batch1": rows[format]["batch1_tokens_per_s"] / result["llama_cpp_batch1_tokens_per_s"][gguf],
@@ -181,14 +197,14 @@ def main() -> None:
             for format, gguf in GGUF_OF.items() if gguf in files and format in formats}
     print(f"{result['machine']}; copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
-          f"{'vs fp32':>8} {'of copy bw':>10}")
+          f"{'vs fp32':>8} {'of copy bw: best':>17} {'paired':>7}")
     for name, row in rows.items():
         print(f"{name:<6} {row['weight_mib_read_per_token']:>10.1f} {row['batch1_tokens_per_s']:>14.1f} "
               f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} {row['streams64_vs_fp32']:>7.2f}x "
-              f"{row['batch1_fraction_of_copy_bandwidth']:>9.0%}")
+              f"{row['batch1_fraction_of_copy_bandwidth']:>16.0%} {row['batch1_fraction_of_copy_bandwidth_paired']:>7.0%}")
     for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
-        print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s, 64 streams "
-              f"{result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")
+        print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s ({paired.get(name, float('nan')):.0%} of copy bw, paired), "
+              f"64 streams {result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")
     for format, ratio in result.get("vs_llama_cpp", {}).items():
         print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x, "
               f"64 streams {ratio['streams64']:.2f}x")
