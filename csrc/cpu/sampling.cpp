@@ -43,20 +43,12 @@ void top_entries(const float* x, int n, int k, std::vector<Scored>& out) {
   std::sort_heap(out.begin(), out.end(), before);
 }
 
-// Kept by each thread across calls: a fresh one costs a decode step ~100 us (its vectors are
-// large enough that every allocation maps and faults in new pages). A row leaves `seen` and
-// `counts` all zero again, so growing is the only preparation a call needs.
 struct RowScratch {
   std::vector<float> x;
   std::vector<uint8_t> seen;
   std::vector<int> counts;
   std::vector<Scored> top;
-  void fit(int vocab) {
-    if (static_cast<int>(x.size()) >= vocab) return;
-    x.resize(vocab);
-    seen.resize(vocab, 0);
-    counts.resize(vocab, 0);
-  }
+  explicit RowScratch(int vocab) : x(vocab), seen(vocab, 0), counts(vocab, 0) {}
 };
 
 void apply_penalties(const SampleArgs& a, int row, RowScratch& w) {
@@ -241,8 +233,7 @@ std::string check_sample_args(const SampleArgs& a, const SampleSizes& sizes) {
 void sample(const SampleArgs& a) {
 #pragma omp parallel if (a.batch > 1)
   {
-    thread_local RowScratch w;
-    w.fit(a.vocab);
+    RowScratch w(a.vocab);
 #pragma omp for schedule(dynamic, 1)
     for (int row = 0; row < a.batch; ++row) sample_row(a, row, w);
   }
