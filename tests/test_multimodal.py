@@ -78,6 +78,25 @@ def test_logits_and_greedy_tokens_match_transformers(llava_dir, reference, engin
         llm.generate(ids, SamplingParams(max_tokens=8))
 
 
+def test_a_last_chunk_of_one_image_token_takes_the_image(llava_dir, reference):
+    """A prompt that ends inside its image, chunked so that the last step brings one image token:
+    that step looks like a decode step but must read the image's features, not the token's."""
+    probe = LLM(llava_dir, device="cpu")
+    vision = probe.engine.info.vision
+    ids = chat_ids(probe, 1)
+    ids = ids[:max(i for i, t in enumerate(ids) if t == vision.image_token_id) + 1]  # up to the image's end
+    llm = LLM(llava_dir, device="cpu", max_num_batched_tokens=len(ids) - 1)
+    image = picture(21)
+    pixels = image_input(llm, image).pixels[None]
+    with torch.no_grad():
+        want = reference.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=6,
+                                  min_new_tokens=6, do_sample=False, pad_token_id=2)[0, len(ids):].tolist()
+    llm.engine.add_request("r", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                           images=[image_input(llm, image)])
+    outs = [o for _ in range(100) for o in llm.engine.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == want
+
+
 def test_other_feature_layers_and_the_full_strategy(tmp_path):
     """vision_feature_layer -1 and "full" (the class token kept: one more token per image)."""
     import transformers

@@ -69,13 +69,15 @@ class ModelRunner:
 
     def _decode_batch(self, step: ScheduledStep) -> DecodeBatch | None:
         """The step as a DecodeBatch when every sequence brings its one next token and draws the
-        one after it, without a LoRA adapter or prompt scoring; else None."""
+        one after it, without a LoRA adapter or prompt scoring, and that token is not an image's
+        (a prompt's last chunk may be one image token); else None."""
         bs = self.block_size
         batch = DecodeBatch([], [], [], [])
         for seq, n in step.items:
             pos = seq.num_computed
             if (n != 1 or pos + 1 != len(seq.token_ids) or seq.adapter >= 0 or seq.params.max_tokens == 0
-                    or seq.params.prompt_logprobs is not None):
+                    or seq.params.prompt_logprobs is not None
+                    or any(span.start <= pos < span.start + span.length for span in seq.images)):
                 return None
             batch.token_ids.append(seq.token_ids[pos])
             batch.positions.append(pos)
