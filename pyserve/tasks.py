@@ -41,7 +41,7 @@ class AttentionMetadata:
 @dataclass
 class DecodeBatch:
     """A decode step as host lists: one new token for each of B sequences (see
-    `TextGenerationModel.decode_logits`). Sequence b's token sits at positions[b], its keys and
+    `TextGenerationModel.decode`). Sequence b's token sits at positions[b], its keys and
     values go to cache slot slots[b], and block_tables[b] lists the sequence's blocks."""
 
     token_ids: list[int]

@@ -111,6 +111,15 @@ def decode_step(token_ids: list[int], positions: list[int], slots: list[int], bl
     checks.check(all(0 <= t < vocab for t in token_ids), f"token ids must be in [0, {vocab})")
     checks.check(len(k_caches) == len(v_caches) == len(weights.stack.layers),
                  f"{len(weights.stack.layers)} layers need as many k and v caches")
+    if not weights.checked:
+        stack, hidden = weights.stack, weights.stack.final_norm.shape[0]
+        checks.check(weights.embedding.ndim == 2 and weights.embedding.shape[1] == hidden,
+                     f"the embedding must be [vocab, {hidden}], got {tuple(weights.embedding.shape)}")
+        checks.check(len(weights.head.shape) == 2 and weights.head.shape[1] == hidden,
+                     f"the head must be [vocab, {hidden}], got {tuple(weights.head.shape)}")
+        checks.check(tuple(weights.inv_freq.shape) == (stack.head_dim // 2,),
+                     f"inv_freq must be [{stack.head_dim // 2}], got {tuple(weights.inv_freq.shape)}")
+        weights.checked = True
     return backend_for(weights.embedding.device, backend).decode_step(
         token_ids, positions, slots, block_tables, weights, k_caches, v_caches, scale, sliding_window)
 

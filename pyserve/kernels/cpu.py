@@ -184,7 +184,7 @@ def decode_step(token_ids, positions, slots, block_tables, w: DecoderModelWeight
     if not w.cpu_readable:
         return None
     table = s.table
-    logits = torch.empty(len(token_ids), w.embedding.shape[0], dtype=torch.float32)
+    logits = torch.empty(len(token_ids), w.head_fields[3], dtype=torch.float32)  # the head's rows
     greedy = _C.decode_step(logits.data_ptr(), token_ids, positions, slots, block_tables, w.embedding.data_ptr(),
                             w.inv_freq.data_ptr(), w.head_fields, w.embedding.shape[1], s.heads, s.kv_heads,
                             s.head_dim, float(s.eps), table.data_ptr(), len(s.layers), s.final_norm.data_ptr(),

@@ -187,14 +187,15 @@ class DecoderStackWeights:
 
 @dataclass
 class DecoderModelWeights:
-    """A decoder stack with its two ends, for `kernels.decode_logits`: the token embeddings
+    """A decoder stack with its two ends, for `kernels.decode_step`: the token embeddings
     [vocab, hidden], the rotary inverse frequencies [head_dim / 2] and the output product
-    [vocab, hidden] (a tensor or a packed `QuantizedWeight`)."""
+    [vocab, hidden] (a tensor or a packed `QuantizedWeight`; no bias)."""
 
     stack: DecoderStackWeights
     embedding: torch.Tensor
     inv_freq: torch.Tensor
     head: object
+    checked: bool = field(default=False, repr=False)  # shapes found consistent (once: decode steps pass them)
     # The C++ back-end's: whether it reads the ends in place, and the head's address fields.
     cpu_readable: bool | None = field(default=None, repr=False)
     head_fields: list[int] = field(default_factory=list, repr=False)
