@@ -174,6 +174,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.get("use_sliding_window") is False:  # Qwen2 keeps the field but may switch it off
             window = 0
         self.model = Backbone(cfg, self.head_dim, window)
+        self.sliding_window = window
         self.tied = cfg.get("tie_word_embeddings", False)
         self.head: kernels.QuantizedWeight | None = None  # a packed copy of a tied head
         if not self.tied:
@@ -235,10 +236,9 @@ class LlamaForCausalLM(nn.Module):
         # Decode steps run the whole stack in one kernel call where the back-end has one (not with
         # LoRA adapters, nor sharded: they run op by op).
         if adapters is None and not self.sharded:
-            window = self.model.layers[0].self_attn.sliding_window
             fused = kernels.decoder_stack(x, cos, sin, self.model_weights().stack, cache.keys, cache.values,
                                           meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                          scale=self.head_dim**-0.5, sliding_window=window)
+                                          scale=self.head_dim**-0.5, sliding_window=self.sliding_window)
             if fused is not None:
                 return fused
         for layer, k_cache, v_cache in zip(self.model.layers, cache.keys, cache.values):
@@ -251,8 +251,8 @@ class LlamaForCausalLM(nn.Module):
         if self.sharded:
             return None
         return kernels.decode_step(batch.token_ids, batch.positions, batch.slots, batch.block_tables,
-                                     self.model_weights(), cache.keys, cache.values, scale=self.head_dim**-0.5,
-                                     sliding_window=self.model.layers[0].self_attn.sliding_window)
+                                   self.model_weights(), cache.keys, cache.values, scale=self.head_dim**-0.5,
+                                   sliding_window=self.sliding_window)
 
     def adapter_layers(self, adapter: LoraAdapter) -> list[tuple[Linear, torch.Tensor, torch.Tensor]]:
         """The adapter as (projection, A, B) for every projection (rank 0 where it has none): q/k/v
