@@ -118,7 +118,9 @@ def _product_fields(weight, bias=None) -> list[int]:
 def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
     """The C++ stack's per-layer addresses (see csrc/bindings_cpu.cpp), built once per KV cache.
     A cache is known by its lists of tensors (an engine's never changes) and its first tensor: a
-    decode step reads this, and twenty data_ptr() calls on cold caches cost it ~0.1 ms."""
+    decode step reads this, and twenty data_ptr() calls on cold caches cost it ~0.1 ms. The key
+    holds the lists, so the addresses stay valid; a dropped engine's cache lives until the model's
+    next engine makes its first step."""
     key = (k_caches, v_caches, len(k_caches), k_caches[0].data_ptr())
     if w.table is not None and all(a is b for a, b in zip(key[:2], w.table_key[:2])) and key[2:] == w.table_key[2:]:
         return w.table
