@@ -201,7 +201,8 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:<6} {row['weight_mib_read_per_token']:>10.1f} {row['batch1_tokens_per_s']:>14.1f} "
               f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} {row['streams64_vs_fp32']:>7.2f}x "
-              f"{row['batch1_fraction_of_copy_bandwidth']:>16.0%} {row['batch1_fraction_of_copy_bandwidth_paired']:>7.0%}")
+              f"{row['batch1_fraction_of_copy_bandwidth']:>16.0%} "
+              f"{row['batch1_fraction_of_copy_bandwidth_paired']:>7.0%}")
     for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
         print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s ({paired.get(name, float('nan')):.0%} of copy bw, paired), "
               f"64 streams {result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")

@@ -179,9 +179,9 @@ def test_decode_step_checks_and_declines():
         kernels.decode_step([45], [0], [0], [[0]], weights, [cache] * 2, [cache] * 2, scale=0.25)
     with pytest.raises(kernels.KernelInputError, match="one entry a sequence"):
         kernels.decode_step([1, 2], [0], [0], [[0]], weights, [cache] * 2, [cache] * 2, scale=0.25)
+    narrow = kernels.DecoderModelWeights(weights.stack, rand(45, 64), torch.ones(8), rand(45, 32))
     with pytest.raises(kernels.KernelInputError, match="head must be"):
-        kernels.decode_step([1], [0], [0], [[0]], kernels.DecoderModelWeights(weights.stack, rand(45, 64), torch.ones(8),
-                            rand(45, 32)), [cache] * 2, [cache] * 2, scale=0.25)
+        kernels.decode_step([1], [0], [0], [[0]], narrow, [cache] * 2, [cache] * 2, scale=0.25)
     # a head with more rows than the embedding (padded vocabularies): logits as wide as the head
     wide = kernels.DecoderModelWeights(weights.stack, rand(45, 64), torch.ones(8), rand(50, 64, seed=3))
     got = kernels.decode_step([44], [0], [0], [[0]], wide, [cache.clone()] * 2, [cache.clone()] * 2, scale=0.25)

@@ -25,10 +25,10 @@ from .types import (Coef, DecodeOutput, DecoderLayerWeights, DecoderModelWeights
                     SampleResult, SamplingRow, SamplingTensors)
 
 __all__ = [
-    "BACKENDS", "BackendUnavailable", "Coef", "DecodeOutput", "DecoderLayerWeights", "DecoderModelWeights", "DecoderStackWeights",
-    "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors", "WEIGHT_FORMATS",
-    "available", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy", "linear", "lora",
-    "paged_attention", "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
+    "BACKENDS", "BackendUnavailable", "Coef", "DecodeOutput", "DecoderLayerWeights", "DecoderModelWeights",
+    "DecoderStackWeights", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors",
+    "WEIGHT_FORMATS", "available", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy",
+    "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
 ]
 
 
