@@ -175,12 +175,12 @@ void sample_row(const SampleArgs& a, int row, RowScratch& w) {
   apply_penalties(a, row, w);
   finite_and_allowed(a, row, w.x.data());
   const float* x = w.x.data();
-  const float x_max = max_of(x, vocab);
-  int token = 0;
+  int64_t token = 0;
   const float temperature = a.temperature[row];
   if (temperature <= 0.0f) {
-    while (x[token] != x_max) ++token;  // first maximum
+    greedy(x, 1, vocab, vocab, &token);
   } else {
+    const float x_max = max_of(x, vocab);
     const float inv_t = 1.0f / temperature;
     float threshold = candidate_threshold(a, row, w, x_max, inv_t);
     float total = sum_exp_above(x, vocab, x_max, inv_t, threshold);

@@ -121,8 +121,9 @@ def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
     decode step reads this, and twenty data_ptr() calls on cold caches cost it ~0.1 ms. The key
     holds the lists, so the addresses stay valid; a dropped engine's cache lives until the model's
     next engine makes its first step."""
-    key = (k_caches, v_caches, len(k_caches), k_caches[0].data_ptr())
-    if w.table is not None and all(a is b for a, b in zip(key[:2], w.table_key[:2])) and key[2:] == w.table_key[2:]:
+    known = w.table_key
+    if (w.table is not None and known[0] is k_caches and known[1] is v_caches
+            and known[2:] == (len(k_caches), k_caches[0].data_ptr())):
         return w.table
     cache = k_caches[0]
     w.table_cache_fits = all(c.dtype == cache.dtype and c.shape == cache.shape for c in (*k_caches, *v_caches)) \
@@ -132,7 +133,8 @@ def _stack_table(w: DecoderStackWeights, k_caches, v_caches) -> torch.Tensor:
         fields += [layer.input_norm.data_ptr(), layer.post_norm.data_ptr(), *_product_fields(layer.qkv, layer.qkv_bias),
                    *_product_fields(layer.o), *_product_fields(layer.gate_up), *_product_fields(layer.down),
                    k_cache.data_ptr(), v_cache.data_ptr()]
-    w.table, w.table_key = torch.tensor(fields, dtype=torch.int64), key
+    w.table = torch.tensor(fields, dtype=torch.int64)
+    w.table_key = (k_caches, v_caches, len(k_caches), k_caches[0].data_ptr())
     return w.table
 
 
@@ -254,8 +256,13 @@ def dense_attention(q, k, v, scale, causal=False):
     return out.to(q.dtype)
 
 
+def _logit_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the C++ samplers read them: fp32 rows with unit stride, rows any stride apart."""
+    return logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)
+
+
 def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> SampleResult:
-    x = logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)
+    x = _logit_rows(logits)
     batch, vocab = x.shape
     f = {name: _f32(getattr(p, name)) for name in
          ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -284,7 +291,7 @@ def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> S
 
 
 def greedy(logits):
-    x = logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)
+    x = _logit_rows(logits)
     tokens = torch.empty(x.shape[0], dtype=torch.int64)
     _C.greedy(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), tokens.data_ptr())
     return tokens

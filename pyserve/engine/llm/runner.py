@@ -43,14 +43,13 @@ class ModelRunner:
         self.masks = MaskFiller(model.spec.vocab_size)
 
     def _metadata(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        bs = self.block_size
         ids, positions, slots, seq_lens, starts, sample_rows = [], [], [], [], [0], []
         for seq, n in step.items:
             first = seq.num_computed
             ids += seq.token_ids[first:first + n]
             for pos in range(first, first + n):
                 positions.append(pos)
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+                slots.append(self._slot(seq, pos))
             seq_lens.append(first + n)
             starts.append(starts[-1] + n)
             if first + n == len(seq.token_ids):
@@ -67,11 +66,14 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(positions, dtype=torch.int64, device=dev),
                 meta, sample_rows)
 
+    def _slot(self, seq: Sequence, pos: int) -> int:
+        """The KV-cache slot of the sequence's token at pos."""
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def _decode_batch(self, step: ScheduledStep) -> DecodeBatch | None:
         """The step as a DecodeBatch when every sequence brings its one next token and draws the
         one after it, without a LoRA adapter or prompt scoring, and that token is not an image's
         (a prompt's last chunk may be one image token); else None."""
-        bs = self.block_size
         batch = DecodeBatch([], [], [], [])
         for seq, n in step.items:
             pos = seq.num_computed
@@ -81,7 +83,7 @@ class ModelRunner:
                 return None
             batch.token_ids.append(seq.token_ids[pos])
             batch.positions.append(pos)
-            batch.slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            batch.slots.append(self._slot(seq, pos))
             batch.block_tables.append(seq.block_table)
         return batch
 
