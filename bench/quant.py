@@ -5,7 +5,7 @@ int4 weights, in one run, next to the machine's copy bandwidth measured in the s
 
 For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
 as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
-tokens/s, 64 concurrent streams' output tokens/s, and the bandwidth batch-1 decode achieves
+tokens/s, 64 concurrent streams' output tokens/s (each side's server over HTTP), and the bandwidth batch-1 decode achieves
 (bytes per token x tokens/s) as a fraction of the copy bandwidth, two ways: the best tokens/s over
 the best copy of the run, and the median over rounds of each measurement against the copies
 taken just before and after it (this machine's memory pace drifts by up to 1.5x within a minute,
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import copy_bandwidth_gbs  # noqa: E402
-from llm_throughput import batch1_decode, make_checkpoint, run_pyserve  # noqa: E402
+from llm_throughput import batch1_decode, make_checkpoint  # noqa: E402
 from report import write_result  # noqa: E402
 
 import torch  # noqa: E402
@@ -44,11 +44,61 @@ FORMATS = ("none", "bf16", "int8", "int4", "w8a8", "w4a8")
 GGUF_OF = {"none": "f32", "int8": "q8_0", "w8a8": "q8_0", "int4": "q4_0", "w4a8": "q4_0"}
 
 
-def streams(model_dir: Path, format: str, n: int, quick: bool) -> float:
-    """Output tokens/s of n requests generated at once (32-token prompts, 64 new tokens each)."""
-    reqs = [([0] + list(range(3 + i, 34 + i)), 16 if quick else 64) for i in range(n)]
-    elapsed, tokens, _ = run_pyserve(model_dir, reqs, quantization=format)
-    return tokens / elapsed
+def stream_prompts(n: int) -> list[list[int]]:
+    """The 64-stream load: n distinct 32-token prompts (no shared prefix past the first token)."""
+    return [[0] + list(range(3 + i, 34 + i)) for i in range(n)]
+
+
+def post_json(port: int, path: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, what: str) -> subprocess.Popen:
+    """proc, once its /health answers 200 (both servers have one)."""
+    for _ in range(900):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
+def concurrent_tokens_per_s(send, n: int, tokens: int) -> float:
+    """Output tokens/s of the n stream prompts sent at once, each by send(prompt, tokens) -> the
+    tokens it generated, after one warm-up request (llama.cpp's server warms up at load; the
+    first request of a fresh process pays for first-touch allocations on either side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    send([0, 5, 6, 7], 4)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        generated = sum(pool.map(lambda p: send(p, tokens), stream_prompts(n)))
+    return generated / (time.perf_counter() - start)
+
+
+def streams(model_dir: Path, format: str, n: int, quick: bool, port: int = 8790) -> float:
+    """`pyserve serve` on the model in this format: output tokens/s of n requests sent at once over
+    HTTP (OpenAI completions with token-id prompts, 64 new tokens each), as llama.cpp's are."""
+    proc = wait_healthy(subprocess.Popen(
+        [sys.executable, "-m", "pyserve", "serve", str(model_dir), "--quantization", format, "--host", "127.0.0.1",
+         "--port", str(port), "--msgpack-port", "0", "--served-model-name", "bench"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "pyserve serve")
+    try:
+        def send(prompt: list[int], tokens: int) -> int:
+            body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+            return post_json(port, "/v1/completions", body)["usage"]["completion_tokens"]
+        return concurrent_tokens_per_s(send, n, 16 if quick else 64)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def packed_bytes(model_dir: Path, format: str) -> int:
@@ -62,26 +112,14 @@ def packed_bytes(model_dir: Path, format: str) -> int:
 
 def llama_cpp_server(server: Path, gguf: Path, slots: int, port: int = 8765) -> subprocess.Popen:
     """A llama.cpp server on the file with `slots` parallel sequences, once /health answers."""
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-np", str(slots),
-                             "-c", str(2048 * slots), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("llama-server did not start")
+    return wait_healthy(subprocess.Popen(
+        [str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-np", str(slots), "-c", str(2048 * slots),
+         "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "llama-server")
 
 
 def llama_cpp_completion(prompt: list[int], tokens: int, port: int = 8765) -> dict:
-    body = json.dumps({"prompt": prompt, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
-                       "cache_prompt": False}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as r:
-        return json.loads(r.read())
+    return post_json(port, "/completion", {"prompt": prompt, "n_predict": tokens, "temperature": 0,
+                                           "ignore_eos": True, "cache_prompt": False})
 
 
 def llama_cpp_decode(port: int, tokens: int = 128) -> float:
@@ -91,15 +129,10 @@ def llama_cpp_decode(port: int, tokens: int = 128) -> float:
 
 def llama_cpp_streams(server: Path, gguf: Path, n: int, quick: bool) -> float:
     """llama.cpp server with n slots: output tokens/s of the same n requests as `streams`, sent at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
     proc = llama_cpp_server(server, gguf, slots=n)
     try:
-        prompts = [[0] + list(range(3 + i, 34 + i)) for i in range(n)]
-        start = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
-            outs = list(pool.map(lambda p: llama_cpp_completion(p, 16 if quick else 64), prompts))
-        return sum(o["tokens_predicted"] for o in outs) / (time.perf_counter() - start)
+        return concurrent_tokens_per_s(lambda p, t: llama_cpp_completion(p, t)["tokens_predicted"], n,
+                                       16 if quick else 64)
     finally:
         proc.terminate()
         proc.wait()

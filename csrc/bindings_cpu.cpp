@@ -126,6 +126,7 @@ PYBIND11_MODULE(_C, m) {
       nogil);
 
   m.attr("MAX_STACK_ROWS") = pyserve::cpu::kMaxStackRows;
+  m.attr("MAX_PACKED_STACK_ROWS") = pyserve::cpu::kMaxPackedStackRows;
   m.attr("STACK_LAYER_FIELDS") = pyserve::cpu::kStackLayerFields;
   // `table` holds kStackLayerFields int64 fields a layer (see cpu/decoder.h).
   m.def(

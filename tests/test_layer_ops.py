@@ -191,3 +191,40 @@ def test_decode_step_checks_and_declines():
     many = list(range(9))  # more rows than a stack call takes
     assert kernels.decode_step(many, many, many, [[0, 1, 2]] * 9, weights, [cache] * 2, [cache] * 2,
                                scale=0.25) is None
+
+
+def test_packed_models_decode_a_busy_batch_in_one_call():
+    """With every product packed, a decode step of up to MAX_PACKED_STACK_ROWS sequences (a server
+    under load) is one call, against the reference; an fp32 product anywhere, the head included,
+    keeps the fp32 limit, and one row past the packed one declines."""
+    from pyserve import _C
+
+    rows, block = 40, 4
+    stack = random_stack(fmt="w8a8")
+    embedding, head = rand(45, 64, seed=11), rand(45, 64, seed=12) * 0.2
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    weights = kernels.DecoderModelWeights(stack, embedding, inv_freq, kernels.quantize(head, "w8a8"))
+    caches = [torch.randn(3 * rows, 2, block, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    tables = [[3 * s, 3 * s + 1, 3 * s + 2][:1 + s % 3] for s in range(rows)]
+    positions = [4 * len(t) - 1 - s % 4 for s, t in enumerate(tables)]
+    slots = [tables[s][p // block] * block + p % block for s, p in enumerate(positions)]
+    ids = [(7 * s) % 45 for s in range(rows)]
+    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    got = kernels.decode_step(ids, positions, slots, tables, weights, mine[:2], mine[2:], scale=0.25)
+    want = reference.decode_step(ids, positions, slots, tables, weights, theirs[:2], theirs[2:], 0.25)
+    assert got is not None
+    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+    assert got.greedy == reference.greedy(got.logits).tolist()
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    fp32_head = kernels.DecoderModelWeights(stack, embedding, inv_freq, head)
+    assert kernels.decode_step(ids, positions, slots, tables, fp32_head, mine[:2], mine[2:], scale=0.25) is None
+    fp32_stack = kernels.DecoderModelWeights(random_stack(), embedding, inv_freq, kernels.quantize(head, "w8a8"))
+    assert kernels.decode_step(ids, positions, slots, tables, fp32_stack, mine[:2], mine[2:], scale=0.25) is None
+    over = _C.MAX_PACKED_STACK_ROWS + 1
+    x = rand(over, 64)
+    cos = torch.ones(over, 8)
+    assert kernels.decoder_stack(x, cos, cos, stack, mine[:2], mine[2:], torch.zeros(over, dtype=torch.int64),
+                                 torch.zeros(over, 1, dtype=torch.int32), torch.ones(over, dtype=torch.int32),
+                                 torch.arange(over + 1, dtype=torch.int32), scale=0.25) is None

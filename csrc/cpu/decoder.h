@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/quantized_linear.h"  // kMaxPackedRows
+
 namespace pyserve::cpu {
 
 // One product's weights: fp32 [n, k] (format 0) or a packed WeightFormat code (1-3).
@@ -39,9 +41,11 @@ struct DecoderStackArgs {
   bool bf16_cache;
 };
 
-// Rows a stack call takes: the limit of the fp32 matrix-vector kernel (packed weights take more,
-// but one limit keeps the rule simple).
+// Rows a stack call takes: with any fp32 product, the limit of the fp32 matrix-vector kernel
+// (beyond it torch's GEMM may be faster); with every product packed, the packed kernels' own limit,
+// so that a busy server's decode steps (64 streams) are one call as well.
 constexpr int kMaxStackRows = 8;
+constexpr int kMaxPackedStackRows = kMaxPackedRows;
 
 // int64 fields a layer takes in the bindings' address table: input_norm, post_norm, then
 // (w, scales, bias, n, k, format, int8_activations) for qkv, o, gate_up and down, then k_cache,

@@ -78,7 +78,8 @@ def decoder_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights
     layer. Meaning: `reference.decoder_stack`, the per-layer ops in order.
 
     Returns None when the back-end has no fused path for this call (the CPU's takes up to
-    `_C.MAX_STACK_ROWS` fp32 rows; the GPU back-ends have none yet): run the layers op by op.
+    `_C.MAX_STACK_ROWS` fp32 rows, or `_C.MAX_PACKED_STACK_ROWS` where every product is packed;
+    the GPU back-ends have none yet): run the layers op by op.
     """
     checks.tensor(x, "x", ndim=2, dtypes=FLOAT_DTYPES)
     checks.check(len(k_caches) == len(v_caches) == len(weights.layers),
@@ -101,8 +102,8 @@ def decode_step(token_ids: list[int], positions: list[int], slots: list[int], bl
     lists: at batch 1, building their tensors costs more than the call's own glue. Meaning:
     `reference.decode_step`.
 
-    Returns None when the back-end has no such path (the CPU's takes what `decoder_stack` takes;
-    the GPU back-ends have none yet): run `decoder_stack` and the head instead.
+    Returns None when the back-end has no such path (the CPU's takes what `decoder_stack` takes,
+    counting the head among the products; the GPU back-ends have none yet): run `decoder_stack` and the head instead.
     """
     batch, vocab = len(token_ids), weights.embedding.shape[0]
     checks.check(batch > 0 and len(positions) == len(slots) == len(block_tables) == batch,

@@ -143,10 +143,11 @@ def _readable(t: torch.Tensor) -> bool:
 
 
 def stack_fits(w: DecoderStackWeights, rows: int, dtype: torch.dtype, k_caches, v_caches) -> bool:
-    """Whether the C++ stack takes `rows` rows of `dtype` over these caches: decode-sized fp32 rows,
-    weights and caches it can read in place (checked once per weights object and cache: decode
-    steps call this every time)."""
-    if not (dtype == torch.float32 and 0 < rows <= _C.MAX_STACK_ROWS):
+    """Whether the C++ stack takes `rows` rows of `dtype` over these caches: decode-sized fp32 rows
+    (up to MAX_STACK_ROWS, or MAX_PACKED_STACK_ROWS where every product is packed), weights and
+    caches it can read in place (checked once per weights object and cache: decode steps call this
+    every time)."""
+    if not (dtype == torch.float32 and 0 < rows <= _C.MAX_PACKED_STACK_ROWS):
         return False
     _stack_table(w, k_caches, v_caches)
     if not w.table_cache_fits:
@@ -155,10 +156,11 @@ def stack_fits(w: DecoderStackWeights, rows: int, dtype: torch.dtype, k_caches, 
         tensors = [w.final_norm] + [t for layer in w.layers for t in (layer.input_norm, layer.post_norm,
                                                                        layer.qkv_bias) if t is not None]
         products = [p for layer in w.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        tensors += [p for p in products if not isinstance(p, QuantizedWeight)]
-        w.cpu_readable = (all(map(_readable, tensors)) and w.head_dim <= _C.MAX_HEAD_DIM
+        fp32 = [p for p in products if not isinstance(p, QuantizedWeight)]
+        w.cpu_readable = (all(map(_readable, tensors + fp32)) and w.head_dim <= _C.MAX_HEAD_DIM
                           and w.heads // w.kv_heads <= _C.MAX_GROUP)
-    return w.cpu_readable
+        w.cpu_max_rows = _C.MAX_STACK_ROWS if fp32 else _C.MAX_PACKED_STACK_ROWS
+    return w.cpu_readable and rows <= w.cpu_max_rows
 
 
 def decoder_stack(x, cos, sin, w: DecoderStackWeights, k_caches, v_caches, slot_mapping, block_tables, seq_lens,
@@ -182,10 +184,11 @@ def decode_step(token_ids, positions, slots, block_tables, w: DecoderModelWeight
     if not stack_fits(s, len(token_ids), w.embedding.dtype, k_caches, v_caches):
         return None
     if w.cpu_readable is None:
-        w.cpu_readable = (_readable(w.embedding) and _readable(w.inv_freq)
-                          and (isinstance(w.head, QuantizedWeight) or _readable(w.head)))
+        packed_head = isinstance(w.head, QuantizedWeight)
+        w.cpu_readable = _readable(w.embedding) and _readable(w.inv_freq) and (packed_head or _readable(w.head))
+        w.cpu_max_rows = s.cpu_max_rows if packed_head else _C.MAX_STACK_ROWS
         w.head_fields = _product_fields(w.head)
-    if not w.cpu_readable:
+    if not (w.cpu_readable and len(token_ids) <= w.cpu_max_rows):
         return None
     table = s.table
     logits = torch.empty(len(token_ids), w.head_fields[3], dtype=torch.float32)  # the head's rows

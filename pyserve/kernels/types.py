@@ -183,6 +183,7 @@ class DecoderStackWeights:
     table_key: tuple = field(default=(), repr=False)
     table_cache_fits: bool = field(default=False, repr=False)
     cpu_readable: bool | None = field(default=None, repr=False)  # the C++ stack can read every weight
+    cpu_max_rows: int = field(default=0, repr=False)  # and takes this many rows a call
 
 
 @dataclass
@@ -196,6 +197,8 @@ class DecoderModelWeights:
     inv_freq: torch.Tensor
     head: object
     checked: bool = field(default=False, repr=False)  # shapes found consistent (once: decode steps pass them)
-    # The C++ back-end's: whether it reads the ends in place, and the head's address fields.
+    # The C++ back-end's: whether it reads the ends in place, the rows it takes, and the head's
+    # address fields.
     cpu_readable: bool | None = field(default=None, repr=False)
+    cpu_max_rows: int = field(default=0, repr=False)
     head_fields: list[int] = field(default_factory=list, repr=False)
