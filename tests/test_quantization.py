@@ -71,6 +71,23 @@ def test_integer_products_give_a_row_the_same_result_in_any_batch(isa, format):
     for i in (0, 7, 18):
         assert torch.equal(cpu.quantized_linear(x[i:i + 1], packed, bias, isa=isa)[0], batch[i])
     assert torch.equal(cpu.quantized_linear(x[:8], packed, bias, isa=isa), batch[:8])
+    if isa != "scalar":  # a prompt's rows, over the kernels' row blocks
+        prompt = torch.cat([torch.randn(280, 2080), x])
+        assert torch.equal(cpu.quantized_linear(prompt, packed, bias, isa=isa)[280:], batch)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("format", ["int8", "w8a8"])
+def test_a_minus_128_weight_from_a_file_counts_as_itself(isa, format):
+    """Our quantizer stays within [-127, 127], but a Q8_0 file may hold -128 (its range allows it):
+    the kernels that move signs between bytes must not read it as +128 or saturate."""
+    packed = quantize(weights(9, 256, seed=4), format)
+    packed.data[:, ::3] = -128
+    packed.data[2] = -128
+    x = torch.randn(5, 256)
+    x[1] = -x[1].abs()  # negative inputs meet the -128s
+    torch.testing.assert_close(cpu.quantized_linear(x, packed, isa=isa), reference.linear(x, packed),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "cpu"])
@@ -90,7 +107,8 @@ def test_gpu_packed_products_match_the_reference(backend, device, format, rows):
 
 def test_int8_activations_are_quantized_per_group_as_the_reference_says():
     """w8a8 differs from int8 exactly by the inputs' quantization: the integer kernels equal int8's
-    kernel fed quantize_rows(x), and prefill-sized batches keep fp32 inputs."""
+    kernel fed quantize_rows(x), at decode and prompt sizes alike (the latter on every path: the
+    integer kernels on AVX2, the unpacked GEMM on quantized inputs without it)."""
     w, x = weights(70, 256), torch.randn(5, 256) * torch.logspace(-2, 2, 256)  # groups of very different size
     x[1, 64:96] = 0.0  # an all-zero group of inputs
     q = quantize_rows(x)
@@ -99,8 +117,10 @@ def test_int8_activations_are_quantized_per_group_as_the_reference_says():
     for weights_only, with_inputs in (("int8", "w8a8"), ("int4", "w4a8")):
         torch.testing.assert_close(cpu.quantized_linear(x, quantize(w, with_inputs)),
                                    cpu.quantized_linear(q, quantize(w, weights_only)), atol=1e-4, rtol=1e-5)
-    big = torch.randn(80, 256)  # beyond the decode-sized kernels: unpacked once, fp32 inputs
-    torch.testing.assert_close(kernels.linear(big, quantize(w, "w8a8")), kernels.linear(big, quantize(w, "int8")))
+    big = torch.randn(300, 256)  # a prompt: beyond the decode-sized kernels, over one row block
+    want = kernels.linear(quantize_rows(big), quantize(w, "int8"))
+    for isa in ("auto", "scalar"):
+        torch.testing.assert_close(cpu.quantized_linear(big, quantize(w, "w8a8"), isa=isa), want, atol=1e-4, rtol=1e-5)
 
 
 def test_bf16_rows_of_any_length_and_the_prefill_path():
@@ -120,9 +140,11 @@ def test_prefill_unpacks_large_weights_a_block_of_rows_at_a_time(monkeypatch, fo
     module = importlib.import_module("pyserve.kernels.quantize")  # not the function pyserve.kernels exports
     monkeypatch.setattr(module, "UNPACK_WHOLE_BYTES", 0)
     monkeypatch.setattr(module, "UNPACK_BLOCK_BYTES", 7 * 4 * k)
-    torch.testing.assert_close(cpu.quantized_linear(x, packed, bias), reference.linear(x, packed, bias),
+    isa = "scalar" if format == "w8a8" else "auto"  # w8a8 prompts unpack only without AVX2
+    torch.testing.assert_close(cpu.quantized_linear(x, packed, bias, isa=isa), reference.linear(x, packed, bias),
                                atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cpu.quantized_linear(x, packed), reference.linear(x, packed), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cpu.quantized_linear(x, packed, isa=isa), reference.linear(x, packed),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_bad_weights_and_inputs_are_refused():

@@ -7,6 +7,7 @@
 // rows_avx2_fours and int4 weights rows_avx2_int4, which spend fewer instructions on each group.
 #include "cpu/integer_linear.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -28,6 +29,8 @@ void quantize_row_groups(const float* x, long groups, signed char* q, float* sca
 }
 
 namespace {
+
+constexpr int kRowBlock = 256;  // input rows quantized and multiplied at a time
 
 // The order a kernel reads a row's quantized inputs in, four groups (128 values) at a time.
 enum class InputLayout {
@@ -145,9 +148,9 @@ PYSERVE_TARGET_VNNI void rows_vnni(const IntegerArgs& a, int n0, int n1) {
 // lane j sums the products of group j's first 16 values and lane j + 4 those of its last 16, so
 // four groups take four dot products and one fp32 multiply-add between them. The weights come to
 // that layout in registers (eight 32-bit shuffles per four groups of a weight row, shared by every
-// input row); the inputs are quantized into it (quantize_rows_avx2). The inputs are the unsigned
-// side of vpmaddubsw, as |x| with x's sign moved onto the weights (both within [-127, 127], so no
-// pair of products leaves int16).
+// input row); the inputs are quantized into it (quantize_rows_avx2). The weights are the unsigned
+// side of vpmaddubsw, as |w| (taken once a four, for every input row) with w's sign moved onto the
+// inputs: one vpsignb a product (|x| taken or stored per product as well was 1.05x to 1.3x slower).
 constexpr int kFour = 4 * kQuantGroup;  // values a four of groups holds
 
 // Four groups' vectors (bytes in element order) in the interleaved order (see above).
@@ -160,14 +163,16 @@ PYSERVE_TARGET_AVX2 inline void interleave_four(const __m256i g[4], __m256i u[4]
   u[3] = _mm256_unpackhi_epi64(b, d);
 }
 
-// Eight int32 lanes of 4-byte dot products of 32 weights (as group_bytes gives them) by the inputs
-// at q: int8 by their magnitudes (taken here: a stored copy read as fast at 768 inputs and filled
-// L1 at 2,048, 1.27x slower there), int4 as unsigned nibbles (their zero point is in the start).
+// Eight int32 lanes of 4-byte dot products of 32 weights by the inputs at q. The weights' unsigned
+// bytes (`magnitude`: int8's |w|, int4's nibbles as stored) are vpmaddubsw's unsigned side; int8
+// inputs take the weights' signs (`signs`: the int8 weights themselves; unused for int4, whose
+// zero point is in the start). |w| and x stay within 128 and 127, so no pair of products leaves
+// int16, a -128 weight included.
 template <WeightFormat F>
-PYSERVE_TARGET_AVX2 inline __m256i dot_bytes(__m256i w, const int8_t* q) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  if (F == WeightFormat::kInt4) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+PYSERVE_TARGET_AVX2 inline __m256i dot_bytes(__m256i magnitude, __m256i signs, const int8_t* q) {
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  if (F == WeightFormat::kInt8) x = _mm256_sign_epi8(x, signs);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, x), _mm256_set1_epi16(1));
 }
 
 // What a run of int32 lanes starts from: int4's -8 x its inputs' sum (`start`), int8's zero.
@@ -184,11 +189,11 @@ PYSERVE_TARGET_AVX2 inline void add_tail_groups(const IntegerArgs& a, long n, __
   const int groups = a.k / kQuantGroup;
   const uint16_t* w_scales = a.scales + n * groups;
   for (int g = groups / 4 * 4; g < groups; ++g) {
-    const __m256i wg = group_bytes(a, n, g);
+    const __m256i wg = group_bytes(a, n, g), magnitude = F == WeightFormat::kInt8 ? _mm256_abs_epi8(wg) : wg;
     const __m256 w_scale = _mm256_set1_ps(_cvtsh_ss(w_scales[g]));
     for (int i = 0; i < M; ++i) {
       const long at = static_cast<long>(i) * a.k + static_cast<long>(g) * kQuantGroup;
-      const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(wg, a.x.q + at));
+      const __m256i dot = _mm256_add_epi32(lane_start<F>(a.x.start + at / 4), dot_bytes<F>(magnitude, wg, a.x.q + at));
       const __m256 scale = _mm256_mul_ps(w_scale, _mm256_set1_ps(a.x.scales[at / kQuantGroup]));
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
     }
@@ -208,6 +213,8 @@ PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
                             group_bytes(a, n, 4 * f + 3)};
       __m256i u[4];
       interleave_four(g, u);
+      const __m256i magnitude[4] = {_mm256_abs_epi8(u[0]), _mm256_abs_epi8(u[1]), _mm256_abs_epi8(u[2]),
+                                    _mm256_abs_epi8(u[3])};
       const __m128 ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w_scales + 4 * f)));
       const __m256 w_scale = _mm256_set_m128(ws, ws);  // lanes j and j + 4: group j's
       // unrolled, the accumulators stay in registers (rolled, GCC kept them on the stack): 1.05x
@@ -216,7 +223,8 @@ PYSERVE_TARGET_AVX2 void rows_avx2_fours(const IntegerArgs& a, int n0, int n1) {
         const unsigned long at = static_cast<unsigned long>(i) * a.k + static_cast<unsigned long>(f) * kFour;
         const int8_t* q = a.x.q + at;
         __m256i dot = _mm256_setzero_si256();
-        for (int t = 0; t < 4; ++t) dot = _mm256_add_epi32(dot, dot_bytes<WeightFormat::kInt8>(u[t], q + 32 * t));
+        for (int t = 0; t < 4; ++t)
+          dot = _mm256_add_epi32(dot, dot_bytes<WeightFormat::kInt8>(magnitude[t], u[t], q + 32 * t));
         const __m256 x_scale = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(a.x.scales + at / kQuantGroup));
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w_scale, x_scale), acc[i]);
       }
@@ -304,6 +312,8 @@ PYSERVE_TARGET_AVX2 void quantize_rows_avx2(const float* x, long rows, int k, in
   auto lane_sums = [&](__m256i v) PYSERVE_TARGET_AVX2 {
     return _mm256_mullo_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones, v), pairs), minus_zero);
   };
+  // a prompt's rows are worth splitting among threads; a decode step's few are not
+#pragma omp parallel for schedule(static) if (rows >= 16)
   for (long r = 0; r < rows; ++r) {
     __m256i four[4];
     for (int g = 0; g < groups; ++g) {
@@ -372,29 +382,35 @@ void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
     layout = int8 ? InputLayout::kFours : InputLayout::kPairs;
   }
 #endif
-  // a decode step makes dozens of these calls: the buffers are kept, one set a calling thread
+  // A decode step makes dozens of these calls: the buffers are kept, one set a calling thread. A
+  // prompt's rows go kRowBlock at a time, which bounds them (and keeps a block's inputs in L2).
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> x_scales;
   thread_local std::vector<int32_t> start;
-  const long values = static_cast<long>(a.m) * a.k;
-  q.resize(values);
-  x_scales.resize(values / kQuantGroup);
-  start.resize(zero_point ? values / 4 : 0);
+  const long block_values = static_cast<long>(std::min(a.m, kRowBlock)) * a.k;
+  q.resize(block_values);
+  x_scales.resize(block_values / kQuantGroup);
+  start.resize(zero_point ? block_values / 4 : 0);
   int32_t* starts = zero_point ? start.data() : nullptr;
+  for (int r0 = 0; r0 < a.m; r0 += kRowBlock) {
+    const int rows = std::min(a.m - r0, kRowBlock);
+    const float* x = a.x + static_cast<long>(r0) * a.k;
+    const long values = static_cast<long>(rows) * a.k;
 #ifdef PYSERVE_X86
-  if (isa >= Isa::kAVX2)
-    quantize_rows_avx2(a.x, a.m, a.k, zero_point, layout, q.data(), x_scales.data(), starts);
-  else
+    if (isa >= Isa::kAVX2)
+      quantize_rows_avx2(x, rows, a.k, zero_point, layout, q.data(), x_scales.data(), starts);
+    else
 #endif
-  {
-    quantize_row_groups(a.x, values / kQuantGroup, reinterpret_cast<signed char*>(q.data()), x_scales.data());
-    for (long d = 0; starts && d < values / 4; ++d)
-      starts[d] = -zero_point * (q[4 * d] + q[4 * d + 1] + q[4 * d + 2] + q[4 * d + 3]);
+    {
+      quantize_row_groups(x, values / kQuantGroup, reinterpret_cast<signed char*>(q.data()), x_scales.data());
+      for (long d = 0; starts && d < values / 4; ++d)
+        starts[d] = -zero_point * (q[4 * d] + q[4 * d + 1] + q[4 * d + 2] + q[4 * d + 3]);
+    }
+    const IntegerArgs args{Int8Rows{q.data(), x_scales.data(), starts}, a.w, a.scales, a.bias,
+                           a.out + static_cast<long>(r0) * a.n, rows, a.n, a.k, a.format};
+    // 32 weight rows a task, as the fp32-activation kernels
+    in_row_passes(args, 32, [fns](const IntegerArgs& part, int n0, int n1) { fns[part.m - 1](part, n0, n1); });
   }
-  const Int8Rows x{q.data(), x_scales.data(), starts};
-  const IntegerArgs args{x, a.w, a.scales, a.bias, a.out, a.m, a.n, a.k, a.format};
-  // 32 weight rows a task, as the fp32-activation kernels
-  in_row_passes(args, 32, [fns](const IntegerArgs& part, int n0, int n1) { fns[part.m - 1](part, n0, n1); });
 }
 
 }  // namespace pyserve::cpu

@@ -1,4 +1,4 @@
-// Decode-sized products over int8/int4 weights whose input rows are quantized too: each group of
+// Products over int8/int4 weights whose input rows are quantized too: each group of
 // 32 inputs to int8 with a scale of its own (as llama.cpp quantizes activations for its Q8_0 and
 // Q4_0 dot products), so that a group's 32 products are one integer dot product. Asked for with
 // QuantizedLinearArgs::int8_activations; quantized_linear sends such calls here.

@@ -1,6 +1,6 @@
 // CPU products over low-precision weights, for decode-sized batches (any number of rows; the
-// facade sends up to kMaxPackedRows, prefill goes to GEMM): y[m] = dequant(W) x[m] + b, fp32
-// activations (or int8 ones when asked) and fp32 accumulation.
+// facade sends up to kMaxPackedRows, and w8a8/w4a8 prompts too; other prompts go to GEMM):
+// y[m] = dequant(W) x[m] + b, fp32 activations (or int8 ones when asked) and fp32 accumulation.
 //
 // Weight formats (W is [N, K], row-major; K a multiple of 32 for the grouped formats):
 //   bf16  uint16 [N, K]: the top half of each fp32 weight (round to nearest even)

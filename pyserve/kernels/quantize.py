@@ -11,11 +11,10 @@ Formats (see csrc/cpu/quantized_linear.h for the byte layout):
 - int4: an fp16 scale per group of 32, q in [0, 15] standing for q - 8, two per byte (Q4_0; 0.5625
   bytes).
 
-w8a8 and w4a8 are int8 and int4 weights whose decode-sized products (up to MAX_PACKED_ROWS rows)
-also quantize their input rows to int8 per group of 32 (`quantize_rows`) and take integer dot
-products, as llama.cpp's Q8_0 and Q4_0 do on CPUs: the same bytes read for a third of the work.
-Prefill-sized products keep fp32 inputs. GPU back-ends run them as int8 and int4 with their own
-(bf16) activations.
+w8a8 and w4a8 are int8 and int4 weights whose products also quantize their input rows to int8 per
+group of 32 (`quantize_rows`) and take integer dot products, as llama.cpp's Q8_0 and Q4_0 do on
+CPUs: the same bytes read for a third of the work, in decode and prefill alike. GPU back-ends run
+them as int8 and int4 with their own (bf16) activations.
 """
 
 from dataclasses import dataclass
@@ -70,11 +69,11 @@ class QuantizedWeight:
         return (q * self.scales[..., None].float()).view(n, k).to(dtype)
 
 
-def packed_rows(x: torch.Tensor, weight, limit: int = MAX_PACKED_ROWS) -> int:
+def packed_rows(x: torch.Tensor, weight) -> int:
     """The rows of x when a decode-sized kernel over the packed weight takes the product; 0 when
     the weight is not packed or the batch is large (or empty): then a GEMM on the unpacked weight."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= limit else 0
+    return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= MAX_PACKED_ROWS else 0
 
 
 # Beyond MAX_PACKED_ROWS a product unpacks its weight for a GEMM: whole where the fp32 copy is at
@@ -89,7 +88,7 @@ UNPACK_BLOCK_BYTES = 4 * 2**20
 def unpacked_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x times the weight's values through torch's GEMM (cuBLAS on a GPU), a large packed weight
     unpacked a block of rows at a time: the path of prefill-sized batches, where the arithmetic,
-    not the bytes, is the cost. Inputs stay as they are (w8a8 quantizes only decode-sized ones)."""
+    not the bytes, is the cost. Inputs stay as they are (the caller quantizes w8a8's)."""
     if not isinstance(weight, QuantizedWeight):
         return torch.nn.functional.linear(x, weight, bias)
     n, k = weight.shape

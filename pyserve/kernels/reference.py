@@ -7,7 +7,7 @@ import torch
 
 from . import rng
 from .checks import check
-from .quantize import QuantizedWeight, packed_rows, quantize_rows
+from .quantize import QuantizedWeight, quantize_rows
 from .types import Coef, DecodeOutput, DecoderModelWeights, DecoderStackWeights, SampleResult, SamplingTensors
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):  # the packed formats mean their dequantized values
-        if weight.int8_activations and packed_rows(x, weight):
+        if weight.int8_activations:
             x = quantize_rows(x).to(x.dtype)
         weight = weight.dequantize(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
