@@ -3,17 +3,18 @@ int4 weights, in one run, next to the machine's copy bandwidth measured in the s
 
     python bench/quant.py [--quick] [--llama-server PATH --gguf-dir DIR] [--formats none,w8a8] [--rounds N]
 
-For each format (w8a8/w4a8: int8/int4 weights whose decode products quantize their inputs to int8,
-as llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
-tokens/s, 64 concurrent streams' output tokens/s (each side's server over HTTP), and the bandwidth batch-1 decode achieves
-(bytes per token x tokens/s) as a fraction of the copy bandwidth, two ways: the best tokens/s over
-the best copy of the run, and the median over rounds of each measurement against the copies
+For each format (w8a8/w4a8: int8/int4 weights whose products quantize their inputs to int8, as
+llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
+tokens/s, 64 concurrent streams' output tokens/s (each side's server over HTTP), and the bandwidth
+batch-1 decode achieves (bytes per token x tokens/s) as a fraction of the copy bandwidth, two
+ways: the best tokens/s over the best copy of the run, and the median over rounds of each measurement against the copies
 taken just before and after it (this machine's memory pace drifts by up to 1.5x within a minute,
 so a best copy and a best decode are seldom from the same moment). With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
 the same batch-1 decode for comparison, in the same rounds as pyserve's (best of the rounds,
 three by default, each taking every format and file in turn; 64 streams likewise, in one round
-fewer; every round's figure is kept under "rounds"). Writes bench/results/quant.json (with
+fewer; every round's figure is kept under "rounds", and the ratios to llama.cpp are given best
+against best and as the median of each round's ratio). Writes bench/results/quant.json (with
 --formats, quant-<formats>.json).
 """
 
@@ -222,26 +223,34 @@ def main() -> None:
         result["llama_cpp_streams64_tokens_per_s"] = theirs_64
         result["llama_cpp_batch1_fraction_of_copy_bandwidth_paired"] = {name: paired[name] for name in files
                                                                          if name in paired}
+        # best against best, and the median of each round's ratio (the two sides measured
+        # minutes apart at most: the memory pace's drift mostly cancels)
         result["vs_llama_cpp"] = {
             format: {"gguf": gguf,
                      "batch1": rows[format]["batch1_tokens_per_s"] / result["llama_cpp_batch1_tokens_per_s"][gguf],
+                     "batch1_median_of_rounds": statistics.median(
+                         a / b for a, b in zip(spread[format], spread[gguf])),
                      "streams64": rows[format]["streams64_tokens_per_s"]
-                     / result["llama_cpp_streams64_tokens_per_s"][gguf]}
+                     / result["llama_cpp_streams64_tokens_per_s"][gguf],
+                     "streams64_median_of_rounds": statistics.median(
+                         a / b for a, b in zip(spread_64[format], spread_64[gguf]))}
             for format, gguf in GGUF_OF.items() if gguf in files and format in formats}
     print(f"{result['machine']}; copy bandwidth {copy:.1f} GB/s (best of {len(bandwidth)})")
     print(f"{'format':<6} {'MiB/token':>10} {'batch-1 tok/s':>14} {'vs fp32':>8} {'64 streams tok/s':>17} "
           f"{'vs fp32':>8} {'of copy bw: best':>17} {'paired':>7}")
     for name, row in rows.items():
         print(f"{name:<6} {row['weight_mib_read_per_token']:>10.1f} {row['batch1_tokens_per_s']:>14.1f} "
-              f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} {row['streams64_vs_fp32']:>7.2f}x "
+              f"{row['batch1_vs_fp32']:>7.2f}x {row['streams64_tokens_per_s']:>17.1f} "
+              f"{row['streams64_vs_fp32']:>7.2f}x "
               f"{row['batch1_fraction_of_copy_bandwidth']:>16.0%} "
               f"{row['batch1_fraction_of_copy_bandwidth_paired']:>7.0%}")
     for name, value in result.get("llama_cpp_batch1_tokens_per_s", {}).items():
         print(f"llama.cpp {name}: batch-1 {value:.1f} tok/s ({paired.get(name, float('nan')):.0%} of copy bw, paired), "
               f"64 streams {result['llama_cpp_streams64_tokens_per_s'][name]:.1f} tok/s")
     for format, ratio in result.get("vs_llama_cpp", {}).items():
-        print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x, "
-              f"64 streams {ratio['streams64']:.2f}x")
+        print(f"pyserve {format} vs llama.cpp {ratio['gguf']}: batch 1 {ratio['batch1']:.2f}x "
+              f"(median of rounds {ratio['batch1_median_of_rounds']:.2f}x), 64 streams {ratio['streams64']:.2f}x "
+              f"({ratio['streams64_median_of_rounds']:.2f}x)")
     write_result("quant" if formats == list(FORMATS) else "quant-" + "-".join(formats), result, args.quick)
 
 
