@@ -7,9 +7,9 @@ For each format (w8a8/w4a8: int8/int4 weights whose products quantize their inpu
 llama.cpp's do): the bytes a decode step reads (the packed linear weights), batch-1 decode
 tokens/s, 64 concurrent streams' output tokens/s (each side's server over HTTP), and the bandwidth
 batch-1 decode achieves (bytes per token x tokens/s) as a fraction of the copy bandwidth, two
-ways: the best tokens/s over the best copy of the run, and the median over rounds of each measurement against the copies
-taken just before and after it (this machine's memory pace drifts by up to 1.5x within a minute,
-so a best copy and a best decode are seldom from the same moment). With `--llama-server` (a built
+ways: the best tokens/s over the best copy of the run, and the median over rounds of each
+measurement against the copies taken just before and after it (this machine's memory pace drifts
+by up to 1.5x within a minute, so a best copy and a best decode are seldom from the same moment). With `--llama-server` (a built
 llama.cpp server) and `--gguf-dir` (the same weights as f32/q8_0/q4_0 .gguf files), llama.cpp runs
 the same batch-1 decode for comparison, in the same rounds as pyserve's (best of the rounds,
 three by default, each taking every format and file in turn; 64 streams likewise, in one round

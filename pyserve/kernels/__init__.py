@@ -103,7 +103,8 @@ def decode_step(token_ids: list[int], positions: list[int], slots: list[int], bl
     `reference.decode_step`.
 
     Returns None when the back-end has no such path (the CPU's takes what `decoder_stack` takes,
-    counting the head among the products; the GPU back-ends have none yet): run `decoder_stack` and the head instead.
+    counting the head among the products; the GPU back-ends have none yet): run `decoder_stack`
+    and the head instead.
     """
     batch, vocab = len(token_ids), weights.embedding.shape[0]
     checks.check(batch > 0 and len(positions) == len(slots) == len(block_tables) == batch,
