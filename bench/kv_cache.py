@@ -18,12 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llm_throughput import make_checkpoint  # noqa: E402
-from quant import llama_cpp_completion, packed_bytes  # noqa: E402
+from quant import llama_cpp_completion, packed_bytes, wait_healthy  # noqa: E402
 from report import write_result  # noqa: E402
 
 from pyserve import LLM, SamplingParams  # noqa: E402
@@ -55,16 +54,10 @@ def decode_rate(llm: LLM, batch: list[list[int]]) -> float:
 
 def llama_cpp_rate(server: Path, gguf: Path, ids: list[int], port: int = 8790) -> float:
     """llama.cpp's decode tokens/s on one prompt, from its own timings."""
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-c", "2048",
-                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = wait_healthy(subprocess.Popen([str(server), "-m", str(gguf), "--port", str(port), "-t", "2", "-c", "2048",
+                                          "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                        port, "llama-server")
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
         return llama_cpp_completion(ids, NEW_TOKENS, port)["timings"]["predicted_per_second"]
     finally:
         proc.terminate()

@@ -4,7 +4,7 @@ import torch
 
 from . import reference
 from .checks import check
-from .quantize import FORMAT_CODES, QuantizedWeight, quantize_rows, unpacked_linear
+from .quantize import FORMAT_CODES, QuantizedWeight, input_rows, quantize_rows, unpacked_linear
 from .types import DecodeOutput, DecoderModelWeights, DecoderStackWeights, SampleResult, SamplingTensors
 
 try:
@@ -58,7 +58,7 @@ PASSES_MAX_ROWS, PASSES_MAX_K = 32, 1024
 def linear(x, weight, bias=None):
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = input_rows(x)
     decode_sized = rows <= _C.MAX_LINEAR_ROWS or (rows <= PASSES_MAX_ROWS and x.shape[-1] <= PASSES_MAX_K)
     fits = (0 < rows and decode_sized and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32))
@@ -214,9 +214,11 @@ def quantized_linear(x, weight: QuantizedWeight, bias=None, isa: str = "auto"):
     take torch's GEMM on the weight unpacked a block of rows at a time (`unpacked_linear`). w8a8
     and w4a8 keep their integer kernels for any batch on a CPU with AVX2: there they outpace that
     GEMM (a Llama layer's products at 2,048 rows on 2 AVX2 cores: w4a8 1.34x, w8a8 1.0x to 1.1x)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    integer = weight.int8_activations and isa != "scalar" and _C.best_isa() >= ISAS["avx2"]
-    if not (0 < rows <= _C.MAX_PACKED_ROWS or (rows and integer)):
+    rows = input_rows(x)
+    # (the instruction set is asked only for a prompt: decode steps call this dozens of times)
+    integer_prompt = (rows > _C.MAX_PACKED_ROWS and weight.int8_activations and isa != "scalar"
+                      and _C.best_isa() >= ISAS["avx2"])
+    if not (0 < rows <= _C.MAX_PACKED_ROWS or integer_prompt):
         if weight.int8_activations:  # the same meaning without the integer kernels
             x = quantize_rows(x).to(x.dtype)
         return unpacked_linear(x, weight, bias)

@@ -69,10 +69,15 @@ class QuantizedWeight:
         return (q * self.scales[..., None].float()).view(n, k).to(dtype)
 
 
+def input_rows(x: torch.Tensor) -> int:
+    """The rows a product's input [..., K] holds (0 where K is 0)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def packed_rows(x: torch.Tensor, weight) -> int:
     """The rows of x when a decode-sized kernel over the packed weight takes the product; 0 when
     the weight is not packed or the batch is large (or empty): then a GEMM on the unpacked weight."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = input_rows(x)
     return rows if isinstance(weight, QuantizedWeight) and 0 < rows <= MAX_PACKED_ROWS else 0
 
 
