@@ -213,7 +213,21 @@ def test_packed_models_decode_a_busy_batch_in_one_call():
     got = kernels.decode_step(ids, positions, slots, tables, weights, mine[:2], mine[2:], scale=0.25)
     want = reference.decode_step(ids, positions, slots, tables, weights, theirs[:2], theirs[2:], 0.25)
     assert got is not None
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-4, rtol=1e-4)
+
+    # int8 inputs round each value to one of 255 levels: a row with a value within fp32 rounding of
+    # a level's edge has two right answers, a level apart. The reference run on embeddings moved by
+    # fp32 rounding finds such rows; every other row must match it to fp32 rounding.
+    def reference_logits(noise_seed):
+        noise = rand(*embedding.shape, seed=noise_seed) * 1e-6
+        moved = kernels.DecoderModelWeights(stack, embedding + noise, inv_freq, weights.head)
+        fresh = [c.clone() for c in caches]
+        return reference.decode_step(ids, positions, slots, tables, moved, fresh[:2], fresh[2:], 0.25).logits
+
+    moves = torch.stack([(reference_logits(s) - want.logits).abs().amax(1) for s in (101, 102, 103)]).amax(0)
+    pinned = moves < 1e-4
+    assert pinned.sum() >= rows - 4, "the test's data should leave nearly every row well defined"
+    torch.testing.assert_close(got.logits[pinned], want.logits[pinned], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.logits, want.logits, atol=0.1, rtol=0)  # a level apart, no more
     assert got.greedy == reference.greedy(got.logits).tolist()
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

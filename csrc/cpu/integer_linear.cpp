@@ -365,8 +365,7 @@ template <int M> struct VNNI { static void run(const IntegerArgs& a, int n0, int
 }  // namespace
 
 void integer_linear(const QuantizedLinearArgs& a, Isa isa) {
-  static const Isa best = best_isa();
-  if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
+  isa = resolve_isa(isa);
   auto fns = Table<Scalar>::fns;
   int zero_point = 0;  // of the weights' unsigned bytes, for the kernel chosen
   InputLayout layout = InputLayout::kElementOrder;

@@ -5,6 +5,8 @@
 // features, so one binary runs on CPUs with either (and falls back to scalar code without AVX2).
 #include "cpu/quantized_linear.h"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cpu/integer_linear.h"
@@ -185,7 +187,9 @@ template <int M> struct AVX2 { static void run(const QuantizedLinearArgs& a, int
 
 }  // namespace
 
-Isa best_isa() {
+namespace {
+
+Isa cpu_isa() {
 #ifdef PYSERVE_X86
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     return Isa::kAVX512;
@@ -194,10 +198,27 @@ Isa best_isa() {
   return Isa::kScalar;
 }
 
+std::atomic<int> isa_limit{static_cast<int>(Isa::kAVX512)};
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa cpu = cpu_isa();
+  return static_cast<Isa>(std::min(static_cast<int>(cpu), isa_limit.load(std::memory_order_relaxed)));
+}
+
+void set_isa_limit(Isa limit) {
+  isa_limit.store(limit == Isa::kAuto ? static_cast<int>(Isa::kAVX512) : static_cast<int>(limit));
+}
+
+Isa resolve_isa(Isa isa) {
+  const Isa best = best_isa();
+  return isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best) ? best : isa;
+}
+
 void quantized_linear(const QuantizedLinearArgs& a, Isa isa) {
   if (a.int8_activations && a.format != WeightFormat::kBF16) return integer_linear(a, isa);
-  static const Isa best = best_isa();
-  if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
+  isa = resolve_isa(isa);
   auto fns = Table<Scalar>::fns;
 #ifdef PYSERVE_X86
   if (isa == Isa::kAVX512) fns = Table<AVX512>::fns;

@@ -73,6 +73,12 @@ inline void prefetch_ahead(const void* w, const uint16_t* scales, long n, int k,
   const char* scales_ahead = reinterpret_cast<const char*>(scales) + (n + kPrefetchBytes / bytes) * scale_bytes;
   for (long off = 0; off < scale_bytes; off += 64) __builtin_prefetch(scales_ahead + off);
 }
-Isa best_isa();  // what kAuto resolves to on this CPU
+// What kAuto resolves to: the widest set this CPU has, at most the process's limit. The limit
+// (set_isa_limit; the Python facade sets it from PYSERVE_CPU_ISA) lets one AVX-512 machine test
+// the AVX2 and scalar paths, which the machines without AVX-512 take.
+Isa best_isa();
+void set_isa_limit(Isa limit);
+// isa as a kernel takes it: kAuto and anything wider than best_isa() become best_isa().
+Isa resolve_isa(Isa isa);
 
 }  // namespace pyserve::cpu

@@ -1,4 +1,11 @@
-"""The C++ CPU back-end (`pyserve._C`): fp32 compute; other dtypes are converted at the edges."""
+"""The C++ CPU back-end (`pyserve._C`): fp32 compute; other dtypes are converted at the edges.
+
+The x86 kernels pick their instruction set at run time. `PYSERVE_CPU_ISA` (avx2, scalar) caps it,
+so that an AVX-512 machine runs the paths that AVX2-only machines take; `set_isa_limit` does the
+same from code (tests).
+"""
+
+import os
 
 import torch
 
@@ -75,8 +82,20 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}  # csrc/cpu/quantized_li
 
 
 def best_isa() -> str:
-    """The widest instruction set the packed-weight kernels use on this CPU."""
+    """The widest instruction set the packed-weight kernels use on this CPU, within the limit."""
     return {v: k for k, v in ISAS.items()}[_C.best_isa()]
+
+
+def set_isa_limit(isa: str) -> None:
+    """Cap the instruction set every CPU kernel may use ("auto": none); returns nothing, takes effect
+    for the next call on any thread."""
+    if isa not in ISAS:
+        raise ValueError(f"PYSERVE_CPU_ISA: {isa!r} is not one of {sorted(ISAS)}")
+    _C.set_isa_limit(ISAS[isa])
+
+
+if AVAILABLE:
+    set_isa_limit(os.environ.get("PYSERVE_CPU_ISA", "auto").lower() or "auto")
 
 
 def rms_norm(x, weight, eps, residual=None):
