@@ -23,7 +23,7 @@ from tiny_models import train_tokenizer  # noqa: E402
 from pyserve import LLM, SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copy_bandwidth_gbs  # noqa: E402
+from kernel_ops import copy_bandwidth_gbs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

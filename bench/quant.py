@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copy_bandwidth_gbs  # noqa: E402
+from kernel_ops import copy_bandwidth_gbs  # noqa: E402
 from llm_throughput import batch1_decode, make_checkpoint  # noqa: E402
 from report import write_result  # noqa: E402
 

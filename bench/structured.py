@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import timeit  # noqa: E402
+from kernel_ops import timeit  # noqa: E402
 from llm_throughput import save_benchmark_llama  # noqa: E402
 from report import write_result  # noqa: E402
 

@@ -94,9 +94,11 @@ def _serve(args) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_loras=args.max_loras, kv_cache_dtype=args.kv_cache_dtype, **batching))
     try:
-        config = ServerConfig(args.host, args.port, args.msgpack_port or None, access, args.feedback_db,
-                              args.drain_timeout, args.ssl_certfile, args.ssl_keyfile, args.log_level,
-                              frozenset(args.allowed_image_hosts), tuple(_lora_pairs(args.lora)))
+        config = ServerConfig(host=args.host, port=args.port, msgpack_port=args.msgpack_port or None, access=access,
+                              feedback_db=args.feedback_db, drain_seconds=args.drain_timeout,
+                              ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
+                              allowed_image_hosts=frozenset(args.allowed_image_hosts),
+                              lora_adapters=tuple(_lora_pairs(args.lora)))
         config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:

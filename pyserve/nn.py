@@ -59,6 +59,20 @@ class Linear(LoraTarget, nn.Linear):
         return self.add_adapters(kernels.linear(x, self.matrix, self.bias), x, adapters)
 
 
+class FusedLinear(Linear):
+    """One Linear for several that read the same input (q/k/v, gate/up): one larger product a step.
+    Its output rows are the parts' in order; a checkpoint's separate tensors load into their
+    rows (see `TextModule.packed_modules_mapping` and `pyserve.weights.load_tensors`)."""
+
+    def __init__(self, in_features: int, parts: tuple[int, ...], bias: bool = True, **kwargs):
+        super().__init__(in_features, sum(parts), bias=bias, **kwargs)
+        self.parts = tuple(parts)
+
+    def rows(self, index: int) -> tuple[int, int]:
+        """(first row, row count) of part `index`."""
+        return sum(self.parts[:index]), self.parts[index]
+
+
 def release(module: nn.Module, name: str) -> int:
     """Drop a parameter's storage once a packed copy replaced it (the name stays); returns its bytes."""
     old = getattr(module, name)

@@ -106,6 +106,10 @@ class TensorParallelModel:
         atexit.register(self.close)  # before multiprocessing's own exit hook kills the workers
 
     vision = None
+    fused_decode = False  # the ranks' steps go through forward
+
+    def decode(self, batch, cache):
+        return None
 
     def forward(self, input_ids, positions, meta, cache: KVCache, images=None, adapters=None):
         if images is not None or adapters is not None:
@@ -168,8 +172,6 @@ def _load_shard(plugin, model_dir, group: Group, device: str, dtype, quantizatio
     from .nn import pack_as_asked
 
     model = plugin.load(Path(model_dir), device=str(_rank_device(device, group.rank)), dtype=dtype)
-    if not hasattr(model.module, "shard"):
-        raise ValueError(f"the {plugin.name} plugin does not support tensor parallelism")
     model.module.shard(group)
     model.spec = dataclasses.replace(model.spec, num_kv_heads=model.spec.num_kv_heads // group.size)
     pack_as_asked(model, quantization)

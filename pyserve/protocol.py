@@ -53,11 +53,13 @@ def decode(body: bytes) -> dict:
 
 
 def tensor_to_wire(value) -> dict:
-    """A numpy array (or a list of bytes) as a wire tensor {dtype, shape, data}: raw little-endian
-    values, so nothing is converted on the way."""
+    """A numpy array (or a list of bytes, or an object array of bytes) as a wire tensor
+    {dtype, shape, data}: raw little-endian values, so nothing is converted on the way."""
+    import numpy as np
     if isinstance(value, list) and all(isinstance(v, bytes) for v in value):
         return {"dtype": "bytes", "shape": [len(value)], "data": value}
-    import numpy as np
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return {"dtype": "bytes", "shape": list(value.shape), "data": [bytes(v) for v in value.reshape(-1)]}
     array = np.ascontiguousarray(value)
     return {"dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
             "data": array.astype(array.dtype.newbyteorder("<")).tobytes()}

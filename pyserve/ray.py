@@ -71,7 +71,7 @@ class EngineReplica:
                                       boundaries=[1, 4, 16, 64, 256, 1024, 4096], tag_keys=tuple(tags))
         step = ray_metrics.Histogram("pyserve_replica_engine_step_seconds", "Time per engine step",
                                      boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5], tag_keys=tuple(tags))
-        self.driver.set_step_observer(lambda rows, tokens: batch.observe(tokens, tags=tags),
+        self.driver.add_step_observer(lambda rows, tokens: batch.observe(tokens, tags=tags),
                                       lambda seconds: step.observe(seconds, tags=tags))
 
     def info(self):
@@ -109,7 +109,7 @@ class ReplicaDriver:
         return EngineStats(running=sum(s.running for s in loads), waiting=sum(s.waiting for s in loads),
                            cache_usage=sum(s.cache_usage for s in loads) / len(loads))
 
-    def set_step_observer(self, observer, timer=None) -> None:
+    def add_step_observer(self, observer=None, timer=None) -> None:
         """Steps happen in the replicas, which report them to Ray's metrics export instead."""
 
     async def submit(self, request_id: str | None, request) -> AsyncIterator[Any]:

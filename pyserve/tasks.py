@@ -11,9 +11,12 @@ for it:
   batching).
 """
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from .kernels.types import DecodeOutput
@@ -99,17 +102,6 @@ def kv_cache_dtype_for(spec: TextModelSpec, asked: str | None) -> torch.dtype:
 
 
 @dataclass
-class Tokenizing:
-    """Tokenizer-side facts of a model: special ids, chat template, generation defaults."""
-
-    eos_token_ids: list[int] = field(default_factory=list)
-    bos_token: str | None = None
-    eos_token: str | None = None
-    chat_template: str | None = None
-    generation_defaults: dict = field(default_factory=dict)
-
-
-@dataclass
 class ImageInput:
     """One image of a prompt, prepared by its model's `VisionSpec.preprocess`."""
 
@@ -136,9 +128,13 @@ class VisionSpec:
 
 
 class TextGenerationModel(Protocol):
+    """What the LLM engine calls; `pyserve.text_model.TextModel` provides it over a plugin's
+    `TextModule`."""
+
     spec: TextModelSpec
     tokenizer: "object"  # a pyserve.tokenizer.Tokenizer
-    vision: VisionSpec | None  # None: text only (a model may leave the attribute out)
+    vision: VisionSpec | None  # None: text only
+    fused_decode: bool  # whether `decode` may answer; False: the engine never builds its batch
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache: KVCache, images: StepImages | None = None) -> torch.Tensor:
@@ -152,7 +148,7 @@ class TextGenerationModel(Protocol):
         """Logits [N, vocab] (fp32) for the given hidden rows."""
 
     def decode(self, batch: DecodeBatch, cache: KVCache) -> DecodeOutput | None:
-        """Optional: a decode step's logits (and greedy tokens) in one call, writing its keys and
+        """A decode step's logits (and greedy tokens) in one call, writing its keys and
         values to the cache as `forward` does; None declines, and the engine runs `forward` and
         `compute_logits` instead. Engines call it only for steps without images or adapters."""
 
@@ -214,24 +210,34 @@ class Operation:
 DEFAULT_OPERATION = "infer"
 
 
-class TensorModel(Protocol):
-    """A one-shot model: a declared signature and a batched `run`."""
+class TensorModel:
+    """A one-shot model: a declared signature and a batched `run`. Plugins subclass it and set what
+    they need; the batch engine reads exactly these attributes and calls exactly these methods.
 
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    max_batch_size: int
+    Must: `run`, and either `inputs` and `outputs` (one thing the model does, the operation
+    "infer") or `operations` (several: a VAE encodes, decodes and samples).
+    May: `max_batch_size` and `batching` (a BatchPolicy's fields, usually from the model
+    directory's config), `class_names` (what a class-conditional model's labels stand for), and
+    `check` (value checks beyond the names, dtypes and shapes the engine checks)."""
 
-    def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    operations: tuple[Operation, ...] = ()
+    max_batch_size: int = 8
+    batching: Mapping[str, Any] = MappingProxyType({})
+    class_names: tuple[str, ...] = ()
+
+    def run(self, batch: dict[str, torch.Tensor], operation: str = DEFAULT_OPERATION) -> dict[str, torch.Tensor]:
         """Outputs for a batch whose first dimension stacks items (of one or many requests); item i
         of each output must depend on item i of the inputs alone."""
+        raise NotImplementedError
 
-    # Optional: `check(inputs: dict[str, np.ndarray])` raises InvalidParameter for bad values
-    # (the engine has already checked names, dtypes and shapes against `inputs`).
-    # A model that does several things declares `operations: tuple[Operation, ...]` instead of
-    # `inputs`/`outputs`; then `run(batch, operation)` and `check(inputs, operation)` get its name.
+    def check(self, inputs: dict[str, np.ndarray], operation: str = DEFAULT_OPERATION) -> None:
+        """Raise InvalidParameter naming the input for a bad value (a class label out of range)."""
 
 
 def operations_of(model: TensorModel) -> tuple[Operation, ...]:
     """A model's operations: those it declares, or its one signature as the default operation."""
-    declared = getattr(model, "operations", None)
-    return tuple(declared) if declared else (Operation(DEFAULT_OPERATION, tuple(model.inputs), tuple(model.outputs)),)
+    if model.operations:
+        return tuple(model.operations)
+    return (Operation(DEFAULT_OPERATION, tuple(model.inputs), tuple(model.outputs)),)

@@ -81,9 +81,9 @@ fi
 
 # Timings: kernels against torch baselines and the card's measured peaks; the engine on CUDA.
 if [ $quick = 1 ]; then
-  step bench-kernels 60 python3 bench/kernels.py --gpu-only --quick --ops prefill,decode --results "$OUT"
+  step bench-kernels 60 python3 bench/kernel_ops.py --gpu-only --quick --ops prefill,decode --results "$OUT"
 else
-  step bench-kernels 100 python3 bench/kernels.py --gpu-only --results "$OUT"
+  step bench-kernels 100 python3 bench/kernel_ops.py --gpu-only --results "$OUT"
   step bench-llm 80 python3 bench/llm_throughput.py --device cuda --quick --requests 64 --results "$OUT"
 fi
 

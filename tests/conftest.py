@@ -80,6 +80,13 @@ def serving(model_dir, api_key=None, engine_options=None, loader=None, **config)
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def served(tiny_llama_dir):
+    """The tiny Llama behind a real server with no keys, for a test module: (server, its LLM)."""
+    with serving(tiny_llama_dir) as running:
+        yield running
+
+
 def wait_all_free(llm, seconds=20) -> bool:
     """Whether every KV block of the engine comes free within `seconds` (aborts land asynchronously)."""
     deadline = time.monotonic() + seconds

@@ -10,10 +10,10 @@ import torch
 
 from pyserve.engine.batch import BatchEngine, BatchPolicy, TensorRequest
 from pyserve.errors import EngineUnavailable, InvalidParameter
-from pyserve.tasks import TensorSpec
+from pyserve.tasks import TensorModel, TensorSpec
 
 
-class Doubler:
+class Doubler(TensorModel):
     """y = 2x per item; `batch` tells each item the size of the batch it ran in."""
 
     inputs = [TensorSpec("x", "float32", (3,))]
@@ -23,7 +23,7 @@ class Doubler:
     def __init__(self):
         self.batches: list[int] = []
 
-    def run(self, batch):
+    def run(self, batch, operation="infer"):
         n = batch["x"].shape[0]
         self.batches.append(n)
         return {"y": batch["x"] * 2, "batch": torch.full((n,), n, dtype=torch.int64)}
@@ -126,7 +126,7 @@ def test_under_the_driver_concurrent_clients_are_batched():
     assert threading.active_count() >= 1
 
 
-class Summer:
+class Summer(TensorModel):
     """Any-length rows: y = the sum of each row."""
 
     inputs = [TensorSpec("x", "float32", (-1,))]
@@ -135,7 +135,7 @@ class Summer:
     def __init__(self):
         self.batches = []
 
-    def run(self, batch):
+    def run(self, batch, operation="infer"):
         self.batches.append(tuple(batch["x"].shape))
         return {"y": batch["x"].sum(dim=1)}
 

@@ -218,8 +218,8 @@ def test_a_pool_of_one_slot_swaps_adapters_in_and_out(tiny_llama_dir, peft_model
               lora={name: path for name, (path, _) in peft_models.items()})
     names = ["all", "gate-only", None, "all", "rslora-some", "gate-only"]
     seen = []
-    llm.engine.on_step = lambda rows, tokens: seen.append(
-        {s.adapter for s in llm.engine.scheduler.running if s.adapter >= 0})
+    llm.engine.step_observers.append(lambda rows, tokens: seen.append(
+        {s.adapter for s in llm.engine.scheduler.running if s.adapter >= 0}))
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     outs = llm.generate([PROMPT] * len(names), params, lora=names)
     assert seen and max(len(s) for s in seen) == 1

@@ -12,13 +12,7 @@ from pyserve import SamplingParams
 from pyserve.client import AsyncClient, Client, RemoteError
 from pyserve.protocol import MAX_FRAME_BYTES, ProtocolError, decode, encode, frame_length
 
-from conftest import raw_connection, read_frame, serving, wait_all_free
-
-
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir):
-    with serving(tiny_llama_dir) as running:
-        yield running
+from conftest import raw_connection, read_frame, wait_all_free
 
 
 def test_sync_client_generate_chat_stream(served, reference):

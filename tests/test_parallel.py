@@ -55,5 +55,5 @@ def test_what_tensor_parallelism_refuses(tmp_path):
     finally:
         split.engine.model.close()
     gpt2 = make_model(tmp_path / "gpt2", arch="gpt2")
-    with pytest.raises(ValueError, match="gpt2 plugin does not support tensor parallelism"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel does not support tensor parallelism"):
         LLM(gpt2, device="cpu", tensor_parallel_size=2)

@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from pyserve.engine import EngineDriver, load_engine  # noqa: E402
 from pyserve.engine.diffusion import ImageRequest  # noqa: E402
 from pyserve.server import start_in_thread  # noqa: E402
-from pyserve.server.image_adapters import to_uint8  # noqa: E402
+from pyserve.server.pictures import to_uint8  # noqa: E402
 
 from tiny_models import make_sd_pipeline  # noqa: E402
 

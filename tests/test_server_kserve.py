@@ -10,12 +10,6 @@ from pyserve import SamplingParams
 from conftest import serving
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir):
-    with serving(tiny_llama_dir) as running:
-        yield running
-
-
 @pytest.fixture
 def client(served):
     c = triton.InferenceServerClient(url=served[0].url.removeprefix("http://"))

@@ -26,12 +26,6 @@ from pyserve.protocol import encode
 from conftest import cli_server, raw_connection, read_frame, serving, wait_all_free
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir):
-    with serving(tiny_llama_dir) as running:
-        yield running
-
-
 def post(url: str, data: bytes | str, timeout: float = 60) -> tuple[int, dict]:
     data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})

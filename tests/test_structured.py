@@ -155,12 +155,6 @@ HERMES_TEMPLATE = (
     "{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_llama_dir):
-    with serving(tiny_llama_dir) as running:
-        yield running
-
-
 @pytest.fixture
 def client(served):
     return openai.OpenAI(base_url=served[0].url + "/v1", api_key="none", max_retries=0, timeout=60)

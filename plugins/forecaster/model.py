@@ -14,7 +14,7 @@ from pyserve import kernels
 from pyserve.kernels import rng
 from pyserve.errors import InvalidParameter
 from pyserve.kernels.types import SamplingRow, SamplingTensors
-from pyserve.tasks import TensorSpec
+from pyserve.tasks import DEFAULT_OPERATION, TensorModel, TensorSpec
 
 class Block(nn.Module):
     def __init__(self, d_model: int, num_heads: int):
@@ -90,7 +90,7 @@ def forecast(module: CausalForecaster, binning: Binning, history: torch.Tensor, 
     return binning.values(ids, scale.repeat_interleave(num_samples)[:, None]).view(b, num_samples, horizon)
 
 
-class ForecasterModel:
+class ForecasterModel(TensorModel):
     """The `tensor` task protocol over a CausalForecaster."""
 
     def __init__(self, module: CausalForecaster, config: dict, device: str):
@@ -113,14 +113,14 @@ class ForecasterModel:
         module.load_state_dict(load_file(model_dir / "model.safetensors"))
         return cls(module.to(device), config, device)
 
-    def check(self, inputs: dict[str, np.ndarray]) -> None:
+    def check(self, inputs: dict[str, np.ndarray], operation: str = DEFAULT_OPERATION) -> None:
         history = inputs["history"]
         if np.isinf(history).any():
             raise InvalidParameter("history", "must be finite (NaN marks a missing value)")
         if np.isnan(history).all(axis=1).any():
             raise InvalidParameter("history", "needs at least one known value")
 
-    def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, batch: dict[str, torch.Tensor], operation: str = DEFAULT_OPERATION) -> dict[str, torch.Tensor]:
         paths = forecast(self.module, self.binning, batch["history"].to(self.device), batch["seed"],
                          self.horizon, self.num_samples)
         quantiles = torch.quantile(paths, self.quantile_levels.to(paths.device), dim=1).transpose(0, 1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyserve.errors import InvalidParameter
 from pyserve.kernels import rng
-from pyserve.tasks import TensorSpec
+from pyserve.tasks import DEFAULT_OPERATION, TensorModel, TensorSpec
 
 
 class DCGANGenerator(nn.Module):
@@ -45,7 +45,7 @@ def latents(seeds: torch.Tensor, dim: int) -> torch.Tensor:
     return rng.seeded_normal(seeds, dim, rng.GAN_LATENT_STREAM)
 
 
-class GeneratorModel:
+class GeneratorModel(TensorModel):
     """The `tensor` task protocol over a DCGANGenerator."""
 
     def __init__(self, module: DCGANGenerator, config: dict, device: str):
@@ -66,12 +66,12 @@ class GeneratorModel:
         module.load_state_dict(load_file(model_dir / "model.safetensors"))
         return cls(module.to(device), config, device)
 
-    def check(self, inputs: dict[str, np.ndarray]) -> None:
+    def check(self, inputs: dict[str, np.ndarray], operation: str = DEFAULT_OPERATION) -> None:
         labels = inputs.get("class_label")
         if labels is not None and ((labels < 0) | (labels >= self.module.num_classes)).any():
             raise InvalidParameter("class_label", f"must be in [0, {self.module.num_classes})")
 
-    def run(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, batch: dict[str, torch.Tensor], operation: str = DEFAULT_OPERATION) -> dict[str, torch.Tensor]:
         seeds = batch["seed"].to(self.device)
         labels = batch["class_label"].to(self.device) if "class_label" in batch else None
         images = self.module(latents(seeds, self.module.latent_dim), labels)

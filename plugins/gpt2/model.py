@@ -11,6 +11,7 @@ from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
 from pyserve.nn import LoraTarget, release
 from pyserve.tasks import AttentionMetadata, KVCache
+from pyserve.text_model import TextModule
 
 
 class Conv1D(LoraTarget, nn.Module):
@@ -84,7 +85,7 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg.get("layer_norm_epsilon", 1e-5))
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(TextModule):
     def __init__(self, cfg: dict):
         super().__init__()
         self.transformer = Transformer(cfg)

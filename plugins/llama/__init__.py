@@ -18,12 +18,6 @@ def num_kv_heads(cfg: dict) -> int:
     return cfg.get("num_key_value_heads", cfg["num_attention_heads"])
 
 
-def _build(cfg: dict) -> LlamaForCausalLM:
-    if "Qwen2ForCausalLM" in cfg.get("architectures", []):
-        cfg = {**cfg, "_qkv_bias": True}
-    return LlamaForCausalLM(cfg)
-
-
 class LlamaPlugin(Plugin):
     """Hugging Face directories, and llama.cpp GGUF files of the llama architecture."""
 
@@ -37,15 +31,16 @@ class LlamaPlugin(Plugin):
     def load(self, model_dir, *, device="cpu", dtype=None):
         if gguf_file.is_gguf(Path(model_dir)):
             return self.load_gguf(Path(model_dir), device=device, dtype=dtype)
-        return TextModel.load(model_dir, _build, device=device, dtype=dtype, head_dim=head_dim,
+        return TextModel.load(model_dir, LlamaForCausalLM, device=device, dtype=dtype, head_dim=head_dim,
                               num_kv_heads=num_kv_heads)
 
     def load_gguf(self, path: Path, *, device="cpu", dtype=None) -> TextModel:
         cfg, tensors, tokenizer_meta, weight_format, others = gguf_file.read(path)
 
         def fill(module, buffers):
-            load_tensors(module, ((name, lambda t=t: t) for name, t in tensors.items()), path, optional=buffers)
-        model = TextModel.assemble(cfg, _build, fill, gguf_file.tokenizer_from(tokenizer_meta), device=device,
+            load_tensors(module, ((name, lambda t=t: t) for name, t in tensors.items()), path, optional=buffers,
+                         packed=module.packed_modules_mapping)
+        model = TextModel.assemble(cfg, LlamaForCausalLM, fill, gguf_file.tokenizer_from(tokenizer_meta), device=device,
                                    dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
         model.weight_format = weight_format  # Q8_0/Q4_0 files are packed again as w8a8/w4a8 by default
         # A matrix the file holds in another type (the Q6_K output layer of llama.cpp's Q4_0 files)

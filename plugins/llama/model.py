@@ -10,9 +10,10 @@ from torch import nn
 
 from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
-from pyserve.nn import Linear
+from pyserve.nn import FusedLinear, Linear
 from pyserve.parallel import head_rows, sliced_linear
 from pyserve.tasks import AttentionMetadata, DecodeBatch, KVCache, StepImages
+from pyserve.text_model import TextModule
 
 
 def rope_inv_freq(cfg: dict, head_dim: int) -> torch.Tensor:
@@ -40,18 +41,6 @@ def rope_inv_freq(cfg: dict, head_dim: int) -> torch.Tensor:
     return inv_freq.float()
 
 
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """A Linear whose output is the concatenation of the given ones' outputs."""
-    first = linears[0]
-    fused = Linear(first.in_features, sum(lin.out_features for lin in linears), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
-        if first.bias is not None:
-            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
-    return fused.requires_grad_(False)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -66,18 +55,15 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: dict, head_dim: int, sliding_window: int):
         super().__init__()
-        hidden, bias = cfg["hidden_size"], cfg.get("attention_bias", False) or cfg.get("_qkv_bias", False)
+        hidden = cfg["hidden_size"]
+        # Qwen2 has q/k/v biases and says so only by its architecture
+        qkv_bias = cfg.get("attention_bias", False) or "Qwen2ForCausalLM" in cfg.get("architectures", ())
         self.heads, self.kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
         self.head_dim, self.sliding_window = head_dim, sliding_window
-        self.q_proj = nn.Linear(hidden, self.heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * head_dim, bias=bias)
+        # one projection for q, k and v: one larger matrix-vector product per decode step
+        self.qkv_proj = FusedLinear(hidden, (self.heads * head_dim, self.kv_heads * head_dim, self.kv_heads * head_dim),
+                                    bias=qkv_bias)
         self.o_proj = Linear(self.heads * head_dim, hidden, bias=cfg.get("attention_bias", False))
-
-    def fuse(self) -> None:
-        """One projection for q, k and v: one larger matrix-vector product per decode step."""
-        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
 
     group = None  # a pyserve.parallel.Group once sharded: the output product ends in an all-reduce
 
@@ -113,13 +99,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = FusedLinear(hidden, (intermediate, intermediate), bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
-
-    def fuse(self) -> None:
-        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
 
     group = None  # a pyserve.parallel.Group once sharded
 
@@ -166,7 +147,12 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(TextModule):
+    # the checkpoint's separate projections load into the fused ones built above
+    packed_modules_mapping = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    fused_decode = True
+
     def __init__(self, cfg: dict):
         super().__init__()
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -188,13 +174,6 @@ class LlamaForCausalLM(nn.Module):
 
     def reset_buffers(self) -> None:
         self.inv_freq.copy_(rope_inv_freq(self.cfg, self.head_dim))
-
-    def post_load(self) -> None:
-        """Once weights are in (under their checkpoint names), fuse q/k/v and gate/up."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        self._weights = None
 
     def shard(self, group) -> None:
         """Tensor parallelism (pyserve.parallel): this rank keeps its share of every layer's heads

@@ -92,7 +92,7 @@ class LlavaPlugin(Plugin):
             return name, tensor
 
         def fill(module, buffers):
-            load_weights(module, model_dir, transform=rename, optional=buffers)
+            load_weights(module, model_dir, transform=rename, optional=buffers, packed=module.packed_modules_mapping)
 
         model = TextModel.assemble(text_cfg, lambda text: LlavaForConditionalGeneration(cfg, text), fill,
                                    Tokenizer.from_dir(model_dir), device=device, dtype=dtype,

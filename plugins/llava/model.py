@@ -7,6 +7,7 @@ from torch import nn
 
 from pyserve import kernels
 from pyserve.tasks import StepImages
+from pyserve.text_model import TextModule
 from pyserve_plugins.llama.model import LlamaForCausalLM
 
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
@@ -79,7 +80,10 @@ class VisionTower(nn.Module):
         return x
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(TextModule):
+    packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping  # the language model's
+    fused_decode = True
+
     def __init__(self, cfg: dict, text_cfg: dict):
         super().__init__()
         vision = cfg["vision_config"]
@@ -96,9 +100,6 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def reset_buffers(self) -> None:
         self.language_model.reset_buffers()
-
-    def post_load(self) -> None:
-        self.language_model.post_load()
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 3, H, W] -> [N, tokens per image, text hidden]."""

@@ -7,7 +7,7 @@ import torch
 
 from pyserve.errors import InvalidParameter
 from pyserve.kernels import rng
-from pyserve.tasks import Operation, TensorSpec
+from pyserve.tasks import Operation, TensorModel, TensorSpec
 
 from ..diffusion.attention import use_kernel_attention
 
@@ -19,7 +19,7 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-class VAEModel:
+class VAEModel(TensorModel):
     """The `tensor` task protocol over an AutoencoderKL."""
 
     def __init__(self, vae, device: str, batching: dict | None = None):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..engine import load_engine, run_engine
 from ..engine.batch import TensorRequest
-from ..server.image_adapters import to_uint8
+from ..server.pictures import to_uint8
 from . import demo_model_dirs
 from .data import DIGIT_NAMES, digits, seasonal_series
 from .plots import image_grid

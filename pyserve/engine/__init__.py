@@ -4,6 +4,7 @@
     driver = EngineDriver(engine)                                  # for an asyncio server
 """
 
+import importlib
 import inspect
 import logging
 from pathlib import Path
@@ -27,19 +28,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The engine of each task, imported when first needed (diffusers, for one, is heavy).
+ENGINES = {TEXT_GENERATION: ("llm", "LLMEngine"), IMAGE_GENERATION: ("diffusion", "DiffusionEngine"),
+           TENSOR: ("batch", "BatchEngine")}
+
+
+def engine_class(task: str) -> type:
+    if task not in ENGINES:
+        raise ValueError(f"no engine serves the task {task!r}; tasks: {', '.join(ENGINES)}")
+    module, name = ENGINES[task]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def engine_options(task: str) -> set[str]:
+    """The keyword options the engine of `task` takes."""
+    return {name for name, p in inspect.signature(engine_class(task)).parameters.items()
+            if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
+
+
 def build_engine(task: str, model: Any, **options) -> Engine:
-    """The engine for a loaded model of `task`, with engine options (cache size, batch limits);
-    options another task's engine takes (a server passes one set for all its models) are left out."""
-    if task == TEXT_GENERATION:
-        from .llm import LLMEngine as engine_class
-    elif task == IMAGE_GENERATION:
-        from .diffusion import DiffusionEngine as engine_class
-    elif task == TENSOR:
-        from .batch import BatchEngine as engine_class
-    else:
-        raise ValueError(f"no engine serves the task {task!r} yet")
-    known = inspect.signature(engine_class).parameters
-    return engine_class(model, **{k: v for k, v in options.items() if k in known})
+    """The engine for a loaded model of `task`, with engine options (cache size, batch limits).
+    A server passes one set of options for all its models, so an option that another task's
+    engine takes is left out here; one that no engine takes is an error."""
+    known = engine_options(task)
+    unknown = set(options) - known - set().union(*(engine_options(t) for t in ENGINES if t != task))
+    if unknown:
+        raise TypeError(f"unknown engine option(s) {', '.join(sorted(unknown))}; the {task} engine takes "
+                        f"{', '.join(sorted(known))}")
+    return engine_class(task)(model, **{k: v for k, v in options.items() if k in known})
 
 
 def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,

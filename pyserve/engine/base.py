@@ -1,10 +1,13 @@
 """What every engine offers the engine driver, whatever its task.
 
-An engine describes itself in `info` and is driven from one thread only: `add` (validate and queue a request, raising a
-`ClientError` for bad input), `abort`, `step` (run one batch; returns outputs of the requests that
-progressed, each with `request_id`, `finished` and `error`), `has_unfinished` and `stats`.
+An engine describes itself in `info` and is driven from one thread only: `add` (validate and queue
+a request, raising a `ClientError` for bad input), `abort`, `step` (run one batch; returns outputs
+of the requests that progressed, each with `request_id`, `finished` and `error`), `has_unfinished`
+and `stats`. Each step calls every one of `step_observers` with the step's rows and work items
+(an LLM's sequences and tokens, a diffusion engine's images, a batch's requests and items).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +22,7 @@ class EngineInfo:
     operations: tuple = ()  # pyserve.tasks.Operation of tensor models: named inputs and outputs
     class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
     vision: Any = None  # a pyserve.tasks.VisionSpec for text models that read images
-
+    adapters: bool = False  # takes LoRA adapters (load_lora / unload_lora on the engine)
 
     def operation(self, name: str | None = None, *, takes: str | None = None, makes: str | None = None):
         """The operation called `name`, or the first that takes and makes the named tensors; None if none."""
@@ -56,8 +59,12 @@ class EngineOutput(Protocol):
     error: str | None
 
 
+StepObserver = Callable[[int, int], None]  # (rows, work items) of a step, on the engine's thread
+
+
 class Engine(Protocol):
     info: EngineInfo
+    step_observers: list[StepObserver]
 
     def add(self, request_id: str, request: Any) -> None: ...
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ClientError, EngineUnavailable
-from .base import Engine, EngineStats
+from .base import Engine, EngineStats, StepObserver
 
 log = logging.getLogger("pyserve.engine")
 
@@ -87,7 +87,7 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
         self._stats = engine.stats()
-        self._step_timer = None
+        self._step_timers: list[Callable[[float], None]] = []
         self._ids = itertools.count()
         self._stopping = False
         self.failure: str | None = None  # why the thread stopped, if it stopped on its own
@@ -100,11 +100,14 @@ class EngineDriver:
     def task(self) -> str:
         return self.info.task
 
-    def set_step_observer(self, observer, timer=None) -> None:
+    def add_step_observer(self, observer: StepObserver | None = None,
+                          timer: Callable[[float], None] | None = None) -> None:
         """observer(rows, work items) during every step and timer(seconds) after it, on the engine
-        thread (metrics)."""
-        self._engine.on_step = observer
-        self._step_timer = timer
+        thread (metrics, a Ray replica's figures); call before submitting requests."""
+        if observer is not None:
+            self._engine.step_observers.append(observer)
+        if timer is not None:
+            self._step_timers.append(timer)
 
     @property
     def ready(self) -> bool:
@@ -113,10 +116,6 @@ class EngineDriver:
     def stats(self) -> EngineStats:
         """The load after the latest step (a snapshot: never waits for the engine)."""
         return self._stats
-
-    @property
-    def num_open(self) -> int:
-        return len(self._streams)
 
     async def submit(self, request_id: str | None, request: Any) -> AsyncIterator[Any]:
         """Queue a request and stream its outputs; the last has `finished` set."""
@@ -183,8 +182,8 @@ class EngineDriver:
                     outputs = []
                     self._fail_open(f"{type(exc).__name__}: {exc}")
                 self._stats = self._engine.stats()
-                if self._step_timer is not None:
-                    self._step_timer(time.monotonic() - started)
+                for timer in self._step_timers:
+                    timer(time.monotonic() - started)
                 for out in outputs:
                     self._deliver(out)
         except BaseException as exc:  # noqa: BLE001 - record it, then fail everything open

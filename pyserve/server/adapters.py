@@ -1,18 +1,14 @@
-"""Requests to engine inputs, per task, shared by every front-end (OpenAI, KServe, msgpack).
+"""Text requests to engine inputs, shared by every front-end (OpenAI, KServe, msgpack).
 
-Text: sampling parameters from a map of fields, every prompt form the OpenAI API allows, chat
+Sampling parameters from a map of fields, every prompt form the OpenAI API allows, chat
 messages, and tokenization off the event loop after a size check that refuses a hopeless prompt
-before any of it is tokenized. Tensors: the KServe V2 and msgpack wire tensors as flat values.
-All faults are `ClientError`s naming the field, so the front-ends cannot drift apart.
+before any of it is tokenized. All faults are `ClientError`s naming the field, so the front-ends
+cannot drift apart.
 """
 
 import asyncio
 import json
-import math
-import struct
 from collections.abc import Mapping
-
-import numpy as np
 
 from ..engine.llm import RequestOutput, SamplingParams, StructuredOutput, TextRequest
 from ..errors import InvalidParameter
@@ -279,104 +275,3 @@ def usage(outs: list[RequestOutput]) -> dict:
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
-
-
-# -- text through tensor APIs (KServe V2 infer, msgpack infer) ------------------------------------
-
-TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
-# Scalar inputs a text request may carry besides text_input: name -> KServe V2 datatype.
-SCALAR_INPUTS = {"max_tokens": "INT32", "min_tokens": "INT32", "temperature": "FP32", "top_p": "FP32",
-                 "top_k": "INT32", "min_p": "FP32", "seed": "INT64", "repetition_penalty": "FP32",
-                 "presence_penalty": "FP32", "frequency_penalty": "FP32", "ignore_eos": "BOOL"}
-
-
-def text_from_tensors(inputs: list[tuple[str, list]], parameters: Mapping | None) -> tuple[str, SamplingParams]:
-    """The prompt and sampling parameters of a text request sent as named tensors."""
-    if parameters is not None and not isinstance(parameters, Mapping):
-        raise InvalidParameter("parameters", "must be a map")
-    options = dict(parameters or {})
-    text = None
-    for name, values in inputs:
-        if name == TEXT_INPUT:
-            if len(values) != 1 or not isinstance(values[0], bytes):
-                raise InvalidParameter(TEXT_INPUT, "must hold exactly one BYTES element")
-            text = values[0].decode("utf-8", errors="replace")
-        elif name in SCALAR_INPUTS and len(values) == 1:
-            value = values[0]
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidParameter(name, "must be a finite number")
-            options[name] = value
-        else:
-            raise InvalidParameter(name, "unknown input, or not one element")
-    if not text:
-        raise InvalidParameter(TEXT_INPUT, "is required")
-    options.setdefault("max_tokens", 16)
-    return text, sampling_params(options, chat=False)
-
-
-_KSERVE_NUMERIC = {"INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "UINT8": "<u1", "UINT16": "<u2",
-                   "UINT32": "<u4", "UINT64": "<u8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "BOOL": "?"}
-
-
-def decode_bytes_tensor(raw: bytes, name: str) -> list[bytes]:
-    """BYTES elements in the binary extension: each a 4-byte little-endian length, then the bytes."""
-    items, at = [], 0
-    while at < len(raw):
-        if at + 4 > len(raw):
-            raise InvalidParameter(name, "truncated BYTES tensor data")
-        (n,) = struct.unpack_from("<I", raw, at)
-        if at + 4 + n > len(raw):
-            raise InvalidParameter(name, "truncated BYTES tensor data")
-        items.append(raw[at + 4:at + 4 + n])
-        at += 4 + n
-    return items
-
-
-def encode_bytes_tensor(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def kserve_tensor_values(tensor: dict, blob: bytes | None) -> list:
-    """Flat values of a KServe V2 input, from JSON `data` or its binary-extension blob."""
-    name, dtype = tensor["name"], tensor.get("datatype")
-    if blob is not None:
-        if dtype == "BYTES":
-            return decode_bytes_tensor(blob, name)
-        if dtype not in _KSERVE_NUMERIC:
-            raise InvalidParameter(name, f"unsupported datatype {dtype!r}")
-        return _raw_values(blob, _KSERVE_NUMERIC[dtype], name)
-    data = tensor.get("data")
-    if not isinstance(data, list):
-        raise InvalidParameter(name, "has no data")
-    flat, stack = [], list(reversed(data))
-    while stack:  # the data may be nested like the shape
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
-            flat.append(item)
-    return [v.encode() if dtype == "BYTES" and isinstance(v, str) else v for v in flat]
-
-
-def wire_tensor_values(name: str, tensor) -> list:
-    """Flat values of a msgpack wire tensor: bytes tensors hold a list of bin, others raw data."""
-    if not isinstance(tensor, dict) or "dtype" not in tensor or "data" not in tensor:
-        raise InvalidParameter(name, "must be a map with dtype, shape and data")
-    dtype, data = tensor["dtype"], tensor["data"]
-    if dtype == "bytes":
-        if not isinstance(data, list) or not all(isinstance(v, bytes) for v in data):
-            raise InvalidParameter(name, "bytes tensors hold a list of binary elements")
-        return data
-    if not isinstance(data, bytes) or not isinstance(dtype, str):
-        raise InvalidParameter(name, "data must be raw bytes and dtype a string")
-    return _raw_values(data, dtype, name)
-
-
-def _raw_values(data: bytes, dtype: str, name: str) -> list:
-    try:
-        dt = np.dtype(dtype)
-        if dt.kind not in "biuf":
-            raise TypeError(f"unsupported dtype {dtype!r}")
-        return np.frombuffer(data, dtype=dt.newbyteorder("<")).tolist()
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameter(name, str(exc)) from None

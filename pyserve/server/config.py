@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .auth import AccessPolicy
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerConfig:
     """Options shared by both ports. Port 0 picks a free port; `msgpack_port=None` turns msgpack off.
 

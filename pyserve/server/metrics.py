@@ -1,9 +1,14 @@
 """Prometheus metrics through prometheus_client (one registry per app), labelled by model and task
-so that every engine kind reports into the same families."""
+so that every engine kind reports into the same families.
+
+Requests are counted where they end, in the model registry (`ModelRegistry.on_finish`), so that
+every protocol (OpenAI, KServe, msgpack) reports the same names and labels; each task's
+translator sums up its outputs as an `Outcome`."""
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from . import translators
 from .models import ModelRegistry, ServedModel
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -63,10 +68,11 @@ class Metrics:
         for model in models:
             self.attach(model.name, model)
         models.on_change(self.attach)
+        models.on_finish(self.finished)
 
     def attach(self, name: str, model: ServedModel | None) -> None:
         if model is not None:
-            model.driver.set_step_observer(self._step_observer(model),
+            model.driver.add_step_observer(self._step_observer(model),
                                            self.step_time.labels(model.name, model.task).observe)
 
     def _step_observer(self, model: ServedModel):
@@ -86,34 +92,26 @@ class Metrics:
             self.queue.labels(*labels).observe(t.first_scheduled - t.arrival)
         return True
 
-    def request_finished(self, model: ServedModel, out, images=None) -> None:
-        """Record an image or tensor request that ended (its last output: `error`, `times`) and the
-        images it made (an array of them, or None)."""
+    def finished(self, model: ServedModel, out, aborted: bool) -> None:
+        """Record a request that ended (its last output), on any protocol."""
+        outcome = translators.for_model(model).outcome(out, aborted)
         labels = (model.name, model.task)
-        self.requests.labels(*labels, "error" if out.error else "finished").inc()
-        if images is not None and len(images):
-            self.images.labels(*labels).inc(len(images))
-        self._times(labels, out.times)
-
-    def finished(self, model: ServedModel, outs: list, status: str | None = None) -> None:
-        """Record requests that ended (status: the first one's finish reason unless given)."""
-        labels = (model.name, model.task)
-        for out in outs:
-            generated = sum(len(o.token_ids) for o in out.outputs)
-            state = status or ("error" if out.error else out.outputs[0].finish_reason or "unknown")
-            self.requests.labels(*labels, state).inc()
-            self.prompt_tokens.labels(*labels).inc(len(out.prompt_token_ids))
-            self.generation_tokens.labels(*labels).inc(generated)
-            t = out.times
-            if not self._times(labels, t):
-                continue
-            if t.first_token is not None:
-                self.ttft.labels(*labels).observe(t.first_token - t.arrival)
-                per_seq = max(generated // max(len(out.outputs), 1), 1)
-                if per_seq > 1:
-                    mean = (t.finished - t.first_token) / (per_seq - 1)
-                    for _ in range(per_seq - 1):
-                        self.itl.labels(*labels).observe(mean)
+        self.requests.labels(*labels, outcome.status).inc()
+        if outcome.prompt_tokens:
+            self.prompt_tokens.labels(*labels).inc(outcome.prompt_tokens)
+        if outcome.generated_tokens:
+            self.generation_tokens.labels(*labels).inc(outcome.generated_tokens)
+        if outcome.images:
+            self.images.labels(*labels).inc(outcome.images)
+        t = out.times
+        if not self._times(labels, t) or t.first_token is None:
+            return
+        self.ttft.labels(*labels).observe(t.first_token - t.arrival)
+        per_seq = max(outcome.generated_tokens // outcome.sequences, 1)
+        if per_seq > 1:
+            mean = (t.finished - t.first_token) / (per_seq - 1)
+            for _ in range(per_seq - 1):
+                self.itl.labels(*labels).observe(mean)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,8 +7,9 @@ nobody mutates a dict that others read live, and listeners (metrics) hear of eac
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine.driver import EngineDriver
 from ..errors import ClientError, NotFound
@@ -25,6 +26,8 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
     lora: str | None = None  # a LoRA adapter's name: requests to this name run the parent with it
     parent: str | None = None  # the base model an adapter runs on
+    # called as listener(model, last output, aborted) when a request ends, whatever carried it
+    finish_listeners: list["FinishListener"] = field(default_factory=list, repr=False)
 
     @property
     def task(self) -> str:
@@ -43,12 +46,27 @@ class ServedModel:
         """A pyserve.tasks.VisionSpec when the model reads images."""
         return self.driver.info.vision
 
+    async def submit(self, request_id: str | None, request: Any) -> AsyncIterator[Any]:
+        """The driver's stream of outputs; when it ends, finished or not, the listeners hear of it."""
+        last, finished = None, False
+        try:
+            async for out in self.driver.submit(request_id, request):
+                last, finished = out, out.finished
+                yield out
+        finally:
+            if last is not None:
+                for listener in self.finish_listeners:
+                    listener(self, last, not finished)
+
     async def final_output(self, request, request_id: str | None = None):
         """Submit a request and return its last output (for answers that are not streamed)."""
         out = None
-        async for out in self.driver.submit(request_id, request):
+        async for out in self.submit(request_id, request):
             pass
         return out
+
+
+FinishListener = Callable[[ServedModel, Any, bool], None]
 
 
 Loader = Callable[[str], EngineDriver]  # name -> the driver of a freshly loaded model
@@ -56,10 +74,14 @@ Loader = Callable[[str], EngineDriver]  # name -> the driver of a freshly loaded
 
 class ModelRegistry:
     def __init__(self, drivers: dict[str, EngineDriver], loader: Loader | None = None):
-        self._models = {name: ServedModel(name, driver) for name, driver in drivers.items()}
+        self._finish_listeners: list[FinishListener] = []  # shared by every ServedModel
+        self._models = {name: self._served(name, driver) for name, driver in drivers.items()}
         self._adapters: dict[str, ServedModel] = {}  # LoRA adapters, served under their own names
         self._loader = loader
         self._listeners: list[Callable[[str, ServedModel | None], None]] = []
+
+    def _served(self, name: str, driver: EngineDriver, **fields) -> ServedModel:
+        return ServedModel(name, driver, finish_listeners=self._finish_listeners, **fields)
 
     def __iter__(self):
         return iter(list(self._models.values()))
@@ -93,10 +115,10 @@ class ModelRegistry:
         if name in self._models or name in self._adapters:
             raise ClientError(f"the name {name!r} is taken", "lora_name")
         parent = self.get(base)
-        if parent.lora is not None or parent.task != "text-generation":
+        if parent.lora is not None or not parent.driver.info.adapters:
             raise ClientError(f"{parent.name!r} cannot take LoRA adapters", "model")
         await parent.driver.call(lambda engine: engine.load_lora(name, path))
-        self._adapters[name] = adapter = ServedModel(name, parent.driver, lora=name, parent=parent.name)
+        self._adapters[name] = adapter = self._served(name, parent.driver, lora=name, parent=parent.name)
         log.info("LoRA adapter %s loaded onto %s", name, parent.name)
         return adapter
 
@@ -106,6 +128,10 @@ class ModelRegistry:
             raise NotFound(f"no LoRA adapter named {name!r} is served", "lora_name")
         await adapter.driver.call(lambda engine: engine.unload_lora(name))
         del self._adapters[name]
+
+    def on_finish(self, listener: FinishListener) -> None:
+        """Call listener(model, last output, aborted) whenever a request to any model ends."""
+        self._finish_listeners.append(listener)
 
     def on_change(self, listener: Callable[[str, ServedModel | None], None]) -> None:
         """Call listener(name, model) after a load, listener(name, None) after an unload."""
@@ -120,7 +146,7 @@ class ModelRegistry:
             driver = await asyncio.to_thread(self._loader, name)
         except (KeyError, FileNotFoundError, LookupError) as exc:
             raise NotFound(f"cannot load {name!r}: {exc}", "model") from None
-        self._models[name] = model = ServedModel(name, driver)
+        self._models[name] = model = self._served(name, driver)
         for listener in self._listeners:
             listener(name, model)
         log.info("model %s loaded", name)

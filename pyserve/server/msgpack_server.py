@@ -13,10 +13,10 @@ from dataclasses import replace
 from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
                         ProtocolError, decode, encode, error_frame, frame_length, tensor_to_wire)
-from ..tasks import TENSOR, TEXT_GENERATION
-from . import adapters, image_adapters, tensor_adapters
+from . import adapters, inference, pictures, tensors, translators
 from .auth import AccessPolicy, Principal
 from .models import ModelRegistry, ServedModel
+from .translators import Caller
 
 log = logging.getLogger("pyserve.msgpack")
 
@@ -149,17 +149,18 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the client is gone; serve() logs the closed connection
 
-    def text_model(self, params: dict) -> ServedModel:
+    def model(self, params: dict) -> ServedModel:
         name = params.get("model")
         if name is not None and not isinstance(name, str):
             raise InvalidParameter("model", "must be a string")
-        model = self.models.get(name)
-        if model.task != TEXT_GENERATION:
-            raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not a text model")
-        return model
+        return self.models.get(name)
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(self.principal, self.server.image_hosts)
 
     async def generate(self, rid, method: str, params: dict) -> None:
-        model = self.text_model(params)
+        model = translators.text_model(self.model(params))
         sampling = adapters.sampling_params(params, chat=method == "chat")
         images = []
         if method == "chat":
@@ -178,7 +179,7 @@ class Connection:
         stream = bool(params.get("stream"))
         sent = 0
         request = adapters.text_request(ids, sampling, params, self.principal, images, lora=model.lora)
-        async for out in model.driver.submit(None, request):
+        async for out in model.submit(None, request):
             if out.error:
                 raise ModelFailure(f"the model failed: {out.error}")
             first = out.outputs[0]
@@ -203,48 +204,30 @@ class Connection:
         """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike."""
         if not isinstance(params.get("inputs"), dict):
             raise InvalidParameter("inputs", "must be a map of name -> tensor")
-        name = params.get("model")
-        if (name is None or isinstance(name, str)) and self.models.get(name).task == TENSOR:
-            await self.infer_tensor(rid, self.models.get(name), params)
-            return
-        model = self.text_model(params)
-        inputs = [(name, adapters.wire_tensor_values(str(name), t)) for name, t in params["inputs"].items()]
-        text, sampling = adapters.text_from_tensors(inputs, params.get("parameters"))
-        ids = await adapters.prompt_ids(model, text, adapters.TEXT_INPUT)
-        out = await model.final_output(adapters.text_request(ids, sampling, params.get("parameters"), self.principal,
-                                                             lora=model.lora))
-        if out.error:
-            raise ModelFailure(f"the model failed: {out.error}")
-        result = {"outputs": {adapters.TEXT_OUTPUT: {"dtype": "bytes", "shape": [1],
-                                                     "data": [out.outputs[0].text.encode()]}},
-                  "usage": adapters.usage([out])}
+        model = self.model(params)
+        inputs = {str(name): tensors.from_msgpack(str(name), t) for name, t in params["inputs"].items()}
+        outputs, extras = await inference.infer(model, inputs, params.get("parameters"), self.caller)
+        result = {"outputs": {name: tensor_to_wire(array) for name, array in outputs.items()}, **extras}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
-
-    async def infer_tensor(self, rid, model: ServedModel, params: dict) -> None:
-        arrays = {str(name): tensor_adapters.wire_array(str(name), t) for name, t in params["inputs"].items()}
-        out = await model.final_output(tensor_adapters.tensor_request(arrays, params.get("parameters")))
-        if out.error:
-            raise ClientError(out.error, status=out.status)
-        outputs = {name: tensor_to_wire(array) for name, array in out.outputs.items()}
-        await self.send(encode({"type": "result", "id": rid, "result": {"outputs": outputs}}))
-
     async def images(self, rid, params: dict) -> None:
-        """Text-to-image (or img2img with `image` as bytes); with `progress`, a partial frame per step."""
-        model = image_adapters.image_model(self.models, params.get("model"))
-        init = None if params.get("image") is None else await image_adapters.decode_image(params["image"])
-        request = image_adapters.image_request(params, init_image=init)
+        """Images as PNG files (img2img with `image` as bytes); with `progress`, a partial frame per
+        step of a model that takes steps."""
+        model = self.model(params)
+        init = None if params.get("image") is None else await pictures.decode_image(params["image"])
+        translator, outputs = await inference.images(model, params, init)
         progress = bool(params.get("progress"))
         out = None
-        async for out in model.driver.submit(None, request):
+        async for out in outputs:
             if progress and not out.finished:
                 await self.send(encode({"type": "partial", "id": rid,
                                         "result": {"step": out.step, "total": out.total_steps}}))
         if out.error:
-            raise ModelFailure(f"the model failed: {out.error}")
-        height, width = out.images.shape[1:3]
-        result = {"images": await image_adapters.encode_pngs(out.images), "seeds": out.seeds,
-                  "width": width, "height": height}
+            raise translator.failure(out)
+        images = translator.images_of(out)
+        height, width = images.shape[1:3]
+        result = {"images": await pictures.encode_pngs(images), "width": width, "height": height,
+                  **translator.image_extras(out)}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
 

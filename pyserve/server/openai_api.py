@@ -17,9 +17,8 @@ from starlette.routing import Route
 
 from ..engine.llm import RequestOutput
 from ..errors import ClientError, InvalidParameter, ModelFailure
-from ..tasks import TEXT_GENERATION
 from ..engine.llm import StructuredOutput
-from . import adapters, tool_calls
+from . import adapters, tool_calls, translators
 from .models import ServedModel
 from .tool_calls import CallFormat
 from .responses import error_body, json_body
@@ -32,10 +31,7 @@ def new_id(prefix: str) -> str:
 
 
 def text_model(request: Request, body: dict) -> ServedModel:
-    model = request.app.state.models.get(adapters.get_field(body, "model"))
-    if model.task != TEXT_GENERATION:
-        raise InvalidParameter("model", f"{model.name!r} is a {model.task} model, not a text model")
-    return model
+    return translators.text_model(request.app.state.models.get(adapters.get_field(body, "model")))
 
 
 async def list_models(request: Request) -> Response:
@@ -108,22 +104,20 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
         raise InvalidParameter("stream_options", "must be an object")
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
     principal = request.state.principal
-    streams = [model.driver.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
+    streams = [model.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
                                                                               images or [], model.lora))
                for p in prompts]
     merged = Merged(streams)
     await merged.start()  # raises a refused request's ClientError before any response is sent
-    metrics = request.app.state.metrics
     if stream_opt:
         include_usage = bool((options or {}).get("include_usage"))
-        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, metrics, echo, calls),
+        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls),
                                  media_type="text/event-stream")
     try:
         async for _ in merged:
             pass
     finally:
         await merged.close()
-    metrics.finished(model, merged.last)
     failed = next((o.error for o in merged.last if o.error), None)
     if failed:
         raise ModelFailure(f"the model failed: {failed}")
@@ -182,14 +176,13 @@ class Merged:
             await stream.aclose()
 
 
-async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool, metrics,
+async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool,
                echo: list[str] | None = None, calls: CallFormat | None = None):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
     sent: dict[int, int] = {}  # characters of each choice's text sent
     scored_tokens: dict[int, int] = {}  # tokens of each choice whose logprobs were sent
     tool_streams: dict[int, ToolCallStream] = {}
-    status = "abort"
 
     def chunk(choices, usage=None):
         body = {"id": rid, "object": kind, "created": created, "model": model.name, "choices": choices}
@@ -201,7 +194,6 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
         async for i, out in merged:
             if out.error:
                 yield f"data: {json.dumps(error_body('/v1', ModelFailure(out.error)))}\n\n"
-                status = "error"
                 break
             choices = []
             for o in out.outputs:
@@ -234,16 +226,13 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
             if choices:
                 yield chunk(choices)
         else:
-            status = None
             if include_usage:
                 yield chunk([], adapters.usage(merged.last))
         yield "data: [DONE]\n\n"
     except ClientError as exc:  # the engine stopped mid-stream
-        status = "error"
         yield f"data: {json.dumps(error_body('/v1', exc))}\n\n"
     finally:
         await merged.close()  # a client that went away aborts its requests
-        metrics.finished(model, merged.last, status)
 
 
 def completion_logprobs(token_ids: list[int], entries: list[dict | None], tokenizer) -> dict:

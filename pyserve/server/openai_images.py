@@ -11,18 +11,16 @@ import email.parser
 import email.policy
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine.diffusion import ImageRequest
-from ..errors import ClientError, InvalidParameter, ModelFailure
-from ..tasks import TENSOR
-from . import image_adapters
+from ..errors import ClientError, InvalidParameter
+from . import inference, pictures
 from .models import ServedModel
+from .translators import Translator
 from .responses import error_body, json_body, read_body
 
 _FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height"}  # form values that are integers
@@ -31,27 +29,8 @@ _FORM_NUMBERS = {"guidance_scale", "strength"}
 
 async def generations(request: Request) -> Response:
     body = await json_body(request)
-    model = image_adapters.image_model(request.app.state.models, body.get("model"), one_shot=True)
-    if model.task == TENSOR:
-        return await _respond_one_shot(request, model, body)
-    return await _respond(request, model, image_adapters.image_request(body), _stream_flag(body),
-                          "image_generation")
-
-
-async def _respond_one_shot(request: Request, model: ServedModel, body: dict) -> Response:
-    """A one-shot image producer (a GAN) behind the images API: n images from n seeds."""
-    if body.get("stream") not in (None, False):
-        raise InvalidParameter("stream", "this model makes its images in one pass: there is nothing to stream")
-    image_adapters.check_response_format(body)
-    out = await model.final_output(image_adapters.one_shot_request(model, body))
-    request.app.state.metrics.request_finished(model, out, out.outputs.get("images"))
-    if out.error:
-        raise ClientError(out.error, status=out.status)
-    images = out.outputs["images"]
-    data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(images)]
-    height, width = images.shape[1:3]
-    return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
-                         "size": f"{width}x{height}"})
+    model = _model(request, body.get("model"))
+    return await _respond(request, model, body, None, _stream_flag(body), "image_generation")
 
 
 async def edits(request: Request) -> Response:
@@ -61,10 +40,15 @@ async def edits(request: Request) -> Response:
     image = files.get("image") or files.get("image[]")
     if image is None:
         raise InvalidParameter("image", "is required (a PNG or JPEG file)")
-    model = image_adapters.image_model(request.app.state.models, fields.get("model"))
-    init = await image_adapters.decode_image(image, "image")
-    return await _respond(request, model, image_adapters.image_request(fields, init_image=init),
-                          _stream_flag(fields), "image_edit")
+    model = _model(request, fields.get("model"))
+    init = await pictures.decode_image(image, "image")
+    return await _respond(request, model, fields, init, _stream_flag(fields), "image_edit")
+
+
+def _model(request: Request, name) -> ServedModel:
+    if name is not None and not isinstance(name, str):
+        raise InvalidParameter("model", "must be a string")
+    return request.app.state.models.get(name)
 
 
 def _stream_flag(fields) -> bool:
@@ -76,57 +60,47 @@ def _stream_flag(fields) -> bool:
     return value
 
 
-async def _respond(request: Request, model: ServedModel, image_request: ImageRequest, stream: bool,
+async def _respond(request: Request, model: ServedModel, fields: dict, init_image, stream: bool,
                    kind: str) -> Response:
-    # Unique per engine request even when clients reuse an X-Request-Id.
-    rid = f"{request.headers.get('x-request-id') or 'img'}-{uuid.uuid4().hex[:24]}"
-    outputs = model.driver.submit(rid, image_request)
-    metrics = request.app.state.metrics
+    translator, outputs = await inference.images(model, fields, init_image, stream,
+                                                 request.headers.get("x-request-id"))
     if stream:
-        first = await anext(outputs)  # a refused request raises here, before any response is sent
-        return StreamingResponse(_events(request.url.path, first, outputs, kind,
-                                         lambda o: metrics.request_finished(model, o, o.images)),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, translator, outputs, kind), media_type="text/event-stream")
     out = None
     async for out in outputs:
         pass
-    metrics.request_finished(model, out, out.images)
     if out.error:
-        raise ModelFailure(f"the model failed: {out.error}")
-    data = [{"b64_json": b64} for b64 in await image_adapters.b64_pngs(out.images)]
-    height, width = out.images.shape[1:3]
+        raise translator.failure(out)
+    images = translator.images_of(out)
+    data = [{"b64_json": b64} for b64 in await pictures.b64_pngs(images)]
+    height, width = images.shape[1:3]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
-                         "size": f"{width}x{height}", "seeds": out.seeds})
+                         "size": f"{width}x{height}", **translator.image_extras(out)})
 
 
 def _event(payload: dict) -> bytes:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
-async def _events(path: str, first, outputs: AsyncIterator, kind: str, on_finish) -> AsyncIterator[bytes]:
+async def _events(path: str, translator: Translator, outputs: AsyncIterator, kind: str) -> AsyncIterator[bytes]:
     """SSE events for previews and final images; a model failure becomes an error event."""
-    out = first
     try:
-        while True:
-            if out.finished:
-                on_finish(out)
+        async for out in outputs:
             if out.error:
-                yield f"event: error\ndata: {json.dumps(error_body(path, ModelFailure(out.error)))}\n\n".encode()
+                yield f"event: error\ndata: {json.dumps(error_body(path, translator.failure(out)))}\n\n".encode()
                 return
-            if out.images is not None:
-                height, width = out.images.shape[1:3]
+            images = translator.images_of(out)
+            if images is not None:
+                height, width = images.shape[1:3]
                 common = {"created_at": int(time.time()), "size": f"{width}x{height}", "quality": "auto",
                           "background": "opaque", "output_format": "png"}
-                for b64 in await image_adapters.b64_pngs(out.images):
+                for b64 in await pictures.b64_pngs(images):
                     if out.finished:
                         yield _event({"type": f"{kind}.completed", "b64_json": b64, **common,
                                       "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
                     else:
                         yield _event({"type": f"{kind}.partial_image", "b64_json": b64,
                                       "partial_image_index": out.partial_index, **common})
-            if out.finished:
-                return
-            out = await anext(outputs)
     finally:
         await outputs.aclose()  # a client that went away aborts the request
 

@@ -103,19 +103,17 @@ class BatchEngine:
                  preferred_batch_sizes: tuple[int, ...] | None = None, max_queue_delay_s: float | None = None,
                  max_queue_size: int | None = None, timeout_s: float | None = None):
         if policy is None:
-            config = {"max_batch_size": getattr(model, "max_batch_size", 8), **getattr(model, "batching", {})}
+            config = {"max_batch_size": model.max_batch_size, **model.batching}
             policy = BatchPolicy.from_config(config)
         overrides = {"max_batch_size": max_batch_size, "preferred_batch_sizes": preferred_batch_sizes,
                      "max_queue_delay_s": max_queue_delay_s, "max_queue_size": max_queue_size, "timeout_s": timeout_s}
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
         self.operations = operations_of(model)
-        self.several = bool(getattr(model, "operations", None))  # as operations_of: run() and check() are told which
-        self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(getattr(model, "class_names", ())))
+        self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(model.class_names))
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
-        # Called after every batch with (requests in it, items in it); metrics hook in here.
-        self.on_step: Callable[[int, int], None] | None = None
+        self.step_observers: list[Callable[[int, int], None]] = []  # (requests, items) of every batch
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -168,9 +166,7 @@ class BatchEngine:
             counts.add(array.shape[0])
         if len(counts) != 1 or 0 in counts:
             raise InvalidParameter(next(iter(specs)), "every input must stack the same number (>= 1) of items")
-        check = getattr(self.model, "check", None)
-        if check is not None:  # the model's own value checks (a class label out of range, ...)
-            check(inputs, operation.name) if self.several else check(inputs)
+        self.model.check(inputs, operation.name)  # the model's own value checks (a class label out of range)
         return counts.pop()
 
     def abort(self, request_id: str) -> TensorOutput | None:
@@ -229,11 +225,11 @@ class BatchEngine:
             q.next_item += c
             q.times.first_scheduled = q.times.first_scheduled or start
         self.queued_items -= sum(c for _, _, c in taken)
-        if self.on_step is not None:
-            self.on_step(len(taken), sum(c for _, _, c in taken))
+        for observe in self.step_observers:
+            observe(len(taken), sum(c for _, _, c in taken))
         try:
             with torch.inference_mode():
-                outputs = self.model.run(batch, operation.name) if self.several else self.model.run(batch)
+                outputs = self.model.run(batch, operation.name)
                 result = {name: t.cpu().numpy() for name, t in outputs.items()}
         except Exception as exc:  # noqa: BLE001 - this batch's requests fail; the engine goes on
             log.exception("batch of %d item(s) failed", sum(c for _, _, c in taken))

@@ -94,9 +94,8 @@ class DiffusionEngine:
         self.waiting: deque[_Image] = deque()
         self.running: list[_Image] = []
         self._rng = random.Random()
-        # Called after every step with (images in it, images in it): the rows and work items every
-        # engine reports (an LLM: sequences and tokens); metrics hook in here.
-        self.on_step: Callable[[int, int], None] | None = None
+        # (rows, work items) of every step, here (images, images): an LLM's are (sequences, tokens)
+        self.step_observers: list[Callable[[int, int], None]] = []
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -176,8 +175,8 @@ class DiffusionEngine:
                 log.exception("denoising step failed for %d image(s)", len(group))
                 for im in group:
                     failed[im.request_id] = f"{type(exc).__name__}: {exc}"
-        if self.on_step is not None:
-            self.on_step(len(self.running), len(self.running))
+        for observe in self.step_observers:
+            observe(len(self.running), len(self.running))
         moved = {im.request_id for im in self.running} - set(failed)
         outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
         self.running = [im for im in self.running if not im.done]

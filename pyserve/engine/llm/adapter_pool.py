@@ -60,7 +60,12 @@ class AdapterPool:
         self.loaded[name] = _Loaded(self._loads, adapter.scale, layers)
         log.info("LoRA adapter %s loaded from %s (%d layers)", name, path, len(layers))
 
-    def unload(self, name: str) -> None:
+    def unload(self, name: str, in_use: set[int] = frozenset()) -> None:
+        """Forget an adapter; refused while it is in `in_use` (adapter ids of running requests)."""
+        if name not in self.loaded:
+            raise NotFound(f"no LoRA adapter named {name!r} is loaded", "lora_name")
+        if self.loaded[name].id in in_use:
+            raise InvalidParameter("lora_name", f"adapter {name!r} is in use by running requests")
         loaded = self.loaded.pop(name)
         slot = self.resident.pop(loaded.id, None)
         if slot is not None:  # no row will name the slot again; its rank 0 keeps it inert regardless

@@ -3,7 +3,8 @@
 from collections.abc import AsyncIterator
 
 from ..driver import EngineDriver
-from .engine import LLMEngine, TextRequest
+from .engine import LLMEngine
+from .input_processor import TextRequest
 from .params import SamplingParams
 from .sequence import RequestOutput
 

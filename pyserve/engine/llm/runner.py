@@ -94,9 +94,8 @@ class ModelRunner:
         constrained = [seq.matcher for seq in ending if seq.matcher is not None and seq.params.max_tokens != 0]
         masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
         # Decode steps go from token ids to logits in one call where the model has one
-        decode = getattr(self.model, "decode", None)
-        batch = self._decode_batch(step) if decode is not None else None
-        out = decode(batch, self.cache) if batch is not None else None
+        batch = self._decode_batch(step) if self.model.fused_decode else None
+        out = self.model.decode(batch, self.cache) if batch is not None else None
         if out is not None:
             return StepResult(sampled=self._draw(ending, out.logits, eos_ids, masks, out.greedy))
         input_ids, positions, meta, rows = self._metadata(step)

@@ -38,9 +38,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> ScheduledStep:
         budget = self.max_tokens
         items: list[tuple[Sequence, int]] = []
@@ -83,6 +80,22 @@ class Scheduler:
             items.append((seq, n))
             budget -= n
         return ScheduledStep(items, rejected)
+
+    def commit(self, step: ScheduledStep) -> list[Sequence]:
+        """Count a step's tokens as computed and offer their full blocks to the prefix cache; the
+        sequences that are done with nothing to draw (max_tokens 0: their prompt scored), finished."""
+        done = []
+        for seq, n in step.items:
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+            for k, span in enumerate(seq.images):  # an image's features are done with once its tokens are in
+                if span.start + span.length <= seq.num_computed:
+                    seq.image_embeds.pop(k, None)
+            if seq.params.max_tokens == 0 and seq.num_computed == len(seq.token_ids):
+                seq.finish_reason = "length"
+                self.finish(seq)
+                done.append(seq)
+        return done
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

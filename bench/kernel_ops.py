@@ -1,7 +1,7 @@
 """Kernel benchmark: pyserve's kernels against the usual torch / diffusers baselines, in one run.
 
-    python bench/kernels.py            # full CPU table -> bench/results/kernels-cpu.json
-    python bench/kernels.py --quick    # a few cases per op, for a smoke run
+    python bench/kernel_ops.py            # full CPU table -> bench/results/kernels-cpu.json
+    python bench/kernel_ops.py --quick    # a few cases per op, for a smoke run
 
 Each row: {op, case, backend, baseline, ours_ms, baseline_ms, speedup} (+ bandwidth figures for
 decode). With a CUDA device the GPU rows go to bench/results/kernels-gpu.json.
