@@ -130,6 +130,22 @@ def test_kserve_infer_returns_the_images_as_uint8(served, offline):
         client.close()
 
 
+def test_msgpack_infer_answers_as_kserve_does(served, offline):
+    """The tensor form over msgpack: the same inputs and the same uint8 images as KServe's infer."""
+    from pyserve.client import Client, RemoteError
+    from pyserve.protocol import tensor_from_wire
+    inputs = {"prompt": [PROMPT.encode()], "seed": np.array([9], dtype=np.int64),
+              "num_inference_steps": np.array([3], dtype=np.int32), "n": np.array([2], dtype=np.int32)}
+    with Client("127.0.0.1", served.msgpack_port) as c:
+        images = tensor_from_wire(c.infer("tiny-sd", inputs)["outputs"]["images"])
+        with pytest.raises(RemoteError) as err:
+            c.infer("tiny-sd", {**inputs, "num_inference_steps": np.array([0], dtype=np.int32)})
+        assert err.value.code == 400 and "num_inference_steps" in err.value.message
+    want = offline(ImageRequest(PROMPT, n=2, num_inference_steps=3, seed=9))
+    assert images.dtype == np.uint8 and images.shape == (2, 16, 16, 3)
+    assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
+
+
 def test_msgpack_streams_progress_then_pngs(served, offline):
     from pyserve.client import AsyncClient, Client, RemoteError
     seen = []
