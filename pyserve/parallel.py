@@ -91,6 +91,19 @@ def sliced_linear(linear, *, rows: torch.Tensor | None = None, cols: torch.Tenso
     return out.requires_grad_(False)
 
 
+def kv_heads_of_rank(kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """(first KV head, KV heads) a rank keeps. With fewer KV heads than ranks each is replicated:
+    the ranks whose query heads read KV head k all hold a copy of it (as vLLM does), so a model with
+    one KV head splits over any number of ranks that divides its query heads."""
+    if kv_heads >= size:
+        if kv_heads % size:
+            raise ValueError(f"the model's key/value heads ({kv_heads}) do not split over {size} ranks")
+        return rank * (kv_heads // size), kv_heads // size
+    if size % kv_heads:
+        raise ValueError(f"the model's key/value heads ({kv_heads}) cannot be replicated over {size} ranks")
+    return rank // (size // kv_heads), 1
+
+
 def head_rows(first_head: int, heads: int, head_dim: int, offset: int = 0) -> torch.Tensor:
     """The output rows of `heads` heads starting at `first_head`, in a projection whose part
     starts at row `offset`."""
@@ -140,7 +153,11 @@ class TensorParallelModel:
 
 def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: str, dtype: torch.dtype | None = None,
                          quantization: str | None = None, plugin_dirs: list[str] | None = None) -> TensorParallelModel:
-    """Start ranks 1..size-1 as worker processes, load this rank's slice, and connect them."""
+    """Start ranks 1..size-1 as worker processes, load this rank's slice, and connect them.
+
+    The ranks load their checkpoints first and say so through a pipe before any of them joins the
+    process group, whose set-up waits for every rank: a rank that fails to start fails this call
+    at once with its own error, instead of leaving the others waiting out the group's timeout."""
     if size < 2:
         raise ValueError(f"tensor parallelism needs at least 2 ranks, got {size}")
     if torch.device(device).type == "cuda" and torch.cuda.device_count() < size:
@@ -150,15 +167,21 @@ def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: st
     # Each rank gets its share of the cores (rank 0 keeps its own setting: it serves too).
     threads = max(1, torch.get_num_threads() // size)
     context = multiprocessing.get_context("spawn")
-    workers = []
+    workers, pipes = [], []
     for rank in range(1, size):
+        ours, theirs = context.Pipe(duplex=False)
         worker = context.Process(target=_worker, name=f"pyserve-tp-rank{rank}", daemon=True, args=(
-            rank, size, store.port, str(model_dir), device, dtype, quantization, plugin_dirs, threads))
+            rank, size, store.port, str(model_dir), device, dtype, quantization, plugin_dirs, threads, theirs))
         worker.start()
+        theirs.close()
         workers.append(worker)
+        pipes.append(ours)
     try:
+        model = plugin.load(Path(model_dir), device=str(_rank_device(device, 0)), dtype=dtype)
+        for rank, (worker, pipe) in enumerate(zip(workers, pipes), start=1):
+            _wait_loaded(rank, worker, pipe)
         group = connect(0, size, store, _rank_device(device, 0))
-        model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
+        _shard(model, group, quantization)
     except BaseException:
         for worker in workers:
             worker.terminate()
@@ -168,25 +191,46 @@ def load_tensor_parallel(plugin, model_dir: str | Path, size: int, *, device: st
     return TensorParallelModel(model, group, workers)
 
 
-def _load_shard(plugin, model_dir, group: Group, device: str, dtype, quantization):
+def _shard(model, group: Group, quantization: str | None) -> None:
+    """Keep this rank's slice of a loaded model, then pack it as asked."""
     from .nn import pack_as_asked
 
-    model = plugin.load(Path(model_dir), device=str(_rank_device(device, group.rank)), dtype=dtype)
     model.module.shard(group)
-    model.spec = dataclasses.replace(model.spec, num_kv_heads=model.spec.num_kv_heads // group.size)
+    model.spec = dataclasses.replace(model.spec,
+                                     num_kv_heads=kv_heads_of_rank(model.spec.num_kv_heads, group.rank, group.size)[1])
     pack_as_asked(model, quantization)
-    return model
 
 
-def _worker(rank, size, port, model_dir, device, dtype, quantization, plugin_dirs, threads) -> None:
+def _wait_loaded(rank: int, worker, pipe) -> None:
+    """Wait for a worker's word that its checkpoint is loaded; raise its error, or its death."""
+    while not pipe.poll(0.1):
+        if not worker.is_alive():
+            raise RuntimeError(f"tensor-parallel rank {rank} exited while starting (exit code {worker.exitcode})")
+    try:
+        error = pipe.recv()
+    except EOFError:  # closed without a word: it died
+        worker.join(timeout=5)
+        raise RuntimeError(f"tensor-parallel rank {rank} exited while starting (exit code {worker.exitcode})") \
+            from None
+    if error is not None:
+        raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {error}")
+
+
+def _worker(rank, size, port, model_dir, device, dtype, quantization, plugin_dirs, threads, pipe) -> None:
     from .plugin import PluginRegistry
 
     torch.set_num_threads(threads)
     try:
-        group = connect(rank, size, rendezvous(size, port), _rank_device(device, rank))
         plugin = PluginRegistry.discover(plugin_dirs).for_model(model_dir)
-        model = _load_shard(plugin, model_dir, group, device, dtype, quantization)
-    except Exception as exc:  # noqa: BLE001 - rank 0 meets the same fault and reports it
+        model = plugin.load(Path(model_dir), device=str(_rank_device(device, rank)), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - rank 0 raises it
+        pipe.send(f"{type(exc).__name__}: {exc}")
+        return
+    pipe.send(None)
+    try:
+        group = connect(rank, size, rendezvous(size, port), _rank_device(device, rank))
+        _shard(model, group, quantization)
+    except Exception as exc:  # noqa: BLE001 - rank 0 meets the same fault (the same split) and reports it
         log.error("tensor-parallel rank %d did not start: %s", rank, exc)
         return
     spec, cache = model.spec, None

@@ -57,3 +57,59 @@ def test_what_tensor_parallelism_refuses(tmp_path):
     gpt2 = make_model(tmp_path / "gpt2", arch="gpt2")
     with pytest.raises(ValueError, match="GPT2LMHeadModel does not support tensor parallelism"):
         LLM(gpt2, device="cpu", tensor_parallel_size=2)
+
+
+def test_one_kv_head_is_replicated_over_two_ranks(tmp_path):
+    """8 query heads over one KV head: each rank keeps 4 query heads and a copy of the KV head,
+    and the split model draws the single process's greedy tokens."""
+    model_dir = make_model(tmp_path / "qwen2-mqa", arch="qwen2", num_attention_heads=8, num_key_value_heads=1)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(model_dir, device="cpu").generate(PROMPTS, params)]
+    split = LLM(model_dir, device="cpu", tensor_parallel_size=2)
+    try:
+        assert split.engine.model.spec.num_kv_heads == 1
+        assert [o.token_ids for o in split.generate(PROMPTS, params)] == want
+    finally:
+        split.engine.model.close()
+
+
+FLAKY = '''
+import multiprocessing
+
+from pyserve_plugins.llama import LlamaPlugin
+
+
+class FlakyLlama(LlamaPlugin):
+    """Loads in the serving process; any other rank fails to start."""
+    name = "flaky-llama"
+
+    def load(self, model_dir, **options):
+        if multiprocessing.parent_process() is not None:
+            raise RuntimeError("this rank cannot start")
+        return super().load(model_dir, **options)
+
+
+plugin = FlakyLlama()
+'''
+
+
+def test_a_rank_that_fails_to_start_fails_the_call_with_its_error(tmp_path):
+    import json
+    import threading
+    model_dir = make_model(tmp_path / "llama", arch="llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "pyserve": {"plugin": "flaky-llama"}}))
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "flaky.py").write_text(FLAKY)
+    raised = []
+
+    def start():
+        try:
+            LLM(model_dir, device="cpu", tensor_parallel_size=2, plugin_dirs=[str(tmp_path / "plugins")])
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            raised.append(exc)
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(timeout=120)  # the group's own timeout is 10 minutes: a wait for it would end here
+    assert not thread.is_alive(), "the call waited on a rank that had failed"
+    assert len(raised) == 1 and "rank 1 failed to start: RuntimeError: this rank cannot start" in str(raised[0])

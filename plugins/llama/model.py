@@ -11,7 +11,7 @@ from torch import nn
 from pyserve import kernels
 from pyserve.lora import LoraAdapter, adapter_layers
 from pyserve.nn import FusedLinear, Linear
-from pyserve.parallel import head_rows, sliced_linear
+from pyserve.parallel import head_rows, kv_heads_of_rank, sliced_linear
 from pyserve.tasks import AttentionMetadata, DecodeBatch, KVCache, StepImages
 from pyserve.text_model import TextModule
 
@@ -69,11 +69,13 @@ class Attention(nn.Module):
 
     def shard(self, group) -> None:
         """Keep this rank's heads: its q and k/v heads of the fused projection (column-parallel)
-        and the matching input columns of the output projection (row-parallel)."""
+        and the matching input columns of the output projection (row-parallel). With fewer KV
+        heads than ranks, the ranks of a KV head's query group each keep a copy of it."""
         r, n, d = group.rank, group.size, self.head_dim
-        hq, hkv = self.heads // n, self.kv_heads // n
+        hq = self.heads // n
+        first_kv, hkv = kv_heads_of_rank(self.kv_heads, r, n)
         q, kv = self.heads * d, self.kv_heads * d
-        rows = torch.cat([head_rows(r * hq, hq, d), head_rows(r * hkv, hkv, d, q), head_rows(r * hkv, hkv, d, q + kv)])
+        rows = torch.cat([head_rows(r * hq, hq, d), head_rows(first_kv, hkv, d, q), head_rows(first_kv, hkv, d, q + kv)])
         self.qkv_proj = sliced_linear(self.qkv_proj, rows=rows)
         self.o_proj = sliced_linear(self.o_proj, cols=head_rows(r * hq, hq, d), keep_bias=r == 0)
         self.heads, self.kv_heads, self.group = hq, hkv, group
@@ -179,10 +181,10 @@ class LlamaForCausalLM(TextModule):
         """Tensor parallelism (pyserve.parallel): this rank keeps its share of every layer's heads
         and MLP columns; the embedding and the output layer stay whole."""
         attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
-        for what, count in (("attention heads", attn.heads), ("key/value heads", attn.kv_heads),
-                            ("intermediate size", mlp.down_proj.in_features)):
+        for what, count in (("attention heads", attn.heads), ("intermediate size", mlp.down_proj.in_features)):
             if count % group.size:
                 raise ValueError(f"the model's {what} ({count}) do not split over {group.size} ranks")
+        kv_heads_of_rank(attn.kv_heads, group.rank, group.size)  # raises where they cannot be split or copied
         for layer in self.model.layers:
             layer.self_attn.shard(group)
             layer.mlp.shard(group)
