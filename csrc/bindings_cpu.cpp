@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "denoise_coef.h"
 #include "cpu/attention.h"
 #include "cpu/decoder.h"
 #include "cpu/denoise.h"
@@ -51,6 +52,11 @@ std::vector<pyserve::cpu::DecoderLayer> stack_layers(uintptr_t table, int num_la
 }
 
 PYBIND11_MODULE(_C, m) {
+  {
+    pybind11::dict coef;  // the denoise coefficient table's columns (denoise_coef.h)
+    for (const auto& entry : pyserve::kDenoiseCoefNames) coef[entry.name] = entry.column;
+    m.attr("DENOISE_COEF") = coef;
+  }
   m.doc() = "pyserve CPU kernels (fp32)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.attr("MAX_HEAD_DIM") = pyserve::cpu::kMaxHeadDim;

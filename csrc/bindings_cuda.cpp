@@ -4,11 +4,17 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "denoise_coef.h"
 #include "cuda/kernels.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C_cuda, m) {
+  {
+    pybind11::dict coef;  // the denoise coefficient table's columns (denoise_coef.h)
+    for (const auto& entry : pyserve::kDenoiseCoefNames) coef[entry.name] = entry.column;
+    m.attr("DENOISE_COEF") = coef;
+  }
   m.doc() = "pyserve CUDA kernels (fp32, fp16, bf16)";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("write_kv", &pyserve::cuda::write_kv, nogil);

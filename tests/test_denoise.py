@@ -1,5 +1,7 @@
 """Fused denoising steps on every back-end against diffusers' own schedulers' `step()`."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -142,3 +144,19 @@ def test_noise_has_no_nan_near_u1_equal_one(backend, device):
                                 backend=backend)
     assert not torch.isnan(z).any() and torch.isfinite(z).all()
     assert abs(float(z.std()) - 1) < 0.01
+
+
+def test_every_back_end_reads_the_coefficient_columns_python_defines():
+    """pyserve.kernels.types.Coef is the one definition; the C++ and CUDA kernels share
+    csrc/denoise_coef.h, which each extension exports: a column moved on one side fails here."""
+    from pyserve.kernels.types import Coef
+    assert len(Coef.layout()) == Coef.COUNT + 1 and sorted(Coef.layout().values()) == list(range(Coef.COUNT + 1))
+    extensions = []
+    for name in ("_C", "_C_cuda"):
+        try:
+            extensions.append(importlib.import_module(f"pyserve.{name}"))
+        except ImportError:
+            continue  # not built here (CUDA needs nvcc)
+    assert extensions, "the CPU extension is always built"
+    for extension in extensions:
+        assert extension.DENOISE_COEF == Coef.layout(), extension.__name__

@@ -12,7 +12,6 @@
 namespace pyserve::cpu {
 namespace {
 
-enum { GUIDANCE, X0_X, X0_OUT, EPS_X, EPS_OUT, CLIP, NEXT_X, NEXT_X0, NEXT_EPS, NEXT_PREV_X0, NOISE };
 
 constexpr long kChunk = 4096;  // elements per task; a multiple of 4 keeps noise counters whole
 
@@ -48,7 +47,7 @@ void noise_chunk(uint64_t seed, uint32_t step, long begin, long n, float* z) {
 
 template <bool kUncond, bool kPrev, bool kNoise>
 void update(const DenoiseArgs& a, int row, long begin, long end, const float* __restrict z) {
-  const float* c = a.coef + row * kNumCoef;
+  const float* c = a.coef + row * NUM_COEF;
   const float g = c[GUIDANCE], clip = c[CLIP];
   const float x0_x = c[X0_X], x0_out = c[X0_OUT], eps_x = c[EPS_X], eps_out = c[EPS_OUT];
   const float nx = c[NEXT_X], nx0 = c[NEXT_X0], neps = c[NEXT_EPS], nprev = c[NEXT_PREV_X0], noise = c[NOISE];
@@ -89,7 +88,7 @@ void denoise_step(const DenoiseArgs& a) {
   for (long task = 0; task < a.batch * chunks; ++task) {
     const int row = task / chunks;
     const long begin = (task % chunks) * kChunk, end = std::min(a.numel, begin + kChunk);
-    const bool noisy = a.coef[row * kNumCoef + NOISE] != 0.0f;
+    const bool noisy = a.coef[row * NUM_COEF + NOISE] != 0.0f;
     alignas(64) float z[kChunk];
     if (noisy) noise_chunk(a.seed[row], static_cast<uint32_t>(a.step[row]), begin, end - begin, z);
     kUpdates[(a.uncond ? 4 : 0) + (a.prev_x0 ? 2 : 0) + (noisy ? 1 : 0)](a, row, begin, end, z);

@@ -2,16 +2,16 @@
 #pragma once
 #include <cstdint>
 
-namespace pyserve::cpu {
+#include "denoise_coef.h"
 
-constexpr int kNumCoef = 11;
+namespace pyserve::cpu {
 
 struct DenoiseArgs {
   const float* x;        // [B, N]
   const float* cond;     // [B, N] model output (conditional)
   const float* uncond;   // [B, N] or null: no classifier-free guidance
   const float* prev_x0;  // [B, N] or null
-  const float* coef;     // [B, kNumCoef]
+  const float* coef;     // [B, NUM_COEF] (denoise_coef.h)
   const int64_t *seed, *step;
   float* x_next;         // [B, N]
   float* x0;             // [B, N] or null

@@ -1,12 +1,12 @@
 // CUDA fused scheduler step: each thread takes four consecutive elements, one Philox counter.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "denoise_coef.h"
 #include "philox.h"
 
 namespace pyserve::cuda {
 namespace {
 
-enum { GUIDANCE, X0_X, X0_OUT, EPS_X, EPS_OUT, CLIP, NEXT_X, NEXT_X0, NEXT_EPS, NEXT_PREV_X0, NOISE, NUM_COEF };
 
 template <typename T>
 __global__ void denoise_kernel(const T* x, const T* cond, const T* uncond, const T* prev_x0, const float* coef,

@@ -153,6 +153,12 @@ class Coef:
     NOISE = 10
     COUNT = 11
 
+    @classmethod
+    def layout(cls) -> dict[str, int]:
+        """Column name -> index (COUNT: the width), as the C++ and CUDA extensions export it too
+        (their DENOISE_COEF, from csrc/denoise_coef.h)."""
+        return {name: value for name, value in vars(cls).items() if name.isupper()}
+
 
 @dataclass
 class DecoderLayerWeights:

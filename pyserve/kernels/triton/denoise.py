@@ -9,6 +9,11 @@ from ..types import Coef
 from .rng import normal
 
 _NOISE_STREAM = 1
+# The coefficient table's columns (types.Coef, the one definition), as compile-time constants.
+_GUIDANCE, _X0_X, _X0_OUT = tl.constexpr(Coef.GUIDANCE), tl.constexpr(Coef.X0_X), tl.constexpr(Coef.X0_OUT)
+_EPS_X, _EPS_OUT, _CLIP = tl.constexpr(Coef.EPS_X), tl.constexpr(Coef.EPS_OUT), tl.constexpr(Coef.CLIP)
+_NEXT_X, _NEXT_X0, _NEXT_EPS = tl.constexpr(Coef.NEXT_X), tl.constexpr(Coef.NEXT_X0), tl.constexpr(Coef.NEXT_EPS)
+_NEXT_PREV_X0, _NOISE = tl.constexpr(Coef.NEXT_PREV_X0), tl.constexpr(Coef.NOISE)
 
 
 @triton.jit
@@ -23,15 +28,15 @@ def _denoise_kernel(x_ptr, cond_ptr, uncond_ptr, prev_ptr, coef_ptr, seed_ptr, s
     out = tl.load(cond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
         u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        out = u + tl.load(c + 0) * (out - u)
-    x0 = tl.load(c + 1) * x + tl.load(c + 2) * out
-    clip = tl.load(c + 5)
+        out = u + tl.load(c + _GUIDANCE) * (out - u)
+    x0 = tl.load(c + _X0_X) * x + tl.load(c + _X0_OUT) * out
+    clip = tl.load(c + _CLIP)
     x0 = tl.where(clip > 0, tl.minimum(tl.maximum(x0, -clip), clip), x0)
-    eps = tl.load(c + 3) * x + tl.load(c + 4) * out
-    nxt = tl.load(c + 6) * x + tl.load(c + 7) * x0 + tl.load(c + 8) * eps
+    eps = tl.load(c + _EPS_X) * x + tl.load(c + _EPS_OUT) * out
+    nxt = tl.load(c + _NEXT_X) * x + tl.load(c + _NEXT_X0) * x0 + tl.load(c + _NEXT_EPS) * eps
     if HAS_PREV:
-        nxt += tl.load(c + 9) * tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    noise = tl.load(c + 10)
+        nxt += tl.load(c + _NEXT_PREV_X0) * tl.load(prev_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    noise = tl.load(c + _NOISE)
     if noise != 0.0:
         nxt += noise * normal(tl.load(seed_ptr + row), tl.load(step_ptr + row), offs, _NOISE_STREAM)
     tl.store(next_ptr + base + offs, nxt.to(next_ptr.dtype.element_ty), mask=mask)
