@@ -117,6 +117,12 @@ class EngineDriver:
         """The load after the latest step (a snapshot: never waits for the engine)."""
         return self._stats
 
+    @property
+    def requests_by_replica(self) -> dict[str, int]:
+        """Requests each replica answered: none here, one engine in this process (pyserve.ray's
+        driver over replicas counts them)."""
+        return {}
+
     async def submit(self, request_id: str | None, request: Any) -> AsyncIterator[Any]:
         """Queue a request and stream its outputs; the last has `finished` set."""
         if not self.ready:

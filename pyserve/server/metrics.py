@@ -37,7 +37,7 @@ class EngineLoad:
             for name, family in families.items():
                 family.add_metric(labels, getattr(stats, name))
             ready.add_metric(labels, float(model.driver.ready))
-            for replica, count in getattr(model.driver, "requests_by_replica", {}).items():
+            for replica, count in model.driver.requests_by_replica.items():
                 replicas.add_metric([*labels, replica], count)
         return [*families.values(), ready, replicas]
 
