@@ -58,8 +58,7 @@ async def clients(port: int, inputs, num_clients: int, per_client: int) -> list[
 def run(model_dir: Path, inputs, max_batch_size: int, num_clients: int, per_client: int) -> dict:
     engine = load_engine(model_dir, device="cpu", max_batch_size=max_batch_size, max_queue_delay_s=0.002)
     sizes: list[int] = []
-    model_run = engine.model.run
-    engine.model.run = lambda batch: (sizes.append(len(batch["seed"])), model_run(batch))[1]
+    engine.step_observers.append(lambda requests, items: sizes.append(items))  # each batch's items
     server = start_in_thread({"model": EngineDriver(engine)})
     try:
         asyncio.run(clients(server.msgpack_port, inputs, 2, 4))  # warm-up
