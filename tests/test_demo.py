@@ -120,6 +120,11 @@ def test_pyserve_serve_with_no_arguments_serves_every_demo_model():
         with Client("127.0.0.1", msgpack_port) as c:
             assert c.generate("pydoc-chat", "The for statement", max_tokens=8).text
             assert len(c.generate_images("digits-sd", "the digit one", num_inference_steps=4).images) == 1
+            # the demo image model answers msgpack infer as KServe's: uint8 images
+            sd = tensor_from_wire(c.infer("digits-sd", {"prompt": [b"the digit one"], "seed": np.array([3]),
+                                                        "num_inference_steps": np.array([4], dtype=np.int32)})
+                                  ["outputs"]["images"])
+            assert sd.dtype == np.uint8 and sd.shape == (1, 32, 32, 3)
             digit = tensor_from_wire(c.infer("digits-gan", {"seed": np.array([1]), "class_label": np.array([4])})
                                      ["outputs"]["images"])
             latents = tensor_from_wire(c.infer("digits-vae", {"images": np.repeat(digit, 3, axis=-1)})

@@ -113,6 +113,11 @@ def test_the_images_api_draws_the_class_the_prompt_names(gan_dir):
                               (dict(prompt="", extra_body={"class_label": 12}), "class_label")):
             with pytest.raises(openai.BadRequestError, match=field):
                 client.images.generate(model="gan", **kwargs)
+        from pyserve.client import Client
+        with Client("127.0.0.1", server.msgpack_port) as c:  # msgpack's images method, as the images API
+            pngs = c.generate_images("gan", "the digit seven", n=3, seed=5)
+        assert [np.asarray(Image.open(io.BytesIO(png))).tolist() for png in pngs.images] == got.tolist()
+        assert pngs.seeds == [row_seed(5, i) for i in range(3)]  # each image's seed, as diffusion reports them
     finally:
         server.stop()
 

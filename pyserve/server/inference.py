@@ -3,6 +3,8 @@ out (KServe V2 infer, msgpack infer), and images (OpenAI images API, msgpack ima
 
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import InvalidParameter
 from . import translators
@@ -27,10 +29,27 @@ async def infer(model: ServedModel, tensors: Tensors, parameters, caller: Caller
     return translator.infer_outputs(model, out), translator.infer_extras(out)
 
 
+@dataclass
+class ImageJob:
+    """An admitted images request: its engine outputs as they come, and how to read them."""
+
+    translator: Translator
+    request: Any  # the engine request
+    outputs: AsyncIterator
+
+    def images_of(self, out):
+        return self.translator.images_of(out)
+
+    def extras(self, out) -> dict:
+        return self.translator.image_extras(self.request, out)
+
+    def failure(self, out):
+        return self.translator.failure(out)
+
+
 async def images(model: ServedModel, fields: Mapping, init_image=None, stream: bool = False,
-                 request_id: str | None = None) -> tuple[Translator, AsyncIterator]:
-    """Start an images request: the model's translator and the stream of its engine outputs,
-    admitted (a refused request raises here, before any answer is sent)."""
+                 request_id: str | None = None) -> ImageJob:
+    """Start an images request; a refused one raises here, before any answer is sent."""
     translator = translators.for_model(model)
     request = translator.image_request(model, fields, init_image)
     if stream and not translator.streams_images:
@@ -38,7 +57,7 @@ async def images(model: ServedModel, fields: Mapping, init_image=None, stream: b
     # unique per engine request even when clients reuse an X-Request-Id
     outputs = model.submit(f"{request_id or 'img'}-{uuid.uuid4().hex[:24]}", request)
     first = await anext(outputs)
-    return translator, _starting_with(first, outputs)
+    return ImageJob(translator, request, _starting_with(first, outputs))
 
 
 async def _starting_with(first, rest: AsyncIterator) -> AsyncIterator:

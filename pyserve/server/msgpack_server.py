@@ -215,19 +215,19 @@ class Connection:
         step of a model that takes steps."""
         model = self.model(params)
         init = None if params.get("image") is None else await pictures.decode_image(params["image"])
-        translator, outputs = await inference.images(model, params, init)
+        job = await inference.images(model, params, init)
         progress = bool(params.get("progress"))
         out = None
-        async for out in outputs:
+        async for out in job.outputs:
             if progress and not out.finished:
                 await self.send(encode({"type": "partial", "id": rid,
                                         "result": {"step": out.step, "total": out.total_steps}}))
         if out.error:
-            raise translator.failure(out)
-        images = translator.images_of(out)
+            raise job.failure(out)
+        images = job.images_of(out)
         height, width = images.shape[1:3]
         result = {"images": await pictures.encode_pngs(images), "width": width, "height": height,
-                  **translator.image_extras(out)}
+                  **job.extras(out)}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
 

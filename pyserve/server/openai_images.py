@@ -20,7 +20,6 @@ from starlette.routing import Route
 from ..errors import ClientError, InvalidParameter
 from . import inference, pictures
 from .models import ServedModel
-from .translators import Translator
 from .responses import error_body, json_body, read_body
 
 _FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height"}  # form values that are integers
@@ -62,34 +61,33 @@ def _stream_flag(fields) -> bool:
 
 async def _respond(request: Request, model: ServedModel, fields: dict, init_image, stream: bool,
                    kind: str) -> Response:
-    translator, outputs = await inference.images(model, fields, init_image, stream,
-                                                 request.headers.get("x-request-id"))
+    job = await inference.images(model, fields, init_image, stream, request.headers.get("x-request-id"))
     if stream:
-        return StreamingResponse(_events(request.url.path, translator, outputs, kind), media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, job, kind), media_type="text/event-stream")
     out = None
-    async for out in outputs:
+    async for out in job.outputs:
         pass
     if out.error:
-        raise translator.failure(out)
-    images = translator.images_of(out)
+        raise job.failure(out)
+    images = job.images_of(out)
     data = [{"b64_json": b64} for b64 in await pictures.b64_pngs(images)]
     height, width = images.shape[1:3]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
-                         "size": f"{width}x{height}", **translator.image_extras(out)})
+                         "size": f"{width}x{height}", **job.extras(out)})
 
 
 def _event(payload: dict) -> bytes:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
-async def _events(path: str, translator: Translator, outputs: AsyncIterator, kind: str) -> AsyncIterator[bytes]:
+async def _events(path: str, job: inference.ImageJob, kind: str) -> AsyncIterator[bytes]:
     """SSE events for previews and final images; a model failure becomes an error event."""
     try:
-        async for out in outputs:
+        async for out in job.outputs:
             if out.error:
-                yield f"event: error\ndata: {json.dumps(error_body(path, translator.failure(out)))}\n\n".encode()
+                yield f"event: error\ndata: {json.dumps(error_body(path, job.failure(out)))}\n\n".encode()
                 return
-            images = translator.images_of(out)
+            images = job.images_of(out)
             if images is not None:
                 height, width = images.shape[1:3]
                 common = {"created_at": int(time.time()), "size": f"{width}x{height}", "quality": "auto",
@@ -102,7 +100,7 @@ async def _events(path: str, translator: Translator, outputs: AsyncIterator, kin
                         yield _event({"type": f"{kind}.partial_image", "b64_json": b64,
                                       "partial_image_index": out.partial_index, **common})
     finally:
-        await outputs.aclose()  # a client that went away aborts the request
+        await job.outputs.aclose()  # a client that went away aborts the request
 
 
 def _multipart(content_type: str, body: bytes) -> tuple[dict, dict[str, bytes]]:

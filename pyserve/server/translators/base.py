@@ -98,8 +98,8 @@ class Translator:
         """[n, H, W, C] images of an output (floats in [0, 1] or 8-bit), or None."""
         return None
 
-    def image_extras(self, out) -> dict:
-        """Fields an images answer carries besides the images (the seeds used)."""
+    def image_extras(self, request, out) -> dict:
+        """Fields an images answer carries besides the images: the seeds used, one per image."""
         return {}
 
     def failure(self, out) -> ClientError:

@@ -96,5 +96,5 @@ class ImageTranslator(Translator):
     def images_of(self, out) -> np.ndarray | None:
         return out.images
 
-    def image_extras(self, out) -> dict:
+    def image_extras(self, request, out) -> dict:
         return {"seeds": out.seeds}

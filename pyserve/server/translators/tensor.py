@@ -107,3 +107,6 @@ class TensorTranslator(Translator):
 
     def images_of(self, out) -> np.ndarray | None:
         return out.outputs.get("images")
+
+    def image_extras(self, request: TensorRequest, out) -> dict:
+        return {"seeds": request.inputs["seed"].tolist()}
