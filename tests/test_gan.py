@@ -88,6 +88,22 @@ def test_served_over_kserve_and_msgpack(gan_dir):
         images = result["outputs"]["images"]
         array = tensor_from_wire(images)
         assert np.abs(array.astype(int) - want.astype(int)).max() <= 1
+
+        # Triton's config and statistics routes, as tritonclient reads them
+        client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+        config = client.get_model_config("gan")
+        assert config["max_batch_size"] == 16  # the model directory's batching
+        assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+            ("seed", "TYPE_INT64", []), ("class_label", "TYPE_INT64", [])]
+        assert [(t["name"], t["data_type"], t["dims"]) for t in config["output"]] == [("images", "TYPE_UINT8", [16, 16, 1])]
+        stats = client.get_inference_statistics("gan")["model_stats"]
+        assert [s["name"] for s in stats] == ["gan"]
+        assert stats[0]["inference_count"] == 3  # two over KServe and one over msgpack; the refused one never ran
+        assert stats[0]["execution_count"] >= 1 and stats[0]["inference_stats"]["success"]["ns"] > 0
+        assert [s["name"] for s in client.get_inference_statistics()["model_stats"]] == ["gan"]
+        with pytest.raises(triton.InferenceServerException, match="nope"):
+            client.get_model_config("nope")
+        client.close()
     finally:
         server.stop()
 

@@ -33,6 +33,10 @@ def test_health_metadata_and_readiness(client):
     meta = client.get_model_metadata("tiny")
     assert meta["inputs"][0]["name"] == "text_input" and meta["outputs"][0]["name"] == "text_output"
     assert client.get_server_metadata()["name"] == "pyserve"
+    config = client.get_model_config("tiny")  # Triton's shape: a text model takes no batch dimension
+    assert config["max_batch_size"] == 0
+    assert config["input"][0] == {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}
+    assert config["output"] == [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [1]}]
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -37,6 +37,9 @@ def offline(llm, prompt, **kw):
 def test_models_and_completions_match_the_engine(client, reference):
     llm = reference
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="nope"):  # OpenAI's 404 error object, naming the model
+        client.models.retrieve("nope")
     resp = client.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0)
     want = offline(llm, "Hello world", max_tokens=12, temperature=0)
     assert resp.choices[0].text == want.text

@@ -23,6 +23,7 @@ class EngineInfo:
     class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
     vision: Any = None  # a pyserve.tasks.VisionSpec for text models that read images
     adapters: bool = False  # takes LoRA adapters (load_lora / unload_lora on the engine)
+    max_batch_size: int = 0  # items a request's first dimension stacks into one batch; 0: not batched so
 
     def operation(self, name: str | None = None, *, takes: str | None = None, makes: str | None = None):
         """The operation called `name`, or the first that takes and makes the named tensors; None if none."""

@@ -73,6 +73,34 @@ async def model_meta(request: Request) -> Response:
                          **signature.metadata()})
 
 
+def _triton_tensors(tensors: list[dict], batched: bool) -> list[dict]:
+    """KServe metadata tensors as Triton config entries (a batched model's dims leave out the batch)."""
+    return [{"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+             "dims": t["shape"][1:] if batched else t["shape"], **({"optional": True} if t.get("optional") else {})}
+            for t in tensors]
+
+
+async def model_config(request: Request) -> Response:
+    """Triton's model configuration (GET /v2/models/{m}/config), as tritonclient reads it."""
+    model = request.app.state.models.get(request.path_params["model"])
+    signature = translators.for_model(model).signature(model)
+    batch = model.driver.info.max_batch_size
+    config = {"name": model.name, "platform": "pyserve", "backend": "pyserve", "max_batch_size": batch,
+              "input": _triton_tensors(signature.inputs, batch > 0),
+              "output": _triton_tensors(signature.outputs, batch > 0)}
+    if batch:
+        config["dynamic_batching"] = {}
+    return JSONResponse(config)
+
+
+async def model_stats(request: Request) -> Response:
+    """Triton's statistics extension: GET /v2/models/{m}/stats, or /v2/models/stats for all."""
+    models = request.app.state.models
+    name = request.path_params.get("model")
+    chosen = [models.get(name)] if name is not None else list(models)
+    return JSONResponse({"model_stats": [request.app.state.metrics.model_statistics(m) for m in chosen]})
+
+
 async def infer(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
     body, blobs = await _parse(request)
@@ -116,7 +144,10 @@ routes = [
     Route("/v2", server_meta),
     Route("/v2/health/live", live),
     Route("/v2/health/ready", ready),
+    Route("/v2/models/stats", model_stats),
     Route("/v2/models/{model}", model_meta),
+    Route("/v2/models/{model}/config", model_config),
+    Route("/v2/models/{model}/stats", model_stats),
     Route("/v2/models/{model}/ready", model_ready),
     Route("/v2/models/{model}/infer", infer, methods=["POST"]),
 ]

@@ -5,6 +5,8 @@ Requests are counted where they end, in the model registry (`ModelRegistry.on_fi
 every protocol (OpenAI, KServe, msgpack) reports the same names and labels; each task's
 translator sums up its outputs as an `Outcome`."""
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -64,6 +66,7 @@ class Metrics:
         self.step_time = Histogram("pyserve_engine_step_seconds", "Time per engine step", _LABELS,
                                    buckets=_LATENCY, registry=r)
         self.images = Counter("pyserve_images_generated", "Images generated", _LABELS, registry=r)
+        self.last_finished: dict[str, float] = {}  # model -> wall time its latest request ended
         r.register(EngineLoad(models))
         for model in models:
             self.attach(model.name, model)
@@ -96,6 +99,7 @@ class Metrics:
         """Record a request that ended (its last output), on any protocol."""
         outcome = translators.for_model(model).outcome(out, aborted)
         labels = (model.name, model.task)
+        self.last_finished[model.name] = time.time()
         self.requests.labels(*labels, outcome.status).inc()
         if outcome.prompt_tokens:
             self.prompt_tokens.labels(*labels).inc(outcome.prompt_tokens)
@@ -112,6 +116,35 @@ class Metrics:
             mean = (t.finished - t.first_token) / (per_seq - 1)
             for _ in range(per_seq - 1):
                 self.itl.labels(*labels).observe(mean)
+
+    def model_statistics(self, model: ServedModel) -> dict:
+        """One model's figures in the shape of Triton's statistics extension (GET
+        /v2/models/{m}/stats): request counts by outcome, their summed latency and queue time, and
+        the engine's steps (Triton's executions) with their summed time. Times are nanoseconds;
+        `success.ns` sums the end-to-end time of every timed request, failed ones included."""
+        labels = {"model": model.name, "task": model.task}
+
+        def value(name: str, **more) -> float:
+            return self.registry.get_sample_value(name, {**labels, **more}) or 0.0
+
+        statuses = {s.labels.get("status") for metric in self.registry.collect() if metric.name == "pyserve_requests"
+                    for s in metric.samples if s.labels.get("model") == model.name}
+        failed = sum(value("pyserve_requests_total", status=s) for s in statuses & {"error", "abort"})
+        succeeded = sum(value("pyserve_requests_total", status=s) for s in statuses - {"error", "abort"})
+
+        def stat(count: float, seconds: float) -> dict:
+            return {"count": int(count), "ns": int(seconds * 1e9)}
+        steps = value("pyserve_engine_step_seconds_count")
+        return {"name": model.name, "version": "1", "last_inference": int(self.last_finished.get(model.name, 0) * 1000),
+                "inference_count": int(succeeded), "execution_count": int(steps),
+                "inference_stats": {"success": stat(succeeded, value("pyserve_e2e_request_latency_seconds_sum")),
+                                    "fail": stat(failed, 0.0),
+                                    "queue": stat(value("pyserve_queue_time_seconds_count"),
+                                                  value("pyserve_queue_time_seconds_sum")),
+                                    "compute_input": stat(0, 0.0),
+                                    "compute_infer": stat(steps, value("pyserve_engine_step_seconds_sum")),
+                                    "compute_output": stat(0, 0.0)},
+                "batch_stats": []}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

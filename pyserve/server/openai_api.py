@@ -34,11 +34,19 @@ def text_model(request: Request, body: dict) -> ServedModel:
     return translators.text_model(request.app.state.models.get(adapters.get_field(body, "model")))
 
 
+def _model_card(model: ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "pyserve", "task": model.task,
+            "parent": model.parent}
+
+
 async def list_models(request: Request) -> Response:
     models = request.app.state.models
-    return JSONResponse({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": m.created, "owned_by": "pyserve", "task": m.task,
-         "parent": m.parent} for m in [*models, *models.adapters()]]})
+    return JSONResponse({"object": "list", "data": [_model_card(m) for m in [*models, *models.adapters()]]})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """GET /v1/models/{id}: one model (or LoRA adapter), or a 404 in OpenAI's error shape."""
+    return JSONResponse(_model_card(request.app.state.models.get(request.path_params["model"])))
 
 
 async def load_lora_adapter(request: Request) -> Response:
@@ -336,6 +344,7 @@ class ToolCallStream:
 
 routes = [
     Route("/v1/models", list_models),
+    Route("/v1/models/{model:path}", retrieve_model),
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
 ]

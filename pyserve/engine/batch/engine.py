@@ -110,7 +110,8 @@ class BatchEngine:
         self.policy = BatchPolicy(**{**policy.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
         self.model = model
         self.operations = operations_of(model)
-        self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(model.class_names))
+        self.info = EngineInfo(TENSOR, operations=self.operations, class_names=tuple(model.class_names),
+                               max_batch_size=self.policy.max_batch_size)
         self.requests: dict[str, _Queued] = {}
         self.queued_items = 0
         self.step_observers: list[Callable[[int, int], None]] = []  # (requests, items) of every batch
