@@ -79,6 +79,34 @@ def test_openai_sdk_edits_an_image(served, offline):
                                 init_image=torch.from_numpy(init).permute(2, 0, 1).float() / 255))
     assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - want[0].astype(int)).max() <= 1
 
+    # streamed, with previews: the SDK sends partial_images and stream as form strings
+    events = list(client.images.edit(model="tiny-sd", image=("init.png", buf.getvalue(), "image/png"), prompt=PROMPT,
+                                     stream=True, partial_images=2,
+                                     extra_body={"strength": 0.5, "seed": 2, "num_inference_steps": 6}))
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert np.array_equal(png_pixels(events[-1].b64_json), got)
+
+
+@pytest.mark.parametrize("file_format", ["png", "jpeg", "webp"])
+def test_images_come_in_the_output_format_asked_for(served, offline, file_format):
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    resp = client.images.generate(model="tiny-sd", prompt=PROMPT, output_format=file_format, output_compression=90,
+                                  extra_body={"seed": 5, "num_inference_steps": 3})
+    picture = Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json)))
+    assert picture.format == file_format.upper() and resp.output_format == file_format
+    want = offline(ImageRequest(PROMPT, num_inference_steps=3, seed=5))[0]
+    reference = io.BytesIO()  # the engine's pixels written by Pillow with the same settings
+    Image.fromarray(want).save(reference, format=file_format.upper(), **({} if file_format == "png" else {"quality": 90}))
+    got, expected = np.asarray(picture.convert("RGB")), np.asarray(Image.open(reference).convert("RGB"))
+    assert got.shape == expected.shape == (16, 16, 3)
+    if file_format == "png":
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    else:  # lossy: a one-level difference in a pixel can move its whole 8x8 block a little
+        assert np.abs(got.astype(int) - expected.astype(int)).mean() <= 2
+    for bad, field in (({"output_format": "gif"}, "output_format"), ({"output_compression": 101}, "output_compression")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.images.generate(model="tiny-sd", prompt=PROMPT, extra_body={"num_inference_steps": 2, **bad})
+
 
 @pytest.mark.parametrize("body,field", [
     ({"size": "20x20"}, "height"), ({"size": "big"}, "size"), ({"num_inference_steps": 0}, "num_inference_steps"),

@@ -91,6 +91,28 @@ def test_json_schema_outputs_validate_greedy_and_seeded(llm, name):
         jsonschema.validate(json.loads(out.text), schema)
 
 
+def test_a_strict_json_schema_allows_only_the_properties_it_lists(llm):
+    """OpenAI's `strict`: objects have exactly their listed properties (additionalProperties false
+    implied, nested ones too); without it JSON Schema lets others in. Checked on the compiled
+    grammar, token by token, as the engine's matcher takes them."""
+    from pyserve.engine.llm.structured import GrammarCompiler
+    from pyserve.server.adapters import structured_output
+    compiler = GrammarCompiler(llm.engine.tokenizer, llm.engine.model.spec.vocab_size)
+    schema = {"type": "object", "required": ["user"],
+              "properties": {"user": {"type": "object", "properties": {"name": {"type": "string"}}}}}
+
+    def accepts(text: str, strict: bool) -> bool:
+        fields = {"response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "u", "schema": schema, "strict": strict}}}
+        matcher = compiler.matcher(structured_output(fields))
+        return all(matcher.consume_token(t) for t in compiler.tokenizer.tokenize_str(text)) and matcher.is_accepting()
+
+    for text in ('{"user": {"name": "a"}}', '{"user": {}}'):
+        assert accepts(text, strict=True) and accepts(text, strict=False)
+    for text in ('{"user": {"name": "a"}, "extra": 1}', '{"user": {"name": "a", "extra": 1}}'):
+        assert accepts(text, strict=False) and not accepts(text, strict=True)
+
+
 def test_constrained_and_free_rows_share_a_batch(llm):
     free = [SamplingParams(max_tokens=12, temperature=t, seed=5, ignore_eos=True) for t in (0.0, 1.0)]
     alone = llm.generate(PROMPTS[:2], free)

@@ -132,8 +132,32 @@ def _response_format(value: dict) -> StructuredOutput | None:
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise InvalidParameter("response_format", "json_schema must be an object with a `schema` object")
-        return StructuredOutput(json=spec.get("schema", {}), field="response_format")
+        schema = spec.get("schema", {})
+        return StructuredOutput(json=closed_objects(schema) if spec.get("strict") else schema, field="response_format")
     raise InvalidParameter("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` on every object that does not say otherwise:
+    what OpenAI's `strict` means (a strict object has exactly the properties it lists)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    if isinstance(out.get("items"), dict):
+        out["items"] = closed_objects(out["items"])
+    return out
 
 
 def completion_prompts(value) -> list[str | list[int]]:

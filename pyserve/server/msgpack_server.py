@@ -211,9 +211,10 @@ class Connection:
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
     async def images(self, rid, params: dict) -> None:
-        """Images as PNG files (img2img with `image` as bytes); with `progress`, a partial frame per
-        step of a model that takes steps."""
+        """Images as files (PNG, or `output_format` jpeg or webp; img2img with `image` as bytes);
+        with `progress`, a partial frame per step of a model that takes steps."""
         model = self.model(params)
+        file_format = pictures.FileFormat.of(params)
         init = None if params.get("image") is None else await pictures.decode_image(params["image"])
         job = await inference.images(model, params, init)
         progress = bool(params.get("progress"))
@@ -226,8 +227,8 @@ class Connection:
             raise job.failure(out)
         images = job.images_of(out)
         height, width = images.shape[1:3]
-        result = {"images": await pictures.encode_pngs(images), "width": width, "height": height,
-                  **job.extras(out)}
+        result = {"images": await pictures.encode_pngs(images, file_format), "output_format": file_format.name,
+                  "width": width, "height": height, **job.extras(out)}
         await self.send(encode({"type": "result", "id": rid, "result": result}))
 
 

@@ -1,6 +1,6 @@
 """OpenAI-compatible image routes: POST /v1/images/generations (JSON) and /v1/images/edits
 (multipart, as the `openai` SDK sends it; img2img with `strength`). Images come back as
-base64 PNGs (`b64_json`); the extras `negative_prompt`, `seed`, `num_inference_steps`,
+base64 files (`b64_json`): PNG, or `output_format` jpeg or webp at `output_compression` quality; the extras `negative_prompt`, `seed`, `num_inference_steps`,
 `guidance_scale`, `scheduler` and `strength` are taken as vLLM-style extra body fields.
 
 With `stream: true` the answer is OpenAI's image event stream: up to `partial_images` previews
@@ -22,7 +22,8 @@ from . import inference, pictures
 from .models import ServedModel
 from .responses import error_body, json_body, read_body
 
-_FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height"}  # form values that are integers
+# form values that are integers (the SDK sends every form field as a string)
+_FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height", "partial_images", "output_compression"}
 _FORM_NUMBERS = {"guidance_scale", "strength"}
 
 
@@ -61,18 +62,19 @@ def _stream_flag(fields) -> bool:
 
 async def _respond(request: Request, model: ServedModel, fields: dict, init_image, stream: bool,
                    kind: str) -> Response:
+    file_format = pictures.FileFormat.of(fields)
     job = await inference.images(model, fields, init_image, stream, request.headers.get("x-request-id"))
     if stream:
-        return StreamingResponse(_events(request.url.path, job, kind), media_type="text/event-stream")
+        return StreamingResponse(_events(request.url.path, job, kind, file_format), media_type="text/event-stream")
     out = None
     async for out in job.outputs:
         pass
     if out.error:
         raise job.failure(out)
     images = job.images_of(out)
-    data = [{"b64_json": b64} for b64 in await pictures.b64_pngs(images)]
+    data = [{"b64_json": b64} for b64 in await pictures.b64_pngs(images, file_format)]
     height, width = images.shape[1:3]
-    return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": file_format.name,
                          "size": f"{width}x{height}", **job.extras(out)})
 
 
@@ -80,7 +82,8 @@ def _event(payload: dict) -> bytes:
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
-async def _events(path: str, job: inference.ImageJob, kind: str) -> AsyncIterator[bytes]:
+async def _events(path: str, job: inference.ImageJob, kind: str,
+                  file_format: pictures.FileFormat) -> AsyncIterator[bytes]:
     """SSE events for previews and final images; a model failure becomes an error event."""
     try:
         async for out in job.outputs:
@@ -91,8 +94,8 @@ async def _events(path: str, job: inference.ImageJob, kind: str) -> AsyncIterato
             if images is not None:
                 height, width = images.shape[1:3]
                 common = {"created_at": int(time.time()), "size": f"{width}x{height}", "quality": "auto",
-                          "background": "opaque", "output_format": "png"}
-                for b64 in await pictures.b64_pngs(images):
+                          "background": "opaque", "output_format": file_format.name}
+                for b64 in await pictures.b64_pngs(images, file_format):
                     if out.finished:
                         yield _event({"type": f"{kind}.completed", "b64_json": b64, **common,
                                       "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}})
