@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pyserve.engine.batch import BatchEngine, BatchPolicy, TensorRequest
-from pyserve.errors import EngineUnavailable, InvalidParameter
+from pyserve.errors import EngineUnavailable, InvalidParameter, TooLarge
 from pyserve.tasks import TensorModel, TensorSpec
 
 
@@ -80,8 +80,11 @@ def test_queue_limit_timeout_priority_and_cancel():
     engine = BatchEngine(model, BatchPolicy(max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=5))
     engine.add("low", TensorRequest({"x": items(2)}, priority=0))
     engine.add("high", TensorRequest({"x": items(2, 50)}, priority=5))
-    with pytest.raises(EngineUnavailable, match="queue is full"):
+    with pytest.raises(EngineUnavailable, match="queue is full"):  # a 503: it fits once the queue drains
         engine.add("over", TensorRequest({"x": items(2)}))
+    with pytest.raises(TooLarge, match="6 items exceed the queue's 5") as never:  # never fits: a 413
+        engine.add("never", TensorRequest({"x": items(6)}))
+    assert never.value.status == 413 and never.value.field == "x"
     first = engine.step()
     assert [o.request_id for o in first] == ["high"]  # ahead of the earlier, lower-priority one
     engine.add("late", TensorRequest({"x": items(1)}, timeout_s=0.01))

@@ -25,7 +25,8 @@ async def _parse(request: Request) -> tuple[dict, dict[str, bytes]]:
     raw = await read_body(request)
     header_len = request.headers.get(HEADER_LENGTH)
     if header_len is not None:
-        if not header_len.isdigit() or int(header_len) > len(raw):
+        # a length has no more digits than the body has bytes (int() refuses 4,300 digits and more)
+        if not header_len.isdigit() or len(header_len) > len(str(len(raw))) or int(header_len) > len(raw):
             raise ClientError(f"{HEADER_LENGTH} must be a length within the body", HEADER_LENGTH)
         head, tail = raw[:int(header_len)], raw[int(header_len):]
     else:
@@ -33,6 +34,10 @@ async def _parse(request: Request) -> tuple[dict, dict[str, bytes]]:
     body = parse_json(head, "the inference request")
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise InvalidParameter("inputs", "the inference request needs an 'inputs' list")
+    outputs = body.get("outputs", [])  # checked before the model runs
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                for o in outputs):
+        raise InvalidParameter("outputs", "must be a list of objects with a string name")
     blobs, at = {}, 0
     for tensor in body["inputs"]:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):

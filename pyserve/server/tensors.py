@@ -76,7 +76,7 @@ def _raw_values(data: bytes, dtype: str, name: str) -> list:
 def from_kserve(tensor: dict, blob: bytes | None) -> np.ndarray:
     """A KServe V2 input as an array of its declared shape, from JSON `data` or its blob."""
     name, datatype = tensor["name"], tensor.get("datatype")
-    if datatype not in _NUMPY:
+    if not isinstance(datatype, str) or datatype not in _NUMPY:
         raise InvalidParameter(name, f"datatype must be one of {', '.join(_NUMPY)}, got {datatype!r}")
     if blob is not None:
         values = decode_bytes_tensor(blob, name) if datatype == "BYTES" else _raw_values(blob, _NUMPY[datatype], name)

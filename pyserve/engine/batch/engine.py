@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...errors import EngineUnavailable, InvalidParameter
+from ...errors import EngineUnavailable, InvalidParameter, TooLarge
 from ...tasks import TENSOR, Operation, TensorModel, TensorSpec, operations_of
 from ..base import EngineInfo, EngineStats, RequestTimes
 
@@ -123,6 +123,9 @@ class BatchEngine:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
         operation = self._operation(request)
         items = self._check(request.inputs, operation)
+        if items > self.policy.max_queue_size:  # could never be queued: not a matter of waiting
+            raise TooLarge(f"{items} items exceed the queue's {self.policy.max_queue_size}; send at most that many "
+                           "a request", next(iter(request.inputs)))
         if self.queued_items + items > self.policy.max_queue_size:
             raise EngineUnavailable(f"the queue is full ({self.queued_items} items waiting, limit "
                                     f"{self.policy.max_queue_size}); retry later")

@@ -43,8 +43,11 @@ class ImageRequest:
 
         def default(side: int) -> int:  # an init image's side, down to the nearest size the model takes
             return max(multiple, side // multiple * multiple) if self.init_image is not None else spec.default_size
-        height = self.height or default(self.init_image.shape[1] if self.init_image is not None else 0)
-        width = self.width or default(self.init_image.shape[2] if self.init_image is not None else 0)
+        # None picks the size; a size given, 0 included, must be one the model takes
+        height = default(self.init_image.shape[1] if self.init_image is not None else 0) if self.height is None \
+            else self.height
+        width = default(self.init_image.shape[2] if self.init_image is not None else 0) if self.width is None \
+            else self.width
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or not multiple <= value <= max_size or value % multiple:
                 raise InvalidParameter(name, f"must be a multiple of {multiple} from {multiple} to {max_size}, "

@@ -5,6 +5,7 @@ As tensors (KServe V2 infer, msgpack infer) a request is a BYTES input `prompt` 
 seed; `scheduler` as a parameter); the answer is a UINT8 output `images` [n, H, W, 3].
 """
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,11 +69,24 @@ def fields_from_tensors(tensors: Tensors, parameters: Mapping) -> dict:
                 raise InvalidParameter(name, "must hold exactly one BYTES element")
             fields[name] = values[0].decode("utf-8", errors="replace")
         elif name in SCALAR_INPUTS and len(values) == 1 and not isinstance(values[0], bytes):
-            fields[name] = float(values[0]) if SCALAR_INPUTS[name] == "FP32" else int(values[0])
+            fields[name] = _scalar(name, values[0])
         else:
             raise InvalidParameter(name, f"unknown input, or not one element (inputs: {PROMPT_INPUT}, "
                                          f"{NEGATIVE_INPUT}, {', '.join(SCALAR_INPUTS)})")
     return fields
+
+
+def _scalar(name: str, value):
+    """A one-element input as its field's type: a finite number (FP32) or a whole one."""
+    if SCALAR_INPUTS[name] == "FP32":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidParameter(name, "must be a finite number")
+        return float(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(name, "must be an integer")
+    return value
 
 
 class ImageTranslator(Translator):

@@ -20,6 +20,9 @@ from .base import Caller, TensorSignature, Translator, Unsupported
 from .image import check_response_format, field
 
 
+MAX_TIMEOUT_US = 24 * 3600 * 10**6  # a day: more is no limit at all, and 10**400 overflows a float
+
+
 def _tensor_specs(specs, optional: bool = False) -> list[dict]:
     return [{"name": t.name, "datatype": KSERVE_DATATYPES.get(t.dtype, t.dtype), "shape": [-1, *t.shape],
              **({"optional": True} if optional else {})} for t in specs]
@@ -32,8 +35,9 @@ def tensor_request(arrays: Tensors, parameters: Mapping) -> TensorRequest:
         raise InvalidParameter("operation", "must be a string")
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise InvalidParameter("priority", "must be an integer (higher goes first)")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
-        raise InvalidParameter("timeout", "must be a positive number of microseconds")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool)
+                                or not 0 < timeout <= MAX_TIMEOUT_US):
+        raise InvalidParameter("timeout", f"must be a positive number of microseconds, at most {MAX_TIMEOUT_US}")
     return TensorRequest(arrays, priority, None if timeout is None else timeout / 1e6, operation)
 
 

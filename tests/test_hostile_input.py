@@ -1,0 +1,83 @@
+"""Input an attacker (or a careless client) sends, each answered with a 4xx naming what is wrong,
+never a 500 and never after the model has run for nothing: one server with a text, an image and a
+one-shot model. (Issue 31, item 7: the cases fixed so far.)"""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pyserve.engine import EngineDriver, load_engine
+from pyserve.engine.llm import AsyncLLMEngine
+from pyserve import LLM
+from pyserve.server import start_in_thread
+
+from tiny_models import make_gan, make_sd_pipeline
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    gan = make_gan(tmp_path_factory.mktemp("gan"))  # its directory's queue holds 64 items
+    sd = make_sd_pipeline(tmp_path_factory.mktemp("sd"))
+    running = start_in_thread({"tiny": AsyncLLMEngine(LLM(tiny_llama_dir, device="cpu").engine),
+                               "sd": EngineDriver(load_engine(sd, device="cpu")),
+                               "gan": EngineDriver(load_engine(gan, device="cpu", max_queue_size=64))})
+    yield running
+    running.stop()
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def infer(server, model: str, body: dict, headers: dict | None = None) -> tuple[int, str]:
+    status, answer = post(f"{server.url}/v2/models/{model}/infer", json.dumps(body).encode(), headers)
+    return status, json.dumps(answer)
+
+
+SEED = {"name": "seed", "datatype": "INT64", "shape": [1], "data": [1]}
+LABEL = {"name": "class_label", "datatype": "INT64", "shape": [1], "data": [1]}
+PROMPT = {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a fox"]}
+
+
+@pytest.mark.parametrize("model, body, status, names", [
+    ("gan", {"inputs": [{**SEED, "datatype": ["INT64"]}, LABEL]}, 400, "datatype"),
+    ("gan", {"inputs": [SEED, LABEL], "outputs": [{"name": ["images"]}]}, 400, "outputs"),
+    ("gan", {"inputs": [SEED, LABEL], "parameters": {"timeout": 10**400}}, 400, "timeout"),
+    ("gan", {"inputs": [{**SEED, "shape": [100], "data": list(range(100))},
+                        {**LABEL, "shape": [100], "data": [1] * 100}]}, 413, "64"),
+    ("gan", {"inputs": [SEED, {**LABEL, "data": [10**30]}]}, 400, "class_label"),
+    ("sd", {"inputs": [PROMPT, {"name": "num_inference_steps", "datatype": "FP32", "shape": [1], "data": [2.5]}]},
+     400, "num_inference_steps"),
+    ("sd", {"inputs": [PROMPT, {"name": "width", "datatype": "INT32", "shape": [1], "data": ["x"]}]}, 400, "width"),
+    ("sd", {"inputs": [PROMPT, {"name": "width", "datatype": "INT32", "shape": [1], "data": [0]}]}, 400, "width"),
+    ("sd", {"inputs": [PROMPT, {"name": "guidance_scale", "datatype": "FP32", "shape": [1], "data": [None]}]},
+     400, "guidance_scale"),
+])
+def test_bad_tensors_get_a_4xx_naming_the_field(server, model, body, status, names):
+    got, answer = infer(server, model, body)
+    assert got == status and names in answer, answer
+
+
+def test_a_header_length_of_thousands_of_digits_is_a_400(server):
+    got, answer = infer(server, "gan", {"inputs": [SEED, LABEL]}, {"Inference-Header-Content-Length": "9" * 4300})
+    assert got == 400 and "inference-header-content-length" in answer
+
+
+def test_a_zero_image_size_is_refused_not_replaced(server):
+    for body, field in (({"size": "0x0"}, "height"), ({"width": 0}, "width")):
+        status, answer = post(f"{server.url}/v1/images/generations",
+                              json.dumps({"model": "sd", "prompt": "a fox", **body}).encode(),
+                              {"Content-Type": "application/json"})
+        assert status == 400 and answer["error"]["param"] == field, answer
+
+
+def test_the_server_still_answers(server):
+    got, answer = infer(server, "gan", {"inputs": [SEED, LABEL]})
+    assert got == 200 and json.loads(answer)["outputs"][0]["name"] == "images"
