@@ -2,6 +2,7 @@
 KServe V2 (`tritonclient`) and msgpack (with progress), against the engine run directly."""
 
 import base64
+import json
 import io
 
 import numpy as np
@@ -285,3 +286,24 @@ def test_fuzzed_image_requests_get_a_json_answer_and_the_server_stays_healthy(se
             assert r.status == 200
 
     check()
+
+
+def test_a_client_that_leaves_before_its_image_stops_its_denoising(served):
+    """Not streamed: the server notices the closed connection and the engine drops the rows."""
+    import socket
+    import time
+    data = json.dumps({"model": "tiny-sd", "prompt": PROMPT, "num_inference_steps": 400, "seed": 1}).encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    driver = served.models.get("tiny-sd").driver
+    deadline = time.monotonic() + 20
+    while driver.stats().running == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert driver.stats().running == 1, "the request never started"
+    sock.close()
+    deadline = time.monotonic() + 20
+    while driver.stats().running + driver.stats().waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert driver.stats().running == 0 and driver.stats().waiting == 0

@@ -362,3 +362,44 @@ def test_fuzz_msgpack_methods_answer_a_frame_and_stay_healthy(served, method, pa
     finally:
         sock.close()
     assert engine_is_healthy(server, llm)
+
+
+LONG = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}  # runs to the end of the context
+LEAVING = {
+    "completions": ("/v1/completions", {"model": "tiny", "prompt": "Hello world", **LONG}),
+    "chat": ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], **LONG}),
+    "kserve": ("/v2/models/tiny/infer", {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
+                                                     "data": ["Hello world"]}], "parameters": LONG}),
+}
+
+
+def aborted_requests(server) -> float:
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pyserve_requests_total{") and 'status="abort"' in line)
+
+
+@pytest.mark.parametrize("protocol", list(LEAVING))
+def test_a_client_that_leaves_before_its_answer_frees_its_work(served, protocol):
+    """Answers that are not streamed: the server notices the closed connection while the engine
+    works, aborts the request (its KV blocks free at once) and counts it as aborted. (msgpack and
+    streamed answers: test_msgpack.py, test_server_openai.py.)"""
+    server, llm = served
+    path, body = LEAVING[protocol]
+    before = aborted_requests(server)
+    data = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    deadline = time.monotonic() + 20
+    while not llm.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert llm.engine.has_unfinished(), "the request never started"
+    sock.close()
+    assert wait_all_free(llm), "the request kept its KV blocks after its client left"
+    assert not llm.engine.has_unfinished()
+    deadline = time.monotonic() + 10
+    while aborted_requests(server) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted_requests(server) == before + 1

@@ -21,7 +21,7 @@ from .auth import AccessPolicy
 from .metrics import Metrics
 from .middleware import Guard
 from .models import ModelRegistry
-from .responses import error_response, json_body
+from .responses import ClientGone, error_response, json_body, on_client_gone
 
 log = logging.getLogger("pyserve.server")
 
@@ -106,7 +106,8 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
         *openai_images.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
-        ClientError: on_client_error, HTTPException: on_http_error, Exception: on_server_error})
+        ClientError: on_client_error, ClientGone: on_client_gone, HTTPException: on_http_error,
+        Exception: on_server_error})
     app.state.models = models
     app.state.metrics = Metrics(models)
     app.state.feedback = FeedbackStore(feedback_db or ":memory:")

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
 from . import inference, tensors, translators
-from .responses import parse_json, read_body
+from .responses import parse_json, read_body, unless_client_leaves
 from .translators import Caller
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -111,7 +111,7 @@ async def infer(request: Request) -> Response:
     body, blobs = await _parse(request)
     inputs = {t["name"]: tensors.from_kserve(t, blobs.get(t["name"])) for t in body["inputs"]}
     caller = Caller(request.state.principal, request.app.state.image_hosts)
-    outputs, _ = await inference.infer(model, inputs, body.get("parameters"), caller)
+    outputs, _ = await unless_client_leaves(request, inference.infer(model, inputs, body.get("parameters"), caller))
     return _answer(body, model.name, outputs)
 
 

@@ -21,7 +21,7 @@ from ..engine.llm import StructuredOutput
 from . import adapters, tool_calls, translators
 from .models import ServedModel
 from .tool_calls import CallFormat
-from .responses import error_body, json_body
+from .responses import error_body, json_body, unless_client_leaves
 
 MAX_CHOICES = 1024  # prompts times n in one request
 
@@ -122,8 +122,7 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
         return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls),
                                  media_type="text/event-stream")
     try:
-        async for _ in merged:
-            pass
+        await unless_client_leaves(request, merged.drain())
     finally:
         await merged.close()
     failed = next((o.error for o in merged.last if o.error), None)
@@ -174,6 +173,11 @@ class Merged:
                 raise item
             self.last[i] = item
             yield i, item
+
+    async def drain(self) -> None:
+        """Read every stream to its end (`last` holds each one's final output)."""
+        async for _ in self:
+            pass
 
     async def close(self) -> None:
         """Stop every stream; unfinished requests are aborted and free their resources."""

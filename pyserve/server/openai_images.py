@@ -20,7 +20,7 @@ from starlette.routing import Route
 from ..errors import ClientError, InvalidParameter
 from . import inference, pictures
 from .models import ServedModel
-from .responses import error_body, json_body, read_body
+from .responses import error_body, json_body, read_body, unless_client_leaves
 
 # form values that are integers (the SDK sends every form field as a string)
 _FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height", "partial_images", "output_compression"}
@@ -66,9 +66,7 @@ async def _respond(request: Request, model: ServedModel, fields: dict, init_imag
     job = await inference.images(model, fields, init_image, stream, request.headers.get("x-request-id"))
     if stream:
         return StreamingResponse(_events(request.url.path, job, kind, file_format), media_type="text/event-stream")
-    out = None
-    async for out in job.outputs:
-        pass
+    out = await unless_client_leaves(request, _last(job.outputs))
     if out.error:
         raise job.failure(out)
     images = job.images_of(out)
@@ -76,6 +74,16 @@ async def _respond(request: Request, model: ServedModel, fields: dict, init_imag
     height, width = images.shape[1:3]
     return JSONResponse({"created": int(time.time()), "data": data, "output_format": file_format.name,
                          "size": f"{width}x{height}", **job.extras(out)})
+
+
+async def _last(outputs: AsyncIterator):
+    out = None
+    try:
+        async for out in outputs:
+            pass
+    finally:
+        await outputs.aclose()  # cancelled when the client leaves: the engine drops the request
+    return out
 
 
 def _event(payload: dict) -> bytes:

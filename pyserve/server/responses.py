@@ -1,10 +1,13 @@
 """Reading request bodies and shaping errors, the same way on every HTTP route."""
 
+import asyncio
 import json
 import re
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from ..errors import ClientError, InvalidParameter, TooLarge
 
@@ -38,6 +41,39 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise TooLarge(f"the request body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready; its work was cancelled."""
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone as soon as the client disconnects, with `work` cancelled
+    (closing its engine streams aborts the requests: their KV blocks or latents free at once).
+    Call it once the body has been read: from then on the next ASGI message is the disconnect."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def on_client_gone(request: Request, exc: ClientGone) -> Response:
+    return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
 
 def _reject_constant(name: str):
