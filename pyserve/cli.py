@@ -57,7 +57,7 @@ def _serve(args) -> int:
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model directory")
     for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "max_batch_size",
-                 "max_queue_size", "max_loras", "tensor_parallel_size"):
+                 "max_queue_size", "max_loras", "tensor_parallel_size", "max_image_cost"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
@@ -65,7 +65,8 @@ def _serve(args) -> int:
     # Batching flags override each model's config only when given.
     batching = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_queue_size": args.max_queue_size,
                                   "max_queue_delay_s": None if args.max_queue_delay_ms is None
-                                  else args.max_queue_delay_ms / 1000}.items() if v is not None}
+                                  else args.max_queue_delay_ms / 1000,
+                                  "max_image_cost": args.max_image_cost}.items() if v is not None}
     registry = PluginRegistry.discover(args.plugin_dir)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.models:
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one-shot models: how long the oldest queued request waits for a batch to fill")
     s.add_argument("--max-queue-size", type=int, default=None,
                    help="one-shot models: queued items past which new requests get a 503")
+    s.add_argument("--max-image-cost", type=int, default=None,
+                   help="image models: the largest width x height x steps x n one request may ask for (default: "
+                        "four times the model's native pixels at 50 steps)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds open requests may take to finish after SIGTERM or Ctrl-C")
     s.set_defaults(run=_serve)

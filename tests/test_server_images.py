@@ -29,7 +29,8 @@ def sd_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(sd_dir):
-    server = start_in_thread({"tiny-sd": EngineDriver(load_engine(sd_dir, device="cpu"))})
+    # room for the 400-step requests the cancellation tests send (the default allows 16x16 at 200)
+    server = start_in_thread({"tiny-sd": EngineDriver(load_engine(sd_dir, device="cpu", max_image_cost=16 * 16 * 800))})
     try:
         yield server
     finally:
@@ -113,6 +114,7 @@ def test_images_come_in_the_output_format_asked_for(served, offline, file_format
     ({"size": "20x20"}, "height"), ({"size": "big"}, "size"), ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"guidance_scale": -1}, "guidance_scale"), ({"scheduler": "lms"}, "scheduler"), ({"n": 99}, "n"),
     ({"response_format": "url"}, "response_format"), ({"prompt": 7}, "prompt"), ({"seed": "x"}, "seed"),
+    ({"num_inference_steps": 500, "n": 2}, "num_inference_steps"),  # over the model's cost limit
 ])
 def test_bad_image_requests_get_a_400_naming_the_field(served, body, field):
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -123,6 +125,17 @@ def test_bad_image_requests_get_a_400_naming_the_field(served, body, field):
                                extra_body={k: v for k, v in body.items()
                                            if k not in ("size", "n", "prompt", "response_format")})
     assert field in str(err.value)
+
+
+def test_the_cost_limit_defaults_to_four_native_images_at_50_steps(sd_dir):
+    from pyserve.errors import InvalidParameter
+    engine = load_engine(sd_dir, device="cpu")
+    native = engine.spec.default_size
+    assert ImageRequest(PROMPT, num_inference_steps=200).checked(engine.spec, 1024)  # 4 x 16 x 16 x 50: fits
+    with pytest.raises(InvalidParameter, match="over this model's limit of 51200") as err:
+        ImageRequest(PROMPT, num_inference_steps=201).checked(engine.spec, 1024)
+    assert err.value.field == "num_inference_steps" and native == 16
+    assert ImageRequest(PROMPT, num_inference_steps=201).checked(engine.spec, 1024, max_cost=16 * 16 * 201)
 
 
 def test_an_edit_with_something_that_is_not_an_image_is_refused(served):

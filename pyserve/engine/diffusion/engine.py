@@ -83,13 +83,14 @@ class DiffusionEngine:
     """Step-level batching of image requests over one `ImageGenerationModel`."""
 
     def __init__(self, model: ImageGenerationModel, *, max_batch_size: int = 16, max_queued: int = 256,
-                 max_image_size: int = 1024):
+                 max_image_size: int = 1024, max_image_cost: int | None = None):
         if min(max_batch_size, max_queued, max_image_size) < 1:
             raise ValueError("max_batch_size, max_queued and max_image_size must be >= 1")
         self.model = model
         self.spec = model.spec
         self.info = EngineInfo(IMAGE_GENERATION, max_model_len=0)
         self.max_batch_size, self.max_queued, self.max_image_size = max_batch_size, max_queued, max_image_size
+        self.max_image_cost = max_image_cost  # width x height x steps x n; None: requests.default_cost
         self.requests: dict[str, _Request] = {}
         self.waiting: deque[_Image] = deque()
         self.running: list[_Image] = []
@@ -102,7 +103,7 @@ class DiffusionEngine:
     def add(self, request_id: str, request: ImageRequest) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")
-        request = request.checked(self.spec, self.max_image_size)
+        request = request.checked(self.spec, self.max_image_size, self.max_image_cost)
         if len(self.waiting) + request.n > self.max_queued:
             raise EngineUnavailable(f"the image queue is full ({self.max_queued} images waiting); retry later")
         seed = self._rng.getrandbits(63) if request.seed is None else request.seed

@@ -19,6 +19,12 @@ MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
 
 
+def default_cost(spec: ImageModelSpec) -> int:
+    """The largest request a model takes by default: four times its native pixels at 50 steps, one
+    image (a request past it would hold the step batch for minutes)."""
+    return 4 * spec.default_size ** 2 * 50
+
+
 @dataclass
 class ImageRequest:
     """A text-to-image (or unconditional, or img2img) request. Sizes are in pixels; None takes the
@@ -37,8 +43,9 @@ class ImageRequest:
     strength: float = 0.8
     partial_images: int = 0  # previews (the current clean estimate, decoded) sent during the loop
 
-    def checked(self, spec: ImageModelSpec, max_size: int) -> "ImageRequest":
-        """This request with defaults filled in; InvalidParameter names the first bad field."""
+    def checked(self, spec: ImageModelSpec, max_size: int, max_cost: int | None = None) -> "ImageRequest":
+        """This request with defaults filled in; InvalidParameter names the first bad field.
+        `max_cost` bounds width x height x steps x n (default: `default_cost(spec)`)."""
         multiple = max(8, spec.vae_scale_factor)
 
         def default(side: int) -> int:  # an init image's side, down to the nearest size the model takes
@@ -70,6 +77,11 @@ class ImageRequest:
         for name, ok, message in checks:
             if not ok:
                 raise InvalidParameter(name, message)
+        cost, limit = width * height * self.num_inference_steps * self.n, max_cost or default_cost(spec)
+        if cost > limit:
+            raise InvalidParameter("num_inference_steps", f"width x height x num_inference_steps x n is {cost}, over "
+                                   f"this model's limit of {limit} (--max-image-cost): fewer steps, fewer images "
+                                   "or a smaller size")
         if self.init_image is not None:
             image = self.init_image
             if image.dim() != 3 or image.shape[0] != 3:
