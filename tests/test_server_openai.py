@@ -205,6 +205,10 @@ def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
         status, _, body = raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-2",
                                                                             "rating": "great"}).encode())
         assert status == 400 and body["error"]["param"] == "rating"
+        for name, size in (("comment", 10_001), ("response_id", 257), ("user", 257)):  # 7 MB comments filled disks
+            status, _, body = raw_post(server.url + "/v1/feedback", json.dumps(
+                {"response_id": "cmpl-4", "rating": 1, name: "x" * size}).encode())
+            assert status == 400 and body["error"]["param"] == name
     access = AccessPolicy([KEY], admin_keys=["admin-key"])
     with serving(tiny_llama_dir, access=access, feedback_db=str(db)) as (server, _):  # a restart keeps it
         raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-3", "rating": -1}).encode())

@@ -37,14 +37,20 @@ async def prometheus(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
+FEEDBACK_FIELD_CHARS = {"response_id": 256, "comment": 10_000, "user": 256, "model": 256}
+
+
 async def add_feedback(request: Request) -> Response:
     body = await json_body(request)
     response_id, rating = adapters.required_text(body, "response_id"), body.get("rating")
     if not isinstance(rating, int) or isinstance(rating, bool) or not -1 <= rating <= 5:
         raise InvalidParameter("rating", "must be an integer from -1 to 5 (-1/1 for thumbs)")
-    for name in ("comment", "user", "model"):
-        if body.get(name) is not None and not isinstance(body[name], str):
+    for name, limit in FEEDBACK_FIELD_CHARS.items():  # a row is a rating, not a place to store files
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
             raise InvalidParameter(name, "must be a string")
+        if value is not None and len(value) > limit:
+            raise InvalidParameter(name, f"must be at most {limit} characters")
     row = request.app.state.feedback.add(response_id, rating, body.get("comment"), body.get("user"), body.get("model"))
     log.info("feedback %d on %s: rating %d", row, response_id, rating)
     return JSONResponse({"id": row, "object": "feedback"}, status_code=201)
