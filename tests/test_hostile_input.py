@@ -81,3 +81,24 @@ def test_a_zero_image_size_is_refused_not_replaced(server):
 def test_the_server_still_answers(server):
     got, answer = infer(server, "gan", {"inputs": [SEED, LABEL]})
     assert got == 200 and json.loads(answer)["outputs"][0]["name"] == "images"
+
+
+RECURSIVE = {"$ref": "#/$defs/node", "$defs": {"node": {"type": "object", "required": ["next"],
+                                                       "properties": {"next": {"$ref": "#/$defs/node"}}}}}
+
+
+@pytest.mark.parametrize("constraint, field", [
+    ({"guided_regex": "a{1000000}"}, "guided_regex"),  # past llguidance's lexer limits once it runs
+    ({"guided_grammar": 'start: x\nx: "a" x'}, "guided_grammar"),  # no way to finish
+    ({"guided_json": RECURSIVE}, "guided_json"),  # a required property that requires itself
+])
+def test_a_constraint_that_cannot_go_on_is_the_requests_fault(server, constraint, field):
+    """A 400 naming the constraint's field, not the 500 of a model failure; the server goes on."""
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 8, "temperature": 0, **constraint}
+    status, answer = post(f"{server.url}/v1/completions", json.dumps(body).encode(),
+                          {"Content-Type": "application/json"})
+    assert status == 400 and answer["error"]["param"] == field, answer
+    status, answer = post(f"{server.url}/v1/completions", json.dumps({"model": "tiny", "prompt": "Hi",
+                                                                       "max_tokens": 2}).encode(),
+                          {"Content-Type": "application/json"})
+    assert status == 200

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from dataclasses import replace
 
-from ..errors import ClientError, InvalidParameter, ModelFailure, Unauthorized
+from ..errors import ClientError, InvalidParameter, Unauthorized
 from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_ERROR, UNAUTHORIZED, UNAVAILABLE,
                         ProtocolError, decode, encode, error_frame, frame_length, tensor_to_wire)
 from . import adapters, inference, pictures, tensors, translators
@@ -181,7 +181,7 @@ class Connection:
         request = adapters.text_request(ids, sampling, params, self.principal, images, lora=model.lora)
         async for out in model.submit(None, request):
             if out.error:
-                raise ModelFailure(f"the model failed: {out.error}")
+                raise translators.for_model(model).failure(out)
             first = out.outputs[0]
             if stream and not out.finished:
                 # Every step that adds tokens is sent, even when its text is still held back

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine.llm import RequestOutput
-from ..errors import ClientError, InvalidParameter, ModelFailure
+from ..errors import ClientError, InvalidParameter
 from ..engine.llm import StructuredOutput
 from . import adapters, tool_calls, translators
 from .models import ServedModel
@@ -125,9 +125,9 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
         await unless_client_leaves(request, merged.drain())
     finally:
         await merged.close()
-    failed = next((o.error for o in merged.last if o.error), None)
-    if failed:
-        raise ModelFailure(f"the model failed: {failed}")
+    failed = next((o for o in merged.last if o.error), None)
+    if failed is not None:
+        raise translators.for_model(model).failure(failed)
     if chat:
         return JSONResponse(chat_body(rid, model, merged.last, params.n, calls))
     return JSONResponse(completion_body(rid, model, merged.last, params.n, echo))
@@ -205,7 +205,7 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
     try:
         async for i, out in merged:
             if out.error:
-                yield f"data: {json.dumps(error_body('/v1', ModelFailure(out.error)))}\n\n"
+                yield f"data: {json.dumps(error_body('/v1', translators.for_model(model).failure(out)))}\n\n"
                 break
             choices = []
             for o in out.outputs:

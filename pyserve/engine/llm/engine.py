@@ -5,7 +5,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ...errors import InvalidParameter
+from ...errors import ClientError, InvalidParameter
 from ...tasks import TEXT_GENERATION, ImageInput, KVCache, TextGenerationModel, kv_cache_dtype_for
 from ..base import EngineInfo, EngineStats
 from .adapter_pool import AdapterPool
@@ -32,6 +32,16 @@ def _cache_blocks(spec, block_size: int, cache_dtype, kv_cache_memory: int, num_
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", blocks, block_size, blocks * per_block / 2**20,
              str(cache_dtype).removeprefix("torch."))
     return blocks
+
+
+def _accept_fault(request_id: str, exc: Exception) -> ClientError | str:
+    """What a request that failed while taking a token answers: the request's own fault (its
+    constraint cannot go on) as it is, anything else as the model's, logged with its traceback."""
+    if isinstance(exc, ClientError):
+        log.info("request %s stopped: %s", request_id, exc.message)
+        return exc
+    log.exception("request %s failed while accepting a token", request_id)
+    return f"{type(exc).__name__}: {exc}"
 
 
 class LLMEngine:
@@ -145,9 +155,8 @@ class LLMEngine:
                 if self.outputs.accept(s) is not None:
                     self.scheduler.finish(s.seq)
             except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer fault: this request's alone
-                log.exception("request %s failed while accepting a token", s.seq.request_id)
                 touched.pop(s.seq.request_id, None)
-                outputs += self._fail({s.seq.request_id}, f"{type(exc).__name__}: {exc}")
+                outputs += self._fail({s.seq.request_id}, _accept_fault(s.seq.request_id, exc))
                 continue
             touched[s.seq.request_id] = self.requests[s.seq.request_id]
         return outputs + [self._progress(request) for request in touched.values()]
@@ -164,7 +173,7 @@ class LLMEngine:
                      ", ".join(f"{len(s.output_ids)} tokens ({s.finish_reason})" for s in request.seqs))
         return self.outputs.output(request, finished=done)
 
-    def _fail(self, request_ids: set[str], error: str) -> list[RequestOutput]:
+    def _fail(self, request_ids: set[str], error: ClientError | str) -> list[RequestOutput]:
         outputs = []
         for request_id in request_ids:
             request = self.requests.pop(request_id, None)

@@ -1,6 +1,7 @@
 """Sampled tokens into answers: each token appended, detokenized and scored; stop tokens, stop
 strings, lengths and grammars decide when a sequence finishes; requests become `RequestOutput`s."""
 
+from ...errors import ClientError, InvalidParameter
 from .input_processor import Request
 from .runner import SampledToken
 from .sequence import CompletionOutput, RequestOutput, Sequence
@@ -25,7 +26,10 @@ class OutputProcessor:
             seq.logprobs.append({"token_id": s.token, "logprob": s.logprob, "top": s.top})
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(s.token)
-        complete = seq.matcher is not None and advance(seq.matcher, s.token)
+        try:
+            complete = seq.matcher is not None and advance(seq.matcher, s.token)
+        except RuntimeError as exc:  # the constraint cannot go on (llguidance's limits): the request's fault
+            raise InvalidParameter(p.structured.field, f"the constraint failed while generating: {exc}") from None
         may_stop = len(seq.output_ids) >= p.min_tokens
         reason = None
         if complete and s.token in self.eos_ids:
@@ -55,12 +59,15 @@ class OutputProcessor:
         return bool(hits)
 
     @staticmethod
-    def output(request: Request, finished: bool, error: str | None = None) -> RequestOutput:
+    def output(request: Request, finished: bool, error: ClientError | str | None = None) -> RequestOutput:
+        """The request's output; `error` a ClientError (the request's fault) or text (the model's)."""
         outs = [CompletionOutput(seq.index, seq.text, list(seq.output_ids), seq.finish_reason,
                                  list(seq.logprobs) if request.params.logprobs is not None else None)
                 for seq in request.seqs]
         first = request.seqs[0]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished, error,
-                             times=request.times, num_cached_tokens=first.num_cached_tokens,
+        status, field = (error.status, error.field) if isinstance(error, ClientError) else (500, None)
+        message = error.message if isinstance(error, ClientError) else error
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outs, finished, message,
+                             status, field, times=request.times, num_cached_tokens=first.num_cached_tokens,
                              prompt_logprobs=first.prompt_logprobs if request.params.prompt_logprobs is not None
                              else None)

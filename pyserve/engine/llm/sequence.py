@@ -79,6 +79,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None  # set when the model failed on this request's step
+    # a failure that is the request's own (its grammar cannot go on): the HTTP-like status and field
+    error_status: int = 500
+    error_field: str | None = None
     times: RequestTimes | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[dict | None] | None = None  # per prompt token (None for the first), when asked for

@@ -8,7 +8,7 @@ answer is a BYTES output `text_output`.
 import math
 from collections.abc import Mapping
 
-from ...errors import InvalidParameter
+from ...errors import ClientError, InvalidParameter, ModelFailure
 from ...tasks import TEXT_GENERATION
 from .. import adapters
 from ..tensors import Tensors, bytes_array
@@ -65,6 +65,13 @@ class TextTranslator(Translator):
 
     def infer_extras(self, out) -> dict:
         return {"usage": adapters.usage([out])}
+
+    def failure(self, out) -> ClientError:
+        """The request's own fault (a constraint that cannot go on) as a 4xx naming its field, the
+        model's as a 500."""
+        if out.error_status < 500:
+            return ClientError(out.error, out.error_field, status=out.error_status)
+        return ModelFailure(f"the model failed: {out.error}")
 
     def outcome(self, out, aborted: bool) -> Outcome:
         generated = sum(len(o.token_ids) for o in out.outputs)
