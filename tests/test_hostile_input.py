@@ -17,10 +17,15 @@ from tiny_models import make_gan, make_sd_pipeline
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama_dir, tmp_path_factory):
+def tiny_llm(tiny_llama_dir):
+    return LLM(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llm, tmp_path_factory):
     gan = make_gan(tmp_path_factory.mktemp("gan"))  # its directory's queue holds 64 items
     sd = make_sd_pipeline(tmp_path_factory.mktemp("sd"))
-    running = start_in_thread({"tiny": AsyncLLMEngine(LLM(tiny_llama_dir, device="cpu").engine),
+    running = start_in_thread({"tiny": AsyncLLMEngine(tiny_llm.engine),
                                "sd": EngineDriver(load_engine(sd, device="cpu")),
                                "gan": EngineDriver(load_engine(gan, device="cpu", max_queue_size=64))})
     yield running
@@ -102,3 +107,22 @@ def test_a_constraint_that_cannot_go_on_is_the_requests_fault(server, constraint
                                                                        "max_tokens": 2}).encode(),
                           {"Content-Type": "application/json"})
     assert status == 200
+
+
+def test_oversized_prompts_of_every_form_stop_before_the_engine(server, tiny_llm, monkeypatch):
+    """Token ids past the context and text in a chat `role` are refused by the front-end: a
+    2.7-million-id prompt reached the engine's thread and held every other request there."""
+    reached = []  # the requests that reach the engine's input processor
+    process = tiny_llm.engine.inputs.process
+    monkeypatch.setattr(tiny_llm.engine.inputs, "process", lambda *a: (reached.append(a[0]), process(*a))[1])
+    for path, body, field in (
+            ("/v1/completions", {"model": "tiny", "prompt": list(range(5)) * 100_000, "max_tokens": 1}, "prompt"),
+            ("/v1/chat/completions", {"model": "tiny", "max_tokens": 1,
+                                      "messages": [{"role": "user" * 100_000, "content": "Hi"}]}, "messages")):
+        status, answer = post(server.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        assert status == 400 and answer["error"]["param"] == field, answer
+    assert reached == []
+    status, _ = post(server.url + "/v1/completions", json.dumps({"model": "tiny", "prompt": [1, 2, 3],
+                                                                  "max_tokens": 1}).encode(),
+                     {"Content-Type": "application/json"})
+    assert status == 200 and len(reached) == 1  # the watch sees what does reach it

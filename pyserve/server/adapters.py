@@ -32,6 +32,7 @@ _TYPES = {
     "parallel_tool_calls": bool,
 }
 MAX_CACHE_SALT = 1024
+MAX_ROLE_CHARS = 64
 
 
 def get_field(fields: Mapping, name: str, default=None, types: Mapping = _TYPES):
@@ -196,6 +197,8 @@ def chat_messages(value) -> list[dict]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidParameter("messages", f"messages[{i}] must be an object with a string role")
+        if len(m["role"]) > MAX_ROLE_CHARS:  # a role is a word: text goes in content, which is size-checked
+            raise InvalidParameter("messages", f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text, and images for models that read them
             if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
@@ -244,8 +247,11 @@ def _check_prompt_size(model: ServedModel, num_chars: int, name: str) -> None:
 
 
 async def prompt_ids(model: ServedModel, prompt: str | list[int], name: str = "prompt") -> list[int]:
-    """Token ids of a prompt, tokenized in a worker thread after the size check."""
+    """Token ids of a prompt, tokenized in a worker thread after the size check (token ids get
+    theirs here too: millions of them would otherwise reach the engine's thread)."""
     if not isinstance(prompt, str):
+        if len(prompt) >= model.max_model_len:
+            raise InvalidParameter(name, f"{len(prompt)} tokens; the model's context is {model.max_model_len}")
         return prompt
     if model.tokenizer is None:
         raise InvalidParameter(name, "this model has no tokenizer: send token ids")
