@@ -27,18 +27,37 @@ class LoraAdapter:
 
     @classmethod
     def load(cls, name: str, path: str | Path) -> "LoraAdapter":
+        """Read and check a PEFT adapter directory; every fault is an InvalidParameter naming it."""
         path = Path(path)
         config_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-        if not config_path.exists() or not weights_path.exists():
-            raise InvalidParameter("lora", f"{path} is not a PEFT LoRA adapter (adapter_config.json and "
+        try:
+            # regular files only: reading a FIFO or a device would wait forever
+            found = config_path.is_file() and weights_path.is_file()
+        except OSError as exc:  # a name too long for the file system, a loop of links, ...
+            raise InvalidParameter("lora", f"cannot read the adapter path: {exc.strerror or exc}") from None
+        if not found:
+            raise InvalidParameter("lora", f"{str(path)[:200]} is not a PEFT LoRA adapter (adapter_config.json and "
                                            f"adapter_model.safetensors)")
-        cfg = json.loads(config_path.read_text())
+        try:
+            cfg = json.loads(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidParameter("lora", f"{path}: adapter_config.json is not readable JSON: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise InvalidParameter("lora", f"{path}: adapter_config.json must hold an object")
         if cfg.get("peft_type", "LORA") != "LORA":
             raise InvalidParameter("lora", f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-        rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+        rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise InvalidParameter("lora", f"{path}: adapter_config.json needs a positive integer r, got {rank!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise InvalidParameter("lora", f"{path}: lora_alpha must be a number, got {alpha!r}")
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own kinds for a broken file
+            raise InvalidParameter("lora", f"{path}: adapter_model.safetensors cannot be read: {exc}") from None
         pieces: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(str(weights_path)).items():
+        for key, tensor in tensors.items():
             module, _, kind = key.rpartition(".lora_")
             if kind not in ("A.weight", "B.weight"):
                 raise InvalidParameter("lora", f"{path}: unexpected tensor {key!r} (only LoRA A/B weights are served)")
@@ -48,7 +67,7 @@ class LoraAdapter:
             if set(ab) != {"A", "B"}:
                 raise InvalidParameter("lora", f"{path}: {module} lacks its lora_A or lora_B weight")
             weights[module] = (ab["A"], ab["B"])
-        return cls(name, rank, scale, weights)
+        return cls(name, rank, float(scale), weights)
 
 
 @dataclass

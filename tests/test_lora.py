@@ -210,6 +210,53 @@ def test_load_and_unload_at_run_time_while_another_request_streams(served, peft_
     assert streamed and streamed[0]
 
 
+def test_broken_adapters_are_a_400_read_off_the_engine_thread(served, peft_models, tmp_path):
+    """Each fault of an adapter directory is a 400 naming it (these were 500s), and a FIFO where
+    the config should be is refused unread (read on the engine's thread it blocked all generation)."""
+    import json
+    import os
+    import shutil
+    import urllib.request
+    server = served[0]
+
+    def post(body):
+        request = urllib.request.Request(server.url + "/v1/load_lora_adapter", data=json.dumps(body).encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    good = peft_models["all"][0]
+    config = json.loads((good / "adapter_config.json").read_text())
+
+    def broken(name: str, config_text: str | None = None, weights: bytes | None = None, fifo: bool = False):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if fifo:
+            (folder / "adapter_config.json").unlink()
+            os.mkfifo(folder / "adapter_config.json")
+        if config_text is not None:
+            (folder / "adapter_config.json").write_text(config_text)
+        if weights is not None:
+            (folder / "adapter_model.safetensors").write_bytes(weights)
+        return str(folder)
+
+    cases = {
+        "no r": broken("no-r", json.dumps({k: v for k, v in config.items() if k != "r"})),
+        "bad json": broken("bad-json", "{not json"),
+        "r = 0": broken("r-0", json.dumps({**config, "r": 0})),
+        "broken weights": broken("bad-weights", weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{\"x\""),
+        "fifo": broken("fifo", fifo=True),
+        "long path": "/" + "x" * 100_000,
+    }
+    for case, path in cases.items():
+        status, body = post({"lora_name": "broken", "lora_path": path})
+        assert status == 400 and body["error"]["param"] == "lora", (case, body)
+    assert post({"lora_name": "fine", "lora_path": str(good)})[0] == 200  # and the route still works
+
+
 def test_a_pool_of_one_slot_swaps_adapters_in_and_out(tiny_llama_dir, peft_models, lora_llm):
     """max_loras=1: one adapter resident and one per step; the others wait in host memory and
     come back when their requests run, with the tokens a pool holding all of them gives."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engine.driver import EngineDriver
 from ..errors import ClientError, NotFound
+from ..lora import LoraAdapter
 
 log = logging.getLogger("pyserve.server")
 
@@ -117,7 +118,9 @@ class ModelRegistry:
         parent = self.get(base)
         if parent.lora is not None or not parent.driver.info.adapters:
             raise ClientError(f"{parent.name!r} cannot take LoRA adapters", "model")
-        await parent.driver.call(lambda engine: engine.load_lora(name, path))
+        # read and checked here, off the engine's thread (a slow or hostile path would stall every request)
+        adapter = await asyncio.to_thread(LoraAdapter.load, name, path)
+        await parent.driver.call(lambda engine: engine.load_lora(name, adapter))
         self._adapters[name] = adapter = self._served(name, parent.driver, lora=name, parent=parent.name)
         log.info("LoRA adapter %s loaded onto %s", name, parent.name)
         return adapter

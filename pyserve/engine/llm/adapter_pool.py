@@ -10,6 +10,7 @@ fit; those of waiting requests come in when their requests do.
 """
 
 import logging
+from pathlib import Path
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,15 +51,16 @@ class AdapterPool:
         """What the prefix cache roots this adapter's blocks in ('' for the base model)."""
         return "" if name is None else f"lora:{name}:{self.id(name)}"
 
-    def load(self, name: str, path) -> None:
-        """Read and check a PEFT adapter; InvalidParameter if it does not fit the model."""
+    def load(self, name: str, source: "LoraAdapter | str | Path") -> None:
+        """Take a PEFT adapter (read already, or read here from its directory) and check it;
+        InvalidParameter if it does not fit the model."""
         if name in self.loaded:
             raise InvalidParameter("lora", f"an adapter named {name!r} is already loaded")
-        adapter = LoraAdapter.load(name, path)
+        adapter = source if isinstance(source, LoraAdapter) else LoraAdapter.load(name, source)
         layers = self.model.adapter_layers(adapter)  # the plugin's mapping; raises on a mismatch
         self._loads += 1
         self.loaded[name] = _Loaded(self._loads, adapter.scale, layers)
-        log.info("LoRA adapter %s loaded from %s (%d layers)", name, path, len(layers))
+        log.info("LoRA adapter %s loaded (%d layers)", name, len(layers))
 
     def unload(self, name: str, in_use: set[int] = frozenset()) -> None:
         """Forget an adapter; refused while it is in `in_use` (adapter ids of running requests)."""

@@ -96,11 +96,12 @@ class LLMEngine:
         """`add` with the request's fields as arguments (offline use)."""
         self.add(request_id, TextRequest(prompt, params, cache_salt, list(images), lora))
 
-    def load_lora(self, name: str, path) -> None:
-        """Load a PEFT LoRA adapter under `name`; requests name it to use it (each row of a batch
-        its own adapter, or none). Any number may be loaded: `max_loras` of them sit in the
-        model's layers at a time, the others wait in host memory."""
-        self.adapters.load(name, path)
+    def load_lora(self, name: str, source) -> None:
+        """Load a PEFT LoRA adapter (a directory, or a `pyserve.lora.LoraAdapter` read already)
+        under `name`; requests name it to use it (each row of a batch its own adapter, or none).
+        Any number may be loaded: `max_loras` of them sit in the model's layers at a time, the
+        others wait in host memory."""
+        self.adapters.load(name, source)
 
     def unload_lora(self, name: str) -> None:
         """Forget an adapter; refused while requests use it."""
