@@ -49,7 +49,8 @@ def encode_bytes_tensor(items) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def _shaped(name: str, values: list, dtype: str, shape) -> np.ndarray:
+def _shaped(name: str, values: "list | np.ndarray", dtype: str, shape) -> np.ndarray:
+    """Flat values (a list, or an array read from raw bytes) as an array of `shape`."""
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                               for s in shape):
         raise InvalidParameter(name, "shape must be a list of sizes")
@@ -63,12 +64,14 @@ def _shaped(name: str, values: list, dtype: str, shape) -> np.ndarray:
         raise InvalidParameter(name, f"values do not fit {dtype}: {exc}") from None
 
 
-def _raw_values(data: bytes, dtype: str, name: str) -> list:
+def _raw_values(data: bytes, dtype: str, name: str) -> np.ndarray:
+    """Little-endian raw values as a flat array in the machine's own order: one copy (a list of
+    Python numbers in between, as before, cost ~50 ms a batch of images on the event loop)."""
     try:
         dt = np.dtype(dtype)
         if dt.kind not in "biuf":
             raise TypeError(f"unsupported dtype {dtype!r}")
-        return np.frombuffer(data, dtype=dt.newbyteorder("<")).tolist()
+        return np.frombuffer(data, dtype=dt.newbyteorder("<")).astype(dt)
     except (TypeError, ValueError) as exc:
         raise InvalidParameter(name, str(exc)) from None
 
