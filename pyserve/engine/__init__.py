@@ -28,7 +28,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# The engine of each task, imported when first needed (diffusers, for one, is heavy).
+# The engine class of each task (its module here, its name), imported when first asked for.
 ENGINES = {TEXT_GENERATION: ("llm", "LLMEngine"), IMAGE_GENERATION: ("diffusion", "DiffusionEngine"),
            TENSOR: ("batch", "BatchEngine")}
 

@@ -118,8 +118,7 @@ async def infer(request: Request) -> Response:
 def _answer(body: dict, model_name: str, outputs: dict[str, np.ndarray]) -> Response:
     """The inference response (the requested outputs, else all), in JSON or, where the request
     asked for it, the binary extension."""
-    requested = body.get("outputs") if isinstance(body.get("outputs"), list) else []
-    wanted = {o.get("name"): o for o in requested if isinstance(o, dict)}
+    wanted = {o["name"]: o for o in body.get("outputs", [])}  # _parse checked their shape
     parameters = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
     result = {"model_name": model_name, "model_version": "1", "outputs": []}
     if isinstance(body.get("id"), str):

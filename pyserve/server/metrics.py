@@ -127,10 +127,11 @@ class Metrics:
         def value(name: str, **more) -> float:
             return self.registry.get_sample_value(name, {**labels, **more}) or 0.0
 
-        statuses = {s.labels.get("status") for metric in self.registry.collect() if metric.name == "pyserve_requests"
-                    for s in metric.samples if s.labels.get("model") == model.name}
-        failed = sum(value("pyserve_requests_total", status=s) for s in statuses & {"error", "abort"})
-        succeeded = sum(value("pyserve_requests_total", status=s) for s in statuses - {"error", "abort"})
+        by_status = {sample.labels["status"]: sample.value for family in self.requests.collect()
+                     for sample in family.samples
+                     if sample.name == "pyserve_requests_total" and sample.labels["model"] == model.name}
+        failed = sum(n for status, n in by_status.items() if status in ("error", "abort"))
+        succeeded = sum(by_status.values()) - failed
 
         def stat(count: float, seconds: float) -> dict:
             return {"count": int(count), "ns": int(seconds * 1e9)}

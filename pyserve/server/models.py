@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.driver import EngineDriver
-from ..errors import ClientError, NotFound
+from ..errors import ClientError, InvalidParameter, NotFound
 from ..lora import LoraAdapter
 
 log = logging.getLogger("pyserve.server")
@@ -97,7 +97,10 @@ class ModelRegistry:
         return list(self._models) + list(self._adapters)
 
     def get(self, name: str | None) -> ServedModel:
-        """The model called `name`; None picks the only model when there is one."""
+        """The model called `name` (as a client sent it: anything but a string is refused); None
+        picks the only model when there is one."""
+        if name is not None and not isinstance(name, str):
+            raise InvalidParameter("model", "must be a string")
         if name is None:
             if len(self._models) == 1:
                 return next(iter(self._models.values()))

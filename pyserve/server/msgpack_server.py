@@ -15,7 +15,7 @@ from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_E
                         ProtocolError, decode, encode, error_frame, frame_length, tensor_to_wire)
 from . import adapters, inference, pictures, tensors, translators
 from .auth import AccessPolicy, Principal
-from .models import ModelRegistry, ServedModel
+from .models import ModelRegistry
 from .translators import Caller
 
 log = logging.getLogger("pyserve.msgpack")
@@ -149,18 +149,12 @@ class Connection:
         except (ConnectionError, OSError):
             pass  # the client is gone; serve() logs the closed connection
 
-    def model(self, params: dict) -> ServedModel:
-        name = params.get("model")
-        if name is not None and not isinstance(name, str):
-            raise InvalidParameter("model", "must be a string")
-        return self.models.get(name)
-
     @property
     def caller(self) -> Caller:
         return Caller(self.principal, self.server.image_hosts)
 
     async def generate(self, rid, method: str, params: dict) -> None:
-        model = translators.text_model(self.model(params))
+        model = translators.text_model(self.models.get(params.get("model")))
         sampling = adapters.sampling_params(params, chat=method == "chat")
         images = []
         if method == "chat":
@@ -204,7 +198,7 @@ class Connection:
         """The tensor form, as KServe's infer: inputs {name: {dtype, shape, data}} -> outputs alike."""
         if not isinstance(params.get("inputs"), dict):
             raise InvalidParameter("inputs", "must be a map of name -> tensor")
-        model = self.model(params)
+        model = self.models.get(params.get("model"))
         inputs = {str(name): tensors.from_msgpack(str(name), t) for name, t in params["inputs"].items()}
         outputs, extras = await inference.infer(model, inputs, params.get("parameters"), self.caller)
         result = {"outputs": {name: tensor_to_wire(array) for name, array in outputs.items()}, **extras}
@@ -213,7 +207,7 @@ class Connection:
     async def images(self, rid, params: dict) -> None:
         """Images as files (PNG, or `output_format` jpeg or webp; img2img with `image` as bytes);
         with `progress`, a partial frame per step of a model that takes steps."""
-        model = self.model(params)
+        model = self.models.get(params.get("model"))
         file_format = pictures.FileFormat.of(params)
         init = None if params.get("image") is None else await pictures.decode_image(params["image"])
         job = await inference.images(model, params, init)

@@ -29,7 +29,7 @@ _FORM_NUMBERS = {"guidance_scale", "strength"}
 
 async def generations(request: Request) -> Response:
     body = await json_body(request)
-    model = _model(request, body.get("model"))
+    model = request.app.state.models.get(body.get("model"))
     return await _respond(request, model, body, None, _stream_flag(body), "image_generation")
 
 
@@ -40,15 +40,9 @@ async def edits(request: Request) -> Response:
     image = files.get("image") or files.get("image[]")
     if image is None:
         raise InvalidParameter("image", "is required (a PNG or JPEG file)")
-    model = _model(request, fields.get("model"))
+    model = request.app.state.models.get(fields.get("model"))
     init = await pictures.decode_image(image, "image")
     return await _respond(request, model, fields, init, _stream_flag(fields), "image_edit")
-
-
-def _model(request: Request, name) -> ServedModel:
-    if name is not None and not isinstance(name, str):
-        raise InvalidParameter("model", "must be a string")
-    return request.app.state.models.get(name)
 
 
 def _stream_flag(fields) -> bool:

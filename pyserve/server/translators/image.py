@@ -21,8 +21,7 @@ from .base import Caller, TensorSignature, Translator
 
 FIELD_TYPES = {"prompt": str, "negative_prompt": str, "n": int, "size": str, "width": int, "height": int,
                "num_inference_steps": int, "guidance_scale": (int, float), "scheduler": str, "seed": int,
-               "strength": (int, float), "response_format": str, "partial_images": int, "class_label": int,
-               "output_format": str, "output_compression": int}
+               "strength": (int, float), "response_format": str, "partial_images": int, "class_label": int}
 
 PROMPT_INPUT, NEGATIVE_INPUT, IMAGES_OUTPUT = "prompt", "negative_prompt", "images"
 SCALAR_INPUTS = {"n": "INT32", "height": "INT32", "width": "INT32", "num_inference_steps": "INT32",
