@@ -2,6 +2,9 @@
 for the same initial noise, prompts and schedule the images must match, and a seeded image must
 not depend on what else was in the batch."""
 
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -126,11 +129,52 @@ def test_seeded_images_do_not_depend_on_the_batch_or_when_they_joined(sd_dir):
     alone = {rid: run(engine, {rid: req})[rid] for rid, req in requests.items()}
     together = run(engine, requests, join_at={"c": 2, "d": 3})
     for rid in requests:
-        # Same noise and schedule; only the batch's floating-point summation order may differ.
-        assert float(abs(together[rid] - alone[rid]).max()) <= 1e-5, f"request {rid}"
+        np.testing.assert_array_equal(together[rid], alone[rid], err_msg=f"request {rid}")
     assert together["b"].shape == (1, 24, 16, 3) and together["c"].shape == (2, 16, 16, 3)
     assert (together["c"][0] != together["c"][1]).any()  # n images of one request differ (seeds differ)
     assert row_seed(3, 0) != row_seed(3, 1)
+
+
+def test_a_seeded_image_is_bit_identical_in_any_mix_of_requests(sd_dir):
+    """Many random mixes: other sizes, guidance, n and arrival steps around one seeded image."""
+    engine = load_engine(sd_dir, device="cpu", max_batch_size=6)
+    target = ImageRequest(PROMPT, num_inference_steps=5, guidance_scale=4.0, seed=11, scheduler="euler_a")
+    alone = run(engine, {"target": target})["target"]
+    pick = random.Random(0)
+    for trial in range(6):
+        others = {f"o{i}": ImageRequest(pick.choice(["", "a blue bird", PROMPT]), n=pick.randint(1, 3),
+                                        num_inference_steps=pick.randint(2, 6),
+                                        guidance_scale=pick.choice([1.0, 3.0, 7.5]), seed=pick.randrange(1000),
+                                        height=pick.choice([16, 24]), width=16)
+                  for i in range(pick.randint(1, 4))}
+        join_at = {rid: pick.randint(0, 3) for rid in [*others, "target"] if pick.random() < 0.5}
+        got = run(engine, {**others, "target": target}, join_at=join_at)["target"]
+        np.testing.assert_array_equal(got, alone, err_msg=f"trial {trial}")
+
+
+def test_a_small_request_beside_a_large_one_runs_between_its_calls(sd_dir):
+    """The fair share: a 4-step request that joins a large one's loop runs all its steps before
+    the large request's next model call, which takes as long as the whole small request. Time is
+    a clock that each denoiser call advances by its latent positions, so the test does not
+    depend on this machine's speed."""
+    now = [0.0]
+    engine = load_engine(sd_dir, device="cpu", max_image_cost=10**8, clock=lambda: now[0])
+    denoise = engine.model.denoise
+
+    def timed(latents, timesteps, conditioning):
+        now[0] += latents.shape[0] * latents.shape[-1] * latents.shape[-2]
+        return denoise(latents, timesteps, conditioning)
+    engine.model.denoise = timed
+    engine.add("large", ImageRequest(PROMPT, num_inference_steps=30, height=128, width=128, seed=1))
+    for _ in range(5):
+        engine.step()
+    engine.add("small", ImageRequest(PROMPT, num_inference_steps=4, seed=2))  # one 8x8 latent, guided
+    calls_before = now[0]
+    while "small" in engine.requests:
+        engine.step()
+    large_calls = (now[0] - calls_before - 4 * 16 * 64) / (64 * 64)
+    assert large_calls == 0
+    assert engine.requests["large"].progress >= 2  # and the large one goes on
 
 
 def test_bad_requests_name_the_field(sd_dir, ddpm_dir):
