@@ -403,3 +403,85 @@ def test_a_client_that_leaves_before_its_answer_frees_its_work(served, protocol)
     while aborted_requests(server) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert aborted_requests(server) == before + 1
+
+
+SLOW_IMAGE_PLUGIN = '''
+import json
+import time
+
+import torch
+
+from pyserve.plugin import IMAGE_GENERATION, Plugin
+from pyserve.tasks import ImageModelSpec
+
+
+class SlowDenoiser:
+    """An unconditional image model whose every denoiser call takes `seconds`, as a large UNet's."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.spec = ImageModelSpec(latent_channels=3, vae_scale_factor=1, default_size=8, conditional=False,
+                                   schedule_config={}, default_schedule="ddim", device=torch.device("cpu"),
+                                   dtype=torch.float32)
+
+    def encode_prompt(self, prompts):
+        raise NotImplementedError
+
+    def denoise(self, latents, timesteps, conditioning):
+        time.sleep(self.seconds)
+        return torch.zeros_like(latents)
+
+    def decode(self, latents):
+        return latents.clamp(-1, 1) / 2 + 0.5
+
+    def encode_image(self, images):
+        return images * 2 - 1
+
+
+class SlowPlugin(Plugin):
+    name = "slow"
+    task = IMAGE_GENERATION
+    architectures = ("SlowDenoiser",)
+
+    def load(self, model_dir, *, device="cpu", dtype=None):
+        return SlowDenoiser(json.loads((model_dir / "config.json").read_text())["seconds"])
+
+
+plugin = SlowPlugin()
+'''
+
+
+def test_sigterm_ends_what_the_drain_time_leaves_and_exits_in_time(tmp_path):
+    """A request whose model call outlasts the drain time (8 s calls, --drain-timeout 1) over
+    HTTP and msgpack: the process exits within the drain time + 5 s, and both clients hear of it."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "slow_images.py").write_text(SLOW_IMAGE_PLUGIN)
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "config.json").write_text(json.dumps({"architectures": ["SlowDenoiser"], "seconds": 8}))
+    with cli_server(tmp_path / "slow", "--plugin-dir", str(tmp_path / "plugins"), "--drain-timeout", "1") as (
+            proc, url, tcp_port):
+        answers = {}
+        body = json.dumps({"model": "tiny", "prompt": "", "num_inference_steps": 3}).encode()
+        http = threading.Thread(target=lambda: answers.update(http=post(url + "/v1/images/generations", body,
+                                                                        timeout=30)))
+        http.start()
+
+        def over_msgpack():
+            try:
+                with Client("127.0.0.1", tcp_port) as c:
+                    answers["msgpack"] = c.generate_images("tiny", "", num_inference_steps=3)
+            except Exception as exc:  # noqa: BLE001 - the error is the answer looked for
+                answers["msgpack"] = exc
+        tcp = threading.Thread(target=over_msgpack)
+        tcp.start()
+        time.sleep(2)  # both are in the engine: the first call is under way
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        exit_seconds = time.monotonic() - stopped
+        http.join(timeout=10)
+        tcp.join(timeout=10)
+    assert exit_seconds <= 1 + 5, exit_seconds
+    status, reply = answers["http"]
+    assert status == 503 and "shutting down" in reply["error"]["message"]
+    assert "503" in str(answers["msgpack"]) and "shutting down" in str(answers["msgpack"])

@@ -90,6 +90,7 @@ class EngineDriver:
         self._step_timers: list[Callable[[float], None]] = []
         self._ids = itertools.count()
         self._stopping = False
+        self._open: dict[str, _Stream] = {}  # streams being read, touched on the asyncio side only
         self.failure: str | None = None  # why the thread stopped, if it stopped on its own
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -134,6 +135,7 @@ class EngineDriver:
         if self._stopping:  # the thread may have drained the queue already: answer for it
             self._drain_pending_adds()
         finished = False
+        self._open[request_id] = stream
         try:
             await stream.admitted  # raises the engine's ClientError for a refused request
             while not finished:
@@ -144,6 +146,7 @@ class EngineDriver:
                 finished = item.finished
                 yield item
         finally:
+            self._open.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
 
@@ -159,11 +162,29 @@ class EngineDriver:
         self._commands.put(_Call(fn, result))
         return await asyncio.wrap_future(result)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the thread; requests still open get EngineUnavailable."""
+    def end_open_requests(self, reason: str) -> None:
+        """From the asyncio side: every request being read gets EngineUnavailable(reason) now, even
+        while the engine thread is inside a long step (the end of a server's drain time), and the
+        thread stops after that step."""
+        for stream in self._open.values():
+            stream.send(EngineUnavailable(reason))
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the thread to stop after its current step; requests still open get EngineUnavailable."""
         self._stopping = True
         self._commands.put(_Stop())
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the thread to end; whether it has. A thread still
+        inside a model call is a daemon: it does not hold the process."""
         self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread and wait for it up to `timeout` seconds."""
+        self.stop()
+        self.join(timeout)
 
     def _unavailable_reason(self) -> str:
         if self.failure:

@@ -2,8 +2,10 @@
 run together on one event loop over one model registry.
 
 Shutdown (Ctrl-C, SIGTERM, or `stop()`): both ports stop taking new work at once, open requests
-get up to the drain time to finish (idle TLS keep-alive connections end at once), then the engines
-stop, and the process exits normally.
+get up to the drain time to finish (idle TLS keep-alive connections end at once); what is still
+open then gets a 503 (an error frame over msgpack) at once, even inside a long model call; the
+engines get `ENGINE_STOP_SECONDS` in all to leave their step, and the process exits normally: within
+the drain time and a few seconds, whatever a model call costs.
 """
 
 import asyncio
@@ -23,6 +25,10 @@ from .models import Loader, ModelRegistry
 from .msgpack_server import MsgpackServer
 
 log = logging.getLogger("pyserve.server")
+
+# After the drain time: for the 503s of ended requests to be written, and for the engines to stop.
+ANSWER_SECONDS = 1.0
+ENGINE_STOP_SECONDS = 3.0
 
 
 class _HTTPServer(uvicorn.Server):
@@ -70,18 +76,20 @@ async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, b
     if tcp is not None:
         bound["msgpack_port"] = await tcp.start(config.host, config.msgpack_port, config.ssl_context())
 
-    async def drain_msgpack_on_exit():
-        while not http.should_exit:
-            await asyncio.sleep(0.05)
-        await tcp.drain(config.drain_seconds)
-
-    watcher = asyncio.create_task(drain_msgpack_on_exit()) if tcp is not None else None
+    serving = asyncio.create_task(http.serve())
     try:
-        await http.serve()
-    finally:
-        if watcher is not None:
-            http.should_exit = True
-            await watcher
+        while not http.should_exit and not serving.done():
+            await asyncio.wait({serving}, timeout=0.05)
+    finally:  # both ports drain together; what the drain time leaves is ended with a 503
+        http.should_exit = True
+        draining = {serving} | ({asyncio.create_task(tcp.drain(config.drain_seconds + ANSWER_SECONDS))}
+                                if tcp is not None else set())
+        _, still_open = await asyncio.wait(draining, timeout=config.drain_seconds)
+        if still_open:
+            log.info("the drain time is over: ending the requests still open")
+            models.end_open_requests("the server is shutting down")
+            await asyncio.wait(still_open)
+        serving.result()
 
 
 @dataclass
@@ -106,13 +114,14 @@ class RunningServer:
     def stop(self) -> None:
         self.http.should_exit = True
         self.thread.join(timeout=60)
-        self.models.shutdown()
+        self.models.shutdown(ENGINE_STOP_SECONDS)
 
 
 def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
     app = build_app(models, config.access, config.feedback_db, config.allowed_image_hosts)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                                      lifespan="off", timeout_graceful_shutdown=config.drain_seconds,
+                                      lifespan="off",
+                                      timeout_graceful_shutdown=config.drain_seconds + ANSWER_SECONDS,
                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),
                        handle_signals)
 
@@ -150,5 +159,5 @@ def serve(drivers: dict[str, EngineDriver], config: ServerConfig, loader: Loader
     try:
         asyncio.run(_run(http, models, config, {}))
     finally:
-        models.shutdown()
+        models.shutdown(ENGINE_STOP_SECONDS)
     log.info("pyserve stopped")

@@ -166,6 +166,17 @@ class ModelRegistry:
         await asyncio.to_thread(model.driver.shutdown)
         log.info("model %s unloaded", name)
 
-    def shutdown(self) -> None:
+    def end_open_requests(self, reason: str) -> None:
+        """Every open request of every model gets a 503 (or an error frame) now; engines stop."""
         for model in self._models.values():
-            model.driver.shutdown()
+            model.driver.end_open_requests(reason)
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop every engine and wait for them, `timeout` seconds in all: a model call that takes
+        longer is left to its daemon thread, which the process's exit ends."""
+        for model in self._models.values():
+            model.driver.stop()
+        deadline = time.monotonic() + timeout
+        for name, model in self._models.items():
+            if not model.driver.join(max(0.0, deadline - time.monotonic())):
+                log.warning("model %s was still inside a step when the server stopped", name)
