@@ -15,12 +15,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
-from . import adapters, kserve, openai_api, openai_images
+from . import adapters, kserve, openai_api, openai_images, openai_responses
 from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
 from .middleware import Guard
 from .models import ModelRegistry
+from .response_store import ResponseStore
 from .responses import ClientGone, error_response, json_body, on_client_gone
 
 log = logging.getLogger("pyserve.server")
@@ -110,6 +111,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
         *admin_routes,
         *openai_api.routes,
         *openai_images.routes,
+        *openai_responses.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, ClientGone: on_client_gone, HTTPException: on_http_error,
@@ -117,5 +119,6 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
     app.state.models = models
     app.state.metrics = Metrics(models)
     app.state.feedback = FeedbackStore(feedback_db or ":memory:")
+    app.state.responses = ResponseStore()
     app.state.image_hosts = image_hosts
     return app

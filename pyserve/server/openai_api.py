@@ -9,13 +9,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine.llm import RequestOutput
+from ..engine.llm import RequestOutput, SamplingParams
 from ..errors import ClientError, InvalidParameter
 from ..engine.llm import StructuredOutput
 from . import adapters, tool_calls, translators
@@ -81,8 +81,20 @@ async def completions(request: Request) -> Response:
     return await _respond(request, body, model, ids, params, chat=False, echo=echo)
 
 
-async def chat_completions(request: Request) -> Response:
-    body = await json_body(request)
+@dataclass
+class ChatJob:
+    """A checked chat request, ready for the engine."""
+
+    model: ServedModel
+    params: SamplingParams
+    prompt: list[int]
+    images: list
+    calls: CallFormat | None  # how tool calls are parsed out of the reply; None without tools
+
+
+async def prepare_chat(request: Request, body: dict) -> ChatJob:
+    """The chat completions body, checked and rendered: model, sampling, the prompt's token ids
+    (chat template, tools, images) and, where a call must be made, its grammar."""
     model = text_model(request, body)
     params = adapters.sampling_params(body, chat=True)
     tools = tool_calls.tools_of(body)
@@ -100,7 +112,27 @@ async def chat_completions(request: Request) -> Response:
             parallel = choice == "required" and adapters.get_field(body, "parallel_tool_calls", True)
             params = replace(params, structured=StructuredOutput(grammar=calls.grammar(chosen, parallel),
                                                                  field="tool_choice"))
-    return await _respond(request, body, model, [ids], params, chat=True, calls=calls, images=images)
+    return ChatJob(model, params, ids, images, calls)
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await json_body(request)
+    job = await prepare_chat(request, body)
+    return await _respond(request, body, job.model, [job.prompt], job.params, chat=True, calls=job.calls,
+                          images=job.images)
+
+
+async def start(request: Request, body: dict, rid: str, model: ServedModel, prompts: list[list[int]], params,
+                images: list | None = None) -> "Merged":
+    """One engine request per prompt, admitted (a refused one raises its ClientError here, before
+    any response is sent), their outputs merged."""
+    principal = request.state.principal
+    streams = [model.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
+                                                                              images or [], model.lora))
+               for p in prompts]
+    merged = Merged(streams)
+    await merged.start()
+    return merged
 
 
 async def _respond(request: Request, body: dict, model: ServedModel, prompts: list[list[int]], params,
@@ -111,12 +143,7 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     if options is not None and not isinstance(options, dict):
         raise InvalidParameter("stream_options", "must be an object")
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
-    principal = request.state.principal
-    streams = [model.submit(f"{rid}-{new_id('r')}", adapters.text_request(p, params, body, principal,
-                                                                              images or [], model.lora))
-               for p in prompts]
-    merged = Merged(streams)
-    await merged.start()  # raises a refused request's ClientError before any response is sent
+    merged = await start(request, body, rid, model, prompts, params, images)
     if stream_opt:
         include_usage = bool((options or {}).get("include_usage"))
         return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls),
@@ -325,12 +352,7 @@ class ToolCallStream:
 
     def chunk(self, o, index: int) -> dict | None:
         finished = o.finish_reason is not None
-        if finished:
-            content, found = self.calls.parse(o.text)
-            if not found:
-                content = o.text
-        else:
-            content, found = o.text[:self.calls.content_end(o.text)], self.calls.complete_calls(o.text)
+        content, found = self.calls.so_far(o.text, finished)
         delta = {}
         if content and len(content) > self.sent:
             delta["content"] = content[self.sent:]

@@ -99,6 +99,14 @@ class CallFormat:
         """While streaming: the calls in `text` that can no longer change."""
         return []
 
+    def so_far(self, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
+        """A streamed reply's content and calls that can be shown now: all of it once finished
+        (text that parses to no call stays content), else the sure content and complete calls."""
+        if finished:
+            content, found = self.parse(text)
+            return (text, []) if not found else (content or "", found)
+        return text[:self.content_end(text)], self.complete_calls(text)
+
     def _call(self, payload: str) -> ToolCall | None:
         try:
             obj = json.loads(payload)
