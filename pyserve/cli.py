@@ -97,6 +97,7 @@ def _serve(args) -> int:
     try:
         config = ServerConfig(host=args.host, port=args.port, msgpack_port=args.msgpack_port or None, access=access,
                               feedback_db=args.feedback_db, drain_seconds=args.drain_timeout,
+                              max_connections=args.max_connections,
                               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
                               allowed_image_hosts=frozenset(args.allowed_image_hosts),
                               lora_adapters=tuple(_lora_pairs(args.lora)))
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                         "four times the model's native pixels at 50 steps)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds open requests may take to finish after SIGTERM or Ctrl-C")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="open connections per port; more get a 503 and are closed (default: half the process's "
+                        "file-descriptor limit, less some headroom)")
     s.set_defaults(run=_serve)
 
     p = sub.add_parser("plugins", help="list discovered plugins and any that failed to load")

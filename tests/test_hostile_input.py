@@ -126,3 +126,70 @@ def test_oversized_prompts_of_every_form_stop_before_the_engine(server, tiny_llm
                                                                   "max_tokens": 1}).encode(),
                      {"Content-Type": "application/json"})
     assert status == 200 and len(reached) == 1  # the watch sees what does reach it
+
+
+@pytest.fixture
+def strict_server(tiny_llm):
+    """A server with a 1-second header time and at most 12 connections per port."""
+    from pyserve.server.config import ServerConfig
+    config = ServerConfig(port=0, msgpack_port=0, log_level="warning", header_seconds=1.0, max_connections=12)
+    running = start_in_thread({"tiny": AsyncLLMEngine(tiny_llm.engine)}, config)
+    yield running
+    running.stop()
+
+
+def closed_by_server(sock, seconds: float = 10) -> bytes:
+    """What the server sent before closing the connection (raises if it stays open)."""
+    sock.settimeout(seconds)
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_connections_that_send_nothing_or_half_a_header_are_closed(strict_server):
+    import socket
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    silent = [socket.create_connection((host, int(port))) for _ in range(4)]
+    halves = [socket.create_connection((host, int(port))) for _ in range(4)]
+    for sock in halves:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    for sock in silent + halves:
+        assert closed_by_server(sock).startswith(b"HTTP/1.1 408")
+        sock.close()
+    # msgpack: half a frame header, then nothing
+    tcp = socket.create_connection(("127.0.0.1", strict_server.msgpack_port))
+    tcp.sendall(b"\x00\x00")
+    assert closed_by_server(tcp)  # the hello frame, then the close
+    tcp.close()
+    # a slow but steady request still gets its answer: the deadline is for the headers
+    status, answer = post(f"{strict_server.url}/v1/completions",
+                          json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 2}).encode())
+    assert status == 200, answer
+
+
+def test_connections_past_the_cap_are_refused_and_the_server_still_answers(strict_server):
+    import socket
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port))) for _ in range(12)]
+    extra = socket.create_connection((host, int(port)))
+    assert closed_by_server(extra).startswith(b"HTTP/1.1 503")
+    extra.close()
+    tcp_held = [socket.create_connection(("127.0.0.1", strict_server.msgpack_port)) for _ in range(12)]
+    tcp_extra = socket.create_connection(("127.0.0.1", strict_server.msgpack_port))
+    assert b"connections open" in closed_by_server(tcp_extra)
+    tcp_extra.close()
+    for sock in held + tcp_held:
+        sock.close()
+    import time
+    time.sleep(0.2)  # the server sees the closes
+    status, answer = post(f"{strict_server.url}/v1/completions",
+                          json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 2}).encode())
+    assert status == 200, answer
+
+
+def test_a_form_of_thousands_of_parts_is_refused_before_it_is_parsed(server):
+    parts = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nx\r\n" % i for i in range(20_000))
+    status, answer = post(f"{server.url}/v1/images/edits", parts + b"--b--\r\n",
+                          {"Content-Type": "multipart/form-data; boundary=b"})
+    assert status == 413 and "parts" in answer["error"]["message"], answer

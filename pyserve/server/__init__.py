@@ -21,6 +21,7 @@ import uvicorn
 from ..engine.driver import EngineDriver
 from .app import build_app
 from .config import ServerConfig
+from .connections import guarded_http_protocol
 from .models import Loader, ModelRegistry
 from .msgpack_server import MsgpackServer
 
@@ -72,7 +73,8 @@ class _HTTPServer(uvicorn.Server):
 async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
     for name, path in config.lora_adapters:
         await models.load_lora(name, path)
-    tcp = MsgpackServer(models, config.access, config.allowed_image_hosts) if config.msgpack_port is not None else None
+    tcp = MsgpackServer(models, config.access, config.allowed_image_hosts, config.max_connections,
+                        config.header_seconds) if config.msgpack_port is not None else None
     if tcp is not None:
         bound["msgpack_port"] = await tcp.start(config.host, config.msgpack_port, config.ssl_context())
 
@@ -120,6 +122,7 @@ class RunningServer:
 def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
     app = build_app(models, config.access, config.feedback_db, config.allowed_image_hosts)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                                      http=guarded_http_protocol(config.max_connections, config.header_seconds),
                                       lifespan="off",
                                       timeout_graceful_shutdown=config.drain_seconds + ANSWER_SECONDS,
                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),

@@ -1,10 +1,11 @@
-"""How a server is run: addresses, access policy, TLS, feedback store, shutdown drain."""
+"""How a server is run: addresses, access policy, TLS, feedback store, shutdown drain, connection limits."""
 
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
 
 from .auth import AccessPolicy
+from .connections import HEADER_SECONDS, default_max_connections
 
 
 @dataclass(kw_only=True)
@@ -22,6 +23,10 @@ class ServerConfig:
     access: AccessPolicy = field(default_factory=AccessPolicy)
     feedback_db: str | None = None
     drain_seconds: float = 30.0
+    # Open connections per port (None: from the descriptor limit, connections.default_max_connections)
+    # and the seconds a request's headers (a msgpack frame) may take to arrive.
+    max_connections: int | None = None
+    header_seconds: float = HEADER_SECONDS
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     log_level: str = "info"
@@ -33,6 +38,10 @@ class ServerConfig:
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both ssl_certfile and ssl_keyfile")
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
+        if self.max_connections < 1 or self.header_seconds <= 0:
+            raise ValueError("max_connections and header_seconds must be positive")
 
     @property
     def tls(self) -> bool:

@@ -15,6 +15,7 @@ from ..protocol import (BAD_REQUEST, MAX_FRAME_BYTES, PROTOCOL_VERSION, SERVER_E
                         ProtocolError, decode, encode, error_frame, frame_length, tensor_to_wire)
 from . import adapters, inference, pictures, tensors, translators
 from .auth import AccessPolicy, Principal
+from .connections import HEADER_SECONDS, IDLE_SECONDS, default_max_connections
 from .models import ModelRegistry
 from .translators import Caller
 
@@ -22,6 +23,7 @@ log = logging.getLogger("pyserve.msgpack")
 
 AUTH_TIMEOUT = 10.0  # seconds an unauthenticated connection may stay open
 AUTH_FRAME_BYTES = 64 * 2**10  # the largest frame taken before authentication
+MIN_BYTES_PER_SECOND = 2**20  # past the frame time, a frame's rest must come at least this fast
 
 
 class Connection:
@@ -47,10 +49,9 @@ class Connection:
             await self.send(encode(hello))
             while True:
                 try:
-                    read = self._read_frame()
-                    body = await (read if self.principal else asyncio.wait_for(read, AUTH_TIMEOUT))
+                    body = await self._read_frame()
                 except (asyncio.IncompleteReadError, TimeoutError):
-                    return  # closed (possibly mid-frame), or never authenticated
+                    return  # closed (possibly mid-frame), too slow, idle, or never authenticated
                 except ProtocolError as exc:  # oversized: the stream can no longer be framed
                     await self.send(error_frame(None, exc.code, exc.message))
                     return
@@ -72,8 +73,23 @@ class Connection:
             self.writer.close()
 
     async def _read_frame(self) -> bytes:
+        """The next frame. Before authentication it must come within AUTH_TIMEOUT; after, the
+        connection may wait for it as long as it has requests in flight, or IDLE_SECONDS. Once a
+        frame has begun, its rest must come within the server's frame time (and 1 s a MiB)."""
         limit = MAX_FRAME_BYTES if self.principal else AUTH_FRAME_BYTES
-        return await self.reader.readexactly(frame_length(await self.reader.readexactly(4), limit))
+        while True:
+            wait = IDLE_SECONDS if self.principal else AUTH_TIMEOUT
+            try:
+                header = await asyncio.wait_for(self.reader.readexactly(1), wait)
+                break
+            except TimeoutError:
+                if not (self.principal and self.tasks):
+                    raise
+        header += await asyncio.wait_for(self.reader.readexactly(3), self.server.frame_seconds)
+        length = frame_length(header, limit)
+        # a large frame may take longer over a slow link, but not a trickle's time
+        return await asyncio.wait_for(self.reader.readexactly(length),
+                                      self.server.frame_seconds + length / MIN_BYTES_PER_SECOND)
 
     async def authenticate(self, message: dict) -> bool:
         """Take the connection's first frame, which must be `auth`; False closes the connection."""
@@ -230,10 +246,13 @@ class MsgpackServer:
     """The TCP listener and its connections."""
 
     def __init__(self, models: ModelRegistry, access: AccessPolicy | None = None,
-                 image_hosts: frozenset[str] = frozenset()):
+                 image_hosts: frozenset[str] = frozenset(), max_connections: int | None = None,
+                 frame_seconds: float = HEADER_SECONDS):
         self.models = models
         self.access = access or AccessPolicy()
         self.image_hosts = image_hosts
+        self.max_connections = max_connections or default_max_connections()
+        self.frame_seconds = frame_seconds
         self.draining = False
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -243,6 +262,11 @@ class MsgpackServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def _on_connect(self, reader, writer) -> None:
+        if len(self.connections) >= self.max_connections:
+            writer.write(error_frame(None, UNAVAILABLE, f"the server has {self.max_connections} connections open; "
+                                                        "retry later"))
+            writer.close()
+            return
         connection = Connection(self, reader, writer)
         self.connections.add(connection)
         try:
