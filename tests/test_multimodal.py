@@ -227,6 +227,76 @@ def test_images_from_allowed_hosts_only(client, tmp_path):
         httpd.shutdown()
 
 
+class HostileImageHost:
+    """A local host with /redirect (to the same path on `localhost`, which the server does not
+    allow) and /slow (headers, then a byte a second)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        import time
+        self.paths = []
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                host.paths.append(self.path)
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/secret")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                try:
+                    for _ in range(30):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(1)
+                except OSError:  # the server hung up: what this host is for
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+def test_remote_images_cannot_redirect_elsewhere_or_trickle(client, monkeypatch):
+    """A redirect from an allowed host to another is refused at the hop; a host that trickles is cut
+    off at the fetch deadline; six such fetches leave string-prompt completions (tokenized in
+    the event loop's default pool) answering meanwhile."""
+    import concurrent.futures
+
+    import openai
+
+    from pyserve.server import vision_inputs
+    monkeypatch.setattr(vision_inputs, "FETCH_DEADLINE_S", 3.0)
+    host = HostileImageHost()
+
+    def ask(path: str):
+        return client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": host.url + path}}, {"type": "text", "text": "x"}]}])
+    try:
+        with pytest.raises(openai.BadRequestError, match="not allowed"):
+            ask("/redirect")
+        assert host.paths == ["/redirect"]  # the redirect's target was never asked for
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            slow = [pool.submit(ask, "/slow") for _ in range(6)]
+            done = client.completions.create(model="tiny", prompt="Hello there", max_tokens=2)
+            assert done.choices[0].finish_reason in ("stop", "length")
+            assert not all(f.done() for f in slow)  # the completion did not wait for them
+            for f in slow:
+                with pytest.raises(openai.BadRequestError, match="did not arrive within 3 s"):
+                    f.result()
+    finally:
+        host.httpd.shutdown()
+
+
 @pytest.mark.parametrize("part,field", [
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}, "messages[0].content[0]"),
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, "messages[0].content[0]"),

@@ -260,7 +260,7 @@ async def prompt_ids(model: ServedModel, prompt: str | list[int], name: str = "p
 
 
 async def chat_prompt(model: ServedModel, messages: list[dict], tools: list[dict] | None = None,
-                      image_hosts: frozenset[str] = frozenset()) -> tuple[list[int], list[ImageInput]]:
+                      images: vision_inputs.ImageFetcher | None = None) -> tuple[list[int], list[ImageInput]]:
     """Token ids of a conversation rendered with the model's chat template, and its images
     prepared for the model, off the event loop. `tools` go to the template, or into a system
     message when the template has no place for them."""
@@ -283,8 +283,8 @@ async def chat_prompt(model: ServedModel, messages: list[dict], tools: list[dict
         raise InvalidParameter("messages", f"the chat template failed: {exc}") from None
     if model.vision is None:
         return ids, []
-    return vision_inputs.expand_image_tokens(ids, model.vision), await vision_inputs.prepare(parts, model.vision,
-                                                                                             image_hosts)
+    prepared = await vision_inputs.prepare(parts, model.vision, images or vision_inputs.ImageFetcher())
+    return vision_inputs.expand_image_tokens(ids, model.vision), prepared
 
 
 def text_request(prompt_ids: list[int], params: SamplingParams, fields: Mapping | None,

@@ -20,6 +20,7 @@ from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
 from .middleware import Guard
+from .vision_inputs import ImageFetcher
 from .models import ModelRegistry
 from .response_store import ResponseStore
 from .responses import ClientGone, error_response, json_body, on_client_gone
@@ -120,5 +121,5 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
     app.state.metrics = Metrics(models)
     app.state.feedback = FeedbackStore(feedback_db or ":memory:")
     app.state.responses = ResponseStore()
-    app.state.image_hosts = image_hosts
+    app.state.images = ImageFetcher(image_hosts)  # remote images in chat messages
     return app

@@ -110,7 +110,7 @@ async def infer(request: Request) -> Response:
     model = request.app.state.models.get(request.path_params["model"])
     body, blobs = await _parse(request)
     inputs = {t["name"]: tensors.from_kserve(t, blobs.get(t["name"])) for t in body["inputs"]}
-    caller = Caller(request.state.principal, request.app.state.image_hosts)
+    caller = Caller(request.state.principal, request.app.state.images)
     outputs, _ = await unless_client_leaves(request, inference.infer(model, inputs, body.get("parameters"), caller))
     return _answer(body, model.name, outputs)
 

@@ -18,6 +18,7 @@ from .auth import AccessPolicy, Principal
 from .connections import HEADER_SECONDS, IDLE_SECONDS, default_max_connections
 from .models import ModelRegistry
 from .translators import Caller
+from .vision_inputs import ImageFetcher
 
 log = logging.getLogger("pyserve.msgpack")
 
@@ -167,7 +168,7 @@ class Connection:
 
     @property
     def caller(self) -> Caller:
-        return Caller(self.principal, self.server.image_hosts)
+        return Caller(self.principal, self.server.images)
 
     async def generate(self, rid, method: str, params: dict) -> None:
         model = translators.text_model(self.models.get(params.get("model")))
@@ -175,7 +176,7 @@ class Connection:
         images = []
         if method == "chat":
             ids, images = await adapters.chat_prompt(model, adapters.chat_messages(params.get("messages")),
-                                                     image_hosts=self.server.image_hosts)
+                                                     images=self.server.images)
         else:
             prompt = adapters.completion_prompts(params.get("prompt"))
             if len(prompt) != 1:
@@ -250,7 +251,7 @@ class MsgpackServer:
                  frame_seconds: float = HEADER_SECONDS):
         self.models = models
         self.access = access or AccessPolicy()
-        self.image_hosts = image_hosts
+        self.images = ImageFetcher(image_hosts)
         self.max_connections = max_connections or default_max_connections()
         self.frame_seconds = frame_seconds
         self.draining = False

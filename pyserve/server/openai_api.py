@@ -100,7 +100,7 @@ async def prepare_chat(request: Request, body: dict) -> ChatJob:
     tools = tool_calls.tools_of(body)
     choice = tool_calls.choice_of(body, tools)
     ids, images = await adapters.chat_prompt(model, adapters.chat_messages(body.get("messages")), tools or None,
-                                             request.app.state.image_hosts)
+                                             request.app.state.images)
     calls = None
     if tools and choice != "none":
         calls = tool_calls.call_format(model.tokenizer)

@@ -11,6 +11,8 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from .uploads import open_image
 
 MAX_IMAGES = 8  # per request
 MAX_IMAGE_BYTES = 20 * 2**20
-FETCH_TIMEOUT_S = 10.0
+FETCH_DEADLINE_S = 20.0  # a remote image's whole fetch, redirects included
+FETCH_READ_TIMEOUT_S = 5.0  # one socket read
+MAX_FETCHES = 4  # remote fetches at once per front-end; more wait their turn (within the deadline)
 
 
 @dataclass
@@ -79,30 +83,88 @@ def _image_part(part: dict, where: str) -> ImagePart:
     raise InvalidParameter(where, "image_url must be a data: URL (or an http(s) URL on an allowed host)")
 
 
-async def prepare(images: list[ImagePart], vision: VisionSpec, allowed_hosts: frozenset[str]) -> list[ImageInput]:
-    """Each image read, checked and prepared as its model says, off the event loop."""
-    return [await asyncio.to_thread(_prepare, part, vision, allowed_hosts) for part in images]
+class ImageFetcher:
+    """Remote image fetches for one front-end: only from `allowed_hosts`, checked again on every
+    redirect (an allowed host that redirects to 127.0.0.1 gets nowhere); within FETCH_DEADLINE_S
+    in all (a host that sends a byte every few seconds is cut off) and MAX_IMAGE_BYTES; at most
+    MAX_FETCHES at once, each in a daemon thread of its own, so slow hosts can neither take the
+    event loop's default pool (which tokenization uses) nor hold the process when it exits."""
+
+    def __init__(self, allowed_hosts: frozenset[str] = frozenset(), max_fetches: int = MAX_FETCHES):
+        self.allowed_hosts = allowed_hosts
+        self._slots = asyncio.Semaphore(max_fetches)
+
+    async def fetch(self, part: ImagePart) -> bytes:
+        self._check_host(part.url, part.where)
+        try:
+            return await asyncio.wait_for(self._fetch_in_slot(part), FETCH_DEADLINE_S)
+        except TimeoutError:
+            raise InvalidParameter(part.where, f"the image did not arrive within {FETCH_DEADLINE_S:.0f} s") from None
+
+    async def _fetch_in_slot(self, part: ImagePart) -> bytes:
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            result = loop.create_future()
+
+            def work():
+                try:
+                    data, error = self._fetch(part), None
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+                    data, error = None, exc
+                loop.call_soon_threadsafe(lambda: result.done() or (result.set_exception(error) if error
+                                                                     else result.set_result(data)))
+            threading.Thread(target=work, name="pyserve-image-fetch", daemon=True).start()
+            return await result
+
+    def _check_host(self, url: str, where: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or host not in self.allowed_hosts:
+            raise InvalidParameter(where, f"fetching images from {host!r} is not allowed on this server; "
+                                          f"send a data: URL")
+
+    def _fetch(self, part: ImagePart) -> bytes:
+        fetcher = self
+
+        class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                fetcher._check_host(newurl, part.where)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        deadline = time.monotonic() + FETCH_DEADLINE_S
+        opener = urllib.request.build_opener(CheckedRedirects)
+        try:
+            with opener.open(part.url, timeout=FETCH_READ_TIMEOUT_S) as response:
+                data = b""
+                while len(data) <= MAX_IMAGE_BYTES and time.monotonic() < deadline:
+                    chunk = response.read1(2**16)
+                    if not chunk:
+                        return data
+                    data += chunk
+        except InvalidParameter:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the URL is the client's
+            raise InvalidParameter(part.where, f"could not fetch the image ({type(exc).__name__})") from None
+        if len(data) > MAX_IMAGE_BYTES:
+            raise InvalidParameter(part.where, f"larger than {MAX_IMAGE_BYTES} bytes")
+        raise InvalidParameter(part.where, f"the image did not arrive within {FETCH_DEADLINE_S:.0f} s")
 
 
-def _prepare(part: ImagePart, vision: VisionSpec, allowed_hosts: frozenset[str]) -> ImageInput:
-    data = part.data if part.url is None else _fetch(part, allowed_hosts)
+async def prepare(images: list[ImagePart], vision: VisionSpec, fetcher: ImageFetcher) -> list[ImageInput]:
+    """Each image fetched (remote ones), read, checked and prepared as its model says, off the
+    event loop."""
+    prepared = []
+    for part in images:
+        data = part.data if part.url is None else await fetcher.fetch(part)
+        prepared.append(await asyncio.to_thread(_prepare, data, part.where, vision))
+    return prepared
+
+
+def _prepare(data: bytes, where: str, vision: VisionSpec) -> ImageInput:
     if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidParameter(part.where, f"larger than {MAX_IMAGE_BYTES} bytes")
-    picture = open_image(data, part.where)
+        raise InvalidParameter(where, f"larger than {MAX_IMAGE_BYTES} bytes")
+    picture = open_image(data, where)
     return ImageInput(vision.preprocess(picture), hashlib.sha256(data).hexdigest())
-
-
-def _fetch(part: ImagePart, allowed_hosts: frozenset[str]) -> bytes:
-    host = urllib.parse.urlsplit(part.url).hostname or ""
-    if host not in allowed_hosts:
-        raise InvalidParameter(part.where, f"fetching images from {host!r} is not allowed on this server; "
-                                           f"send a data: URL")
-    try:
-        with urllib.request.urlopen(part.url, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
-    except Exception as exc:  # noqa: BLE001 - the URL is the client's
-        raise InvalidParameter(part.where, f"could not fetch the image ({type(exc).__name__})") from None
-    return data  # one byte past the limit at most: _prepare refuses it
 
 
 def expand_image_tokens(ids: list[int], vision: VisionSpec) -> list[int]:

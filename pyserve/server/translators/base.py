@@ -15,7 +15,7 @@ Operations, grouped by the protocols that share them:
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import numpy as np
 from ...errors import ClientError, InvalidParameter, ModelFailure
 from ..auth import Principal
 from ..tensors import Tensors
+from ..vision_inputs import ImageFetcher
 
 
 class Unsupported(InvalidParameter):
@@ -37,7 +38,7 @@ class Caller:
     """Who sent a request and what the server lets it reach, for translators that need it."""
 
     principal: Principal | None = None
-    image_hosts: frozenset[str] = frozenset()
+    images: ImageFetcher = field(default_factory=ImageFetcher)  # remote images it may have fetched
 
 
 @dataclass(frozen=True)
