@@ -193,3 +193,49 @@ def test_a_form_of_thousands_of_parts_is_refused_before_it_is_parsed(server):
     status, answer = post(f"{server.url}/v1/images/edits", parts + b"--b--\r\n",
                           {"Content-Type": "multipart/form-data; boundary=b"})
     assert status == 413 and "parts" in answer["error"]["message"], answer
+
+
+def test_a_slow_constraint_compiles_beside_the_engine_and_times_out_with_a_400(server, tiny_llm, monkeypatch):
+    """A constraint compiles in a thread of its own while other requests run, and past the compile
+    deadline (here 1 s; the compile made to take 3) the request gets a 400 naming the field. The
+    engine's thread never compiles."""
+    import threading
+    import time
+
+    from pyserve.engine.llm import input_processor
+    monkeypatch.setattr(input_processor, "COMPILE_SECONDS", 1.0)
+    compiled_on = []
+    matcher = tiny_llm.engine.inputs._matcher
+
+    def slow_matcher(params):
+        if params.structured is not None:
+            compiled_on.append(threading.current_thread().name)
+            time.sleep(3)
+        return matcher(params)
+    monkeypatch.setattr(tiny_llm.engine.inputs, "_matcher", slow_matcher)
+    answers = {}
+
+    def constrained():
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "guided_regex": "[ab]+"}
+        answers["slow"] = post(f"{server.url}/v1/completions", json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})
+        answers["slow_at"] = time.monotonic()
+    thread = threading.Thread(target=constrained)
+    thread.start()
+    time.sleep(0.3)  # it is compiling
+    status, _ = post(f"{server.url}/v1/completions", json.dumps({"model": "tiny", "prompt": "Hi",
+                                                                  "max_tokens": 4}).encode(),
+                     {"Content-Type": "application/json"})
+    small_at = time.monotonic()
+    thread.join(timeout=60)
+    assert status == 200 and small_at < answers["slow_at"]  # the small request did not wait for the compile
+    status, answer = answers["slow"]
+    assert status == 400 and answer["error"]["param"] == "guided_regex" and "within 1 s" in answer["error"]["message"]
+    assert compiled_on == ["pyserve-grammar"]
+
+
+def test_a_grammar_past_the_size_limit_is_refused_before_compiling(server):
+    grammar = "root ::= " + " | ".join(f'"w{i}x"' for i in range(60_000))  # ~600 KB
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "guided_grammar": grammar}
+    status, answer = post(f"{server.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    assert status == 400 and answer["error"]["param"] == "guided_grammar" and "longer than" in answer["error"]["message"]

@@ -1,7 +1,9 @@
 """What every engine offers the engine driver, whatever its task.
 
 An engine describes itself in `info` and is driven from one thread only: `add` (validate and queue
-a request, raising a `ClientError` for bad input), `abort`, `step` (run one batch; returns outputs
+a request, raising a `ClientError` for bad input), except `prepare`, which the driver calls in a
+thread of its own before `add`: the slow, thread-safe part of admission (compiling a
+structured-output constraint), so that it never stalls the engine's steps; `abort`, `step` (run one batch; returns outputs
 of the requests that progressed, each with `request_id`, `finished` and `error`), `has_unfinished`
 and `stats`. Each step calls every one of `step_observers` with the step's rows and work items
 (an LLM's sequences and tokens, a diffusion engine's images, a batch's requests and items).
@@ -66,6 +68,10 @@ StepObserver = Callable[[int, int], None]  # (rows, work items) of a step, on th
 class Engine(Protocol):
     info: EngineInfo
     step_observers: list[StepObserver]
+
+    def prepare(self, request: Any) -> Any:
+        """Off the engine thread, before `add`: the request with its slow parts done (or a
+        ClientError); engines with nothing to prepare return it as it is."""
 
     def add(self, request_id: str, request: Any) -> None: ...
 

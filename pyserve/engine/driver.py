@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ClientError, EngineUnavailable
+from ..threads import in_daemon_thread
 from .base import Engine, EngineStats, StepObserver
 
 log = logging.getLogger("pyserve.engine")
@@ -129,6 +130,7 @@ class EngineDriver:
         if not self.ready:
             raise EngineUnavailable(self._unavailable_reason())
         request_id = request_id or f"req-{next(self._ids)}"
+        request = await in_daemon_thread(self._engine.prepare, request, name="pyserve-prepare")
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), loop.create_future())
         self._commands.put(_Add(request_id, request, stream))

@@ -11,13 +11,13 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import threading
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
 from ..errors import InvalidParameter
+from ..threads import in_daemon_thread
 from ..tasks import ImageInput, VisionSpec
 from .uploads import open_image
 
@@ -103,18 +103,7 @@ class ImageFetcher:
 
     async def _fetch_in_slot(self, part: ImagePart) -> bytes:
         async with self._slots:
-            loop = asyncio.get_running_loop()
-            result = loop.create_future()
-
-            def work():
-                try:
-                    data, error = self._fetch(part), None
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-                    data, error = None, exc
-                loop.call_soon_threadsafe(lambda: result.done() or (result.set_exception(error) if error
-                                                                     else result.set_result(data)))
-            threading.Thread(target=work, name="pyserve-image-fetch", daemon=True).start()
-            return await result
+            return await in_daemon_thread(self._fetch, part, name="pyserve-image-fetch")
 
     def _check_host(self, url: str, where: str) -> None:
         parts = urllib.parse.urlsplit(url)

@@ -118,6 +118,9 @@ class BatchEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def prepare(self, request):
+        return request  # nothing slow to do before `add`
+
     def add(self, request_id: str, request: TensorRequest) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")

@@ -124,6 +124,9 @@ class DiffusionEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def prepare(self, request):
+        return request  # nothing slow to do before `add`
+
     def add(self, request_id: str, request: ImageRequest) -> None:
         if request_id in self.requests:
             raise InvalidParameter("request_id", f"{request_id!r} is already in flight")

@@ -81,6 +81,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.eos_ids, spec.max_model_len)
         self.step_observers: list[Callable[[int, int], None]] = []  # (sequences, tokens) of every step
 
+    def prepare(self, request: TextRequest) -> TextRequest:
+        """Off the engine thread: the request with its structured-output matcher compiled."""
+        return self.inputs.prepare(request)
+
     def add(self, request_id: str, request: TextRequest) -> None:
         """The engine-driver entry point (see pyserve.engine.driver)."""
         if request_id in self.requests:

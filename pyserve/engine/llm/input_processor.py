@@ -2,15 +2,18 @@
 placed, its adapter and grammar looked up, and a sequence per sample with its own seed.
 
 Everything here runs at admission, so a request that could never run is refused with an error
-naming its field before it takes any of the engine's resources.
+naming its field before it takes any of the engine's resources. `prepare` (off the engine
+thread) compiles a structured-output constraint; `process` (on it) does the rest.
 """
 
 import logging
 import random
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from ...errors import InvalidParameter
+from ...errors import ClientError, InvalidParameter
 from ...kernels import rng
 from ...tasks import ImageInput, TextGenerationModel
 from ...tokenizer import IncrementalDetokenizer
@@ -21,6 +24,11 @@ from .sequence import ImageSpan, RequestTimes, Sequence
 from .structured import GrammarCompiler
 
 log = logging.getLogger("pyserve.engine")
+
+# Compiling a constraint (a 600 KB grammar takes seconds) happens in `prepare`, beside the engine:
+# at most this many at once, each given this long.
+MAX_COMPILING = 2
+COMPILE_SECONDS = 10.0
 
 
 @dataclass
@@ -33,6 +41,7 @@ class TextRequest:
     cache_salt: str | None = None
     images: list[ImageInput] = field(default_factory=list)  # vision models: one per image placeholder run
     lora: str | None = None  # a LoRA adapter loaded with LLMEngine.load_lora
+    matcher: Any = None  # the structured-output matcher, compiled by `InputProcessor.prepare`
 
 
 @dataclass
@@ -56,6 +65,40 @@ class InputProcessor:
         self.defaults = dict(self.tokenizer.generation_defaults) if self.tokenizer else {}
         self._rng = random.Random()
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
+        self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
+
+    def prepare(self, request: TextRequest) -> TextRequest:
+        """The request with its constraint compiled, in the calling thread (not the engine's): at
+        most MAX_COMPILING at once, each within COMPILE_SECONDS, else a 400 naming the field."""
+        params = request.params
+        if params is None or params.structured is None or request.matcher is not None:
+            return request
+        field_name = params.structured.field
+        if not self._compiling.acquire(timeout=COMPILE_SECONDS):
+            raise ClientError(f"{field_name}: other constraints are being compiled; retry shortly", field_name,
+                              status=503)
+        try:
+            compiled: list = []
+            worker = threading.Thread(target=lambda: compiled.append(self._compiled_or_error(params)),
+                                      name="pyserve-grammar", daemon=True)
+            worker.start()
+            worker.join(COMPILE_SECONDS)
+        finally:
+            self._compiling.release()
+        if not compiled:
+            raise InvalidParameter(field_name, f"did not compile within {COMPILE_SECONDS:g} s: make it smaller")
+        if isinstance(compiled[0], ClientError):
+            raise compiled[0]
+        return replace(request, matcher=compiled[0])
+
+    def _compiled_or_error(self, params: SamplingParams):
+        try:
+            return self._matcher(params)
+        except ClientError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - whatever llguidance raises, the constraint is at fault
+            return InvalidParameter(params.structured.field, f"could not be compiled ({type(exc).__name__}: {exc})")
 
     def process(self, request_id: str, request: TextRequest) -> Request:
         params = (request.params or SamplingParams()).resolved(self.defaults)
@@ -64,7 +107,7 @@ class InputProcessor:
         self._check_fits_cache(len(ids), params)
         spans = self._image_spans(ids, list(request.images))
         adapter = -1 if request.lora is None else self.adapters.id(request.lora)
-        matcher = self._matcher(params)
+        matcher = request.matcher if request.matcher is not None else self._matcher(params)
         # Blocks holding an image's tokens are only shared with requests of the same images, and
         # blocks computed under an adapter only with requests of that adapter.
         root = BlockManager.root_digest(request.cache_salt or "", *(span.image.digest for span in spans),
@@ -120,13 +163,14 @@ class InputProcessor:
             return None
         if self.tokenizer is None:
             raise InvalidParameter(params.structured.field, "this model has no tokenizer to match a grammar with")
-        if self._grammars is None:
-            try:
-                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
-            except Exception as exc:  # noqa: BLE001 - a tokenizer llguidance cannot read: refuse, keep serving
-                log.warning("structured output unavailable: %s", exc)
-                raise InvalidParameter(params.structured.field,
-                                       f"this model's tokenizer does not support structured output: {exc}") from None
+        with self._grammars_lock:  # prepare may run in several threads at once
+            if self._grammars is None:
+                try:
+                    self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+                except Exception as exc:  # noqa: BLE001 - a tokenizer llguidance cannot read: refuse, keep serving
+                    log.warning("structured output unavailable: %s", exc)
+                    raise InvalidParameter(params.structured.field, "this model's tokenizer does not support "
+                                                                    f"structured output: {exc}") from None
         return self._grammars.matcher(params.structured)
 
     def _check_fits_cache(self, prompt_len: int, params: SamplingParams) -> None:
