@@ -239,3 +239,31 @@ def test_a_grammar_past_the_size_limit_is_refused_before_compiling(server):
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "guided_grammar": grammar}
     status, answer = post(f"{server.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     assert status == 400 and answer["error"]["param"] == "guided_grammar" and "longer than" in answer["error"]["message"]
+
+
+def test_feedback_rows_per_key_and_the_store_size_are_bounded(tmp_path):
+    """12 requests of 7 MB comments grew the database by 86 MB: fields are capped (a 400, see
+    test_server_openai), rows per API key and the file's size too."""
+    import sqlite3
+
+    from pyserve.errors import ClientError
+    from pyserve.server.feedback import FeedbackStore
+    old = sqlite3.connect(tmp_path / "old.sqlite3")  # a file from before rows were counted per key
+    old.execute("CREATE TABLE feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, "
+                "rating INTEGER NOT NULL, comment TEXT, user TEXT, model TEXT, created REAL NOT NULL)")
+    old.execute("INSERT INTO feedback (response_id, rating, created) VALUES ('r0', 1, 0)")
+    old.commit()
+    old.close()
+    store = FeedbackStore(tmp_path / "old.sqlite3", max_rows_per_key=3, max_bytes=10**9)
+    for i in range(3):
+        store.add(f"r{i}", 1, tenant="key-a")
+    with pytest.raises(ClientError) as caught:
+        store.add("r3", 1, tenant="key-a")
+    assert caught.value.status == 429
+    store.add("r3", 1, tenant="key-b")  # another key is not held back
+    assert [line.count('"rating"') for line in store.export_jsonl().splitlines()] == [1] * 5
+    full = FeedbackStore(tmp_path / "full.sqlite3", max_bytes=64 * 1024)
+    with pytest.raises(ClientError) as caught:
+        for i in range(100):
+            full.add(f"r{i}", 1, comment="x" * 5_000, tenant="key-a")
+    assert caught.value.status == 507 and 5 < i < 20

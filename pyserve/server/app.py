@@ -5,6 +5,7 @@ Handlers reach models only through the `ModelRegistry` in `app.state.models` and
 through their drivers; a client that goes away mid-stream aborts its requests.
 """
 
+import asyncio
 import logging
 
 from starlette.applications import Starlette
@@ -53,7 +54,9 @@ async def add_feedback(request: Request) -> Response:
             raise InvalidParameter(name, "must be a string")
         if value is not None and len(value) > limit:
             raise InvalidParameter(name, f"must be at most {limit} characters")
-    row = request.app.state.feedback.add(response_id, rating, body.get("comment"), body.get("user"), body.get("model"))
+    principal = request.state.principal
+    row = await asyncio.to_thread(request.app.state.feedback.add, response_id, rating, body.get("comment"),
+                                  body.get("user"), body.get("model"), principal.tenant if principal else None)
     log.info("feedback %d on %s: rating %d", row, response_id, rating)
     return JSONResponse({"id": row, "object": "feedback"}, status_code=201)
 
