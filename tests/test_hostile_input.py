@@ -267,3 +267,33 @@ def test_feedback_rows_per_key_and_the_store_size_are_bounded(tmp_path):
         for i in range(100):
             full.add(f"r{i}", 1, comment="x" * 5_000, tenant="key-a")
     assert caught.value.status == 507 and 5 < i < 20
+
+
+def test_a_stream_nobody_reads_holds_one_output_not_every_step(tiny_llama_dir):
+    """Two n=64 streams with logprobs whose clients never read grew the server by 440 MB: each
+    step's output (a copy of everything so far) was queued for them. Now an unread text output is
+    replaced by the next (the HTTP and msgpack writers wait for their clients, so the outputs wait
+    in the driver), and the stream, read at last, is complete."""
+    import asyncio
+
+    from pyserve import SamplingParams
+
+    async def main():
+        driver = AsyncLLMEngine(LLM(tiny_llama_dir, device="cpu").engine)
+        try:
+            params = SamplingParams(max_tokens=100, n=8, logprobs=5, temperature=1.0, seed=1, ignore_eos=True)
+            stream = driver.generate([1, 2, 3], params)
+            await anext(stream)  # admitted and running; then nobody reads
+            for _ in range(600):
+                await asyncio.sleep(0.05)
+                if driver.stats().running == driver.stats().waiting == 0:
+                    break
+            held = driver.buffered_outputs()
+            rest = [out async for out in stream]
+            return held, rest
+        finally:
+            driver.shutdown()
+    held, rest = asyncio.run(main())
+    assert held == 1  # 100 steps, and one output waits: the last
+    assert len(rest) == 1 and rest[0].finished
+    assert all(len(o.token_ids) == 100 and len(o.logprobs) == 100 for o in rest[0].outputs)

@@ -26,6 +26,9 @@ class EngineInfo:
     vision: Any = None  # a pyserve.tasks.VisionSpec for text models that read images
     adapters: bool = False  # takes LoRA adapters (load_lora / unload_lora on the engine)
     max_batch_size: int = 0  # items a request's first dimension stacks into one batch; 0: not batched so
+    # Each output holds everything before it (an LLM's text so far, every token's logprobs): an
+    # unread one may be replaced by the next (the driver's backpressure for clients that do not read).
+    cumulative_outputs: bool = False
 
     def operation(self, name: str | None = None, *, takes: str | None = None, makes: str | None = None):
         """The operation called `name`, or the first that takes and makes the named tensors; None if none."""

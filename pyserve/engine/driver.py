@@ -15,6 +15,7 @@ Example:
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -32,17 +33,47 @@ from .base import Engine, EngineStats, StepObserver
 log = logging.getLogger("pyserve.engine")
 
 
+class _Outputs:
+    """A request's outputs waiting to be read, on its event loop. When the engine's outputs are
+    cumulative, an unread one is replaced by the next, final ones included: a client that does
+    not read holds one output, not a copy of every step's (two n=64 streams with logprobs grew
+    by 440 MB). Errors and outputs of other engines queue in full (an image engine's previews)."""
+
+    def __init__(self, cumulative: bool):
+        self.cumulative = cumulative
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: Any) -> None:
+        last = self._items[-1] if self._items else None
+        if (self.cumulative and last is not None and not isinstance(last, BaseException) and not last.finished
+                and not isinstance(item, BaseException)):
+            self._items[-1] = item
+        else:
+            self._items.append(item)
+        self._ready.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+
 @dataclass
 class _Stream:
-    """Where one request's outputs go: an asyncio queue on the loop that submitted it."""
+    """Where one request's outputs go: a mailbox on the loop that submitted it."""
 
     loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue
+    outputs: _Outputs
     admitted: asyncio.Future
 
     def send(self, item: Any) -> bool:
         try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.outputs.put, item)
             return True
         except RuntimeError:  # the loop has closed: nobody is listening any more
             return False
@@ -132,7 +163,7 @@ class EngineDriver:
         request_id = request_id or f"req-{next(self._ids)}"
         request = await in_daemon_thread(self._engine.prepare, request, name="pyserve-prepare")
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        stream = _Stream(loop, _Outputs(self.info.cumulative_outputs), loop.create_future())
         self._commands.put(_Add(request_id, request, stream))
         if self._stopping:  # the thread may have drained the queue already: answer for it
             self._drain_pending_adds()
@@ -154,6 +185,11 @@ class EngineDriver:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def buffered_outputs(self) -> int:
+        """Outputs delivered by the engine and not yet read by their requests' readers, in all
+        (asyncio side)."""
+        return sum(len(stream.outputs) for stream in self._open.values())
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """fn(engine) on the engine's thread between steps (e.g. loading a LoRA adapter); its

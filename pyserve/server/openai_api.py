@@ -166,7 +166,9 @@ class Merged:
     def __init__(self, streams: list[AsyncIterator[RequestOutput]]):
         self.streams = streams
         self.last: list[RequestOutput | None] = [None] * len(streams)
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # Bounded: a reader that does not keep up (a client that does not read its stream) leaves
+        # the outputs with the driver, which keeps only the latest of each stream.
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(streams))
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:

@@ -68,7 +68,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.block_size = model, model.tokenizer, block_size
         self.requests: dict[str, Request] = {}
         self.info = EngineInfo(TEXT_GENERATION, self.tokenizer, spec.max_model_len,
-                               vision=model.vision, adapters=True)
+                               vision=model.vision, adapters=True, cumulative_outputs=True)
         cache = KVCache.allocate(spec.num_layers, self.num_blocks, spec.num_kv_heads, block_size, spec.head_dim,
                                  cache_dtype, spec.device)
         self.blocks = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
