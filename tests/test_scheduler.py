@@ -141,3 +141,34 @@ def test_a_forced_digest_collision_never_shares_blocks(monkeypatch):
     other = seq("y", 9, 50)  # different tokens, same (forced) digests
     blocks.match_prefix(other)
     assert other.block_table == [] and other.num_computed == 0
+
+
+def test_a_request_holding_every_slot_gives_one_back_to_a_waiting_request():
+    """One request with n=8 fills the running cap; a later one-sequence request gets a slot at the
+    next step (the big request's latest sequence waits to be recomputed), not when the eight end."""
+    blocks = BlockManager(num_blocks=256, block_size=4, enable_prefix_caching=True)
+    sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
+    big = [Sequence("big", i, [1, 2, 3, 4, 5], SamplingParams(n=8), seed=i) for i in range(8)]
+    for s in big:
+        sched.add(s)
+    run(sched.schedule())
+    assert len(sched.running) == 8
+    small = seq("small", 3, first_token=50)
+    sched.add(small)
+    step = sched.schedule()
+    assert small in [s for s, _ in step.items] and small.status is Status.RUNNING
+    assert big[-1].status is Status.WAITING and big[-1] not in [s for s, _ in step.items]
+    assert len(sched.running) == 8 and sched.num_preemptions == 1
+    run(step)
+    step = sched.schedule()  # the share holds: no more preemption while both run
+    assert sched.num_preemptions == 1 and big[-1].status is Status.WAITING
+    sched.finish(small)
+    assert big[-1] in [s for s, _ in sched.schedule().items]  # the slot comes back
+
+
+def test_admission_takes_the_request_with_the_fewest_running_first():
+    blocks = BlockManager(num_blocks=256, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=3, max_num_batched_tokens=64)
+    for s in [Sequence("a", i, [1, 2, 3], SamplingParams(n=4), seed=i) for i in range(4)] + [seq("b", 3), seq("c", 3)]:
+        sched.add(s)
+    assert sorted(s.request_id for s, _ in sched.schedule().items) == ["a", "b", "c"]

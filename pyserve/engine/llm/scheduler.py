@@ -1,14 +1,19 @@
 """Continuous batching: which sequences run in the next step, and how many tokens each brings.
 
 Each step has a token budget. Running sequences go first (a decode brings one token, a
-sequence still prefilling brings its next chunk); waiting sequences are admitted in order while
-budget, blocks and the running cap allow, their prompts split across steps when long (chunked
-prefill). When blocks run out, the most recently admitted running sequence is preempted: its
-blocks are freed and it waits to be recomputed. A waiting sequence that cannot fit even into an
+sequence still prefilling brings its next chunk); waiting sequences are admitted while budget,
+blocks and the running cap allow, their prompts split across steps when long (chunked
+prefill). Admission is fair between requests: the next sequence admitted is the first waiting
+one of the request with the fewest running, and when the running cap is reached, a request
+holding more than its share of it (the cap over the requests that want slots) gives a sequence
+back for each waiting request below its share, so one request with n=128 does not hold every
+slot while another's 4 tokens wait for it. When blocks run out, the most recently admitted
+running sequence is preempted: its blocks are freed and it waits to be recomputed (its cached
+prefix is reused). A waiting sequence that cannot fit even into an
 empty cache is rejected (the engine refuses such requests at admission; this is the backstop).
 """
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -57,8 +62,10 @@ class Scheduler:
                 budget -= n
         rejected: list[Sequence] = []
         adapters = {s.adapter for s in self.running if s.adapter >= 0}
+        running_by = Counter(s.request_id for s in self.running)
+        self._share_slots(running_by, items)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = min(self.waiting, key=lambda s: running_by[s.request_id])  # the first of the fewest
             if seq.adapter >= 0 and seq.adapter not in adapters and len(adapters) >= self.max_loras:
                 break  # in order: it waits until a running adapter's sequences are done
             if seq.adapter >= 0:
@@ -69,17 +76,37 @@ class Scheduler:
             if not self.blocks.ensure_capacity(seq, seq.num_computed + n):
                 if self.running:  # blocks will come free as they finish
                     break
-                self.waiting.popleft()  # nothing holds blocks, yet it does not fit: it never will
+                self.waiting.remove(seq)  # nothing holds blocks, yet it does not fit: it never will
                 self.blocks.release(seq)
                 seq.status = Status.FINISHED
                 rejected.append(seq)
                 continue
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            running_by[seq.request_id] += 1
             items.append((seq, n))
             budget -= n
         return ScheduledStep(items, rejected)
+
+    def _share_slots(self, running_by: Counter, items: list[tuple[Sequence, int]]) -> None:
+        """With the running cap reached: for each waiting request (in arrival order) below its
+        share of the cap, preempt the latest sequence of the request holding the most slots, if
+        that is more than its share; the freed slot goes to the waiting request (admission picks
+        the request with the fewest running)."""
+        if len(self.running) < self.max_num_seqs or not self.waiting:
+            return
+        share = max(1, self.max_num_seqs // len(set(running_by) | {s.request_id for s in self.waiting}))
+        for request_id in dict.fromkeys(s.request_id for s in self.waiting):
+            if running_by[request_id] >= share:
+                continue
+            hog = max(running_by, key=running_by.get)
+            if running_by[hog] <= share:
+                return
+            victim = next(s for s in reversed(self.running) if s.request_id == hog)
+            self._preempt(victim)
+            items[:] = [(s, n) for s, n in items if s is not victim]
+            running_by[hog] -= 1
 
     def commit(self, step: ScheduledStep) -> list[Sequence]:
         """Count a step's tokens as computed and offer their full blocks to the prefix cache; the
