@@ -11,9 +11,7 @@ driver thread as in the server. Writes bench/results/image-fairness.json with p5
 phase and their ratios (the target: p99 beside the large request <= 3x p99 alone).
 """
 
-import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_result  # noqa: E402
+from report import latency_ratios, print_latency_ratios, quick_flag, write_result  # noqa: E402
 from tiny_models import make_sd_pipeline  # noqa: E402
 
 from pyserve.engine import load_engine  # noqa: E402
@@ -47,11 +45,6 @@ async def small_latencies(driver: EngineDriver, count: int, tag: str) -> list[fl
     return [await finish(driver, f"{tag}{i}", ImageRequest(seed=i, **SMALL)) for i in range(count)]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def measure(model_dir: Path, count: int) -> dict:
     driver = EngineDriver(load_engine(model_dir, device="cpu"))
     try:
@@ -65,32 +58,19 @@ async def measure(model_dir: Path, count: int) -> dict:
         large.cancel()  # its client leaves: the engine drops it (its own time is not measured here)
     finally:
         driver.shutdown()
-    row = {
-        "small_p50_alone_s": statistics.median(alone), "small_p99_alone_s": percentile(alone, 0.99),
-        "small_p50_beside_large_s": statistics.median(beside), "small_p99_beside_large_s": percentile(beside, 0.99),
-        "large_was_running_throughout": large_running,
-    }
-    row["p99_ratio"] = row["small_p99_beside_large_s"] / row["small_p99_alone_s"]
-    row["p50_ratio"] = row["small_p50_beside_large_s"] / row["small_p50_alone_s"]
-    return row
+    return {**latency_ratios(alone, beside), "large_was_running_throughout": large_running}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    count = 6 if args.quick else 16
+    quick = quick_flag(__doc__)
+    count = 6 if quick else 16
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_sd_pipeline(Path(tmp) / "sd64", sample_size=32)  # 32x32 latents: 64x64 images
         row = asyncio.run(measure(model_dir, count))
-    print(f"{'phase':<28}{'p50 s':>10}{'p99 s':>10}")
-    print(f"{'64x64, 4 steps, alone':<28}{row['small_p50_alone_s']:>10.3f}{row['small_p99_alone_s']:>10.3f}")
-    print(f"{'beside a 128x128x50 request':<28}{row['small_p50_beside_large_s']:>10.3f}"
-          f"{row['small_p99_beside_large_s']:>10.3f}")
-    print(f"p99 ratio {row['p99_ratio']:.2f}x (target <= 3x), p50 ratio {row['p50_ratio']:.2f}x; the large request "
-          f"was running throughout: {row['large_was_running_throughout']}")
+    print_latency_ratios(row, "64x64, 4 steps, alone", "beside a 128x128x50 request")
+    print(f"(target p99 ratio <= 3x; the large request was running throughout: {row['large_was_running_throughout']})")
     write_result("image-fairness", {"isa": cpu.best_isa(), "threads": torch.get_num_threads(), "small_requests": count,
-                                    "small": SMALL, "large": LARGE, **row}, quick=args.quick)
+                                    "small": SMALL, "large": LARGE, **row}, quick=quick)
 
 
 if __name__ == "__main__":

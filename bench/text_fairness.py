@@ -8,9 +8,7 @@ model (pydoc-chat) behind its engine driver, as the server runs it.
 Writes bench/results/text-fairness.json: p50/p99 of each phase and their ratios.
 """
 
-import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_result  # noqa: E402
+from report import latency_ratios, print_latency_ratios, quick_flag, write_result  # noqa: E402
 
 from pyserve import LLM, SamplingParams  # noqa: E402
 from pyserve.demo import demo_model_dirs  # noqa: E402
@@ -48,28 +46,18 @@ async def measure(count: int) -> dict:
         large.cancel()
     finally:
         engine.shutdown()
-    p99 = lambda xs: sorted(xs)[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]  # noqa: E731
-    row = {"short_p50_alone_s": statistics.median(alone), "short_p99_alone_s": p99(alone),
-           "short_p50_beside_s": statistics.median(beside), "short_p99_beside_s": p99(beside),
-           "large_was_running_throughout": running}
-    row["p99_ratio"] = row["short_p99_beside_s"] / row["short_p99_alone_s"]
-    row["p50_ratio"] = row["short_p50_beside_s"] / row["short_p50_alone_s"]
+    row = {**latency_ratios(alone, beside), "large_was_running_throughout": running}
     return row
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    count = 5 if args.quick else 12
+    quick = quick_flag(__doc__)
+    count = 5 if quick else 12
     row = asyncio.run(measure(count))
-    print(f"{'phase':<34}{'p50 s':>10}{'p99 s':>10}")
-    print(f"{'4 tokens, alone':<34}{row['short_p50_alone_s']:>10.3f}{row['short_p99_alone_s']:>10.3f}")
-    print(f"{'beside n=128 x 500 tokens':<34}{row['short_p50_beside_s']:>10.3f}{row['short_p99_beside_s']:>10.3f}")
-    print(f"p99 ratio {row['p99_ratio']:.2f}x, p50 ratio {row['p50_ratio']:.2f}x; the large request was running "
-          f"throughout: {row['large_was_running_throughout']}")
+    print_latency_ratios(row, "4 tokens, alone", "beside n=128 x 500 tokens")
+    print(f"(the large request was running throughout: {row['large_was_running_throughout']})")
     write_result("text-fairness", {"isa": cpu.best_isa(), "threads": torch.get_num_threads(), "short_requests": count,
-                                   **row}, quick=args.quick)
+                                   **row}, quick=quick)
 
 
 if __name__ == "__main__":

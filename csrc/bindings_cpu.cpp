@@ -245,6 +245,7 @@ PYBIND11_MODULE(_C, m) {
       nogil);
   m.def("best_isa", [] { return static_cast<int>(pyserve::cpu::best_isa()); });
   m.def("set_isa_limit", [](int isa) { pyserve::cpu::set_isa_limit(static_cast<pyserve::cpu::Isa>(isa)); });
+  m.def("set_batch_invariant", [](bool on) { pyserve::cpu::set_batch_invariant(on); });
 
   m.def(
       "denoise_step",

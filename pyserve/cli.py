@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                         "llama.cpp's Q8_0/Q4_0); activations and the KV cache stay in --dtype, except that "
                         "w8a8/w4a8 (int8/int4 weights) quantize decode-sized products' inputs to int8 on CPUs "
                         "(default: as the checkpoint: w8a8/w4a8 for Q8_0/Q4_0 GGUF files, none otherwise)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="CPU kernels whose results do not depend on the batch: a seeded sampled completion is "
+                        "bit-identical alone and among other requests (costs prompt-processing speed; also "
+                        "PYSERVE_BATCH_INVARIANT=1)")
     s.add_argument("--ray", action="store_true",
                    help="run each model in Ray Serve replicas behind the same HTTP routes (pyserve[ray])")
     s.add_argument("--ray-address", default=None, help="with --ray: a running Ray cluster (default: start one here)")
@@ -254,9 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many ranks")
     g.add_argument("--plugin-dir", action="append", default=[])
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="CPU kernels whose results do not depend on the batch: a seeded sampled completion is "
+                        "bit-identical alone and among other requests (costs prompt-processing speed; also "
+                        "PYSERVE_BATCH_INVARIANT=1)")
     g.set_defaults(run=_generate)
 
+    parser.set_defaults(batch_invariant=False)  # commands without the flag
     args = parser.parse_args(argv)
+    if args.batch_invariant:
+        os.environ["PYSERVE_BATCH_INVARIANT"] = "1"  # tensor-parallel and Ray workers read it at import
+        from . import kernels
+        kernels.set_batch_invariant(True)
     args.log_level = (args.log_level or ("INFO" if args.command == "serve" else "WARNING")).upper()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.run(args)

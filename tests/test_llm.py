@@ -277,3 +277,45 @@ def test_generation_config_supplies_defaults(tmp_path):
     resolved = SamplingParams().resolved(llm.engine.defaults)
     assert (resolved.temperature, resolved.top_p, resolved.top_k) == (0.6, 0.8, 5)
     assert SamplingParams(temperature=0.0).resolved(llm.engine.defaults).temperature == 0.0
+
+
+@pytest.fixture
+def batch_invariant():
+    from pyserve import kernels
+    before = kernels.batch_invariant()
+    kernels.set_batch_invariant(True)
+    yield
+    kernels.set_batch_invariant(before)
+
+
+def test_batch_invariant_mode_makes_a_seeded_completion_bit_identical_in_any_batch(llama_dir, batch_invariant):
+    """PYSERVE_BATCH_INVARIANT=1: the same seeded, sampled completion (tokens and every logprob)
+    alone and inside many random mixes of other requests, prompt lengths, n, chunked prefills
+    and arrival steps. (Without it, BLAS's row-count-dependent sums move logprobs by ~1e-7 and can
+    flip a sampled token.)"""
+    import random
+    llm = LLM(llama_dir, device="cpu", max_num_batched_tokens=40)
+    target = SamplingParams(max_tokens=24, temperature=1.0, seed=5, logprobs=3, ignore_eos=True)
+    alone = llm.generate([PROMPTS[1]], target)[0].outputs[0]
+    pick = random.Random(0)
+    engine = llm.engine
+    for trial in range(8):
+        others = [(f"o{trial}-{i}", pick.choice(PROMPTS) + [pick.randrange(300) for _ in range(pick.randrange(30))],
+                   SamplingParams(max_tokens=pick.randint(1, 30), temperature=pick.choice([0, 0.7, 1.3]),
+                                  n=pick.randint(1, 4), seed=pick.randrange(100), ignore_eos=True))
+                  for i in range(pick.randint(1, 5))]
+        join = pick.randint(0, 3)
+        for rid, prompt, params in others[:2]:
+            engine.add_request(rid, prompt, params)
+        for _ in range(join):
+            engine.step()
+        engine.add_request(f"target{trial}", PROMPTS[1], target)
+        for rid, prompt, params in others[2:]:
+            engine.add_request(rid, prompt, params)
+        got = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished and out.request_id == f"target{trial}":
+                    got = out.outputs[0]
+        assert got.token_ids == alone.token_ids, f"trial {trial}"
+        assert got.logprobs == alone.logprobs, f"trial {trial}"

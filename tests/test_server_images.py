@@ -136,6 +136,11 @@ def test_the_cost_limit_defaults_to_four_native_images_at_50_steps(sd_dir):
         ImageRequest(PROMPT, num_inference_steps=201).checked(engine.spec, 1024)
     assert err.value.field == "num_inference_steps" and native == 16
     assert ImageRequest(PROMPT, num_inference_steps=201).checked(engine.spec, 1024, max_cost=16 * 16 * 201)
+    # one image's pixels: at most the limit over 50 steps, even at fewer steps (a call is indivisible)
+    assert ImageRequest(PROMPT, num_inference_steps=4, width=32, height=32).checked(engine.spec, 1024)
+    with pytest.raises(InvalidParameter, match="1280 pixels, over this model's limit of 1024 an image") as err:
+        ImageRequest(PROMPT, num_inference_steps=1, width=40, height=32).checked(engine.spec, 1024)
+    assert err.value.field == "width"
 
 
 def test_an_edit_with_something_that_is_not_an_image_is_refused(served):

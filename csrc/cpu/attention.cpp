@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -43,6 +44,7 @@ struct Tile {
 struct RowState {
   int n = 0;
   int dim = 0;
+  bool row_by_row = false;  // batch invariance: scores one row at a time (see set_batch_invariant)
   const float* q[kMaxRows];
   int pos[kMaxRows];
   float m[kMaxRows];
@@ -230,7 +232,12 @@ void scores(RowState& st, const Tile& t, float scale) {
   const int d = st.dim;
   int j = 0;
 #ifdef PYSERVE_AVX2
-  if (st.n >= kPackedMinRows && d % 8 == 0) {
+  if (st.row_by_row && d % 8 == 0) {  // the same reduction for every row, alone or among many
+    for (; j + 4 <= t.len; j += 4) {
+      if (st.ahead) prefetch_keys(*st.ahead, j, j + 4);
+      for (int r = 0; r < st.n; ++r) few_rows_four_keys<1>(st, r, t, j, scale);
+    }
+  } else if (st.n >= kPackedMinRows && d % 8 == 0) {
     scores_packed(st, t, scale);
     return;
   }
@@ -381,7 +388,15 @@ struct WorkItem {
 
 }  // namespace
 
+namespace {
+std::atomic<bool> g_batch_invariant{false};
+}  // namespace
+
+void set_batch_invariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
+bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
+
 void paged_attention(const PagedAttentionArgs& a) {
+  const bool invariant = batch_invariant();
   const int group = a.num_heads / a.num_kv_heads;
   const int tok_tile = std::max(1, kMaxRows / group);
   const int split_blocks = std::max(1, kSplitKeys / a.block_size);
@@ -396,9 +411,10 @@ void paged_attention(const PagedAttentionArgs& a) {
     if (qlen == 0) continue;
     int n_blocks = (ctx + a.block_size - 1) / a.block_size;
     // The window limits which blocks any of these queries can see.
-    int first_blk = a.window > 0 ? std::max(0, ctx - qlen - a.window + 1) / a.block_size : 0;
+    // (Batch invariance: tiles from block 0 whatever the chunk; tiles before the window are skipped.)
+    int first_blk = a.window > 0 && !invariant ? std::max(0, ctx - qlen - a.window + 1) / a.block_size : 0;
     int span = n_blocks - first_blk;
-    bool split = qlen == 1 && span > 2 * split_blocks;
+    bool split = !invariant && qlen == 1 && span > 2 * split_blocks;
     for (int h = 0; h < a.num_kv_heads; ++h) {
       if (split) {
         for (int b = first_blk; b < n_blocks; b += split_blocks)
@@ -416,6 +432,7 @@ void paged_attention(const PagedAttentionArgs& a) {
 #pragma omp parallel
   {
     RowState* st = &thread_row_state(a.head_dim);
+    st->row_by_row = invariant;
 #pragma omp for schedule(dynamic, 1)
     for (size_t w = 0; w < items.size(); ++w) {
       const WorkItem& it = items[w];
@@ -518,6 +535,7 @@ void dense_attention(const DenseAttentionArgs& a) {
 #pragma omp parallel
   {
     RowState* st = &thread_row_state(a.head_dim);
+    st->row_by_row = false;  // the per-thread state may come from a batch-invariant paged call
 #pragma omp for schedule(dynamic, 1)
     for (long w = 0; w < n_items; ++w) {
       int tile_idx = w % n_tok_tiles, h = (w / n_tok_tiles) % a.num_kv_heads;

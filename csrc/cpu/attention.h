@@ -46,6 +46,13 @@ struct WriteKVArgs {
   bool bf16_cache = false;
 };
 
+// Batch invariance (off by default; the Python facade sets it with PYSERVE_BATCH_INVARIANT): every
+// query row's scores are made the same way whatever rows share its work item, key tiles start at
+// the sequence's first block whatever the chunk, and long decodes are not split over threads, so
+// a token's attention does not depend on how its step was batched or its prompt chunked.
+void set_batch_invariant(bool on);
+bool batch_invariant();
+
 void paged_attention(const PagedAttentionArgs& args);
 void dense_attention(const DenseAttentionArgs& args);
 void write_kv(const WriteKVArgs& args);

@@ -3,10 +3,44 @@
 // through AVX2 for up to eight input rows at once, with the rows split among threads.
 #include "cpu/linear.h"
 
+#include <cmath>
+
 #include "cpu/vec.h"
 
 namespace pyserve::cpu {
 namespace {
+
+#ifdef PYSERVE_AVX2
+// The sums of G <= 4 input rows with one weight row. Every row's sum is made the same way,
+// whatever G and whatever the call's M: two interleaved 8-wide chains (one chain waits on each
+// FMA's latency), an 8-wide step into the first, the scalar tail. So a row's result never
+// depends on how many rows share its call (batch invariance), and four rows' eight accumulators
+// fit AVX2's sixteen registers.
+template <int G>
+inline void group_sums(const float* x, long k, const float* w, float* sums) {
+  __m256 acc[G][2];
+  for (int i = 0; i < G; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  long c = 0;
+  for (; c + 16 <= k; c += 16) {
+    const __m256 w0 = _mm256_loadu_ps(w + c), w1 = _mm256_loadu_ps(w + c + 8);
+    for (int i = 0; i < G; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + c), w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + c + 8), w1, acc[i][1]);
+    }
+  }
+  if (c + 8 <= k) {
+    const __m256 w0 = _mm256_loadu_ps(w + c);
+    for (int i = 0; i < G; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + c), w0, acc[i][0]);
+    c += 8;
+  }
+  for (int i = 0; i < G; ++i) {
+    sums[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
+    // fused on purpose: left to the compiler, the tail may be contracted in one instantiation
+    // and not in another, and the rows' results would differ by G after all
+    for (long t = c; t < k; ++t) sums[i] = std::fma(x[i * k + t], w[t], sums[i]);
+  }
+}
+#endif
 
 template <int M>
 void rows_times_weights(const LinearArgs& a, int n0, int n1) {
@@ -14,29 +48,9 @@ void rows_times_weights(const LinearArgs& a, int n0, int n1) {
     const float* w = a.w + static_cast<long>(n) * a.k;
     float sums[M];
 #ifdef PYSERVE_AVX2
-    // Two accumulators for one or two rows: a single chain waits on each FMA's latency.
-    constexpr int kChains = M <= 2 ? 2 : 1;
-    __m256 acc[M][kChains];
-    for (int i = 0; i < M; ++i)
-      for (int ch = 0; ch < kChains; ++ch) acc[i][ch] = _mm256_setzero_ps();
-    int c = 0;
-    for (; c + 8 * kChains <= a.k; c += 8 * kChains)
-      for (int ch = 0; ch < kChains; ++ch) {
-        const __m256 wv = _mm256_loadu_ps(w + c + 8 * ch);
-        for (int i = 0; i < M; ++i)
-          acc[i][ch] = _mm256_fmadd_ps(_mm256_loadu_ps(a.x + static_cast<long>(i) * a.k + c + 8 * ch), wv, acc[i][ch]);
-      }
-    for (; c + 8 <= a.k; c += 8) {
-      const __m256 wv = _mm256_loadu_ps(w + c);
-      for (int i = 0; i < M; ++i)
-        acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.x + static_cast<long>(i) * a.k + c), wv, acc[i][0]);
-    }
-    for (int i = 0; i < M; ++i) {
-      __m256 total = acc[i][0];
-      for (int ch = 1; ch < kChains; ++ch) total = _mm256_add_ps(total, acc[i][ch]);
-      sums[i] = hsum(total);
-      for (int t = c; t < a.k; ++t) sums[i] += a.x[static_cast<long>(i) * a.k + t] * w[t];
-    }
+    constexpr int kFirst = M < 4 ? M : 4;  // rows 0-3, then 4-7 over the same (now cached) weight row
+    group_sums<kFirst>(a.x, a.k, w, sums);
+    if constexpr (M > 4) group_sums<M - 4>(a.x + 4L * a.k, a.k, w, sums + 4);
 #else
     for (int i = 0; i < M; ++i) sums[i] = dot(a.x + static_cast<long>(i) * a.k, w, a.k);
 #endif

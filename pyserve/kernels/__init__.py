@@ -27,9 +27,24 @@ from .types import (Coef, DecodeOutput, DecoderLayerWeights, DecoderModelWeights
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "DecodeOutput", "DecoderLayerWeights", "DecoderModelWeights",
     "DecoderStackWeights", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors",
-    "WEIGHT_FORMATS", "available", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy",
-    "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample", "silu_mul", "write_kv",
+    "WEIGHT_FORMATS", "available", "batch_invariant", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy",
+    "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample", "set_batch_invariant", "silu_mul",
+    "write_kv",
 ]
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Batch-invariant CPU kernels (see `cpu`: a sequence's numbers do not depend on what shares
+    its step or how its prompt was chunked) or the fastest ones; PYSERVE_BATCH_INVARIANT=1 sets it
+    at import."""
+    from . import cpu
+    if cpu.AVAILABLE:
+        cpu.set_batch_invariant(on)
+
+
+def batch_invariant() -> bool:
+    from . import cpu
+    return cpu.AVAILABLE and cpu.batch_invariant()
 
 
 def _on(device: torch.device):

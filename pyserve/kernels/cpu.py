@@ -3,6 +3,13 @@
 The x86 kernels pick their instruction set at run time. `PYSERVE_CPU_ISA` (avx2, scalar) caps it,
 so that an AVX-512 machine runs the paths that AVX2-only machines take; `set_isa_limit` does the
 same from code (tests).
+
+Batch invariance: BLAS sums a product's rows in an order that depends on how many rows there
+are, so a sequence's logits move in the last bits with what shares its step. With
+`PYSERVE_BATCH_INVARIANT=1` (or `set_batch_invariant(True)`) every fp32 product, however many rows,
+runs the C++ row kernel, whose per-row sums do not depend on the row count: a seeded sampled
+completion is then bit-identical alone and in any batch, at the cost of BLAS's speed on long
+prompts.
 """
 
 import os
@@ -62,11 +69,27 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 PASSES_MAX_ROWS, PASSES_MAX_K = 32, 1024
 
 
+_batch_invariant = False
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Batch-invariant kernels (True: every fp32 product on the row kernel, attention's rows one at
+    a time, no split decode) or the fastest (False); for the next call on any thread."""
+    global _batch_invariant
+    _batch_invariant = bool(on)
+    _C.set_batch_invariant(_batch_invariant)
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
+
+
 def linear(x, weight, bias=None):
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias)
     rows = input_rows(x)
-    decode_sized = rows <= _C.MAX_LINEAR_ROWS or (rows <= PASSES_MAX_ROWS and x.shape[-1] <= PASSES_MAX_K)
+    decode_sized = (_batch_invariant or rows <= _C.MAX_LINEAR_ROWS
+                    or (rows <= PASSES_MAX_ROWS and x.shape[-1] <= PASSES_MAX_K))
     fits = (0 < rows and decode_sized and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
             and (bias is None or bias.dtype == torch.float32))
     if not fits:
@@ -96,6 +119,7 @@ def set_isa_limit(isa: str) -> None:
 
 if AVAILABLE:
     set_isa_limit(os.environ.get("PYSERVE_CPU_ISA", "auto").lower() or "auto")
+    set_batch_invariant(os.environ.get("PYSERVE_BATCH_INVARIANT", "0") not in ("", "0"))
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -19,10 +19,13 @@ MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
 
 
+COST_STEPS = 50  # the steps the cost limit is counted at: limit / COST_STEPS bounds one image's pixels
+
+
 def default_cost(spec: ImageModelSpec) -> int:
     """The largest request a model takes by default: four times its native pixels at 50 steps, one
     image (a request past it would hold the step batch for minutes)."""
-    return 4 * spec.default_size ** 2 * 50
+    return 4 * spec.default_size ** 2 * COST_STEPS
 
 
 @dataclass
@@ -78,6 +81,12 @@ class ImageRequest:
             if not ok:
                 raise InvalidParameter(name, message)
         cost, limit = width * height * self.num_inference_steps * self.n, max_cost or default_cost(spec)
+        # One image's pixels are bounded too: a model call is indivisible and costs more than its
+        # pixels (attention is quadratic), so a huge image at few steps would hold every other
+        # request for the length of one call.
+        if width * height > limit // COST_STEPS:
+            raise InvalidParameter("width", f"width x height is {width * height} pixels, over this model's limit of "
+                                            f"{limit // COST_STEPS} an image (--max-image-cost / {COST_STEPS})")
         if cost > limit:
             raise InvalidParameter("num_inference_steps", f"width x height x num_inference_steps x n is {cost}, over "
                                    f"this model's limit of {limit} (--max-image-cost): fewer steps, fewer images "

@@ -93,8 +93,10 @@ class ModelRunner:
         ending = [seq for seq, n in step.items if seq.num_computed + n == len(seq.token_ids)]
         constrained = [seq.matcher for seq in ending if seq.matcher is not None and seq.params.max_tokens != 0]
         masks = self.masks.start(constrained) if constrained else None  # overlaps the forward pass
-        # Decode steps go from token ids to logits in one call where the model has one
-        batch = self._decode_batch(step) if self.model.fused_decode else None
+        # Decode steps go from token ids to logits in one call where the model has one (not in
+        # batch-invariant mode: its fused ops round differently from the step-by-step path that
+        # mixed steps take)
+        batch = self._decode_batch(step) if self.model.fused_decode and not kernels.batch_invariant() else None
         out = self.model.decode(batch, self.cache) if batch is not None else None
         if out is not None:
             return StepResult(sampled=self._draw(ending, out.logits, eos_ids, masks, out.greedy))
