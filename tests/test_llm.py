@@ -1,5 +1,7 @@
 """The LLM engine and the llama-family plugin against transformers on tiny random checkpoints."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -319,3 +321,35 @@ def test_batch_invariant_mode_makes_a_seeded_completion_bit_identical_in_any_bat
                     got = out.outputs[0]
         assert got.token_ids == alone.token_ids, f"trial {trial}"
         assert got.logprobs == alone.logprobs, f"trial {trial}"
+
+
+def test_a_short_request_shares_its_steps_with_a_slice_of_a_huge_one(llama_dir):
+    """A 4-token request that arrives beside a request holding every slot shares each of its
+    steps with at most 8 of the other's 16 sequences (a step waits on all it carries), while the
+    huge request goes on advancing in every step and then finishes every sequence."""
+    llm = LLM(llama_dir, device="cpu", max_num_seqs=16)
+    engine = llm.engine
+    run = engine.runner.run
+    carried = []
+
+    def counted_run(step, *args):
+        carried.append(Counter(seq.request_id for seq, _ in step.items))
+        return run(step, *args)
+    engine.runner.run = counted_run
+    engine.add_request("huge", PROMPTS[0], SamplingParams(max_tokens=300, n=16, temperature=1.0, seed=1,
+                                                          ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert carried[-1]["huge"] == 16  # alone, it brings every sequence
+    for i in range(10):  # short requests back to back
+        carried.clear()
+        engine.add_request(f"short{i}", PROMPTS[2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        while f"short{i}" in engine.requests:
+            engine.step()
+        assert len(carried) <= 6  # its prefill and decodes, not a wait for slots
+        assert all(0 < step["huge"] <= 8 for step in carried), carried
+    while engine.has_unfinished():
+        engine.step()
+    assert carried[-1]["huge"] <= 16
+    out = llm.engine.requests.get("huge")
+    assert out is None  # every one of its sequences ran to the end

@@ -157,13 +157,32 @@ def test_a_request_holding_every_slot_gives_one_back_to_a_waiting_request():
     sched.add(small)
     step = sched.schedule()
     assert small in [s for s, _ in step.items] and small.status is Status.RUNNING
-    assert big[-1].status is Status.WAITING and big[-1] not in [s for s, _ in step.items]
+    waiting = [s for s in big if s.status is Status.WAITING]
+    assert len(waiting) == 1 and waiting[0] not in [s for s, _ in step.items]
     assert len(sched.running) == 8 and sched.num_preemptions == 1
+    # beside one other sequence, the big request brings a slice of 4 x 1, at least 8: all 7 here
+    assert sum(1 for s, _ in step.items if s.request_id == "big") == 7
     run(step)
     step = sched.schedule()  # the share holds: no more preemption while both run
-    assert sched.num_preemptions == 1 and big[-1].status is Status.WAITING
+    assert sched.num_preemptions == 1 and waiting[0].status is Status.WAITING
     sched.finish(small)
-    assert big[-1] in [s for s, _ in sched.schedule().items]  # the slot comes back
+    assert waiting[0] in [s for s, _ in sched.schedule().items]  # the slot comes back
+
+
+def test_beside_other_requests_a_request_brings_a_slice_of_its_sequences():
+    blocks = BlockManager(num_blocks=512, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(blocks, max_num_seqs=32, max_num_batched_tokens=256)
+    big = [Sequence("big", i, [1, 2, 3], SamplingParams(n=20), seed=i) for i in range(20)]
+    for s in big:
+        sched.add(s)
+    run(sched.schedule())
+    for s in big[:5]:
+        s.num_computed += 1  # five of them are ahead
+    sched.add(seq("small", 3, first_token=50))
+    step = sched.schedule()
+    chosen = [s for s, _ in step.items if s.request_id == "big"]
+    assert len(chosen) == 8 and not any(c is b for c in chosen for b in big[:5])  # max(8, 4 x 1), least advanced first
+    assert "small" in {s.request_id for s, _ in step.items}
 
 
 def test_admission_takes_the_request_with_the_fewest_running_first():
