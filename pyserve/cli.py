@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import ClientError
 from .kernels import WEIGHT_FORMATS
 from .plugin import PluginRegistry
+from .store import default_data_dir
 from .tasks import KV_CACHE_DTYPES
 
 QUANTIZATIONS = ["none", *WEIGHT_FORMATS]
@@ -97,6 +98,8 @@ def _serve(args) -> int:
     try:
         config = ServerConfig(host=args.host, port=args.port, msgpack_port=args.msgpack_port or None, access=access,
                               feedback_db=args.feedback_db, drain_seconds=args.drain_timeout,
+                              data_dir=args.data_dir or str(default_data_dir()), store=args.store,
+                              store_days=args.store_days,
                               max_connections=args.max_connections,
                               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
                               allowed_image_hosts=frozenset(args.allowed_image_hosts),
@@ -193,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
     s.add_argument("--feedback-db", default="pyserve-feedback.sqlite3",
                    help="SQLite file where POST /v1/feedback ratings are kept")
+    s.add_argument("--data-dir", default=None,
+                   help="where stored chat completions are kept (default: $XDG_DATA_HOME/pyserve or "
+                        "~/.local/share/pyserve)")
+    s.add_argument("--store", action="store_true",
+                   help="store every chat completion that does not ask `store: false` (default: those asking "
+                        "`store: true`)")
+    s.add_argument("--store-days", type=float, default=None, help="delete stored completions older than this")
     s.add_argument("--allowed-image-host", dest="allowed_image_hosts", action="append", default=[], metavar="HOST",
                    help="a host whose http(s) image URLs chat requests may name (repeatable; default: none, "
                         "data: URLs only)")

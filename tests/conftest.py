@@ -1,8 +1,10 @@
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -121,6 +123,9 @@ def cli_server(model_dir, *args: str, tls=None):
     trusts the server's certificate. Output is kept in process.stdout; the process is always ended."""
     http_port, tcp_port = free_port(), free_port()
     models = [] if model_dir is None else [str(model_dir), "--served-model-name", "tiny"]  # None: the demo models
+    data_dir = tempfile.mkdtemp(prefix="pyserve-data-")
+    if "--data-dir" not in args:
+        args = (*args, "--data-dir", data_dir)
     proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", *models, "--port", str(http_port),
                              "--msgpack-port", str(tcp_port), "--device", "cpu", "--feedback-db", ":memory:", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -143,3 +148,4 @@ def cli_server(model_dir, *args: str, tls=None):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -29,7 +29,7 @@ _TYPES = {
     "logit_bias": dict, "stop_token_ids": list, "echo": bool, "skip_special_tokens": bool, "cache_salt": str,
     "prompt_logprobs": int, "response_format": dict, "guided_json": (dict, str), "guided_regex": str,
     "guided_choice": list, "guided_grammar": str, "tools": list, "tool_choice": (str, dict),
-    "parallel_tool_calls": bool,
+    "parallel_tool_calls": bool, "store": bool,
 }
 MAX_CACHE_SALT = 1024
 MAX_ROLE_CHARS = 64
@@ -159,6 +159,21 @@ def closed_objects(schema):
     if isinstance(out.get("items"), dict):
         out["items"] = closed_objects(out["items"])
     return out
+
+
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def metadata(value) -> dict[str, str]:
+    """A request's `metadata` (stored completions and responses), checked as OpenAI bounds it."""
+    if value is None:
+        return {}
+    if (not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS
+            or not all(isinstance(k, str) and len(k) <= MAX_METADATA_KEY and isinstance(v, str)
+                       and len(v) <= MAX_METADATA_VALUE for k, v in value.items())):
+        raise InvalidParameter("metadata", f"must map at most {MAX_METADATA_KEYS} keys of {MAX_METADATA_KEY} "
+                                           f"characters to strings of {MAX_METADATA_VALUE}")
+    return value
 
 
 def completion_prompts(value) -> list[str | list[int]]:

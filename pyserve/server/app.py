@@ -7,6 +7,7 @@ through their drivers; a client that goes away mid-stream aborts its requests.
 
 import asyncio
 import logging
+import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,14 +17,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
-from . import adapters, kserve, openai_api, openai_images, openai_responses
+from . import adapters, kserve, openai_api, openai_images, openai_responses, stored_completions
 from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
+from ..store import DataDir
 from .middleware import Guard
 from .vision_inputs import ImageFetcher
 from .models import ModelRegistry
-from .response_store import ResponseStore
 from .responses import ClientGone, error_response, json_body, on_client_gone
 
 log = logging.getLogger("pyserve.server")
@@ -105,14 +106,18 @@ admin_routes = [
 
 
 def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedback_db: str | None = None,
-              image_hosts: frozenset[str] = frozenset()) -> Starlette:
-    """The app over the models in `models`; its repository routes load and unload through it."""
+              image_hosts: frozenset[str] = frozenset(), data: DataDir | None = None, store_all: bool = False,
+              store_days: float | None = None) -> Starlette:
+    """The app over the models in `models`; its repository routes load and unload through it.
+    `data` keeps stored completions (None: in memory); `store_all` stores every chat completion
+    that does not say `store: false`; records older than `store_days` are deleted at start."""
     app = Starlette(routes=[
         Route("/health", health),
         Route("/metrics", prometheus),
         Route("/v1/feedback", add_feedback, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
         *admin_routes,
+        *stored_completions.routes,
         *openai_api.routes,
         *openai_images.routes,
         *openai_responses.routes,
@@ -123,6 +128,11 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
     app.state.models = models
     app.state.metrics = Metrics(models)
     app.state.feedback = FeedbackStore(feedback_db or ":memory:")
-    app.state.responses = ResponseStore()
+    app.state.data = data or DataDir(None)
+    app.state.store_all = store_all
+    if store_days is not None:
+        cutoff = time.time() - store_days * 86400
+        expired = app.state.data.completions.expire(cutoff) + app.state.data.responses.expire(cutoff)
+        log.info("%d stored completion(s) and response(s) older than %g days deleted", expired, store_days)
     app.state.images = ImageFetcher(image_hosts)  # remote images in chat messages
     return app

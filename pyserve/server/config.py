@@ -22,6 +22,10 @@ class ServerConfig:
     msgpack_port: int | None = 8001
     access: AccessPolicy = field(default_factory=AccessPolicy)
     feedback_db: str | None = None
+    # Where stored chat completions live (None: in memory); store every chat completion; expire them.
+    data_dir: str | None = None
+    store: bool = False
+    store_days: float | None = None
     drain_seconds: float = 30.0
     # Open connections per port (None: from the descriptor limit, connections.default_max_connections)
     # and the seconds a request's headers (a msgpack frame) may take to arrive.

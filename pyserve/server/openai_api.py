@@ -18,7 +18,7 @@ from starlette.routing import Route
 from ..engine.llm import RequestOutput, SamplingParams
 from ..errors import ClientError, InvalidParameter
 from ..engine.llm import StructuredOutput
-from . import adapters, tool_calls, translators
+from . import adapters, stored_completions, tool_calls, translators
 from .models import ServedModel
 from .tool_calls import CallFormat
 from .responses import error_body, json_body, unless_client_leaves
@@ -142,12 +142,17 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidParameter("stream_options", "must be an object")
+    keep = chat and stored_completions.wants_storing(request, body)
+    if keep:
+        adapters.metadata(body.get("metadata"))  # checked before the model runs
     rid = request.headers.get("x-request-id") or new_id("chatcmpl" if chat else "cmpl")
     merged = await start(request, body, rid, model, prompts, params, images)
     if stream_opt:
         include_usage = bool((options or {}).get("include_usage"))
-        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls),
-                                 media_type="text/event-stream")
+        async def store_when_done(outs):  # a streamed completion is stored once it has finished
+            await stored_completions.store(request, body, chat_body(rid, model, outs, params.n, calls))
+        return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls,
+                                      store_when_done if keep else None), media_type="text/event-stream")
     try:
         await unless_client_leaves(request, merged.drain())
     finally:
@@ -156,7 +161,10 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
     if failed is not None:
         raise translators.for_model(model).failure(failed)
     if chat:
-        return JSONResponse(chat_body(rid, model, merged.last, params.n, calls))
+        completion = chat_body(rid, model, merged.last, params.n, calls)
+        if keep:
+            await stored_completions.store(request, body, completion)
+        return JSONResponse(completion)
     return JSONResponse(completion_body(rid, model, merged.last, params.n, echo))
 
 
@@ -218,7 +226,7 @@ class Merged:
 
 
 async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool,
-               echo: list[str] | None = None, calls: CallFormat | None = None):
+               echo: list[str] | None = None, calls: CallFormat | None = None, on_done=None):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
     sent: dict[int, int] = {}  # characters of each choice's text sent
@@ -269,6 +277,8 @@ async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool,
         else:
             if include_usage:
                 yield chunk([], adapters.usage(merged.last))
+            if on_done is not None:
+                await on_done(merged.last)
         yield "data: [DONE]\n\n"
     except ClientError as exc:  # the engine stopped mid-stream
         yield f"data: {json.dumps(error_body('/v1', exc))}\n\n"

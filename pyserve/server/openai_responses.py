@@ -5,8 +5,8 @@ A response is a chat completion in other clothes: its input items (and, with
 `previous_response_id`, the stored turns before them) become chat messages, its fields the
 chat fields they stand for, and the chat path (`openai_api.prepare_chat`) checks and renders
 them. The reply comes back as output items: a message with `output_text`, and a
-`function_call` item per tool call. Responses are stored by default (`store`), in memory until
-the improvement loop's store exists (`response_store`).
+`function_call` item per tool call. Responses are stored by default (`store`) in the data
+directory (`pyserve.store.ResponseStore`).
 
 Example (with the demo server running):
     >>> import openai                                                               # doctest: +SKIP
@@ -16,6 +16,7 @@ Example (with the demo server running):
     ...                         previous_response_id=first.id).output_text
 """
 
+import asyncio
 import itertools
 import json
 import time
@@ -30,7 +31,7 @@ from ..engine.llm import RequestOutput
 from ..errors import ClientError, InvalidParameter
 from . import adapters, translators
 from .openai_api import ChatJob, Merged, prepare_chat, start
-from .response_store import StoredResponse
+from ..store import StoredResponse
 from .responses import json_body, unless_client_leaves
 from .tool_calls import CallFormat
 
@@ -38,7 +39,6 @@ ROLES = {"user": "user", "system": "system", "developer": "system", "assistant":
 # chat fields named in errors, as the Responses API calls them
 FIELD_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
                "response_format": "text.format"}
-MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 TYPES = {"previous_response_id": str, "instructions": str, "stream": bool, "store": bool, "background": bool,
          "text": dict, "metadata": dict}  # the chat path checks the fields it is passed
 
@@ -160,17 +160,6 @@ def _response_format(text) -> dict | None:
     raise InvalidParameter("text.format", "type must be text, json_object or json_schema")
 
 
-def _metadata(value) -> dict:
-    if value is None:
-        return {}
-    if (not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS
-            or not all(isinstance(k, str) and len(k) <= MAX_METADATA_KEY and isinstance(v, str)
-                       and len(v) <= MAX_METADATA_VALUE for k, v in value.items())):
-        raise InvalidParameter("metadata", f"must map at most {MAX_METADATA_KEYS} keys of {MAX_METADATA_KEY} "
-                                           f"characters to strings of {MAX_METADATA_VALUE}")
-    return value
-
-
 def chat_body(body: dict, messages: list[dict]) -> dict:
     """The chat completions body that this Responses body stands for."""
     chat = {"model": body.get("model"), "messages": messages}
@@ -236,12 +225,13 @@ class Turn:
                 "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage,
                 "user": body.get("user"), "metadata": body.get("metadata") or {}}
 
-    def finish(self, request: Request, out: RequestOutput, output: list[dict]) -> dict:
+    async def finish(self, request: Request, out: RequestOutput, output: list[dict]) -> dict:
         """The final Response object, stored when the request asked for it."""
         status = "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
         response = self.response(status, output, out)
         if self.body.get("store", True) is not False:
-            request.app.state.responses.put(StoredResponse(response, self.input_items, self.tenant))
+            await asyncio.to_thread(request.app.state.data.responses.put,
+                                    StoredResponse(response, self.input_items, self.tenant))
         return response
 
 
@@ -264,12 +254,12 @@ async def create_response(request: Request) -> Response:
         adapters.get_field(body, name, types=TYPES)
     if body.get("background"):
         raise InvalidParameter("background", "background responses are not served here")
-    body["metadata"] = _metadata(body.get("metadata"))
+    body["metadata"] = adapters.metadata(body.get("metadata"))
     items = input_items(body.get("input"))
     history = []
     previous = body.get("previous_response_id")
     if previous is not None:
-        history = request.app.state.responses.conversation(previous, _tenant(request))
+        history = await asyncio.to_thread(request.app.state.data.responses.conversation, previous, _tenant(request))
     chat = chat_body(body, chat_messages(history + items, body.get("instructions")))
     try:
         job = await prepare_chat(request, chat)
@@ -288,22 +278,24 @@ async def create_response(request: Request) -> Response:
     if out.error:
         raise translators.for_model(job.model).failure(out)
     status = "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
-    return JSONResponse(turn.finish(request, out, output_items(out.outputs[0].text, job.calls, status)))
+    return JSONResponse(await turn.finish(request, out, output_items(out.outputs[0].text, job.calls, status)))
 
 
 async def retrieve_response(request: Request) -> Response:
-    stored = request.app.state.responses.get(request.path_params["response_id"], _tenant(request))
+    stored = await asyncio.to_thread(request.app.state.data.responses.get, request.path_params["response_id"],
+                                     _tenant(request))
     return JSONResponse(stored.response)
 
 
 async def delete_response(request: Request) -> Response:
     response_id = request.path_params["response_id"]
-    request.app.state.responses.delete(response_id, _tenant(request))
+    await asyncio.to_thread(request.app.state.data.responses.delete, response_id, _tenant(request))
     return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
 
 async def list_input_items(request: Request) -> Response:
-    stored = request.app.state.responses.get(request.path_params["response_id"], _tenant(request))
+    stored = await asyncio.to_thread(request.app.state.data.responses.get, request.path_params["response_id"],
+                                     _tenant(request))
     items = stored.input_items
     return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                          "last_id": items[-1]["id"] if items else None, "has_more": False})
@@ -376,7 +368,7 @@ async def _events(request: Request, turn: Turn, job: ChatJob, merged: Merged):
                         yield line
                 if not output:  # an empty reply is still a message
                     output.append(message_item("", status))
-                response = turn.finish(request, out, output)
+                response = await turn.finish(request, out, output)
                 yield event(f"response.{status}", response=response)
     except ClientError as exc:  # the model failed, or the engine stopped mid-stream
         error = {"code": exc.kind, "message": exc.message}

@@ -2,18 +2,17 @@
 
 Each response keeps its own turn only (its input items and its output items) and the id of the
 one before it; a conversation is rebuilt by walking back the chain, so a long chain costs
-memory in proportion to its length, not its square. The store is in memory and bounded: past
-`max_responses` the least recently used response goes (a chain that needs it then gets a 400
-naming `previous_response_id`). Responses belong to the tenant of the key that made them: to
-another key they do not exist.
+storage in proportion to its length, not its square. Responses belong to the tenant of the key
+that made them: to another key they do not exist.
 """
 
-from collections import OrderedDict
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import dataclass, field
 
 from ..errors import InvalidParameter, NotFound
+from .database import Database
 
-MAX_RESPONSES = 10_000
 MAX_CHAIN = 1_000  # turns rebuilt for one request
 
 
@@ -22,6 +21,7 @@ class StoredResponse:
     response: dict  # the Response object as returned
     input_items: list[dict]  # this turn's input, as items with ids
     tenant: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def previous_id(self) -> str | None:
@@ -29,26 +29,27 @@ class StoredResponse:
 
 
 class ResponseStore:
-    def __init__(self, max_responses: int = MAX_RESPONSES):
-        self.max_responses = max_responses
-        self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
+    def __init__(self, database: Database):
+        self.database = database
 
     def put(self, stored: StoredResponse) -> None:
-        self._responses[stored.response["id"]] = stored
-        self._responses.move_to_end(stored.response["id"])
-        while len(self._responses) > self.max_responses:
-            self._responses.popitem(last=False)
+        with self.database.transaction() as db:
+            db.execute("INSERT INTO responses (id, tenant, created, response, input_items) VALUES (?, ?, ?, ?, ?)",
+                       (stored.response["id"], stored.tenant, stored.created, json.dumps(stored.response),
+                        json.dumps(stored.input_items)))
 
     def get(self, response_id: str, tenant: str | None) -> StoredResponse:
-        stored = self._responses.get(response_id)
-        if stored is None or stored.tenant != tenant:
+        with self.database.transaction() as db:
+            row = db.execute("SELECT response, input_items, tenant, created FROM responses WHERE id = ? AND "
+                             "tenant IS ?", (response_id, tenant)).fetchone()
+        if row is None:
             raise NotFound(f"no stored response has id {response_id!r}", "response_id")
-        self._responses.move_to_end(response_id)
-        return stored
+        return StoredResponse(json.loads(row[0]), json.loads(row[1]), row[2], row[3])
 
     def delete(self, response_id: str, tenant: str | None) -> None:
         self.get(response_id, tenant)
-        del self._responses[response_id]
+        with self.database.transaction() as db:
+            db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
 
     def conversation(self, response_id: str, tenant: str | None) -> list[dict]:
         """Every item of the chain that ends with this response, oldest first: each turn's input
@@ -62,7 +63,11 @@ class ResponseStore:
                 stored = self.get(at, tenant)
             except NotFound:
                 raise InvalidParameter("previous_response_id", f"no stored response has id {at!r} (it was never "
-                                       "stored, was deleted, or is no longer kept)") from None
+                                       "stored, was deleted, or has expired)") from None
             turns.append(stored.input_items + stored.response["output"])
             at = stored.previous_id
         return [item for turn in reversed(turns) for item in turn]
+
+    def expire(self, older_than: float) -> int:
+        with self.database.transaction() as db:
+            return db.execute("DELETE FROM responses WHERE created < ?", (older_than,)).rowcount

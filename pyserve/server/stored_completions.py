@@ -1,0 +1,112 @@
+"""Stored chat completions, OpenAI's shapes: a chat completion asked with `store: true` (or every
+one, with `--store`) is kept with its request's messages and metadata, and these routes read it:
+GET /v1/chat/completions (filters `model`, `metadata[key]=value`; `after`, `limit`, `order`),
+GET /v1/chat/completions/{id}, GET /v1/chat/completions/{id}/messages, POST /v1/chat/completions/{id}
+(new metadata), DELETE /v1/chat/completions/{id}. Records belong to the caller's tenant.
+
+Example (with the demo server running):
+    >>> done = client.chat.completions.create(model="pydoc-chat", store=True,          # doctest: +SKIP
+    ...                                        metadata={"topic": "json"}, messages=[...])
+    >>> [c.id for c in client.chat.completions.list(metadata={"topic": "json"})]    # doctest: +SKIP
+"""
+
+import asyncio
+import re
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import InvalidParameter
+from ..store import StoredCompletion
+from . import adapters
+from .responses import json_body
+
+
+def tenant_of(request: Request) -> str | None:
+    principal = request.state.principal
+    return principal.tenant if principal is not None else None
+
+
+def wants_storing(request: Request, body: dict) -> bool:
+    store = adapters.get_field(body, "store")
+    return request.app.state.store_all if store is None else store
+
+
+async def store(request: Request, body: dict, completion: dict) -> None:
+    """Keep a finished chat completion (off the event loop: the write is committed before the
+    answer goes out, so a server killed right after loses nothing)."""
+    record = StoredCompletion(completion["id"], completion["model"], body.get("messages") or [], completion,
+                              adapters.metadata(body.get("metadata")), tenant_of(request), completion["created"])
+    await asyncio.to_thread(request.app.state.data.completions.add, record)
+
+
+def _page(items: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if not re.fullmatch(r"\d{1,6}", value):
+        raise InvalidParameter(name, "must be a positive integer")
+    return int(value)
+
+
+async def list_completions(request: Request) -> Response:
+    query = request.query_params
+    metadata = {m.group(1): value for key, value in query.multi_items()
+                if (m := re.fullmatch(r"metadata\[(.+)\]", key))}
+    records, has_more = await asyncio.to_thread(
+        request.app.state.data.completions.list, tenant_of(request), model=query.get("model"), metadata=metadata,
+        after=query.get("after"), limit=_int_param(request, "limit", 20), order=query.get("order", "asc"))
+    return JSONResponse(_page([r.body() for r in records], has_more))
+
+
+async def retrieve_completion(request: Request) -> Response:
+    record = await asyncio.to_thread(request.app.state.data.completions.get, request.path_params["completion_id"],
+                                     tenant_of(request))
+    return JSONResponse(record.body())
+
+
+async def list_messages(request: Request) -> Response:
+    record = await asyncio.to_thread(request.app.state.data.completions.get, request.path_params["completion_id"],
+                                     tenant_of(request))
+    messages = record.messages()
+    if request.query_params.get("order", "asc") == "desc":
+        messages.reverse()
+    after = request.query_params.get("after")
+    if after is not None:
+        ids = [m["id"] for m in messages]
+        if after not in ids:
+            raise InvalidParameter("after", f"{after!r} is not a message of this completion")
+        messages = messages[ids.index(after) + 1:]
+    limit = _int_param(request, "limit", 20)
+    return JSONResponse(_page(messages[:limit], len(messages) > limit))
+
+
+async def update_completion(request: Request) -> Response:
+    body = await json_body(request)
+    if "metadata" not in body:
+        raise InvalidParameter("metadata", "is required")
+    record = await asyncio.to_thread(request.app.state.data.completions.update_metadata,
+                                     request.path_params["completion_id"], tenant_of(request),
+                                     adapters.metadata(body["metadata"]))
+    return JSONResponse(record.body())
+
+
+async def delete_completion(request: Request) -> Response:
+    completion_id = request.path_params["completion_id"]
+    await asyncio.to_thread(request.app.state.data.completions.delete, completion_id, tenant_of(request))
+    return JSONResponse({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+
+
+routes = [
+    Route("/v1/chat/completions", list_completions, methods=["GET"]),
+    Route("/v1/chat/completions/{completion_id}", retrieve_completion, methods=["GET"]),
+    Route("/v1/chat/completions/{completion_id}", update_completion, methods=["POST"]),
+    Route("/v1/chat/completions/{completion_id}", delete_completion, methods=["DELETE"]),
+    Route("/v1/chat/completions/{completion_id}/messages", list_messages, methods=["GET"]),
+]

@@ -1,0 +1,41 @@
+"""What the server keeps between requests and across restarts: one data directory holding a
+SQLite database (records, with numbered schema migrations) and plain files (uploads, adapters).
+
+Example:
+    >>> from pyserve.store import DataDir
+    >>> data = DataDir(tmp_path)                                      # doctest: +SKIP
+    >>> data.completions.add(record)                                  # doctest: +SKIP
+"""
+
+import os
+from pathlib import Path
+
+from .completions import CompletionStore, StoredCompletion
+from .database import Database
+from .responses import ResponseStore, StoredResponse
+
+__all__ = ["CompletionStore", "DataDir", "Database", "ResponseStore", "StoredCompletion", "StoredResponse",
+           "default_data_dir"]
+
+
+def default_data_dir() -> Path:
+    """$XDG_DATA_HOME/pyserve, or ~/.local/share/pyserve."""
+    home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(home) / "pyserve"
+
+
+class DataDir:
+    """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions and
+    responses). None keeps everything in
+    memory (tests, and servers started from code without one)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.database = Database(":memory:" if self.path is None else self.path / "pyserve.sqlite3")
+        self.completions = CompletionStore(self.database)
+        self.responses = ResponseStore(self.database)
+
+    def close(self) -> None:
+        self.database.close()

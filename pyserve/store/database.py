@@ -1,0 +1,63 @@
+"""The SQLite database of a data directory: WAL mode, every write committed before the request
+that made it is answered (so a server killed between two requests, SIGKILL included, loses
+nothing), and numbered schema migrations applied in order at open.
+
+A migration is appended to MIGRATIONS, never edited: a file that has applied migrations 1..k
+applies k+1.. when a newer server opens it.
+"""
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MIGRATIONS: list[str] = [
+    # 1: stored chat completions (OpenAI's `store: true`)
+    """CREATE TABLE chat_completions (
+        id TEXT PRIMARY KEY, tenant TEXT, model TEXT NOT NULL, created INTEGER NOT NULL,
+        request_messages TEXT NOT NULL, completion TEXT NOT NULL, metadata TEXT NOT NULL);
+       CREATE INDEX chat_completions_by_tenant ON chat_completions (tenant, model);""",
+    # 2: stored responses (the Responses API's `store`, for previous_response_id)
+    """CREATE TABLE responses (
+        id TEXT PRIMARY KEY, tenant TEXT, created INTEGER NOT NULL, response TEXT NOT NULL,
+        input_items TEXT NOT NULL);""",
+]
+
+
+class Database:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    @property
+    def version(self) -> int:
+        return self._db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            for number, script in enumerate(MIGRATIONS[self.version:], start=self.version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection, inside one transaction (committed on leaving, rolled back on an
+        exception), serialised with every other user."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

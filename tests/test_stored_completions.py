@@ -1,0 +1,97 @@
+"""Stored chat completions through the `openai` SDK: `store: true` keeps the request's messages,
+the completion and its metadata; list (filters, pages), retrieve, messages, update, delete; a
+streamed completion is stored once finished; records (and stored responses) outlive a SIGKILL."""
+
+import json
+import signal
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import cli_server
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture
+def client(served):
+    server, _ = served
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_a_stored_completion_is_listed_retrieved_updated_and_deleted(client):
+    done = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, store=True,
+                                          metadata={"topic": "greeting", "run": "a"})
+    kept = client.chat.completions.retrieve(done.id)
+    assert kept.id == done.id and kept.choices[0].message.content == done.choices[0].message.content
+    assert kept.usage.total_tokens == done.usage.total_tokens and kept.metadata == {"topic": "greeting", "run": "a"}
+    assert [m.content for m in client.chat.completions.messages.list(done.id)] == ["Be brief.", "Hello there"]
+    listed = [c.id for c in client.chat.completions.list(model="tiny", metadata={"topic": "greeting", "run": "a"})]
+    assert listed == [done.id]
+    assert client.chat.completions.list(metadata={"topic": "farewell"}).data == []
+    updated = client.chat.completions.update(done.id, metadata={"topic": "greeting", "rated": "yes"})
+    assert updated.metadata == {"topic": "greeting", "rated": "yes"}
+    assert [c.id for c in client.chat.completions.list(metadata={"rated": "yes"})] == [done.id]
+    deleted = client.chat.completions.delete(done.id)
+    assert deleted.deleted and deleted.id == done.id
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(done.id)
+
+
+def test_only_what_asks_is_stored_and_streams_are_stored_when_finished(client):
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.retrieve(plain.id)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                                 store=True, stream=True, metadata={"kind": "streamed"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    kept = client.chat.completions.retrieve(chunks[0].id)
+    assert kept.choices[0].message.content == text and kept.metadata == {"kind": "streamed"}
+
+
+def test_pages_follow_after_and_order(client):
+    ids = [client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, store=True,
+                                          metadata={"batch": "pages"}).id for _ in range(3)]
+    first = client.chat.completions.list(metadata={"batch": "pages"}, limit=2)
+    assert [c.id for c in first.data] == ids[:2] and first.has_more
+    assert [c.id for c in client.chat.completions.list(metadata={"batch": "pages"}, limit=2)] == ids  # auto-paging
+    newest = client.chat.completions.list(metadata={"batch": "pages"}, order="desc", limit=1)
+    assert [c.id for c in newest.data] == ids[-1:]
+
+
+@pytest.mark.parametrize("call, param", [
+    (lambda c: c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, store="yes"), "store"),
+    (lambda c: c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, store=True,
+                                         metadata={"k": "v" * 600}), "metadata"),
+    (lambda c: c.chat.completions.list(limit=0), "limit"),
+    (lambda c: c.chat.completions.list(order="sideways"), "order"),
+    (lambda c: c.chat.completions.list(after="chatcmpl-none"), "completion_id"),
+])
+def test_bad_requests_name_the_field(client, call, param):
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as caught:
+        call(client)
+    assert caught.value.body["param"] == param, caught.value.body
+
+
+def test_stored_completions_outlive_a_sigkill(tiny_llama_dir, tmp_path):
+    def post(url, body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    with cli_server(tiny_llama_dir, "--data-dir", str(tmp_path)) as (proc, url, _):
+        done = post(url + "/v1/chat/completions", {"model": "tiny", "messages": MESSAGES, "max_tokens": 4,
+                                                   "store": True, "metadata": {"k": "v"}})
+        response = post(url + "/v1/responses", {"model": "tiny", "input": "Hello there", "max_output_tokens": 4})
+        proc.send_signal(signal.SIGKILL)  # right after the answers: nothing may be lost
+        proc.wait(timeout=30)
+    with cli_server(tiny_llama_dir, "--data-dir", str(tmp_path)) as (_, url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        kept = client.chat.completions.retrieve(done["id"])
+        assert kept.choices[0].message.content == done["choices"][0]["message"]["content"]
+        assert kept.metadata == {"k": "v"}
+        assert client.responses.retrieve(response["id"]).output_text == response["output"][0]["content"][0]["text"]
+        follow = client.responses.create(model="tiny", input="And then?", previous_response_id=response["id"],
+                                         max_output_tokens=2)
+        assert follow.previous_response_id == response["id"]
