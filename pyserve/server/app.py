@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter
-from . import adapters, kserve, openai_api, openai_images, openai_responses, stored_completions
+from . import adapters, kserve, openai_api, openai_files, openai_images, openai_responses, stored_completions
 from .feedback import FeedbackStore
 from .auth import AccessPolicy
 from .metrics import Metrics
@@ -121,6 +121,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
         *openai_api.routes,
         *openai_images.routes,
         *openai_responses.routes,
+        *openai_files.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, ClientGone: on_client_gone, HTTPException: on_http_error,

@@ -7,11 +7,7 @@ With `stream: true` the answer is OpenAI's image event stream: up to `partial_im
 (`image_generation.partial_image`, the decoded clean estimate part-way through the loop), then
 one `image_generation.completed` event per image (`image_edit.*` for edits)."""
 
-import asyncio
-import email.parser
-import email.policy
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 
@@ -19,15 +15,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import ClientError, InvalidParameter, TooLarge
-from . import inference, pictures
+from ..errors import InvalidParameter
+from . import forms, inference, pictures
 from .models import ServedModel
 from .responses import error_body, json_body, read_body, unless_client_leaves
 
 # form values that are integers (the SDK sends every form field as a string)
 _FORM_FIELDS = {"n", "num_inference_steps", "seed", "width", "height", "partial_images", "output_compression"}
 _FORM_NUMBERS = {"guidance_scale", "strength"}
-MAX_FORM_PARTS = 64  # an image, a mask and the couple of dozen fields of the API, with room to spare
 
 
 async def generations(request: Request) -> Response:
@@ -37,7 +32,9 @@ async def generations(request: Request) -> Response:
 
 
 async def edits(request: Request) -> Response:
-    fields, files = await _multipart(request.headers.get("content-type", ""), await read_body(request))
+    form = await forms.read_form(request.headers.get("content-type", ""), await read_body(request),
+                                 _FORM_FIELDS, _FORM_NUMBERS)
+    fields, files = form.fields, form.files
     if "mask" in files:
         raise InvalidParameter("mask", "masks (inpainting) are not supported; send the image alone")
     image = files.get("image") or files.get("image[]")
@@ -109,41 +106,6 @@ async def _events(path: str, job: inference.ImageJob, kind: str,
                                       "partial_image_index": out.partial_index, **common})
     finally:
         await job.outputs.aclose()  # a client that went away aborts the request
-
-
-async def _multipart(content_type: str, body: bytes) -> tuple[dict, dict[str, bytes]]:
-    """Form fields (typed as the JSON API types them) and files of a multipart/form-data body,
-    parsed in a worker thread (8 MB of tiny parts took the event loop for 23 s) once a count of
-    its boundaries shows no more than MAX_FORM_PARTS parts."""
-    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not content_type.startswith("multipart/form-data") or boundary is None:
-        raise ClientError("the body must be multipart/form-data (an image file and form fields)")
-    parts = body.count(b"--" + boundary.group(1).encode("latin-1")) - 1
-    if parts > MAX_FORM_PARTS:
-        raise TooLarge(f"the form has {parts} parts; at most {MAX_FORM_PARTS} are taken", "body")
-    return await asyncio.to_thread(_parse_multipart, content_type, body)
-
-
-def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, dict[str, bytes]]:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
-        raise ClientError("the multipart body could not be read")
-    fields, files = {}, {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        payload = part.get_payload(decode=True) or b""
-        if part.get_filename() is not None:
-            files[name] = payload
-            continue
-        value = payload.decode("utf-8", errors="replace")
-        try:
-            fields[name] = int(value) if name in _FORM_FIELDS else float(value) if name in _FORM_NUMBERS else value
-        except ValueError:
-            raise InvalidParameter(name, f"must be a number, got {value[:40]!r}") from None
-    return fields, files
 
 
 routes = [

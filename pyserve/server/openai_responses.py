@@ -32,6 +32,7 @@ from ..errors import ClientError, InvalidParameter
 from . import adapters, translators
 from .openai_api import ChatJob, Merged, prepare_chat, start
 from ..store import StoredResponse
+from .records import by_path, page, tenant_of
 from .responses import json_body, unless_client_leaves
 from .tool_calls import CallFormat
 
@@ -243,11 +244,6 @@ def output_items(text: str, calls: CallFormat | None, status: str) -> list[dict]
 
 # -- routes ------------------------------------------------------------------------------------
 
-def _tenant(request: Request) -> str | None:
-    principal = request.state.principal
-    return principal.tenant if principal is not None else None
-
-
 async def create_response(request: Request) -> Response:
     body = await json_body(request)
     for name in TYPES:
@@ -259,14 +255,14 @@ async def create_response(request: Request) -> Response:
     history = []
     previous = body.get("previous_response_id")
     if previous is not None:
-        history = await asyncio.to_thread(request.app.state.data.responses.conversation, previous, _tenant(request))
+        history = await asyncio.to_thread(request.app.state.data.responses.conversation, previous, tenant_of(request))
     chat = chat_body(body, chat_messages(history + items, body.get("instructions")))
     try:
         job = await prepare_chat(request, chat)
     except InvalidParameter as exc:  # named as the Responses API names the field
         name = FIELD_NAMES.get(exc.field, exc.field)
         raise InvalidParameter(name, exc.message.split(": ", 1)[-1]) from None
-    turn = Turn(body, job.model.name, items, _tenant(request))
+    turn = Turn(body, job.model.name, items, tenant_of(request))
     merged = await start(request, chat, turn.id, job.model, [job.prompt], job.params, job.images)
     if body.get("stream"):
         return StreamingResponse(_events(request, turn, job, merged), media_type="text/event-stream")
@@ -282,23 +278,17 @@ async def create_response(request: Request) -> Response:
 
 
 async def retrieve_response(request: Request) -> Response:
-    stored = await asyncio.to_thread(request.app.state.data.responses.get, request.path_params["response_id"],
-                                     _tenant(request))
-    return JSONResponse(stored.response)
+    return JSONResponse((await by_path(request, request.app.state.data.responses.get, "response_id")).response)
 
 
 async def delete_response(request: Request) -> Response:
-    response_id = request.path_params["response_id"]
-    await asyncio.to_thread(request.app.state.data.responses.delete, response_id, _tenant(request))
-    return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+    await by_path(request, request.app.state.data.responses.delete, "response_id")
+    return JSONResponse({"id": request.path_params["response_id"], "object": "response", "deleted": True})
 
 
 async def list_input_items(request: Request) -> Response:
-    stored = await asyncio.to_thread(request.app.state.data.responses.get, request.path_params["response_id"],
-                                     _tenant(request))
-    items = stored.input_items
-    return JSONResponse({"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-                         "last_id": items[-1]["id"] if items else None, "has_more": False})
+    stored = await by_path(request, request.app.state.data.responses.get, "response_id")
+    return JSONResponse(page(stored.input_items))
 
 
 # -- streaming ---------------------------------------------------------------------------------

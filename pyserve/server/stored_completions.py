@@ -20,12 +20,8 @@ from starlette.routing import Route
 from ..errors import InvalidParameter
 from ..store import StoredCompletion
 from . import adapters
+from .records import by_path, int_param, page, tenant_of
 from .responses import json_body
-
-
-def tenant_of(request: Request) -> str | None:
-    principal = request.state.principal
-    return principal.tenant if principal is not None else None
 
 
 def wants_storing(request: Request, body: dict) -> bool:
@@ -41,39 +37,23 @@ async def store(request: Request, body: dict, completion: dict) -> None:
     await asyncio.to_thread(request.app.state.data.completions.add, record)
 
 
-def _page(items: list[dict], has_more: bool) -> dict:
-    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
-
-
-def _int_param(request: Request, name: str, default: int) -> int:
-    value = request.query_params.get(name)
-    if value is None:
-        return default
-    if not re.fullmatch(r"\d{1,6}", value):
-        raise InvalidParameter(name, "must be a positive integer")
-    return int(value)
-
-
 async def list_completions(request: Request) -> Response:
     query = request.query_params
     metadata = {m.group(1): value for key, value in query.multi_items()
                 if (m := re.fullmatch(r"metadata\[(.+)\]", key))}
     records, has_more = await asyncio.to_thread(
         request.app.state.data.completions.list, tenant_of(request), model=query.get("model"), metadata=metadata,
-        after=query.get("after"), limit=_int_param(request, "limit", 20), order=query.get("order", "asc"))
-    return JSONResponse(_page([r.body() for r in records], has_more))
+        after=query.get("after"), limit=int_param(request, "limit", 20), order=query.get("order", "asc"))
+    return JSONResponse(page([r.body() for r in records], has_more))
 
 
 async def retrieve_completion(request: Request) -> Response:
-    record = await asyncio.to_thread(request.app.state.data.completions.get, request.path_params["completion_id"],
-                                     tenant_of(request))
+    record = await by_path(request, request.app.state.data.completions.get, "completion_id")
     return JSONResponse(record.body())
 
 
 async def list_messages(request: Request) -> Response:
-    record = await asyncio.to_thread(request.app.state.data.completions.get, request.path_params["completion_id"],
-                                     tenant_of(request))
+    record = await by_path(request, request.app.state.data.completions.get, "completion_id")
     messages = record.messages()
     if request.query_params.get("order", "asc") == "desc":
         messages.reverse()
@@ -83,8 +63,8 @@ async def list_messages(request: Request) -> Response:
         if after not in ids:
             raise InvalidParameter("after", f"{after!r} is not a message of this completion")
         messages = messages[ids.index(after) + 1:]
-    limit = _int_param(request, "limit", 20)
-    return JSONResponse(_page(messages[:limit], len(messages) > limit))
+    limit = int_param(request, "limit", 20)
+    return JSONResponse(page(messages[:limit], len(messages) > limit))
 
 
 async def update_completion(request: Request) -> Response:
@@ -98,9 +78,9 @@ async def update_completion(request: Request) -> Response:
 
 
 async def delete_completion(request: Request) -> Response:
-    completion_id = request.path_params["completion_id"]
-    await asyncio.to_thread(request.app.state.data.completions.delete, completion_id, tenant_of(request))
-    return JSONResponse({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+    await by_path(request, request.app.state.data.completions.delete, "completion_id")
+    return JSONResponse({"object": "chat.completion.deleted", "id": request.path_params["completion_id"],
+                         "deleted": True})
 
 
 routes = [

@@ -8,14 +8,16 @@ Example:
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 from .completions import CompletionStore, StoredCompletion
 from .database import Database
+from .files import FileStore, StoredFile
 from .responses import ResponseStore, StoredResponse
 
-__all__ = ["CompletionStore", "DataDir", "Database", "ResponseStore", "StoredCompletion", "StoredResponse",
-           "default_data_dir"]
+__all__ = ["CompletionStore", "DataDir", "Database", "FileStore", "ResponseStore", "StoredCompletion", "StoredFile",
+           "StoredResponse", "default_data_dir"]
 
 
 def default_data_dir() -> Path:
@@ -25,8 +27,8 @@ def default_data_dir() -> Path:
 
 
 class DataDir:
-    """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions and
-    responses). None keeps everything in
+    """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions,
+    responses, uploaded files under `files/`). None keeps everything in
     memory (tests, and servers started from code without one)."""
 
     def __init__(self, path: str | Path | None):
@@ -36,6 +38,9 @@ class DataDir:
         self.database = Database(":memory:" if self.path is None else self.path / "pyserve.sqlite3")
         self.completions = CompletionStore(self.database)
         self.responses = ResponseStore(self.database)
+        # in memory: uploads go to a temporary folder, gone with the process's temp files
+        files = self.path / "files" if self.path is not None else Path(tempfile.mkdtemp(prefix="pyserve-files-"))
+        self.files = FileStore(self.database, files)
 
     def close(self) -> None:
         self.database.close()

@@ -22,6 +22,10 @@ MIGRATIONS: list[str] = [
     """CREATE TABLE responses (
         id TEXT PRIMARY KEY, tenant TEXT, created INTEGER NOT NULL, response TEXT NOT NULL,
         input_items TEXT NOT NULL);""",
+    # 3: uploaded files (their bytes are plain files beside the database)
+    """CREATE TABLE files (
+        id TEXT PRIMARY KEY, tenant TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL);""",
 ]
 
 

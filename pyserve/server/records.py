@@ -1,0 +1,35 @@
+"""What the routes over stored records share (stored completions, responses, files): the
+caller's tenant, query integers, OpenAI's list pages, and a record looked up by a path parameter
+off the event loop."""
+
+import asyncio
+import re
+from typing import Any, Callable
+
+from starlette.requests import Request
+
+from ..errors import InvalidParameter
+
+
+def tenant_of(request: Request) -> str | None:
+    principal = request.state.principal
+    return principal.tenant if principal is not None else None
+
+
+def int_param(request: Request, name: str, default: int) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if not re.fullmatch(r"\d{1,6}", value):
+        raise InvalidParameter(name, "must be a positive integer")
+    return int(value)
+
+
+def page(items: list[dict], has_more: bool = False) -> dict:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+async def by_path(request: Request, lookup: Callable[[str, str | None], Any], param: str) -> Any:
+    """lookup(the path parameter `param`, the caller's tenant), in a worker thread."""
+    return await asyncio.to_thread(lookup, request.path_params[param], tenant_of(request))
