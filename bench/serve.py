@@ -170,7 +170,7 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-m", "pyserve.cli", "--log-level", "WARNING", "serve", str(model_dir),
                                    "--served-model-name", "bench", "--port", str(http_port), "--msgpack-port",
                                    str(mp_port), "--max-num-seqs", str(args.concurrency),
-                                   "--feedback-db", str(Path(tmp) / "fb.sqlite3")],
+                                   "--data-dir", str(Path(tmp) / "data")],
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         base = f"http://127.0.0.1:{http_port}"
         try:

@@ -97,7 +97,7 @@ def _serve(args) -> int:
             max_loras=args.max_loras, kv_cache_dtype=args.kv_cache_dtype, **batching))
     try:
         config = ServerConfig(host=args.host, port=args.port, msgpack_port=args.msgpack_port or None, access=access,
-                              feedback_db=args.feedback_db, drain_seconds=args.drain_timeout,
+                              drain_seconds=args.drain_timeout,
                               data_dir=args.data_dir or str(default_data_dir()), store=args.store,
                               store_days=args.store_days,
                               max_connections=args.max_connections,
@@ -194,11 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="salt every request's prefix cache by its API key, so tenants never share cached prefixes")
     s.add_argument("--ssl-certfile", default=None, help="serve both ports over TLS with this certificate (PEM)")
     s.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
-    s.add_argument("--feedback-db", default="pyserve-feedback.sqlite3",
-                   help="SQLite file where POST /v1/feedback ratings are kept")
     s.add_argument("--data-dir", default=None,
-                   help="where stored chat completions are kept (default: $XDG_DATA_HOME/pyserve or "
-                        "~/.local/share/pyserve)")
+                   help="where stored completions and responses, files and feedback are kept (default: "
+                        "$XDG_DATA_HOME/pyserve or ~/.local/share/pyserve)")
     s.add_argument("--store", action="store_true",
                    help="store every chat completion that does not ask `store: false` (default: those asking "
                         "`store: true`)")

@@ -153,7 +153,7 @@ def _ingress(model_names: list[str], options: RayOptions):
         # descriptions (tokenizer, limits) are fetched from a thread, once, before serving.
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(model_names)) as pool:
             drivers = dict(zip(model_names, pool.map(info, model_names)))
-        return build_app(ModelRegistry(drivers), options.access, None, options.allowed_image_hosts)
+        return build_app(ModelRegistry(drivers), options.access, options.allowed_image_hosts)
     return build
 
 

@@ -127,7 +127,7 @@ def cli_server(model_dir, *args: str, tls=None):
     if "--data-dir" not in args:
         args = (*args, "--data-dir", data_dir)
     proc = subprocess.Popen([sys.executable, "-m", "pyserve", "serve", *models, "--port", str(http_port),
-                             "--msgpack-port", str(tcp_port), "--device", "cpu", "--feedback-db", ":memory:", *args],
+                             "--msgpack-port", str(tcp_port), "--device", "cpu", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "TRITON_INTERPRET": "1"})
     url = f"{'https' if tls else 'http'}://127.0.0.1:{http_port}"
     try:

@@ -197,8 +197,7 @@ def test_metrics_move_as_requests_run(client, served):
 
 
 def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
-    db = tmp_path / "feedback.sqlite3"
-    with serving(tiny_llama_dir, api_key=KEY, feedback_db=str(db)) as (server, _):
+    with serving(tiny_llama_dir, api_key=KEY, data_dir=str(tmp_path)) as (server, _):
         status, _, body = raw_post(server.url + "/v1/feedback", json.dumps(
             {"response_id": "cmpl-1", "rating": 1, "comment": "good", "user": "u1", "model": "tiny"}).encode())
         assert status == 201 and body["id"] == 1
@@ -210,7 +209,7 @@ def test_feedback_is_stored_durably_and_exported(tiny_llama_dir, tmp_path):
                 {"response_id": "cmpl-4", "rating": 1, name: "x" * size}).encode())
             assert status == 400 and body["error"]["param"] == name
     access = AccessPolicy([KEY], admin_keys=["admin-key"])
-    with serving(tiny_llama_dir, access=access, feedback_db=str(db)) as (server, _):  # a restart keeps it
+    with serving(tiny_llama_dir, access=access, data_dir=str(tmp_path)) as (server, _):  # a restart keeps it
         raw_post(server.url + "/v1/feedback", json.dumps({"response_id": "cmpl-3", "rating": -1}).encode())
         req = urllib.request.Request(server.url + "/v1/feedback/export", headers={"Authorization": "Bearer admin-key"})
         with urllib.request.urlopen(req, timeout=10) as r:

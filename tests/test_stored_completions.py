@@ -95,3 +95,54 @@ def test_stored_completions_outlive_a_sigkill(tiny_llama_dir, tmp_path):
         follow = client.responses.create(model="tiny", input="And then?", previous_response_id=response["id"],
                                          max_output_tokens=2)
         assert follow.previous_response_id == response["id"]
+
+
+def test_ratings_of_stored_answers_become_a_fine_tuning_file(served, client):
+    """Thumbs up: the answer is a supervised line; thumbs down with a correction: the correction is
+    a supervised line and the pair a DPO line; thumbs down alone: nothing. The file is in the
+    files API and passes its fine-tune checks; the export carries the rated messages and answer."""
+    import urllib.request
+    server, _ = served
+
+    def post(path, body):
+        req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+    asked = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Question {i}"}],
+                                            max_tokens=4, temperature=0, store=True, metadata={"set": "loop"})
+             for i in range(3)]
+    post("/v1/feedback", {"response_id": asked[0].id, "rating": 1})
+    post("/v1/feedback", {"response_id": asked[1].id, "rating": -1, "correction": "The right answer."})
+    post("/v1/feedback", {"response_id": asked[2].id, "rating": -1, "comment": "bad"})
+    made = post("/v1/feedback/datasets", {"method": "both", "metadata": {"set": "loop"}})
+    assert made["supervised_lines"] == 2 and made["dpo_lines"] == 1
+    lines = [json.loads(line) for line in client.files.content(made["file"]["id"]).text.splitlines()]
+    supervised = [line["messages"] for line in lines if "messages" in line]
+    assert supervised == [[{"role": "user", "content": "Question 0"},
+                           {"role": "assistant", "content": asked[0].choices[0].message.content}],
+                          [{"role": "user", "content": "Question 1"},
+                           {"role": "assistant", "content": "The right answer."}]]
+    (pair,) = [line for line in lines if "input" in line]
+    assert pair["preferred_output"][0]["content"] == "The right answer."
+    assert pair["non_preferred_output"][0]["content"] == asked[1].choices[0].message.content
+    assert client.files.retrieve(made["file"]["id"]).purpose == "fine-tune"
+    only_dpo = post("/v1/feedback/datasets", {"method": "dpo", "metadata": {"set": "loop"}})
+    assert only_dpo["supervised_lines"] == 0 and only_dpo["dpo_lines"] == 1
+    with urllib.request.urlopen(server.url + "/v1/feedback/export", timeout=10) as r:
+        exported = {row["response_id"]: row for row in map(json.loads, r.read().decode().splitlines())}
+    assert exported[asked[1].id]["correction"] == "The right answer."
+    assert exported[asked[1].id]["messages"] == [{"role": "user", "content": "Question 1"}]
+    assert exported[asked[1].id]["answer"] == asked[1].choices[0].message.content
+
+
+def test_a_dataset_of_nothing_or_a_bad_method_is_a_400(client, served):
+    import urllib.error
+    import urllib.request
+    server, _ = served
+    for body, param in (({"method": "rlhf"}, "method"), ({"metadata": {"set": "none-such"}}, "method")):
+        req = urllib.request.Request(server.url + "/v1/feedback/datasets", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=10)
+        assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["param"] == param

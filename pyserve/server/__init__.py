@@ -121,7 +121,7 @@ class RunningServer:
 
 
 def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
-    app = build_app(models, config.access, config.feedback_db, config.allowed_image_hosts,
+    app = build_app(models, config.access, config.allowed_image_hosts,
                     DataDir(config.data_dir) if config.data_dir else None, config.store, config.store_days)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                                       http=guarded_http_protocol(config.max_connections, config.header_seconds),

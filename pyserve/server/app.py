@@ -5,7 +5,6 @@ Handlers reach models only through the `ModelRegistry` in `app.state.models` and
 through their drivers; a client that goes away mid-stream aborts its requests.
 """
 
-import asyncio
 import logging
 import time
 
@@ -16,16 +15,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import ClientError, InvalidParameter
-from . import adapters, kserve, openai_api, openai_files, openai_images, openai_responses, stored_completions
-from .feedback import FeedbackStore
+from ..errors import ClientError
+from ..store import DataDir
+from . import feedback, kserve, openai_api, openai_files, openai_images, openai_responses, stored_completions
 from .auth import AccessPolicy
 from .metrics import Metrics
-from ..store import DataDir
 from .middleware import Guard
 from .vision_inputs import ImageFetcher
 from .models import ModelRegistry
-from .responses import ClientGone, error_response, json_body, on_client_gone
+from .responses import ClientGone, error_response, on_client_gone
 
 log = logging.getLogger("pyserve.server")
 
@@ -39,31 +37,6 @@ async def health(request: Request) -> Response:
 
 async def prometheus(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-
-FEEDBACK_FIELD_CHARS = {"response_id": 256, "comment": 10_000, "user": 256, "model": 256}
-
-
-async def add_feedback(request: Request) -> Response:
-    body = await json_body(request)
-    response_id, rating = adapters.required_text(body, "response_id"), body.get("rating")
-    if not isinstance(rating, int) or isinstance(rating, bool) or not -1 <= rating <= 5:
-        raise InvalidParameter("rating", "must be an integer from -1 to 5 (-1/1 for thumbs)")
-    for name, limit in FEEDBACK_FIELD_CHARS.items():  # a row is a rating, not a place to store files
-        value = body.get(name)
-        if value is not None and not isinstance(value, str):
-            raise InvalidParameter(name, "must be a string")
-        if value is not None and len(value) > limit:
-            raise InvalidParameter(name, f"must be at most {limit} characters")
-    principal = request.state.principal
-    row = await asyncio.to_thread(request.app.state.feedback.add, response_id, rating, body.get("comment"),
-                                  body.get("user"), body.get("model"), principal.tenant if principal else None)
-    log.info("feedback %d on %s: rating %d", row, response_id, rating)
-    return JSONResponse({"id": row, "object": "feedback"}, status_code=201)
-
-
-async def export_feedback(request: Request) -> Response:
-    return Response(request.app.state.feedback.export_jsonl(), media_type="application/x-ndjson")
 
 
 async def repository_index(request: Request) -> Response:
@@ -96,7 +69,7 @@ async def on_server_error(request: Request, exc: Exception) -> Response:
 
 # The operations routes: only the admin key reaches them (see pyserve.server.auth).
 admin_routes = [
-    Route("/v1/feedback/export", export_feedback),
+    Route("/v1/feedback/export", feedback.export_feedback),
     Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
     Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
     # Loading reads a path on the server: an operator's act, as loading models is.
@@ -105,16 +78,17 @@ admin_routes = [
 ]
 
 
-def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedback_db: str | None = None,
-              image_hosts: frozenset[str] = frozenset(), data: DataDir | None = None, store_all: bool = False,
-              store_days: float | None = None) -> Starlette:
+def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_hosts: frozenset[str] = frozenset(),
+              data: DataDir | None = None, store_all: bool = False, store_days: float | None = None) -> Starlette:
     """The app over the models in `models`; its repository routes load and unload through it.
-    `data` keeps stored completions (None: in memory); `store_all` stores every chat completion
-    that does not say `store: false`; records older than `store_days` are deleted at start."""
+    `data` keeps stored completions, responses, files and feedback (None: in memory); `store_all`
+    stores every chat completion that does not say `store: false`; records older than
+    `store_days` are deleted at start."""
     app = Starlette(routes=[
         Route("/health", health),
         Route("/metrics", prometheus),
-        Route("/v1/feedback", add_feedback, methods=["POST"]),
+        Route("/v1/feedback", feedback.add_feedback, methods=["POST"]),
+        Route("/v1/feedback/datasets", feedback.build_dataset, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
         *admin_routes,
         *stored_completions.routes,
@@ -128,7 +102,6 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, feedbac
         Exception: on_server_error})
     app.state.models = models
     app.state.metrics = Metrics(models)
-    app.state.feedback = FeedbackStore(feedback_db or ":memory:")
     app.state.data = data or DataDir(None)
     app.state.store_all = store_all
     if store_days is not None:

@@ -1,4 +1,4 @@
-"""How a server is run: addresses, access policy, TLS, feedback store, shutdown drain, connection limits."""
+"""How a server is run: addresses, access policy, TLS, data directory, shutdown drain, connection limits."""
 
 import ipaddress
 import ssl
@@ -21,8 +21,8 @@ class ServerConfig:
     port: int = 8000
     msgpack_port: int | None = 8001
     access: AccessPolicy = field(default_factory=AccessPolicy)
-    feedback_db: str | None = None
-    # Where stored chat completions live (None: in memory); store every chat completion; expire them.
+    # The data directory: stored completions and responses, files, feedback (None: in memory);
+    # store every chat completion; expire stored records.
     data_dir: str | None = None
     store: bool = False
     store_days: float | None = None

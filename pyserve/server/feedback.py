@@ -1,63 +1,106 @@
-"""User feedback on responses, kept durably in SQLite and exportable as JSONL for fine-tuning sets."""
+"""Feedback on what was said: POST /v1/feedback rates a stored chat completion (`rating`, and the
+`correction` that should have been given, and a `comment`); POST /v1/feedback/datasets turns a
+caller's ratings into a fine-tuning file in the files API (supervised and DPO lines, see
+`pyserve.store.feedback.dataset_lines`); GET /v1/feedback/export (operators) writes every rating
+as JSONL with the rated messages and answer.
 
+Example (with the demo server running):
+    >>> done = client.chat.completions.create(model="pydoc-chat", store=True, messages=[...])  # doctest: +SKIP
+    >>> requests.post(f"{url}/v1/feedback", json={"response_id": done.id, "rating": -1,          # doctest: +SKIP
+    ...                                            "correction": "json.dumps writes JSON text."})
+"""
+
+import asyncio
 import json
-import sqlite3
-import threading
+import logging
 import time
-from pathlib import Path
 
-from ..errors import ClientError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import InvalidParameter, NotFound
+from ..store import training_data
+from ..store.feedback import dataset_lines
+from . import adapters
+from .records import tenant_of
+from .responses import json_body
+
+log = logging.getLogger("pyserve.server")
+
+FEEDBACK_FIELD_CHARS = {"response_id": 256, "comment": 10_000, "correction": 100_000, "user": 256, "model": 256}
+METHODS = ("supervised", "dpo", "both")
 
 
-MAX_ROWS_PER_KEY = 100_000  # ratings one API key (tenant) may leave
-MAX_DB_BYTES = 1 << 30
+async def add_feedback(request: Request) -> Response:
+    body = await json_body(request)
+    response_id, rating = adapters.required_text(body, "response_id"), body.get("rating")
+    if not isinstance(rating, int) or isinstance(rating, bool) or not -1 <= rating <= 5:
+        raise InvalidParameter("rating", "must be an integer from -1 to 5 (-1/1 for thumbs)")
+    for name, limit in FEEDBACK_FIELD_CHARS.items():  # a row is a rating, not a place to store files
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidParameter(name, "must be a string")
+        if value is not None and len(value) > limit:
+            raise InvalidParameter(name, f"must be at most {limit} characters")
+    row = await asyncio.to_thread(request.app.state.data.feedback.add, response_id, rating, body.get("comment"),
+                                  body.get("user"), body.get("model"), tenant_of(request), body.get("correction"))
+    log.info("feedback %d on %s: rating %d", row, response_id, rating)
+    return JSONResponse({"id": row, "object": "feedback"}, status_code=201)
 
 
-class FeedbackStore:
-    """One table, one row per rating; writes are serialised and committed at once. Bounded: each
-    tenant (API key) may leave `max_rows_per_key` rows, and the file stops growing at
-    `max_bytes` (a 429 and a 507: neither is a crash, and what is stored stays)."""
+async def build_dataset(request: Request) -> Response:
+    """{"method": supervised | dpo | both, "model", "metadata": {k: v}, "created_after",
+    "created_before"} -> a fine-tune file made of the caller's ratings of stored completions."""
+    body = await json_body(request)
+    method = body.get("method", "both")
+    if method not in METHODS:
+        raise InvalidParameter("method", f"must be one of {', '.join(METHODS)}")
+    wanted = adapters.metadata(body.get("metadata"))
+    bounds = []
+    for name in ("created_after", "created_before"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidParameter(name, "must be a time in seconds since the epoch")
+        bounds.append(value)
+    data, tenant = request.app.state.data, tenant_of(request)
 
-    def __init__(self, path: str | Path, max_rows_per_key: int = MAX_ROWS_PER_KEY, max_bytes: int = MAX_DB_BYTES):
-        self.path = str(path)
-        self.max_rows_per_key, self.max_bytes = max_rows_per_key, max_bytes
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS feedback (
-            id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, rating INTEGER NOT NULL,
-            comment TEXT, user TEXT, model TEXT, created REAL NOT NULL)""")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(feedback)")}
-        if "tenant" not in columns:  # files written before ratings were counted per key
-            self._db.execute("ALTER TABLE feedback ADD COLUMN tenant TEXT")
-        self._db.execute("CREATE INDEX IF NOT EXISTS feedback_tenant ON feedback (tenant)")
-        self._db.commit()
+    def pairs():
+        found = []
+        for rating in data.feedback.all(tenant):
+            try:
+                record = data.completions.get(rating.response_id, tenant)
+            except NotFound:
+                continue  # a rating of something not stored (or deleted): nothing to learn from
+            if ((body.get("model") and record.model != body["model"])
+                    or any(record.metadata.get(k) != v for k, v in wanted.items())
+                    or (bounds[0] is not None and record.created < bounds[0])
+                    or (bounds[1] is not None and record.created > bounds[1])):
+                continue
+            found.append((rating, record))
+        return found
+    lines, supervised, dpo = dataset_lines(await asyncio.to_thread(pairs), method)
+    if not lines:
+        raise InvalidParameter("method", "no rated stored completion matches: nothing to make a dataset of")
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    training_data.check(content)  # what the files API would take
+    name = f"feedback-{method}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    record = await asyncio.to_thread(data.files.add, name, "fine-tune", content, tenant)
+    return JSONResponse({"object": "feedback.dataset", "file": record.body(), "supervised_lines": supervised,
+                         "dpo_lines": dpo})
 
-    def add(self, response_id: str, rating: int, comment: str | None = None, user: str | None = None,
-            model: str | None = None, tenant: str | None = None) -> int:
-        with self._lock:
-            rows = self._db.execute("SELECT COUNT(*) FROM feedback WHERE tenant IS ?", (tenant,)).fetchone()[0]
-            if rows >= self.max_rows_per_key:
-                raise ClientError(f"this API key has left {rows} ratings, the most this server keeps for one key",
-                                  status=429)
-            pages, page_size = (self._db.execute(f"PRAGMA {name}").fetchone()[0] for name in ("page_count",
-                                                                                           "page_size"))
-            if pages * page_size >= self.max_bytes:
-                raise ClientError(f"the feedback store is full ({self.max_bytes} bytes); an operator must export "
-                                  "and clear it", status=507)
-            cur = self._db.execute(
-                "INSERT INTO feedback (response_id, rating, comment, user, model, created, tenant) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (response_id, rating, comment, user, model, time.time(), tenant))
-            self._db.commit()
-            return cur.lastrowid
 
-    def export_jsonl(self) -> str:
-        with self._lock:
-            rows = self._db.execute("SELECT id, response_id, rating, comment, user, model, created FROM feedback "
-                                    "ORDER BY id").fetchall()
-        keys = ("id", "response_id", "rating", "comment", "user", "model", "created")
-        return "".join(json.dumps(dict(zip(keys, row))) + "\n" for row in rows)
+async def export_feedback(request: Request) -> Response:
+    """Every rating (an operator's route), each with the rated messages and answer when stored."""
+    data = request.app.state.data
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    def rows() -> str:
+        out = []
+        for rating in data.feedback.all(every_tenant=True):
+            record = data.completions.find(rating.response_id)
+            out.append({"id": rating.id, "response_id": rating.response_id, "rating": rating.rating,
+                        "comment": rating.comment, "correction": rating.correction, "user": rating.user,
+                        "model": rating.model, "created": rating.created,
+                        "messages": record.request_messages if record else None,
+                        "answer": record.completion["choices"][0]["message"].get("content") if record else None})
+        return "".join(json.dumps(row) + "\n" for row in out)
+    return Response(await asyncio.to_thread(rows), media_type="application/x-ndjson")

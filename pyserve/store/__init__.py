@@ -13,11 +13,12 @@ from pathlib import Path
 
 from .completions import CompletionStore, StoredCompletion
 from .database import Database
+from .feedback import Feedback, FeedbackStore
 from .files import FileStore, StoredFile
 from .responses import ResponseStore, StoredResponse
 
-__all__ = ["CompletionStore", "DataDir", "Database", "FileStore", "ResponseStore", "StoredCompletion", "StoredFile",
-           "StoredResponse", "default_data_dir"]
+__all__ = ["CompletionStore", "DataDir", "Database", "Feedback", "FeedbackStore", "FileStore", "ResponseStore",
+           "StoredCompletion", "StoredFile", "StoredResponse", "default_data_dir"]
 
 
 def default_data_dir() -> Path:
@@ -28,7 +29,7 @@ def default_data_dir() -> Path:
 
 class DataDir:
     """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions,
-    responses, uploaded files under `files/`). None keeps everything in
+    responses, uploaded files under `files/`, feedback). None keeps everything in
     memory (tests, and servers started from code without one)."""
 
     def __init__(self, path: str | Path | None):
@@ -41,6 +42,7 @@ class DataDir:
         # in memory: uploads go to a temporary folder, gone with the process's temp files
         files = self.path / "files" if self.path is not None else Path(tempfile.mkdtemp(prefix="pyserve-files-"))
         self.files = FileStore(self.database, files)
+        self.feedback = FeedbackStore(self.database)
 
     def close(self) -> None:
         self.database.close()

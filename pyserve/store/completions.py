@@ -49,6 +49,13 @@ class CompletionStore:
             raise NotFound(f"no stored chat completion has id {completion_id!r}", "completion_id")
         return _record(row)
 
+    def find(self, completion_id: str) -> StoredCompletion | None:
+        """Whatever tenant's record has this id (an operator's export), or None."""
+        with self.database.transaction() as db:
+            row = db.execute("SELECT id, model, request_messages, completion, metadata, tenant, created FROM "
+                             "chat_completions WHERE id = ?", (completion_id,)).fetchone()
+        return None if row is None else _record(row)
+
     def list(self, tenant: str | None, *, model: str | None = None, metadata: dict[str, str] | None = None,
              after: str | None = None, limit: int = 20, order: str = "asc") -> tuple[list[StoredCompletion], bool]:
         """A page of records, oldest first (`order` asc) or newest first, after the record `after`;

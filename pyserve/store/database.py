@@ -26,6 +26,11 @@ MIGRATIONS: list[str] = [
     """CREATE TABLE files (
         id TEXT PRIMARY KEY, tenant TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
         created_at INTEGER NOT NULL);""",
+    # 4: ratings of answers, with corrections (POST /v1/feedback)
+    """CREATE TABLE feedback (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, rating INTEGER NOT NULL, comment TEXT,
+        correction TEXT, user TEXT, model TEXT, tenant TEXT, created REAL NOT NULL);
+       CREATE INDEX feedback_by_tenant ON feedback (tenant);""",
 ]
 
 
