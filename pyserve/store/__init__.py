@@ -39,10 +39,13 @@ class DataDir:
         self.database = Database(":memory:" if self.path is None else self.path / "pyserve.sqlite3")
         self.completions = CompletionStore(self.database)
         self.responses = ResponseStore(self.database)
-        # in memory: uploads go to a temporary folder, gone with the process's temp files
-        files = self.path / "files" if self.path is not None else Path(tempfile.mkdtemp(prefix="pyserve-files-"))
+        # in memory: uploads go to a temporary folder, removed when this object goes (or at exit)
+        self._temporary = tempfile.TemporaryDirectory(prefix="pyserve-files-") if self.path is None else None
+        files = self.path / "files" if self.path is not None else Path(self._temporary.name)
         self.files = FileStore(self.database, files)
         self.feedback = FeedbackStore(self.database)
 
     def close(self) -> None:
         self.database.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
