@@ -146,3 +146,23 @@ def test_a_dataset_of_nothing_or_a_bad_method_is_a_400(client, served):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(req, timeout=10)
         assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["param"] == param
+
+
+def test_one_key_never_sees_anothers_records(tiny_llama_dir):
+    """Stored completions, responses and files belong to the key that made them, whether or not
+    the server salts its prefix cache by key."""
+    from pyserve.server.auth import AccessPolicy
+
+    from conftest import serving
+    with serving(tiny_llama_dir, access=AccessPolicy(["key-a", "key-b"])) as (server, _):
+        a, b = (openai.OpenAI(base_url=server.url + "/v1", api_key=k, max_retries=0, timeout=60)
+                for k in ("key-a", "key-b"))
+        done = a.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, store=True)
+        response = a.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+        uploaded = a.files.create(file=("n.txt", b"notes"), purpose="user_data")
+        assert a.chat.completions.retrieve(done.id).id == done.id
+        for read in (lambda: b.chat.completions.retrieve(done.id), lambda: b.responses.retrieve(response.id),
+                     lambda: b.files.retrieve(uploaded.id)):
+            with pytest.raises(openai.NotFoundError):
+                read()
+        assert b.chat.completions.list().data == [] and b.files.list().data == []

@@ -19,10 +19,13 @@ INFERENCE, ADMIN = "inference", "admin"
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: its role, and the tenant its prefix-cache entries belong to."""
+    """An authenticated caller: its role, the tenant its prefix-cache entries belong to (set when
+    the server salts the cache by key), and the owner of the records it stores (stored
+    completions, responses, files, feedback): a digest of its key, None on a server without keys."""
 
     role: str
     tenant: str | None = None
+    owner: str | None = None
 
     def require_admin(self) -> None:
         if self.role != ADMIN:
@@ -58,8 +61,8 @@ class AccessPolicy:
         inference = [hmac.compare_digest(given, k) for k in self.api_keys]
         if not any(admin) and not any(inference):
             raise Unauthorized("the API key is not valid")
-        tenant = hashlib.sha256(b"pyserve-tenant\0" + given).hexdigest() if self.salt_by_key else None
-        return Principal(ADMIN if any(admin) else INFERENCE, tenant)
+        digest = hashlib.sha256(b"pyserve-tenant\0" + given).hexdigest()
+        return Principal(ADMIN if any(admin) else INFERENCE, digest if self.salt_by_key else None, digest)
 
     def __repr__(self) -> str:  # never the keys themselves
         return (f"AccessPolicy({len(self.api_keys)} inference key(s), {len(self.admin_keys)} admin key(s), "

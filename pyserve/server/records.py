@@ -1,5 +1,5 @@
-"""What the routes over stored records share (stored completions, responses, files): the
-caller's tenant, query integers, OpenAI's list pages, and a record looked up by a path parameter
+"""What the routes over stored records share (stored completions, responses, files, feedback):
+the records' owner, query integers, OpenAI's list pages, and a record looked up by a path parameter
 off the event loop."""
 
 import asyncio
@@ -12,8 +12,10 @@ from ..errors import InvalidParameter
 
 
 def tenant_of(request: Request) -> str | None:
+    """Whose records a request reads and writes: its key's (`Principal.owner`), so that one key
+    never sees another's stored completions, responses, files or ratings."""
     principal = request.state.principal
-    return principal.tenant if principal is not None else None
+    return principal.owner if principal is not None else None
 
 
 def int_param(request: Request, name: str, default: int) -> int:
