@@ -69,8 +69,9 @@ class InputProcessor:
         self._compiling = threading.BoundedSemaphore(MAX_COMPILING)
 
     def prepare(self, request: TextRequest) -> TextRequest:
-        """The request with its constraint compiled, in the calling thread (not the engine's): at
-        most MAX_COMPILING at once, each within COMPILE_SECONDS, else a 400 naming the field."""
+        """The request with its constraint compiled, beside the engine's thread: at most
+        MAX_COMPILING compiles at once (a compile that outlives its deadline still counts until it
+        ends), each answered within COMPILE_SECONDS, else a 400 naming the field."""
         params = request.params
         if params is None or params.structured is None or request.matcher is not None:
             return request
@@ -78,14 +79,16 @@ class InputProcessor:
         if not self._compiling.acquire(timeout=COMPILE_SECONDS):
             raise ClientError(f"{field_name}: other constraints are being compiled; retry shortly", field_name,
                               status=503)
-        try:
-            compiled: list = []
-            worker = threading.Thread(target=lambda: compiled.append(self._compiled_or_error(params)),
-                                      name="pyserve-grammar", daemon=True)
-            worker.start()
-            worker.join(COMPILE_SECONDS)
-        finally:
-            self._compiling.release()
+        compiled: list = []
+
+        def compile_then_free_the_slot():  # a compile past its deadline keeps its slot until it ends
+            try:
+                compiled.append(self._compiled_or_error(params))
+            finally:
+                self._compiling.release()
+        worker = threading.Thread(target=compile_then_free_the_slot, name="pyserve-grammar", daemon=True)
+        worker.start()
+        worker.join(COMPILE_SECONDS)
         if not compiled:
             raise InvalidParameter(field_name, f"did not compile within {COMPILE_SECONDS:g} s: make it smaller")
         if isinstance(compiled[0], ClientError):
