@@ -124,11 +124,11 @@ class ImageFetcher:
         opener = urllib.request.build_opener(CheckedRedirects)
         try:
             with opener.open(part.url, timeout=FETCH_READ_TIMEOUT_S) as response:
-                data = b""
+                data = bytearray()  # grown in place: bytes += would copy all of it for every chunk
                 while len(data) <= MAX_IMAGE_BYTES and time.monotonic() < deadline:
                     chunk = response.read1(2**16)
                     if not chunk:
-                        return data
+                        return bytes(data)
                     data += chunk
         except InvalidParameter:
             raise
