@@ -253,7 +253,7 @@ def test_feedback_rows_per_key_and_the_store_size_are_bounded(tmp_path):
         store.add("r3", 1, tenant="key-a")
     assert caught.value.status == 429
     store.add("r3", 1, tenant="key-b")  # another key is not held back
-    assert len(store.all(every_tenant=True)) == 4
+    assert len(store.with_completions(every_tenant=True)) == 4
     full = FeedbackStore(Database(tmp_path / "full.sqlite3"), max_bytes=64 * 1024)
     with pytest.raises(ClientError) as caught:
         for i in range(100):

@@ -18,7 +18,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import InvalidParameter, NotFound
+from ..errors import InvalidParameter
 from ..store import training_data
 from ..store.feedback import dataset_lines
 from . import adapters
@@ -64,25 +64,18 @@ async def build_dataset(request: Request) -> Response:
         bounds.append(value)
     data, tenant = request.app.state.data, tenant_of(request)
 
-    def pairs():
-        found = []
-        for rating in data.feedback.all(tenant):
-            try:
-                record = data.completions.get(rating.response_id, tenant)
-            except NotFound:
-                continue  # a rating of something not stored (or deleted): nothing to learn from
-            if ((body.get("model") and record.model != body["model"])
-                    or any(record.metadata.get(k) != v for k, v in wanted.items())
-                    or (bounds[0] is not None and record.created < bounds[0])
-                    or (bounds[1] is not None and record.created > bounds[1])):
-                continue
-            found.append((rating, record))
-        return found
-    lines, supervised, dpo = dataset_lines(await asyncio.to_thread(pairs), method)
+    def wanted_pairs():
+        # a rating of something not stored (or deleted) has nothing to learn from
+        return [(rating, record) for rating, record in data.feedback.with_completions(tenant)
+                if record is not None and not ((body.get("model") and record.model != body["model"])
+                                               or any(record.metadata.get(k) != v for k, v in wanted.items())
+                                               or (bounds[0] is not None and record.created < bounds[0])
+                                               or (bounds[1] is not None and record.created > bounds[1]))]
+    lines, supervised, dpo = dataset_lines(await asyncio.to_thread(wanted_pairs), method)
     if not lines:
         raise InvalidParameter("method", "no rated stored completion matches: nothing to make a dataset of")
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    training_data.check(content)  # what the files API would take
+    await asyncio.to_thread(training_data.check, content)  # what the files API would take
     name = f"feedback-{method}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     record = await asyncio.to_thread(data.files.add, name, "fine-tune", content, tenant)
     return JSONResponse({"object": "feedback.dataset", "file": record.body(), "supervised_lines": supervised,
@@ -95,8 +88,7 @@ async def export_feedback(request: Request) -> Response:
 
     def rows() -> str:
         out = []
-        for rating in data.feedback.all(every_tenant=True):
-            record = data.completions.find(rating.response_id)
+        for rating, record in data.feedback.with_completions(every_tenant=True):
             out.append({"id": rating.id, "response_id": rating.response_id, "rating": rating.rating,
                         "comment": rating.comment, "correction": rating.correction, "user": rating.user,
                         "model": rating.model, "created": rating.created,

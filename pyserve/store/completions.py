@@ -9,6 +9,9 @@ from ..errors import InvalidParameter, NotFound
 from .database import Database
 
 MAX_LIST = 100
+# A record's columns, in the order `record_of_row` reads them
+COLUMNS = ("id", "model", "request_messages", "completion", "metadata", "tenant", "created")
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM chat_completions"
 
 
 @dataclass
@@ -43,18 +46,10 @@ class CompletionStore:
 
     def get(self, completion_id: str, tenant: str | None) -> StoredCompletion:
         with self.database.transaction() as db:
-            row = db.execute("SELECT id, model, request_messages, completion, metadata, tenant, created FROM "
-                             "chat_completions WHERE id = ? AND tenant IS ?", (completion_id, tenant)).fetchone()
+            row = db.execute(f"{SELECT} WHERE id = ? AND tenant IS ?", (completion_id, tenant)).fetchone()
         if row is None:
             raise NotFound(f"no stored chat completion has id {completion_id!r}", "completion_id")
-        return _record(row)
-
-    def find(self, completion_id: str) -> StoredCompletion | None:
-        """Whatever tenant's record has this id (an operator's export), or None."""
-        with self.database.transaction() as db:
-            row = db.execute("SELECT id, model, request_messages, completion, metadata, tenant, created FROM "
-                             "chat_completions WHERE id = ?", (completion_id,)).fetchone()
-        return None if row is None else _record(row)
+        return record_of_row(row)
 
     def list(self, tenant: str | None, *, model: str | None = None, metadata: dict[str, str] | None = None,
              after: str | None = None, limit: int = 20, order: str = "asc") -> tuple[list[StoredCompletion], bool]:
@@ -77,10 +72,9 @@ class CompletionStore:
             args.append(after)
         direction = "ASC" if order == "asc" else "DESC"
         with self.database.transaction() as db:
-            rows = db.execute(f"SELECT id, model, request_messages, completion, metadata, tenant, created FROM "
-                              f"chat_completions WHERE {' AND '.join(where)} ORDER BY rowid {direction} LIMIT ?",
+            rows = db.execute(f"{SELECT} WHERE {' AND '.join(where)} ORDER BY rowid {direction} LIMIT ?",
                               (*args, limit + 1)).fetchall()
-        return [_record(r) for r in rows[:limit]], len(rows) > limit
+        return [record_of_row(r) for r in rows[:limit]], len(rows) > limit
 
     def update_metadata(self, completion_id: str, tenant: str | None, metadata: dict[str, str]) -> StoredCompletion:
         record = self.get(completion_id, tenant)
@@ -100,7 +94,8 @@ class CompletionStore:
             return db.execute("DELETE FROM chat_completions WHERE created < ?", (older_than,)).rowcount
 
 
-def _record(row) -> StoredCompletion:
+def record_of_row(row) -> StoredCompletion:
+    """A record from its row's COLUMNS."""
     rid, model, messages, completion, metadata, tenant, created = row
     return StoredCompletion(rid, model, json.loads(messages), json.loads(completion), json.loads(metadata), tenant,
                             created)

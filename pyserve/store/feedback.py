@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import ClientError
-from .completions import StoredCompletion
+from .completions import COLUMNS as COMPLETION_COLUMNS
+from .completions import StoredCompletion, record_of_row
 from .database import Database
 
 MAX_ROWS_PER_KEY = 100_000
@@ -51,12 +52,19 @@ class FeedbackStore:
                              (response_id, rating, comment, correction, user, model, tenant, time.time()))
             return cur.lastrowid
 
-    def all(self, tenant: str | None = None, every_tenant: bool = False) -> list[Feedback]:
-        """A tenant's ratings (or everyone's, for an operator's export), oldest first."""
-        where, args = ("", ()) if every_tenant else ("WHERE tenant IS ?", (tenant,))
+    def with_completions(self, tenant: str | None = None,
+                         every_tenant: bool = False) -> list[tuple[Feedback, StoredCompletion | None]]:
+        """A tenant's ratings, oldest first, each with the stored completion it rates (one of the
+        tenant's own; None when none is stored under its id), in one query; `every_tenant`:
+        everyone's, each with the completion of that id whoever stored it (an operator's export)."""
+        where, args = ("", ()) if every_tenant else ("WHERE f.tenant IS ?", (tenant,))
+        same_owner = "" if every_tenant else " AND c.tenant IS f.tenant"
+        columns = ", ".join([*(f"f.{c}" for c in COLUMNS), *(f"c.{c}" for c in COMPLETION_COLUMNS)])
         with self.database.transaction() as db:
-            rows = db.execute(f"SELECT {', '.join(COLUMNS)} FROM feedback {where} ORDER BY id", args).fetchall()
-        return [Feedback(*row) for row in rows]
+            rows = db.execute(f"SELECT {columns} FROM feedback f LEFT JOIN chat_completions c "
+                              f"ON c.id = f.response_id{same_owner} {where} ORDER BY f.id", args).fetchall()
+        split = len(COLUMNS)
+        return [(Feedback(*row[:split]), None if row[split] is None else record_of_row(row[split:])) for row in rows]
 
 
 def dataset_lines(pairs: list[tuple[Feedback, StoredCompletion]], method: str) -> tuple[list[dict], int, int]:
