@@ -1,12 +1,13 @@
 """What every engine offers the engine driver, whatever its task.
 
 An engine describes itself in `info` and is driven from one thread only: `add` (validate and queue
-a request, raising a `ClientError` for bad input), except `prepare`, which the driver calls in a
-thread of its own before `add`: the slow, thread-safe part of admission (compiling a
-structured-output constraint), so that it never stalls the engine's steps; `abort`, `step` (run one batch; returns outputs
+a request, raising a `ClientError` for bad input), `abort`, `step` (run one batch; returns outputs
 of the requests that progressed, each with `request_id`, `finished` and `error`), `has_unfinished`
 and `stats`. Each step calls every one of `step_observers` with the step's rows and work items
 (an LLM's sequences and tokens, a diffusion engine's images, a batch's requests and items).
+The one exception is `prepare`, which the driver calls in a thread of its own before `add`: the
+slow, thread-safe part of admission (compiling a structured-output constraint), so that it
+never stalls the engine's steps.
 """
 
 from collections.abc import Callable

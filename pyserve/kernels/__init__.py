@@ -27,9 +27,9 @@ from .types import (Coef, DecodeOutput, DecoderLayerWeights, DecoderModelWeights
 __all__ = [
     "BACKENDS", "BackendUnavailable", "Coef", "DecodeOutput", "DecoderLayerWeights", "DecoderModelWeights",
     "DecoderStackWeights", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors",
-    "WEIGHT_FORMATS", "available", "batch_invariant", "decode_step", "decoder_stack", "dense_attention", "denoise_step", "greedy",
-    "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample", "set_batch_invariant", "silu_mul",
-    "write_kv",
+    "WEIGHT_FORMATS", "available", "batch_invariant", "decode_step", "decoder_stack", "dense_attention",
+    "denoise_step", "greedy", "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample",
+    "set_batch_invariant", "silu_mul", "write_kv",
 ]
 
 

@@ -1,7 +1,8 @@
 """OpenAI-compatible image routes: POST /v1/images/generations (JSON) and /v1/images/edits
 (multipart, as the `openai` SDK sends it; img2img with `strength`). Images come back as
-base64 files (`b64_json`): PNG, or `output_format` jpeg or webp at `output_compression` quality; the extras `negative_prompt`, `seed`, `num_inference_steps`,
-`guidance_scale`, `scheduler` and `strength` are taken as vLLM-style extra body fields.
+base64 files (`b64_json`): PNG, or `output_format` jpeg or webp at `output_compression` quality;
+the extras `negative_prompt`, `seed`, `num_inference_steps`, `guidance_scale`, `scheduler` and
+`strength` are taken as vLLM-style extra body fields.
 
 With `stream: true` the answer is OpenAI's image event stream: up to `partial_images` previews
 (`image_generation.partial_image`, the decoded clean estimate part-way through the loop), then

@@ -228,12 +228,16 @@ class Turn:
 
     async def finish(self, request: Request, out: RequestOutput, output: list[dict]) -> dict:
         """The final Response object, stored when the request asked for it."""
-        status = "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
-        response = self.response(status, output, out)
+        response = self.response(status_of(out), output, out)
         if self.body.get("store", True) is not False:
             await asyncio.to_thread(request.app.state.data.responses.put,
                                     StoredResponse(response, self.input_items, self.tenant))
         return response
+
+
+def status_of(out: RequestOutput) -> str:
+    """A finished reply's status: cut by max_output_tokens is `incomplete`."""
+    return "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
 
 
 def output_items(text: str, calls: CallFormat | None, status: str) -> list[dict]:
@@ -273,8 +277,8 @@ async def create_response(request: Request) -> Response:
     out = merged.last[0]
     if out.error:
         raise translators.for_model(job.model).failure(out)
-    status = "incomplete" if out.outputs[0].finish_reason == "length" else "completed"
-    return JSONResponse(await turn.finish(request, out, output_items(out.outputs[0].text, job.calls, status)))
+    return JSONResponse(await turn.finish(request, out, output_items(out.outputs[0].text, job.calls,
+                                                                     status_of(out))))
 
 
 async def retrieve_response(request: Request) -> Response:
@@ -352,7 +356,7 @@ async def _events(request: Request, turn: Turn, job: ChatJob, merged: Merged):
                 yield event("response.output_item.done", output_index=index, item=item)
             calls_sent = len(found)
             if finished:
-                status = "incomplete" if o.finish_reason == "length" else "completed"
+                status = status_of(out)
                 if text_item is not None and text_item["status"] == "in_progress":
                     for line in close_text(status):
                         yield line

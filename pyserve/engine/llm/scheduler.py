@@ -8,10 +8,11 @@ one of the request with the fewest running, and when the running cap is reached,
 holding more than its share of it (the cap over the requests that want slots) gives a sequence
 back for each waiting request below its share, so one request with n=128 does not hold every
 slot while another's 4 tokens wait for it. And since a step waits on every sequence it carries,
-beside other requests a request brings only a slice of its sequences to each step (`_slices`). When blocks run out, the most recently admitted
-running sequence is preempted: its blocks are freed and it waits to be recomputed (its cached
-prefix is reused). A waiting sequence that cannot fit even into an
-empty cache is rejected (the engine refuses such requests at admission; this is the backstop).
+beside other requests a request brings only a slice of its sequences to each step (`_slices`).
+When blocks run out, the most recently admitted running sequence is preempted: its blocks are
+freed and it waits to be recomputed (its cached prefix is reused). A waiting sequence that
+cannot fit even into an empty cache is rejected (the engine refuses such requests at admission;
+this is the backstop).
 """
 
 from collections import Counter, deque
@@ -89,14 +90,15 @@ class Scheduler:
         for seq in self.running:
             if seq.status is Status.RUNNING:
                 by_request.setdefault(seq.request_id, []).append(seq)
-        wanting = Counter(s.request_id for s in self.running if s.status is Status.RUNNING)
+        wanting = Counter({request_id: len(seqs) for request_id, seqs in by_request.items()})
         wanting.update(s.request_id for s in self.waiting)  # those about to be admitted count too
         total = sum(wanting.values())
         carried = set()
         for request_id, seqs in by_request.items():
             others = total - wanting[request_id]
-            cap = len(seqs) if others == 0 else max(SLICE_ROWS, JOIN_FACTOR * others)
-            carried.update(id(seq) for seq in sorted(seqs, key=lambda s: s.num_computed)[:cap])
+            if others and len(seqs) > max(SLICE_ROWS, JOIN_FACTOR * others):
+                seqs = sorted(seqs, key=lambda s: s.num_computed)[:max(SLICE_ROWS, JOIN_FACTOR * others)]
+            carried.update(id(seq) for seq in seqs)
         return carried
 
     def _schedule_running(self, items: list[tuple[Sequence, int]], budget: int, carried: set[int]) -> int:
@@ -120,8 +122,8 @@ class Scheduler:
 
     def _share_slots(self, running_by: Counter, items: list[tuple[Sequence, int]]) -> None:
         """With the running cap reached: for each waiting request (in arrival order) below its
-        share of the cap, preempt the latest sequence of the request holding the most slots, if
-        that is more than its share; the freed slot goes to the waiting request (admission picks
+        share of the cap, preempt the most advanced sequence of the request holding the most
+        slots, if that is more than its share; the freed slot goes to the waiting request (admission picks
         the request with the fewest running)."""
         if len(self.running) < self.max_num_seqs or not self.waiting:
             return
