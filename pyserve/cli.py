@@ -58,7 +58,8 @@ def _serve(args) -> int:
     if args.served_model_name and len(args.served_model_name) != len(args.models):
         sys.exit("--served-model-name must be given once per model directory")
     for name in ("kv_cache_memory_gib", "max_num_seqs", "max_num_batched_tokens", "max_batch_size",
-                 "max_queue_size", "max_loras", "tensor_parallel_size", "max_image_cost"):
+                 "max_queue_size", "max_loras", "tensor_parallel_size", "max_image_cost", "finetune_jobs",
+                 "finetune_threads"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             sys.exit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_queue_delay_ms is not None and args.max_queue_delay_ms < 0:
@@ -103,7 +104,9 @@ def _serve(args) -> int:
                               max_connections=args.max_connections,
                               ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
                               allowed_image_hosts=frozenset(args.allowed_image_hosts),
-                              lora_adapters=tuple(_lora_pairs(args.lora)))
+                              lora_adapters=tuple(_lora_pairs(args.lora)),
+                              model_dirs={name: str(path) for name, path in known.items()},
+                              finetune_jobs=args.finetune_jobs, finetune_threads=args.finetune_threads)
         config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="store every chat completion that does not ask `store: false` (default: those asking "
                         "`store: true`)")
     s.add_argument("--store-days", type=float, default=None, help="delete stored completions older than this")
+    s.add_argument("--finetune-jobs", type=int, default=1,
+                   help="fine-tuning jobs that train at once, each in a worker process (default: 1)")
+    s.add_argument("--finetune-threads", type=int, default=None,
+                   help="torch threads of a fine-tuning worker (default: torch's; fewer leave more to serving)")
     s.add_argument("--allowed-image-host", dest="allowed_image_hosts", action="append", default=[], metavar="HOST",
                    help="a host whose http(s) image URLs chat requests may name (repeatable; default: none, "
                         "data: URLs only)")

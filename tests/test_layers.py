@@ -9,9 +9,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "pyserve"
 
 # A layer may import itself and the layers listed after it, never one before it.
-# llm: the offline API over the engines; store: the data directory the server keeps its records in
-LAYERS = ["server", "store", "llm", "engine", "plugin", "kernels"]
-PLACE = {"server": "server", "store": "store", "engine": "engine", "llm": "llm", "ray": "server", "cli": "server",
+# llm: the offline API over the engines; store: the data directory the server keeps its records in;
+# finetune: training adapters for the served text models
+LAYERS = ["server", "store", "finetune", "llm", "engine", "plugin", "kernels"]
+PLACE = {"server": "server", "store": "store", "finetune": "finetune", "engine": "engine", "llm": "llm",
+         "ray": "server", "cli": "server",
          "plugin": "plugin", "tasks": "plugin", "text_model": "plugin", "nn": "plugin", "weights": "plugin",
          "tokenizer": "plugin", "lora": "plugin", "parallel": "plugin", "kernels": "kernels"}
 

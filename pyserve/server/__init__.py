@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from ..engine.driver import EngineDriver
+from ..finetune.runner import ProcessRunner
 from ..store import DataDir
 from .app import build_app
 from .config import ServerConfig
 from .connections import guarded_http_protocol
+from .fine_tuning_jobs import FineTuningJobs
 from .models import Loader, ModelRegistry
 from .msgpack_server import MsgpackServer
 
@@ -71,9 +73,11 @@ class _HTTPServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
+async def _run(http: _HTTPServer, fine_tuning: FineTuningJobs, models: ModelRegistry, config: ServerConfig,
+               bound: dict) -> None:
     for name, path in config.lora_adapters:
         await models.load_lora(name, path)
+    await fine_tuning.start()
     tcp = MsgpackServer(models, config.access, config.allowed_image_hosts, config.max_connections,
                         config.header_seconds) if config.msgpack_port is not None else None
     if tcp is not None:
@@ -92,6 +96,7 @@ async def _run(http: _HTTPServer, models: ModelRegistry, config: ServerConfig, b
             log.info("the drain time is over: ending the requests still open")
             models.end_open_requests("the server is shutting down")
             await asyncio.wait(still_open)
+        await fine_tuning.stop()
         serving.result()
 
 
@@ -120,15 +125,19 @@ class RunningServer:
         self.models.shutdown(ENGINE_STOP_SECONDS)
 
 
-def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> _HTTPServer:
-    app = build_app(models, config.access, config.allowed_image_hosts,
-                    DataDir(config.data_dir) if config.data_dir else None, config.store, config.store_days)
+def _http_server(models: ModelRegistry, config: ServerConfig,
+                 handle_signals: bool) -> tuple[_HTTPServer, FineTuningJobs]:
+    data = DataDir(config.data_dir or None)
+    fine_tuning = FineTuningJobs(data, models, ProcessRunner(config.finetune_threads), config.model_dirs,
+                                 config.finetune_jobs)
+    app = build_app(models, config.access, config.allowed_image_hosts, data, config.store, config.store_days,
+                    fine_tuning)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                                       http=guarded_http_protocol(config.max_connections, config.header_seconds),
                                       lifespan="off",
                                       timeout_graceful_shutdown=config.drain_seconds + ANSWER_SECONDS,
                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),
-                       handle_signals)
+                       handle_signals), fine_tuning
 
 
 def start_in_thread(drivers: dict[str, EngineDriver], config: ServerConfig | None = None,
@@ -136,9 +145,9 @@ def start_in_thread(drivers: dict[str, EngineDriver], config: ServerConfig | Non
     """Serve in a background thread; by default on free loopback ports, quietly."""
     config = config or ServerConfig(port=0, msgpack_port=0, log_level="warning")
     models = ModelRegistry(drivers, loader)
-    http = _http_server(models, config, handle_signals=False)
+    http, fine_tuning = _http_server(models, config, handle_signals=False)
     bound: dict = {}
-    thread = threading.Thread(target=lambda: asyncio.run(_run(http, models, config, bound)),
+    thread = threading.Thread(target=lambda: asyncio.run(_run(http, fine_tuning, models, config, bound)),
                               name="pyserve-servers", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -155,14 +164,14 @@ def serve(drivers: dict[str, EngineDriver], config: ServerConfig, loader: Loader
         log.warning("serving on %s with no API key: anyone who can reach this address can use every model and "
                     "the operations routes (pass --api-key and --admin-api-key)", config.host)
     models = ModelRegistry(drivers, loader)
-    http = _http_server(models, config, handle_signals=True)
+    http, fine_tuning = _http_server(models, config, handle_signals=True)
     scheme = "https" if config.tls else "http"
     base = f"{scheme}://{config.host}:{config.port}"
     print(f"pyserve: serving {', '.join(drivers)}: OpenAI API on {base}/v1, KServe V2 on {base}/v2"
           + (f", msgpack{' over TLS' if config.tls else ''} on {config.host}:{config.msgpack_port}"
              if config.msgpack_port is not None else ""), flush=True)
     try:
-        asyncio.run(_run(http, models, config, {}))
+        asyncio.run(_run(http, fine_tuning, models, config, {}))
     finally:
         models.shutdown(ENGINE_STOP_SECONDS)
     log.info("pyserve stopped")

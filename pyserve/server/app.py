@@ -17,8 +17,10 @@ from starlette.routing import Route
 
 from ..errors import ClientError
 from ..store import DataDir
-from . import feedback, kserve, openai_api, openai_files, openai_images, openai_responses, stored_completions
+from . import (feedback, kserve, openai_api, openai_files, openai_fine_tuning, openai_images, openai_responses,
+               stored_completions)
 from .auth import AccessPolicy
+from .fine_tuning_jobs import FineTuningJobs
 from .metrics import Metrics
 from .middleware import Guard
 from .vision_inputs import ImageFetcher
@@ -79,11 +81,13 @@ admin_routes = [
 
 
 def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_hosts: frozenset[str] = frozenset(),
-              data: DataDir | None = None, store_all: bool = False, store_days: float | None = None) -> Starlette:
+              data: DataDir | None = None, store_all: bool = False, store_days: float | None = None,
+              fine_tuning: FineTuningJobs | None = None) -> Starlette:
     """The app over the models in `models`; its repository routes load and unload through it.
-    `data` keeps stored completions, responses, files and feedback (None: in memory); `store_all`
-    stores every chat completion that does not say `store: false`; records older than
-    `store_days` are deleted at start."""
+    `data` keeps stored completions, responses, files, feedback and fine-tuning jobs (None: in
+    memory); `store_all` stores every chat completion that does not say `store: false`; records
+    older than `store_days` are deleted at start. `fine_tuning` runs the jobs (None: jobs are
+    refused); its `start()` is the caller's, on the server's event loop."""
     app = Starlette(routes=[
         Route("/health", health),
         Route("/metrics", prometheus),
@@ -96,6 +100,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
         *openai_images.routes,
         *openai_responses.routes,
         *openai_files.routes,
+        *openai_fine_tuning.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, ClientGone: on_client_gone, HTTPException: on_http_error,
@@ -104,6 +109,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
     app.state.metrics = Metrics(models)
     app.state.data = data or DataDir(None)
     app.state.store_all = store_all
+    app.state.fine_tuning = fine_tuning or FineTuningJobs(app.state.data, models, runner=None)
     if store_days is not None:
         cutoff = time.time() - store_days * 86400
         expired = app.state.data.completions.expire(cutoff) + app.state.data.responses.expire(cutoff)

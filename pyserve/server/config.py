@@ -38,6 +38,12 @@ class ServerConfig:
     allowed_image_hosts: frozenset[str] = frozenset()
     # LoRA adapters to serve from the start: (name, PEFT adapter directory), onto the text model.
     lora_adapters: tuple[tuple[str, str], ...] = ()
+    # Where each served model was loaded from: fine-tuning jobs train on these weights (a model
+    # not named here cannot be fine-tuned). Jobs train one at a time (`finetune_jobs` at once),
+    # in worker processes of `finetune_threads` torch threads each (None: torch's default).
+    model_dirs: dict[str, str] = field(default_factory=dict)
+    finetune_jobs: int = 1
+    finetune_threads: int | None = None
 
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
@@ -46,6 +52,8 @@ class ServerConfig:
             self.max_connections = default_max_connections()
         if self.max_connections < 1 or self.header_seconds <= 0:
             raise ValueError("max_connections and header_seconds must be positive")
+        if self.finetune_jobs < 1 or (self.finetune_threads is not None and self.finetune_threads < 1):
+            raise ValueError("finetune_jobs and finetune_threads must be positive")
 
     @property
     def tls(self) -> bool:

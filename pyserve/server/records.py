@@ -27,6 +27,12 @@ def int_param(request: Request, name: str, default: int) -> int:
     return int(value)
 
 
+def metadata_filter(request: Request) -> dict[str, str]:
+    """The `metadata[key]=value` query parameters, as OpenAI's list routes filter by them."""
+    return {m.group(1): value for key, value in request.query_params.multi_items()
+            if (m := re.fullmatch(r"metadata\[(.+)\]", key))}
+
+
 def page(items: list[dict], has_more: bool = False) -> dict:
     return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}

@@ -11,7 +11,6 @@ Example (with the demo server running):
 """
 
 import asyncio
-import re
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,7 +19,7 @@ from starlette.routing import Route
 from ..errors import InvalidParameter
 from ..store import StoredCompletion
 from . import adapters
-from .records import by_path, int_param, page, tenant_of
+from .records import by_path, int_param, metadata_filter, page, tenant_of
 from .responses import json_body
 
 
@@ -39,8 +38,7 @@ async def store(request: Request, body: dict, completion: dict) -> None:
 
 async def list_completions(request: Request) -> Response:
     query = request.query_params
-    metadata = {m.group(1): value for key, value in query.multi_items()
-                if (m := re.fullmatch(r"metadata\[(.+)\]", key))}
+    metadata = metadata_filter(request)
     records, has_more = await asyncio.to_thread(
         request.app.state.data.completions.list, tenant_of(request), model=query.get("model"), metadata=metadata,
         after=query.get("after"), limit=int_param(request, "limit", 20), order=query.get("order", "asc"))

@@ -15,9 +15,11 @@ from .completions import CompletionStore, StoredCompletion
 from .database import Database
 from .feedback import Feedback, FeedbackStore
 from .files import FileStore, StoredFile
+from .fine_tuning import Checkpoint, FineTuningJob, FineTuningStore
 from .responses import ResponseStore, StoredResponse
 
-__all__ = ["CompletionStore", "DataDir", "Database", "Feedback", "FeedbackStore", "FileStore", "ResponseStore",
+__all__ = ["Checkpoint", "CompletionStore", "DataDir", "Database", "Feedback", "FeedbackStore", "FileStore", "FineTuningJob",
+           "FineTuningStore", "ResponseStore",
            "StoredCompletion", "StoredFile", "StoredResponse", "default_data_dir"]
 
 
@@ -29,8 +31,9 @@ def default_data_dir() -> Path:
 
 class DataDir:
     """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions,
-    responses, uploaded files under `files/`, feedback). None keeps everything in
-    memory (tests, and servers started from code without one)."""
+    responses, uploaded files under `files/`, feedback, fine-tuning jobs with their adapters under
+    `fine_tuning/`). None keeps the records in memory and the files in a temporary folder (tests,
+    and servers started from code without one)."""
 
     def __init__(self, path: str | Path | None):
         self.path = None if path is None else Path(path)
@@ -39,11 +42,13 @@ class DataDir:
         self.database = Database(":memory:" if self.path is None else self.path / "pyserve.sqlite3")
         self.completions = CompletionStore(self.database)
         self.responses = ResponseStore(self.database)
-        # in memory: uploads go to a temporary folder, removed when this object goes (or at exit)
-        self._temporary = tempfile.TemporaryDirectory(prefix="pyserve-files-") if self.path is None else None
-        files = self.path / "files" if self.path is not None else Path(self._temporary.name)
-        self.files = FileStore(self.database, files)
+        # in memory: uploads and adapters go to a temporary folder, removed when this object goes (or at exit)
+        self._temporary = tempfile.TemporaryDirectory(prefix="pyserve-data-") if self.path is None else None
+        root = self.path if self.path is not None else Path(self._temporary.name)
+        self.files = FileStore(self.database, root / "files")
         self.feedback = FeedbackStore(self.database)
+        self.fine_tuning = FineTuningStore(self.database)
+        self.adapters = root / "fine_tuning"  # a folder per job: its checkpoints and final adapter
 
     def close(self) -> None:
         self.database.close()

@@ -31,6 +31,18 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, rating INTEGER NOT NULL, comment TEXT,
         correction TEXT, user TEXT, model TEXT, tenant TEXT, created REAL NOT NULL);
        CREATE INDEX feedback_by_tenant ON feedback (tenant);""",
+    # 5: fine-tuning jobs (the job object as JSON, its status apart for the restart's queries), their
+    # events and their checkpoints
+    """CREATE TABLE fine_tuning_jobs (
+        id TEXT PRIMARY KEY, tenant TEXT, status TEXT NOT NULL, created_at INTEGER NOT NULL, job TEXT NOT NULL);
+       CREATE TABLE fine_tuning_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, level TEXT NOT NULL,
+        message TEXT NOT NULL, type TEXT NOT NULL, data TEXT);
+       CREATE INDEX fine_tuning_events_by_job ON fine_tuning_events (job_id);
+       CREATE TABLE fine_tuning_checkpoints (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
+        model TEXT NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL);
+       CREATE INDEX fine_tuning_checkpoints_by_job ON fine_tuning_checkpoints (job_id);""",
 ]
 
 
