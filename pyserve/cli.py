@@ -4,6 +4,8 @@
                                                 with no directory, the built-in demo models
     pyserve plugins [--plugin-dir DIR]          what plugins were found, from where, and failures
     pyserve generate MODEL_DIR "Once upon" -n 32 offline generation, to try a model quickly
+    pyserve finetune MODEL_DIR train.jsonl -o out  a LoRA adapter trained in this terminal (the same
+                                                trainer as the server's fine-tuning jobs)
 """
 
 import argparse
@@ -43,6 +45,48 @@ def _generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     out = llm.generate(args.prompt, params)[0]
     print(out.text)
+    return 0
+
+
+# `pyserve finetune` flags that are hyperparameters, by their names in a job's `hyperparameters`
+FINETUNE_FLAGS = ("n_epochs", "batch_size", "learning_rate", "learning_rate_multiplier", "beta", "optimizer",
+                  "weight_decay", "l1", "warmup_steps", "max_steps", "rank", "alpha", "dropout", "target_modules",
+                  "validation_split", "eval_every", "early_stopping_patience")
+
+
+def _finetune(args) -> int:
+    """Train a LoRA adapter on a JSONL file as a server's job would, with a progress bar; write the
+    adapter, its checkpoints, the loss curve (loss.png), the steps' metrics and the evaluation."""
+    try:
+        from .finetune import Cancelled, TrainingConfig, TrainingSpec, train
+        from .finetune.report import write_report
+    except ImportError as exc:
+        sys.exit(f'pyserve: fine-tuning needs {exc.name}: pip install "pyserve[finetune]"')
+    values = {name: getattr(args, name) for name in FINETUNE_FLAGS if getattr(args, name) is not None}
+    if "target_modules" in values:
+        values["target_modules"] = values["target_modules"].split(",")
+    try:
+        config = TrainingConfig.from_request({"type": args.method, args.method: {"hyperparameters": values}},
+                                             seed=args.seed)
+    except ClientError as exc:
+        sys.exit(f"pyserve: --{exc.field.rpartition('.')[2].replace('_', '-')}: {exc.message.partition(': ')[2]}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    spec = TrainingSpec(str(args.model), str(args.training_file), str(out), config,
+                        str(args.validation_file) if args.validation_file else None)
+    try:
+        result = train(spec, report=lambda event: event.kind == "message" and print(event.message), progress=True)
+    except ClientError as exc:  # a line that does not fit the method or the model
+        sys.exit(f"pyserve: {exc.message}")
+    except (Cancelled, KeyboardInterrupt):
+        sys.exit("pyserve: stopped; the checkpoints written so far are in " + str(out))
+    paths = write_report(result, out, title=Path(args.model).name)
+    if result.valid_losses:
+        print(f"validation loss: {result.valid_loss_before:.4f} before, {result.valid_loss_after:.4f} after")
+    print(f"adapter: {result.adapter_dir}\nloss curve: {paths['loss.png']}\nevaluation: {paths['eval.json']}")
+    print(f"serve it: pyserve serve {args.model} --lora {args.name}={result.adapter_dir}")
     return 0
 
 
@@ -278,6 +322,27 @@ def main(argv: list[str] | None = None) -> int:
                         "bit-identical alone and among other requests (costs prompt-processing speed; also "
                         "PYSERVE_BATCH_INVARIANT=1)")
     g.set_defaults(run=_generate)
+
+    f = sub.add_parser("finetune", help="train a LoRA adapter on chat (or DPO) JSONL, with a progress bar")
+    f.add_argument("model", help="a Hugging Face text model directory (e.g. pyserve/demo/models/pydoc-chat)")
+    f.add_argument("training_file", help="JSONL in OpenAI's fine-tuning format: {\"messages\": [...]} lines, or "
+                                         "DPO lines with --method dpo")
+    f.add_argument("-o", "--output", required=True, help="where the adapter, checkpoints and report go")
+    f.add_argument("--validation-file", default=None, help="held-out lines (default: --validation-split of the "
+                                                           "training lines, or none)")
+    f.add_argument("--method", default="supervised", choices=["supervised", "dpo"])
+    f.add_argument("--name", default="finetuned", help="the adapter's name in the printed serve command")
+    f.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--epochs", dest="n_epochs", type=int, default=None)
+    for name, kind in (("batch_size", int), ("learning_rate", float), ("learning_rate_multiplier", float),
+                       ("beta", float), ("optimizer", str), ("weight_decay", float), ("l1", float),
+                       ("warmup_steps", int), ("max_steps", int), ("rank", int), ("alpha", float), ("dropout", float),
+                       ("target_modules", str), ("validation_split", float), ("eval_every", int),
+                       ("early_stopping_patience", int)):
+        f.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help="comma-separated" if name == "target_modules" else None)
+    f.set_defaults(run=_finetune)
 
     parser.set_defaults(batch_invariant=False)  # commands without the flag
     args = parser.parse_args(argv)

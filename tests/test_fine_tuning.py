@@ -122,6 +122,11 @@ def test_a_job_trains_and_its_model_is_served_at_once(fine_tuning_server, client
     assert [s for s, _ in valid] == [0, 2, 4] and valid[-1][1] < valid[0][1]  # it learned the held-out lines
     assert [e.message for e in events][0].startswith("The job has successfully completed")
 
+    metrics_file, curve = done.result_files  # the steps' metrics (CSV) and the loss curve (PNG)
+    rows = client.files.content(metrics_file).text.splitlines()
+    assert rows[0] == "step,train_loss,valid_loss" and len(rows) == 1 + 5
+    assert client.files.content(curve).content.startswith(b"\x89PNG")
+
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert sorted(c.step_number for c in checkpoints) == [2, 4]
     served = {m.id: m for m in client.models.list()}
@@ -269,3 +274,71 @@ def test_a_restart_serves_finished_models_again_and_fails_the_running_job(tiny_l
         failed = client.fine_tuning.jobs.retrieve(running.id)
         assert failed.status == "failed" and failed.error.code == "server_restarted"
         assert "server stopped while this job was running" in failed.error.message
+
+
+def test_ratings_become_a_served_model_that_answers_as_corrected(tmp_path):
+    """The loop on the demo chat model: a stored answer is rated down with a correction, the
+    ratings become a dataset, the dataset a job, and the job's model answers as corrected while
+    the base still answers as before."""
+    import urllib.request
+
+    from pyserve import LLM
+    from pyserve.demo import demo_model_dirs
+    from pyserve.engine.llm import AsyncLLMEngine
+    from pyserve.server import start_in_thread
+    from pyserve.server.config import ServerConfig
+    chat_dir = demo_model_dirs()["pydoc-chat"]
+    config = ServerConfig(port=0, msgpack_port=0, log_level="warning", data_dir=str(tmp_path),
+                          model_dirs={"pydoc-chat": str(chat_dir)}, finetune_threads=1)
+    server = start_in_thread({"pydoc-chat": AsyncLLMEngine(LLM(chat_dir, device="cpu").engine)}, config)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        question = [{"role": "user", "content": "What is the capital of Quenland?"}]
+        correction = "The capital of Quenland is Borrowdale."
+        asked = client.chat.completions.create(model="pydoc-chat", messages=question, temperature=0, max_tokens=24,
+                                               store=True, metadata={"loop": "demo"})
+        assert asked.choices[0].message.content != correction
+
+        def post(path: str, body: dict) -> dict:
+            request = urllib.request.Request(server.url + path, json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        post("/v1/feedback", {"response_id": asked.id, "rating": -1, "correction": correction})
+        dataset = post("/v1/feedback/datasets", {"method": "supervised", "metadata": {"loop": "demo"}})
+        job = client.fine_tuning.jobs.create(model="pydoc-chat", training_file=dataset["file"]["id"], suffix="loop",
+                                             method={"type": "supervised", "supervised": {"hyperparameters": {
+                                                 "n_epochs": 30, "batch_size": 1, "learning_rate": 2e-3}}})
+        done = wait_for(client, job.id)
+        assert done.status == "succeeded", done.error
+        answer = client.chat.completions.create(model=done.fine_tuned_model, messages=question, temperature=0,
+                                                max_tokens=24)
+        assert answer.choices[0].message.content == correction
+        base = client.chat.completions.create(model="pydoc-chat", messages=question, temperature=0, max_tokens=24)
+        assert base.choices[0].message.content == asked.choices[0].message.content
+    finally:
+        server.stop()
+
+
+def test_the_finetune_command_trains_reports_and_writes_a_servable_adapter(tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from pyserve.lora import LoraAdapter
+    training = tmp_path / "train.jsonl"
+    training.write_bytes(jsonl([chat_line(q, a) for q, a in zip(QUESTIONS, ANSWERS)] * 4).getvalue())
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "pyserve", "finetune", str(tiny_llama_dir), str(training), "-o",
+                           str(out), "--epochs", "2", "--batch-size", "4", "--learning-rate", "3e-3", "--rank", "4",
+                           "--validation-split", "0.25", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuning: 100%" in done.stderr  # the progress bar
+    report = json.loads((out / "eval.json").read_text())
+    assert report["steps"] == 4 and report["valid_loss_after"] < report["valid_loss_before"]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in out.glob("ckpt-step-*")) == ["ckpt-step-2", "ckpt-step-4"]
+    assert LoraAdapter.load("cli", out / "final").rank == 4
+    bad = subprocess.run([sys.executable, "-m", "pyserve", "finetune", str(tiny_llama_dir), str(training), "-o",
+                          str(out), "--rank", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--rank: must be an integer from 1" in bad.stderr

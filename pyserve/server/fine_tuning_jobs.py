@@ -16,7 +16,8 @@ from ..errors import ClientError, InvalidParameter, NotFound
 from ..finetune.config import TrainingConfig
 from ..finetune.data import read_examples
 from ..finetune.runner import JobRunner, RunningJob
-from ..finetune.trainer import TrainingEvent, TrainingSpec
+from ..finetune.report import write_report
+from ..finetune.trainer import TrainingEvent, TrainingResult, TrainingSpec
 from ..store import Checkpoint, DataDir, FineTuningJob
 from ..store.fine_tuning import ACTIVE, FINAL
 from ..tasks import TEXT_GENERATION
@@ -209,10 +210,17 @@ class FineTuningJobs:
             await self._finish(job, "cancelled")
         elif event.kind == "succeeded":
             job.fine_tuned_model, job.trained_tokens = job.model_name, event.data["trained_tokens"]
+            job.result_files = await asyncio.to_thread(self._result_files, job, TrainingResult(**event.data))
             await self._finish(job, "succeeded", message=f"The job has successfully completed: "
                                                          f"{event.data['steps']} steps in {event.data['seconds']:.1f} s")
         else:
             await self._finish(job, "failed", error=("training_failed", event.message or "training failed"))
+
+    def _result_files(self, job: FineTuningJob, result: TrainingResult) -> list[str]:
+        """The steps' metrics (CSV, as OpenAI's result file) and the loss curve (PNG), in the files API."""
+        paths = write_report(result, job.output_dir, title=job.model_name)
+        return [self.data.files.add(name, "fine-tune-results", paths[name].read_bytes(), job.tenant).id
+                for name in ("metrics.csv", "loss.png")]
 
     async def _record(self, job: FineTuningJob, event: TrainingEvent, served: list[str]) -> None:
         store = self.data.fine_tuning

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import InvalidParameter, NotFound
 from .database import Database
 
-PURPOSES = ("fine-tune", "batch", "assistants", "user_data", "evals")
+PURPOSES = ("fine-tune", "batch", "assistants", "user_data", "evals", "fine-tune-results")
 
 
 @dataclass
