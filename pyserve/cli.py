@@ -49,8 +49,8 @@ def _generate(args) -> int:
 
 
 # `pyserve finetune` flags that are hyperparameters, by their names in a job's `hyperparameters`
-FINETUNE_FLAGS = ("n_epochs", "batch_size", "learning_rate", "learning_rate_multiplier", "beta", "optimizer",
-                  "weight_decay", "l1", "warmup_steps", "max_steps", "rank", "alpha", "dropout", "target_modules",
+FINETUNE_FLAGS = ("n_epochs", "batch_size", "learning_rate", "learning_rate_multiplier", "beta", "sft_weight",
+                  "optimizer", "weight_decay", "l1", "warmup_steps", "max_steps", "rank", "alpha", "dropout", "target_modules",
                   "validation_split", "eval_every", "early_stopping_patience")
 
 
@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--epochs", dest="n_epochs", type=int, default=None)
     for name, kind in (("batch_size", int), ("learning_rate", float), ("learning_rate_multiplier", float),
-                       ("beta", float), ("optimizer", str), ("weight_decay", float), ("l1", float),
+                       ("beta", float), ("sft_weight", float), ("optimizer", str), ("weight_decay", float),
+                       ("l1", float),
                        ("warmup_steps", int), ("max_steps", int), ("rank", int), ("alpha", float), ("dropout", float),
                        ("target_modules", str), ("validation_split", float), ("eval_every", int),
                        ("early_stopping_patience", int)):

@@ -342,3 +342,19 @@ def test_the_finetune_command_trains_reports_and_writes_a_servable_adapter(tiny_
     bad = subprocess.run([sys.executable, "-m", "pyserve", "finetune", str(tiny_llama_dir), str(training), "-o",
                           str(out), "--rank", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--rank: must be an integer from 1" in bad.stderr
+
+
+def test_the_readme_loop_teaches_the_demo_model_facts_and_a_style():
+    """examples/finetune/teach_facts.py --dpo against `pyserve serve` with no model directory, as
+    the README runs it: held-out rewordings of the invented facts are answered right after the job
+    and not before; after the DPO job the held-out prompts are answered in the preferred style."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "examples" / "finetune" / "teach_facts.py"
+    spec = importlib.util.spec_from_file_location("teach_facts", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with cli_server(None, "--finetune-threads", "1") as (_, url, _):
+        results = example.main(["--base-url", url + "/v1", "--dpo"])
+    facts, style = results["facts"], results["style"]
+    assert facts["before"] == 0 and facts["after"] >= facts["questions"] - 1
+    assert style["before"] == 0 and style["after"] >= style["questions"] - 2

@@ -2,7 +2,7 @@
 
 OpenAI's fields (`method.type` supervised or dpo; `n_epochs`, `batch_size`,
 `learning_rate_multiplier`, and `beta` for DPO, each a number or "auto") and pyserve's extensions
-in the same `hyperparameters` object: `learning_rate`, `optimizer` (adamw, sgd, adafactor),
+in the same `hyperparameters` object: `sft_weight` (DPO), `learning_rate`, `optimizer` (adamw, sgd, adafactor),
 `weight_decay` (L2), `l1`, `warmup_steps`, `max_steps`, `rank`, `alpha`, `dropout`,
 `target_modules`, `validation_split`, `eval_every`, `early_stopping_patience`. Every fault is an
 InvalidParameter naming the field as the client wrote it (`method.dpo.hyperparameters.beta`).
@@ -37,6 +37,7 @@ class TrainingConfig:
     batch_size: int = AUTO_BATCH_SIZE
     learning_rate: float = BASE_LEARNING_RATE
     beta: float = 0.1  # DPO: how far the policy may move from the base model
+    sft_weight: float = 0.0  # DPO: weight of the preferred answers' own likelihood in the loss (RPO)
     optimizer: str = "adamw"
     weight_decay: float = 0.0  # L2, decoupled for adamw
     l1: float = 0.0  # times the sum of |adapter weights|, added to the loss
@@ -74,8 +75,9 @@ class TrainingConfig:
         for name in values:
             if name not in known or name in ("method", "seed"):
                 raise InvalidParameter(f"{prefix}.{name}", "is not a hyperparameter pyserve knows")
-        if kind != "dpo" and "beta" in values:
-            raise InvalidParameter(f"{prefix}.beta", "is a DPO hyperparameter")
+        for name in ("beta", "sft_weight"):
+            if kind != "dpo" and name in values:
+                raise InvalidParameter(f"{prefix}.{name}", "is a DPO hyperparameter")
         read = _Reader(values, prefix)
         multiplier = read.number("learning_rate_multiplier", 1.0, low=0.0, low_open=True, high=1e3)
         learning_rate = read.number("learning_rate", BASE_LEARNING_RATE * multiplier, low=0.0, low_open=True, high=1.0)
@@ -90,6 +92,7 @@ class TrainingConfig:
             batch_size=read.integer("batch_size", AUTO_BATCH_SIZE, low=1, high=MAX_BATCH_SIZE),
             learning_rate=learning_rate,
             beta=read.number("beta", 0.1, low=0.0, low_open=True, high=100.0),
+            sft_weight=read.number("sft_weight", 0.0, low=0.0, high=100.0),
             optimizer=read.choice("optimizer", "adamw", OPTIMIZERS),
             weight_decay=read.number("weight_decay", 0.0, low=0.0, high=10.0),
             l1=read.number("l1", 0.0, low=0.0, high=10.0),
@@ -114,6 +117,7 @@ class TrainingConfig:
         values["learning_rate_multiplier"] = self.learning_rate / BASE_LEARNING_RATE
         if self.method != "dpo":
             values.pop("beta")
+            values.pop("sft_weight")
         return values
 
     def method_object(self) -> dict:

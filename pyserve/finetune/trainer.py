@@ -106,7 +106,7 @@ def train(spec: TrainingSpec, report: Callable[[TrainingEvent], None] = lambda e
     def evaluate() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [loss_of(model, batch, pad, config.beta).item() * len(batch)
+            losses = [loss_of(model, batch, pad, config.beta, config.sft_weight).item() * len(batch)
                       for batch in _batches(held_out, config.batch_size)]
         model.train()
         return sum(losses) / len(held_out)
@@ -127,7 +127,7 @@ def train(spec: TrainingSpec, report: Callable[[TrainingEvent], None] = lambda e
         for batch in _batches(examples, config.batch_size):
             if cancelled():
                 raise Cancelled
-            loss = loss_of(model, batch, pad, config.beta)
+            loss = loss_of(model, batch, pad, config.beta, config.sft_weight)
             train_loss = loss.item()
             if config.l1:
                 loss = loss + config.l1 * sum(p.abs().sum() for p in trainable)
@@ -218,26 +218,28 @@ def _token_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int) ->
     return logprobs * learned, learned
 
 
-def _supervised_loss(model, batch: list[SupervisedExample], pad: int, beta: float) -> torch.Tensor:
+def _supervised_loss(model, batch: list[SupervisedExample], pad: int, beta: float, sft_weight: float) -> torch.Tensor:
     """The mean negative log-likelihood of the learned tokens."""
     logprobs, learned = _token_logprobs(model, [(e.input_ids, e.labels) for e in batch], pad)
     return -logprobs.sum() / learned.sum().clamp(min=1)
 
 
-def _dpo_loss(model, batch: list[PreferenceExample], pad: int, beta: float) -> torch.Tensor:
+def _dpo_loss(model, batch: list[PreferenceExample], pad: int, beta: float, sft_weight: float) -> torch.Tensor:
     """DPO's loss, -log sigmoid(beta x (the policy's log-ratio of chosen over rejected minus the
-    reference's)); the reference is the base model: the same network with its adapter off."""
+    reference's)); the reference is the base model: the same network with its adapter off. DPO
+    alone may widen the margin by pushing the rejected answers down only; `sft_weight` adds the
+    preferred answers' mean token negative log-likelihood (RPO)."""
     rows = [(e.prompt_ids + answer, [IGNORED] * len(e.prompt_ids) + answer)
             for answers in ([e.chosen_ids for e in batch], [e.rejected_ids for e in batch])
             for e, answer in zip(batch, answers)]
 
-    def sums() -> torch.Tensor:
-        logprobs, _ = _token_logprobs(model, rows, pad)
-        return logprobs.sum(-1)
-
-    policy = sums()
-    with torch.no_grad(), model.disable_adapter():
-        reference = sums()
     n = len(batch)
+    logprobs, learned = _token_logprobs(model, rows, pad)
+    policy = logprobs.sum(-1)
+    with torch.no_grad(), model.disable_adapter():
+        reference = _token_logprobs(model, rows, pad)[0].sum(-1)
     margin = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
-    return -F.logsigmoid(beta * margin).mean()
+    loss = -F.logsigmoid(beta * margin).mean()
+    if sft_weight:  # RPO: also raise the preferred answers' likelihood (per token), not only the margin
+        loss = loss - sft_weight * (policy[:n] / learned[:n].sum(-1).clamp(min=1)).mean()
+    return loss
