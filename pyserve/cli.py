@@ -150,7 +150,8 @@ def _serve(args) -> int:
                               allowed_image_hosts=frozenset(args.allowed_image_hosts),
                               lora_adapters=tuple(_lora_pairs(args.lora)),
                               model_dirs={name: str(path) for name, path in known.items()},
-                              finetune_jobs=args.finetune_jobs, finetune_threads=args.finetune_threads)
+                              finetune_jobs=args.finetune_jobs, finetune_threads=args.finetune_threads,
+                              finetune_ray_address=args.finetune_ray_address)
         config.ssl_context()  # a bad certificate or key stops the start, before models load
         drivers = {name: load(name) for name in known} if args.models else _load_demos(known, load)
     except (ValueError, LookupError, OSError) as exc:
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fine-tuning jobs that train at once, each in a worker process (default: 1)")
     s.add_argument("--finetune-threads", type=int, default=None,
                    help="torch threads of a fine-tuning worker (default: torch's; fewer leave more to serving)")
+    s.add_argument("--finetune-ray-address", default=None, metavar="ADDRESS",
+                   help="train fine-tuning jobs on this Ray cluster ('auto': the one this machine is in) instead "
+                        "of a local worker process; paths must be on storage every node sees (docs/scaling.md)")
     s.add_argument("--allowed-image-host", dest="allowed_image_hosts", action="append", default=[], metavar="HOST",
                    help="a host whose http(s) image URLs chat requests may name (repeatable; default: none, "
                         "data: URLs only)")

@@ -358,3 +358,42 @@ def test_the_readme_loop_teaches_the_demo_model_facts_and_a_style():
     facts, style = results["facts"], results["style"]
     assert facts["before"] == 0 and facts["after"] >= facts["questions"] - 1
     assert style["before"] == 0 and style["after"] >= style["questions"] - 2
+
+
+def test_a_job_on_ray_trains_the_same_adapter_as_the_worker_process(tiny_llama_dir, tmp_path):
+    """The job runner is an interface: the Ray runner (docs/scaling.md) runs the same trainer and,
+    with the same seed and threads, writes the same adapter as the local worker process."""
+    import ray
+    from safetensors.torch import load_file
+
+    from pyserve.finetune.ray_runner import RayRunner
+    from pyserve.finetune.runner import ProcessRunner
+    from pyserve.finetune.trainer import TrainingSpec
+    training = tmp_path / "train.jsonl"
+    training.write_bytes(jsonl([chat_line(q, a) for q, a in zip(QUESTIONS, ANSWERS)] * 2).getvalue())
+    config = TrainingConfig(n_epochs=2, batch_size=2, learning_rate=3e-3, rank=4, seed=5)
+
+    def run(runner, out) -> list:
+        job = runner.start(TrainingSpec(str(tiny_llama_dir), str(training), str(out), config))
+        events = []
+        deadline = time.monotonic() + 240
+        while not events or events[-1].kind not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline
+            event = job.next_event(0.5)
+            if event is not None:
+                events.append(event)
+        return events
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    try:
+        on_ray = run(RayRunner(num_cpus=1), tmp_path / "ray")
+    finally:
+        ray.shutdown()
+    local = run(ProcessRunner(threads=1), tmp_path / "local")
+    assert on_ray[-1].kind == local[-1].kind == "succeeded", (on_ray[-1].message, local[-1].message)
+    assert [e.kind for e in on_ray] == [e.kind for e in local]
+    assert [e.data["step"] for e in on_ray if e.kind == "checkpoint"] == [2, 4]
+    ray_weights, local_weights = (load_file(str(tmp_path / where / "final" / "adapter_model.safetensors"))
+                                  for where in ("ray", "local"))
+    assert ray_weights.keys() == local_weights.keys()
+    assert all(torch.equal(ray_weights[k], local_weights[k]) for k in ray_weights)

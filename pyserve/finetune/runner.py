@@ -84,6 +84,15 @@ class ProcessJob:
         self._stop.set()
 
 
+def job_runner(threads: int | None = None, ray_address: str | None = None) -> JobRunner:
+    """The local worker process, or actors on the Ray cluster at `ray_address` ("auto": the one
+    this machine is in) with `threads` CPUs each."""
+    if ray_address:
+        from .ray_runner import RayRunner
+        return RayRunner(ray_address, num_cpus=threads or 1)
+    return ProcessRunner(threads)
+
+
 def _work(spec: TrainingSpec, events, stop, threads: int | None, niceness: int) -> None:
     """The worker process: train, sending every event, and the end."""
     import torch

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from ..engine.driver import EngineDriver
-from ..finetune.runner import ProcessRunner
+from ..finetune.runner import job_runner
 from ..store import DataDir
 from .app import build_app
 from .config import ServerConfig
@@ -128,8 +128,8 @@ class RunningServer:
 def _http_server(models: ModelRegistry, config: ServerConfig,
                  handle_signals: bool) -> tuple[_HTTPServer, FineTuningJobs]:
     data = DataDir(config.data_dir or None)
-    fine_tuning = FineTuningJobs(data, models, ProcessRunner(config.finetune_threads), config.model_dirs,
-                                 config.finetune_jobs)
+    fine_tuning = FineTuningJobs(data, models, job_runner(config.finetune_threads, config.finetune_ray_address),
+                                 config.model_dirs, config.finetune_jobs)
     app = build_app(models, config.access, config.allowed_image_hosts, data, config.store, config.store_days,
                     fine_tuning)
     return _HTTPServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level.lower(),

@@ -40,10 +40,12 @@ class ServerConfig:
     lora_adapters: tuple[tuple[str, str], ...] = ()
     # Where each served model was loaded from: fine-tuning jobs train on these weights (a model
     # not named here cannot be fine-tuned). Jobs train one at a time (`finetune_jobs` at once),
-    # in worker processes of `finetune_threads` torch threads each (None: torch's default).
+    # in worker processes of `finetune_threads` torch threads each (None: torch's default), or in
+    # actors on the Ray cluster at `finetune_ray_address` ("auto": the one this machine is in).
     model_dirs: dict[str, str] = field(default_factory=dict)
     finetune_jobs: int = 1
     finetune_threads: int | None = None
+    finetune_ray_address: str | None = None
 
     def __post_init__(self):
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
