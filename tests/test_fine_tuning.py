@@ -397,3 +397,56 @@ def test_a_job_on_ray_trains_the_same_adapter_as_the_worker_process(tiny_llama_d
                                   for where in ("ray", "local"))
     assert ray_weights.keys() == local_weights.keys()
     assert all(torch.equal(ray_weights[k], local_weights[k]) for k in ray_weights)
+
+
+def test_one_key_may_have_only_a_few_jobs_queued_or_running(client, monkeypatch):
+    from pyserve.server import fine_tuning_jobs
+    monkeypatch.setattr(fine_tuning_jobs, "MAX_ACTIVE_PER_KEY", 1)
+    training = upload(client, [chat_line(QUESTIONS[0], ANSWERS[0])])
+    first = client.fine_tuning.jobs.create(model="tiny", training_file=training, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1000}}})
+    try:
+        with pytest.raises(openai.RateLimitError, match="1 fine-tuning jobs queued or running"):
+            client.fine_tuning.jobs.create(model="tiny", training_file=training)
+    finally:
+        client.fine_tuning.jobs.cancel(first.id)
+        wait_for(client, first.id)
+
+
+def test_a_job_whose_training_fails_names_the_reason(tiny_llama_dir, tmp_path):
+    """The base weights vanish after the server loaded them: the job fails, saying why, and the
+    server goes on serving."""
+    import shutil
+
+    from conftest import serving
+    copy = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+    with serving(copy, model_dirs={"tiny": str(copy)}) as (server, _):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        training = upload(client, [chat_line(QUESTIONS[0], ANSWERS[0])])
+        (copy / "model.safetensors").unlink()
+        job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=training).id)
+        assert job.status == "failed" and job.error.code == "training_failed" and job.error.message
+        assert "The job failed" in client.fine_tuning.jobs.list_events(job.id).data[0].message
+        assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2).choices[0].message is not None
+
+
+@pytest.mark.parametrize("knob", ["early_stopping", "l1"])
+def test_the_regularisation_knobs_do_what_they_say(tiny_llama_dir, tmp_path, knob):
+    from safetensors.torch import load_file
+
+    from pyserve.finetune import TrainingSpec, train
+    training = tmp_path / "train.jsonl"
+    training.write_bytes(jsonl([chat_line(q, a) for q, a in zip(QUESTIONS, ANSWERS)] * 4).getvalue())
+    base = dict(n_epochs=4, batch_size=2, learning_rate=3e-3, rank=4, validation_split=0.25, seed=1)
+    if knob == "early_stopping":  # a rate that makes every step worse: stopped at the first evaluation after
+        result = train(TrainingSpec(str(tiny_llama_dir), str(training), str(tmp_path / "a"), TrainingConfig(
+            **{**base, "learning_rate": 0.5, "optimizer": "sgd", "eval_every": 1, "early_stopping_patience": 2})))
+        assert result.stopped_early and result.steps < 12
+        return
+    weights = []
+    for name, l1 in (("plain", 0.0), ("l1", 1e-2)):
+        train(TrainingSpec(str(tiny_llama_dir), str(training), str(tmp_path / name), TrainingConfig(**base, l1=l1)))
+        weights.append(sum(t.abs().sum().item() for t in load_file(
+            str(tmp_path / name / "final" / "adapter_model.safetensors")).values()))
+    assert weights[1] < 0.9 * weights[0]  # L1 shrinks the adapter

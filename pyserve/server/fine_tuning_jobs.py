@@ -27,6 +27,8 @@ from .models import ModelRegistry
 log = logging.getLogger("pyserve.finetune")
 
 MAX_SUFFIX = 64
+# Jobs one key may have queued or running: training is the costliest thing a key can ask for.
+MAX_ACTIVE_PER_KEY = 4
 # How often a running job's events are looked for (and a cancel noticed).
 POLL_SECONDS = 0.25
 
@@ -101,6 +103,10 @@ class FineTuningJobs:
                 continue
             paths[name] = path = await asyncio.to_thread(self._file_path, file_id, tenant, name)
             await asyncio.to_thread(read_examples, path, served.tokenizer, config.method, served.max_model_len, name)
+        active = [j for j in await asyncio.to_thread(self.data.fine_tuning.with_status, ACTIVE) if j.tenant == tenant]
+        if len(active) >= MAX_ACTIVE_PER_KEY:
+            raise ClientError(f"this API key has {len(active)} fine-tuning jobs queued or running, the most it may "
+                              f"have; wait for one to finish or cancel one", status=429)
         job = FineTuningJob(model, body["training_file"], config.method_object(), "",
                             validation_file=body.get("validation_file"), suffix=suffix, seed=config.seed,
                             metadata=metadata, tenant=tenant)
