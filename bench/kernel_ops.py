@@ -106,6 +106,35 @@ def bench_prefill(quick, device="cpu", backend="cpu", dtype=torch.float32, sync=
     return rows
 
 
+def bench_encoder(quick, device="cpu", backend="cpu", dtype=torch.float32, sync=lambda: None):
+    """Non-causal attention of an encoder batch of mixed lengths (embeddings, rerankers): ours over
+    the packed tokens against torch SDPA over the padded batch with a key mask (as transformers'
+    BERT runs it), BERT-base heads."""
+    rows = []
+    heads, dim = 12, 64
+    g = torch.Generator().manual_seed(0)
+    cases = [(32, 16, 256), (32, 128, 512), (1, 512, 512)]
+    for batch, shortest, longest in cases[:2] if quick else cases:
+        lengths = torch.randint(shortest, longest + 1, (batch,), generator=g).tolist()
+        total = sum(lengths)
+        q, k, v = (torch.randn(total, heads, dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        width = max(lengths)
+        padded = [torch.zeros(batch, heads, width, dim, dtype=dtype, device=device) for _ in range(3)]
+        for i, (start, n) in enumerate(zip(cu.tolist(), lengths)):
+            for p, x in zip(padded, (q, k, v)):
+                p[i, :, :n] = x[start:start + n].transpose(0, 1)
+        mask = (torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])
+        mask = mask[:, None, None, :]
+        base = timeit(lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask), sync=sync)
+        ours = timeit(lambda: kernels.varlen_attention(q, k, v, cu, max_seqlen=width, backend=backend), sync=sync)
+        flops = 4 * heads * sum(n * n for n in lengths) * dim
+        case = f"{batch} seqs L={shortest}-{longest} D={dim} H={heads} {str(dtype)[6:]}"
+        rows.append(row("encoder_varlen", case, backend, "sdpa_padded", ours, base,
+                        gflops=round(flops / ours / 1e6, 1), padded_fraction=round(1 - total / (batch * width), 3)))
+    return rows
+
+
 def bench_decode(quick, copy_gbs, device="cpu", backend="cpu", dtype=torch.float32, sync=lambda: None):
     rows = []
     heads, kv_heads, dim, block = 32, 8, 128, 16
@@ -261,7 +290,7 @@ def bench_denoise(quick, device="cpu", backend="cpu", sync=lambda: None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few cases per op")
-    parser.add_argument("--ops", default="prefill,decode,sampling,denoise,linear")
+    parser.add_argument("--ops", default="prefill,encoder,decode,sampling,denoise,linear")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows (scripts/gpu-check.sh)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go")
     args = parser.parse_args()
@@ -288,6 +317,8 @@ def bench_cpu(args, ops) -> None:
     rows = []
     if "prefill" in ops:
         rows += bench_prefill(args.quick)
+    if "encoder" in ops:
+        rows += bench_encoder(args.quick)
     if "decode" in ops:
         rows += bench_decode(args.quick, copy_gbs)
     if "sampling" in ops:
@@ -314,6 +345,8 @@ def bench_gpu(args, ops) -> None:
             for r in prefill:
                 r["pct_of_bf16_peak"] = round(100 * r["gflops"] / 1e3 / peak, 2)
             rows += prefill
+        if "encoder" in ops:
+            rows += bench_encoder(args.quick, "cuda", backend, torch.bfloat16, sync)
         if "decode" in ops:
             rows += bench_decode(args.quick, gpu_copy, "cuda", backend, torch.bfloat16, sync)
         if "sampling" in ops:

@@ -25,6 +25,7 @@
 namespace py = pybind11;
 using pyserve::cpu::DenoiseArgs;
 using pyserve::cpu::DenseAttentionArgs;
+using pyserve::cpu::VarlenAttentionArgs;
 using pyserve::cpu::LinearArgs;
 using pyserve::cpu::PagedAttentionArgs;
 using pyserve::cpu::SampleArgs;
@@ -94,6 +95,17 @@ PYBIND11_MODULE(_C, m) {
           args.v_stride[i] = v_stride[i];
         }
         pyserve::cpu::dense_attention(args);
+      },
+      nogil);
+
+  m.def(
+      "varlen_attention",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t cu_seqlens, int num_seqs, int num_heads,
+         int num_kv_heads, int head_dim, float scale, bool causal) {
+        pyserve::cpu::varlen_attention(VarlenAttentionArgs{ptr<const float>(q), ptr<const float>(k),
+                                                           ptr<const float>(v), ptr<float>(out),
+                                                           ptr<const int32_t>(cu_seqlens), num_seqs, num_heads,
+                                                           num_kv_heads, head_dim, scale, causal});
       },
       nogil);
 

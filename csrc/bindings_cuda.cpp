@@ -20,6 +20,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("write_kv", &pyserve::cuda::write_kv, nogil);
   m.def("paged_attention", &pyserve::cuda::paged_attention, nogil);
   m.def("dense_attention", &pyserve::cuda::dense_attention, nogil);
+  m.def("varlen_attention", &pyserve::cuda::varlen_attention, nogil);
   m.def("quantized_linear", &pyserve::cuda::quantized_linear, nogil);
   m.def("lora", &pyserve::cuda::lora, nogil);
   m.def("sample", &pyserve::cuda::sample, nogil);

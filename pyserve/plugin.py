@@ -31,7 +31,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from .tasks import IMAGE_GENERATION, TASKS, TENSOR, TEXT_GENERATION  # noqa: F401 - re-exported for plugins
+from .tasks import EMBEDDING, IMAGE_GENERATION, TASKS, TENSOR, TEXT_GENERATION  # noqa: F401 - re-exported for plugins
 
 ENTRY_POINT_GROUP = "pyserve.plugins"
 PATH_ENV_VAR = "PYSERVE_PLUGIN_PATH"

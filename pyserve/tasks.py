@@ -9,10 +9,12 @@ for it:
   latents, and a latent decoder (engine: step-level batching of denoising loops).
 - tensor: one-shot models with a declared signature of named inputs and outputs (engine: dynamic
   batching).
+- embedding: encoders (BERT family, sentence-transformers, cross-encoders) over sequences packed
+  without padding; a vector or a relevance score per input (engine: batches by a token budget).
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -24,7 +26,8 @@ from .kernels.types import DecodeOutput
 TEXT_GENERATION = "text-generation"
 IMAGE_GENERATION = "image-generation"
 TENSOR = "tensor"
-TASKS = (TEXT_GENERATION, IMAGE_GENERATION, TENSOR)
+EMBEDDING = "embedding"
+TASKS = (TEXT_GENERATION, IMAGE_GENERATION, TENSOR, EMBEDDING)
 
 
 @dataclass
@@ -241,3 +244,33 @@ def operations_of(model: TensorModel) -> tuple[Operation, ...]:
     if model.operations:
         return tuple(model.operations)
     return (Operation(DEFAULT_OPERATION, tuple(model.inputs), tuple(model.outputs)),)
+
+
+EMBED, SCORE = "embed", "score"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the encoder engine and the front-ends must know of an encoder."""
+
+    kind: str  # EMBED: a vector per input; SCORE: relevance logits per (query, document) pair
+    dimensions: int  # the vector's size, or the number of labels of a scorer
+    max_model_len: int  # tokens of one input, special tokens included
+    normalized: bool  # vectors come out unit-length (a sentence-transformers Normalize module)
+    device: torch.device
+    dtype: torch.dtype
+    # sentence-transformers prompt names -> the text put before an input, and the one used unasked
+    prompts: Mapping[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+
+class EmbeddingModel(Protocol):
+    """An encoder over packed sequences: input i is the tokens cu_seqlens[i] .. cu_seqlens[i+1]-1."""
+
+    spec: EncoderSpec
+    tokenizer: "object"  # a pyserve.tokenizer.Tokenizer
+
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, cu_seqlens: torch.Tensor,
+               max_seqlen: int) -> torch.Tensor:
+        """[S, dimensions] fp32: each input's vector (pooled, through any Dense and Normalize
+        modules) or a scorer's logits. `token_type_ids` [T] marks a pair's second text (None: 0)."""

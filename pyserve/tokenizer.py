@@ -61,6 +61,25 @@ class Tokenizer:
         """The longest vocabulary entry: a text longer than this times N has more than N tokens."""
         return max((len(piece) for piece in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
+    def encode_input(self, text: str, pair: str | None = None,
+                     truncate_to: int | None = None) -> tuple[list[int], list[int]]:
+        """An encoder's input: token ids of a text (or of a pair: a cross-encoder's query and
+        document) with the tokenizer's special tokens, and each token's type (0: first text, 1:
+        the pair's second). `truncate_to` cuts the text (a pair's second text first) so the whole
+        fits in that many tokens, special tokens kept, as transformers' truncation does."""
+        first = self.backend.encode(text, add_special_tokens=False)
+        second = None if pair is None else self.backend.encode(pair, add_special_tokens=False)
+        if truncate_to is not None:
+            room = truncate_to - self.backend.num_special_tokens_to_add(pair is not None)
+            if second is not None:
+                if len(second.ids) > max(0, room - len(first.ids)):
+                    second.truncate(max(1, room - len(first.ids)))
+                room -= len(second.ids)
+            if len(first.ids) > max(1, room):
+                first.truncate(max(1, room))
+        encoding = self.backend.post_process(first, second)
+        return encoding.ids, encoding.type_ids
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 

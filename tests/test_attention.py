@@ -153,6 +153,59 @@ def test_dense_attention_matches_reference(backend, device, causal, shape):
     torch.testing.assert_close(got.cpu(), expected, **tolerance(torch.float32))
 
 
+def varlen_case(lengths, h, hkv, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, n, d, generator=g).to(dtype) for n in (h, hkv, hkv))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+def sdpa_per_sequence(q, k, v, cu, causal):
+    """The independent reference: torch's SDPA on each sequence alone (KV heads repeated for GQA)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    group = q.shape[1] // k.shape[1]
+    bounds = cu.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            qs, ks, vs = (x[start:end].float().transpose(0, 1) for x in (q, k, v))
+            ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths, h, hkv, d", [([7, 1, 40, 0, 129], 4, 4, 64), ([3, 77], 8, 2, 128),
+                                                  ([1], 2, 1, 32), ([300, 5, 64], 12, 12, 64)])
+def test_varlen_attention_matches_sdpa_on_each_sequence(backend, device, causal, lengths, h, hkv, d):
+    q, k, v, cu = varlen_case(lengths, h, hkv, d, seed=sum(lengths))
+    want = sdpa_per_sequence(q, k, v, cu, causal)
+    got = kernels.varlen_attention(q.to(device), k.to(device), v.to(device), cu.to(device), causal=causal,
+                                   backend=backend)
+    torch.testing.assert_close(got.cpu(), want, **tolerance(torch.float32))
+    torch.testing.assert_close(reference.varlen_attention(q, k, v, cu, d**-0.5, causal), want, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_attention_equals_one_sequence_alone_in_any_pack():
+    """A sequence's output does not depend on what it is packed with (CPU kernel, bit for bit)."""
+    q, k, v, cu = varlen_case([33, 50, 17], 4, 2, 64, seed=9)
+    packed = kernels.varlen_attention(q, k, v, cu, backend="cpu")
+    alone = kernels.varlen_attention(q[33:83], k[33:83], v[33:83], torch.tensor([0, 50], dtype=torch.int32),
+                                     backend="cpu")
+    assert torch.equal(packed[33:83], alone)
+
+
+def test_varlen_attention_rejects_bad_arguments():
+    q, k, v, cu = varlen_case([4, 4], 4, 2, 64)
+    with pytest.raises(kernels.KernelInputError, match="q has 3 heads"):
+        kernels.varlen_attention(q[:, :3], k, v, cu)
+    with pytest.raises(kernels.KernelInputError, match="cu_seqlens"):
+        kernels.varlen_attention(q, k, v, cu.float())
+    with pytest.raises(kernels.KernelInputError, match="k"):
+        kernels.varlen_attention(q, k[:5], v[:5], cu)
+
+
 def test_dense_reference_matches_torch_sdpa():
     q, k, v = (torch.randn(2, 4, 50, 64) for _ in range(3))
     for causal in (False, True):

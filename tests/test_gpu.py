@@ -61,6 +61,19 @@ def test_dense_attention_every_dtype_and_head_dim(backend, dtype, shape, causal)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths, h, hkv, d", [([7, 1, 300, 0, 129], 8, 2, 64), ([512, 3], 12, 12, 128)])
+def test_varlen_attention_every_dtype(backend, dtype, causal, lengths, h, hkv, d):
+    from test_attention import sdpa_per_sequence, varlen_case
+    q, k, v, cu = varlen_case(lengths, h, hkv, d, dtype=dtype, seed=len(lengths))
+    got = kernels.varlen_attention(q.cuda(), k.cuda(), v.cuda(), cu.cuda(), max_seqlen=max(lengths), causal=causal,
+                                   backend=backend)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), sdpa_per_sequence(q, k, v, cu, causal), **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_in_unused_slots_never_reaches_the_output(backend, dtype):
     case = poison_unused_slots(paged_case(MIXED, 8, 2, 128, 16, dtype=dtype, seed=3))

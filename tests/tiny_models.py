@@ -219,3 +219,62 @@ def make_llava(out: Path, seed: int = 0, feature_layer: int = -2, strategy: str 
     save_sharpened(transformers.LlavaForConditionalGeneration(cfg).eval(), out)
     transformers.CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(out)
     return out
+
+
+def write_wordpiece_tokenizer(out: Path) -> None:
+    """A BERT WordPiece tokenizer over the corpus's words and characters: [CLS] A [SEP] (B [SEP])."""
+    from transformers import BertTokenizerFast
+
+    words = sorted({w.strip(".,!:").lower() for line in CORPUS for w in line.split()} - {""})
+    chars = sorted({c.lower() for line in CORPUS for c in line if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *words, *(f"##{c}" for c in chars)]
+    vocab = list(dict.fromkeys(vocab))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(str(out / "vocab.txt")).save_pretrained(str(out))
+
+
+ENCODER_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert")
+
+
+def make_encoder(out: Path, family: str = "bert", seed: int = 0, scorer: bool = False) -> Path:
+    """A tiny BERT-family checkpoint (the bare model, or a one-label sequence classifier: a
+    cross-encoder) with a WordPiece tokenizer; padding id 0, so RoBERTa positions start at 1."""
+    import transformers
+
+    write_wordpiece_tokenizer(out)
+    vocab = len((out / "vocab.txt").read_text().split())
+    torch.manual_seed(seed)
+    if family == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                               max_position_embeddings=128, pad_token_id=0, num_labels=1)
+    else:
+        name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[family]
+        config = getattr(transformers, f"{name}Config")(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=128,
+                                                        max_position_embeddings=130, pad_token_id=0, num_labels=1,
+                                                        type_vocab_size=2 if family == "bert" else 1)
+    prefix = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}[family]
+    model = getattr(transformers, f"{prefix}{'ForSequenceClassification' if scorer else 'Model'}")(config).eval()
+    with torch.no_grad():  # larger than the init's, so tokens and pairs make visibly different outputs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def make_sentence_transformer(out: Path, family: str = "bert", pooling: str = "mean", dense: int = 0,
+                              normalize: bool = True, seed: int = 0, prompts: dict | None = None) -> Path:
+    """A sentence-transformers directory over a tiny encoder: Pooling, optional Dense and Normalize."""
+    from sentence_transformers import SentenceTransformer, models
+
+    base = make_encoder(out.parent / f"{out.name}-base", family, seed)
+    transformer = models.Transformer(str(base), max_seq_length=120)
+    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling)]
+    if dense:
+        torch.manual_seed(seed + 1)
+        modules.append(models.Dense(modules[-1].get_embedding_dimension(), dense))
+    if normalize:
+        modules.append(models.Normalize())
+    SentenceTransformer(modules=modules, prompts=prompts or {}, device="cpu").save(str(out))
+    return out

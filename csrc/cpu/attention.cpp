@@ -526,45 +526,86 @@ void paged_attention(const PagedAttentionArgs& a) {
   }
 }
 
-void dense_attention(const DenseAttentionArgs& a) {
-  const int group = a.num_heads / a.num_kv_heads;
+namespace {
+
+// One sequence's attention for `attend_spans`: where its queries, keys, values and outputs are,
+// as element strides per position and per head (the head dimension has unit stride).
+struct Span {
+  const float *q, *k, *v;
+  float* out;
+  long q_pos, q_head, k_pos, k_head, v_pos, v_head, out_pos, out_head;
+  int q_len, kv_len;
+};
+
+// Every span's queries over its keys; causal masks align the last query with the last key. Work
+// items are (span, KV head, tile of queries), spread over the threads.
+void attend_spans(const std::vector<Span>& spans, int num_heads, int num_kv_heads, int head_dim, float scale,
+                  bool causal) {
+  const int group = num_heads / num_kv_heads;
   const int tok_tile = std::max(1, kMaxRows / group);
-  const int n_tok_tiles = (a.q_len + tok_tile - 1) / tok_tile;
-  const long n_items = static_cast<long>(a.batch) * a.num_kv_heads * n_tok_tiles;
-  const int offset = a.kv_len - a.q_len;  // causal masks align the last query with the last key
+  std::vector<long> first(spans.size() + 1, 0);  // each span's first work item
+  for (size_t i = 0; i < spans.size(); ++i)
+    first[i + 1] = first[i] + static_cast<long>(num_kv_heads) * ((spans[i].q_len + tok_tile - 1) / tok_tile);
 #pragma omp parallel
   {
-    RowState* st = &thread_row_state(a.head_dim);
+    RowState* st = &thread_row_state(head_dim);
     st->row_by_row = false;  // the per-thread state may come from a batch-invariant paged call
 #pragma omp for schedule(dynamic, 1)
-    for (long w = 0; w < n_items; ++w) {
-      int tile_idx = w % n_tok_tiles, h = (w / n_tok_tiles) % a.num_kv_heads;
-      long b = w / n_tok_tiles / a.num_kv_heads;
-      int t0 = tile_idx * tok_tile, t1 = std::min(a.q_len, t0 + tok_tile);
+    for (long w = 0; w < first.back(); ++w) {
+      const size_t i = std::upper_bound(first.begin(), first.end(), w) - first.begin() - 1;
+      const Span& sp = spans[i];
+      const int n_tiles = (sp.q_len + tok_tile - 1) / tok_tile;
+      const int tile_idx = (w - first[i]) % n_tiles, h = (w - first[i]) / n_tiles;
+      const int t0 = tile_idx * tok_tile, t1 = std::min(sp.q_len, t0 + tok_tile);
+      const int offset = sp.kv_len - sp.q_len;
       st->n = (t1 - t0) * group;
       for (int t = t0, r = 0; t < t1; ++t)
         for (int g = 0; g < group; ++g, ++r) {
-          st->q[r] = a.q + b * a.q_stride[0] + (h * group + g) * a.q_stride[1] + t * a.q_stride[2];
+          st->q[r] = sp.q + (h * group + g) * sp.q_head + t * sp.q_pos;
           st->pos[r] = offset + t;
         }
       reset(*st);
-      const float* k = a.k + b * a.k_stride[0] + h * a.k_stride[1];
-      const float* v = a.v + b * a.v_stride[0] + h * a.v_stride[1];
-      int end = a.causal ? std::min(a.kv_len, offset + t1) : a.kv_len;
+      const float* k = sp.k + h * sp.k_head;
+      const float* v = sp.v + h * sp.v_head;
+      const int end = causal ? std::min(sp.kv_len, offset + t1) : sp.kv_len;
       Tile& tile = st->tiles[0];
       for (int k0 = 0; k0 < end; k0 += kMaxTile) {
         tile.first_pos = k0;
         tile.len = 0;
-        for (int j = k0; j < std::min(end, k0 + kMaxTile); ++j)
-          tile.add(k + j * a.k_stride[2], v + j * a.v_stride[2]);
-        attend_tile(*st, tile, a.scale, a.causal, 0);
+        for (int j = k0; j < std::min(end, k0 + kMaxTile); ++j) tile.add(k + j * sp.k_pos, v + j * sp.v_pos);
+        attend_tile(*st, tile, scale, causal, 0);
       }
       for (int r = 0; r < st->n; ++r) {
-        int t = t0 + r / group, head = h * group + r % group;
-        write_normalised(*st, r, a.out + ((static_cast<long>(b) * a.num_heads + head) * a.q_len + t) * a.head_dim);
+        const int t = t0 + r / group, head = h * group + r % group;
+        write_normalised(*st, r, sp.out + head * sp.out_head + t * sp.out_pos);
       }
     }
   }
+}
+
+}  // namespace
+
+void dense_attention(const DenseAttentionArgs& a) {
+  std::vector<Span> spans;
+  const long out_head = static_cast<long>(a.q_len) * a.head_dim;
+  for (long b = 0; b < a.batch; ++b)
+    spans.push_back({a.q + b * a.q_stride[0], a.k + b * a.k_stride[0], a.v + b * a.v_stride[0],
+                     a.out + b * a.num_heads * out_head, a.q_stride[2], a.q_stride[1], a.k_stride[2], a.k_stride[1],
+                     a.v_stride[2], a.v_stride[1], a.head_dim, out_head, a.q_len, a.kv_len});
+  attend_spans(spans, a.num_heads, a.num_kv_heads, a.head_dim, a.scale, a.causal);
+}
+
+void varlen_attention(const VarlenAttentionArgs& a) {
+  std::vector<Span> spans;
+  const long q_pos = static_cast<long>(a.num_heads) * a.head_dim, kv_pos = static_cast<long>(a.num_kv_heads) * a.head_dim;
+  for (int s = 0; s < a.num_seqs; ++s) {
+    const long start = a.cu_seqlens[s];
+    const int len = a.cu_seqlens[s + 1] - a.cu_seqlens[s];
+    if (len <= 0) continue;
+    spans.push_back({a.q + start * q_pos, a.k + start * kv_pos, a.v + start * kv_pos, a.out + start * q_pos, q_pos,
+                     a.head_dim, kv_pos, a.head_dim, kv_pos, a.head_dim, q_pos, a.head_dim, len, len});
+  }
+  attend_spans(spans, a.num_heads, a.num_kv_heads, a.head_dim, a.scale, a.causal);
 }
 
 void write_kv(const WriteKVArgs& a) {

@@ -35,6 +35,19 @@ struct DenseAttentionArgs {
   long q_stride[3], k_stride[3], v_stride[3];  // element strides of (batch, head, position)
 };
 
+// Self-attention of sequences packed one after another (no padding): sequence s holds the tokens
+// cu_seqlens[s] .. cu_seqlens[s + 1] - 1, and attends within itself only (causal or not).
+struct VarlenAttentionArgs {
+  const float* q;  // [T, H, D], contiguous
+  const float* k;  // [T, Hkv, D], contiguous
+  const float* v;
+  float* out;      // [T, H, D], contiguous
+  const int32_t* cu_seqlens;  // [S + 1], from 0 to T
+  int num_seqs, num_heads, num_kv_heads, head_dim;
+  float scale;
+  bool causal;
+};
+
 struct WriteKVArgs {
   const float* k;  // [T, Hkv, D]
   const float* v;
@@ -55,6 +68,7 @@ bool batch_invariant();
 
 void paged_attention(const PagedAttentionArgs& args);
 void dense_attention(const DenseAttentionArgs& args);
+void varlen_attention(const VarlenAttentionArgs& args);
 void write_kv(const WriteKVArgs& args);
 
 }  // namespace pyserve::cpu

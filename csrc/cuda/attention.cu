@@ -153,6 +153,29 @@ __global__ void dense_kernel(const T* q, const T* k, const T* v, T* out, int num
   for (int c = threadIdx.x; c < head_dim; c += blockDim.x) out[q_off + c] = from_float<T>(sm_o[c] * inv);
 }
 
+// Packed sequences without padding: one block per (token, head); the token's sequence is found by
+// binary search in cu_seqlens, and it attends to its sequence's keys (up to itself when causal).
+template <typename T>
+__global__ void varlen_kernel(const T* q, const T* k, const T* v, T* out, const int* cu_seqlens, int num_seqs,
+                              int num_heads, int num_kv_heads, int head_dim, float scale, bool causal) {
+  extern __shared__ float smem[];
+  const int tok = blockIdx.x, head = blockIdx.y;
+  int lo = 0, hi_seq = num_seqs;  // the last s with cu_seqlens[s] <= tok
+  while (hi_seq - lo > 1) {
+    const int mid = (lo + hi_seq) / 2;
+    if (cu_seqlens[mid] <= tok) lo = mid; else hi_seq = mid;
+  }
+  const int start = cu_seqlens[lo], end = cu_seqlens[lo + 1];
+  const int kv_head = head / (num_heads / num_kv_heads);
+  const int keys = causal ? tok - start + 1 : end - start;
+  auto key_offset = [=](int j) { return ((static_cast<long>(start) + j) * num_kv_heads + kv_head) * head_dim; };
+  float *sm_m = smem, *sm_l = smem + kWarps + 1, *sm_o = smem + 2 * (kWarps + 1);
+  const long q_off = (static_cast<long>(tok) * num_heads + head) * head_dim;
+  attend(q + q_off, k, v, 0, keys, head_dim, scale, key_offset, sm_m, sm_l, sm_o);
+  const float inv = sm_l[kWarps] > 0.0f ? 1.0f / sm_l[kWarps] : 0.0f;
+  for (int c = threadIdx.x; c < head_dim; c += blockDim.x) out[q_off + c] = from_float<T>(sm_o[c] * inv);
+}
+
 size_t smem_bytes(int head_dim) { return sizeof(float) * (2 * (kWarps + 1) + kWarps * head_dim); }
 
 }  // namespace
@@ -205,6 +228,21 @@ void dense_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
         reinterpret_cast<T*>(out), num_heads, num_kv_heads, q_len, kv_len, head_dim, scale, causal);
   });
   check(cudaGetLastError(), "dense_attention");
+}
+
+void varlen_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t cu_seqlens,
+                      int num_tokens, int num_seqs, int num_heads, int num_kv_heads, int head_dim, float scale,
+                      bool causal, uintptr_t stream) {
+  if (num_tokens == 0 || num_seqs == 0) return;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    varlen_kernel<T><<<dim3(num_tokens, num_heads), 32 * kWarps, smem_bytes(head_dim),
+                       reinterpret_cast<cudaStream_t>(stream)>>>(
+        reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(v),
+        reinterpret_cast<T*>(out), reinterpret_cast<const int*>(cu_seqlens), num_seqs, num_heads, num_kv_heads,
+        head_dim, scale, causal);
+  });
+  check(cudaGetLastError(), "varlen_attention");
 }
 
 }  // namespace pyserve::cuda

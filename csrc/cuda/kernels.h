@@ -28,6 +28,11 @@ void dense_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
                      int num_kv_heads, int q_len, int kv_len, int head_dim, float scale, bool causal,
                      uintptr_t stream);
 
+// Self-attention of packed sequences (see pyserve.kernels.varlen_attention); cu_seqlens int32 [S + 1].
+void varlen_attention(int dtype, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t cu_seqlens,
+                      int num_tokens, int num_seqs, int num_heads, int num_kv_heads, int head_dim, float scale,
+                      bool causal, uintptr_t stream);
+
 void sample(int dtype, uintptr_t logits, uintptr_t scratch, int batch, int vocab, long row_stride,
             uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t repetition,
             uintptr_t presence, uintptr_t frequency, uintptr_t seed, uintptr_t step, uintptr_t prompt,

@@ -14,7 +14,7 @@ import torch
 
 from ..nn import pack_as_asked
 from ..plugin import PluginRegistry
-from ..tasks import IMAGE_GENERATION, TENSOR, TEXT_GENERATION
+from ..tasks import EMBEDDING, IMAGE_GENERATION, TENSOR, TEXT_GENERATION
 from .base import Engine, EngineInfo, EngineStats
 from .driver import EngineDriver
 
@@ -30,7 +30,7 @@ def default_device() -> str:
 
 # The engine class of each task (its module here, its name), imported when first asked for.
 ENGINES = {TEXT_GENERATION: ("llm", "LLMEngine"), IMAGE_GENERATION: ("diffusion", "DiffusionEngine"),
-           TENSOR: ("batch", "BatchEngine")}
+           TENSOR: ("batch", "BatchEngine"), EMBEDDING: ("embedding", "EncoderEngine")}
 
 
 def engine_class(task: str) -> type:

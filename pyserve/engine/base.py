@@ -25,6 +25,7 @@ class EngineInfo:
     operations: tuple = ()  # pyserve.tasks.Operation of tensor models: named inputs and outputs
     class_names: tuple[str, ...] = ()  # what a class-conditional model's class labels stand for
     vision: Any = None  # a pyserve.tasks.VisionSpec for text models that read images
+    encoder: Any = None  # a pyserve.tasks.EncoderSpec for embedding models
     adapters: bool = False  # takes LoRA adapters (load_lora / unload_lora on the engine)
     max_batch_size: int = 0  # items a request's first dimension stacks into one batch; 0: not batched so
     # Each output holds everything before it (an LLM's text so far, every token's logprobs): an

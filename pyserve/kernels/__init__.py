@@ -29,7 +29,7 @@ __all__ = [
     "DecoderStackWeights", "KernelInputError", "QuantizedWeight", "SampleResult", "SamplingRow", "SamplingTensors",
     "WEIGHT_FORMATS", "available", "batch_invariant", "decode_step", "decoder_stack", "dense_attention",
     "denoise_step", "greedy", "linear", "lora", "paged_attention", "quantize", "rms_norm", "rotary", "sample",
-    "set_batch_invariant", "silu_mul", "write_kv",
+    "set_batch_invariant", "silu_mul", "varlen_attention", "write_kv",
 ]
 
 
@@ -262,6 +262,29 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     scale = d**-0.5 if scale is None else float(scale)
     with _on(dev):
         return backend_for(dev, backend).dense_attention(q, k, v, scale, causal)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
+                     max_seqlen: int | None = None, scale: float | None = None, causal: bool = False,
+                     backend: str | None = None) -> torch.Tensor:
+    """Self-attention of sequences packed without padding (encoders: embeddings, rerankers):
+    q [T, H, D] and k/v [T, Hkv, D], sequence s the rows cu_seqlens[s] .. cu_seqlens[s + 1] - 1
+    (int32 [S + 1], from 0 to T), each attending within itself, causally or not. `max_seqlen`
+    (the longest sequence, from the host's lengths) sizes GPU launches without reading
+    cu_seqlens back. Returns [T, H, D]."""
+    dev = q.device
+    checks.tensor(q, "q", ndim=3, dtypes=FLOAT_DTYPES)
+    t, h, d = q.shape
+    checks.tensor(k, "k", ndim=3, dtypes=(q.dtype,), device=dev, shape=(t, None, d))
+    checks.tensor(v, "v", dtypes=(q.dtype,), device=dev, shape=tuple(k.shape))
+    checks.tensor(cu_seqlens, "cu_seqlens", ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+    checks.check(h % k.shape[1] == 0, f"q has {h} heads, which is not a multiple of k's {k.shape[1]} heads")
+    checks.check(cu_seqlens.numel() >= 1, "cu_seqlens needs at least one entry (0)")
+    scale = d**-0.5 if scale is None else float(scale)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    with _on(dev):
+        return backend_for(dev, backend).varlen_attention(q, k, v, cu_seqlens, scale, causal, max_seqlen)
 
 
 def sample(logits: torch.Tensor, params: SamplingTensors, *, num_logprobs: int = 0,

@@ -309,6 +309,16 @@ def dense_attention(q, k, v, scale, causal=False):
     return out.to(q.dtype)
 
 
+def varlen_attention(q, k, v, cu_seqlens, scale, causal=False, max_seqlen=0):
+    _check_limits(q.shape[2], q.shape[1] // k.shape[1])
+    qf, kf, vf = (_f32(x).contiguous() for x in (q, k, v))
+    cu = _i32(cu_seqlens)
+    out = torch.empty(qf.shape, dtype=torch.float32)
+    _C.varlen_attention(qf.data_ptr(), kf.data_ptr(), vf.data_ptr(), out.data_ptr(), cu.data_ptr(), cu.numel() - 1,
+                        q.shape[1], k.shape[1], q.shape[2], float(scale), bool(causal))
+    return out.to(q.dtype)
+
+
 def _logit_rows(logits: torch.Tensor) -> torch.Tensor:
     """Logits as the C++ samplers read them: fp32 rows with unit stride, rows any stride apart."""
     return logits if logits.dtype == torch.float32 and logits.stride(-1) == 1 else _f32(logits)

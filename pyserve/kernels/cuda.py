@@ -134,6 +134,18 @@ def dense_attention(q, k, v, scale, causal=False):
     return out
 
 
+def varlen_attention(q, k, v, cu_seqlens, scale, causal=False, max_seqlen=0):
+    t, h, d = q.shape
+    _check_head_dim(d)
+    check(h <= MAX_GRID_YZ, f"the cuda back-end takes at most {MAX_GRID_YZ} heads, got {h}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    _C_cuda.varlen_attention(_DTYPE[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                             _i32(cu_seqlens).data_ptr(), t, cu_seqlens.shape[0] - 1, h, k.shape[1], d, float(scale),
+                             bool(causal), _stream())
+    return out
+
+
 def sample(logits: torch.Tensor, p: SamplingTensors, num_logprobs: int = 0) -> SampleResult:
     batch, vocab = logits.shape
     dev = logits.device

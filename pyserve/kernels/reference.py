@@ -80,6 +80,19 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return out.transpose(1, 2).to(q.dtype)
 
 
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                     causal: bool = False) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] packed: sequence s is rows cu_seqlens[s]..cu_seqlens[s+1]-1
+    and attends within itself."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:
+            allowed = _allowed(torch.arange(end - start), torch.arange(end - start), causal, 0)
+            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], allowed, scale)
+    return out.to(q.dtype)
+
+
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):  # the packed formats mean their dequantized values
         if weight.int8_activations:

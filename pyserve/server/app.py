@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from ..errors import ClientError
 from ..store import DataDir
-from . import (feedback, kserve, openai_api, openai_files, openai_fine_tuning, openai_images, openai_responses,
-               stored_completions)
+from . import (feedback, kserve, openai_api, openai_embeddings, openai_files, openai_fine_tuning, openai_images,
+               openai_responses, stored_completions)
 from .auth import AccessPolicy
 from .fine_tuning_jobs import FineTuningJobs
 from .metrics import Metrics
@@ -98,6 +98,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
         *stored_completions.routes,
         *openai_api.routes,
         *openai_images.routes,
+        *openai_embeddings.routes,
         *openai_responses.routes,
         *openai_files.routes,
         *openai_fine_tuning.routes,

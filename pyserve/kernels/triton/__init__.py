@@ -11,7 +11,7 @@ except ImportError:
     AVAILABLE = False
 
 if AVAILABLE:
-    from .attention import dense_attention, paged_attention, write_kv  # noqa: F401
+    from .attention import dense_attention, paged_attention, varlen_attention, write_kv  # noqa: F401
     from .denoise import denoise_step  # noqa: F401
     from .sampling import sample  # noqa: F401
     from .linear import linear  # noqa: F401  (packed weights; otherwise torch's GEMM)

@@ -237,3 +237,57 @@ def dense_attention(q, k, v, scale, causal=False):
                                         D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
                                         PRECISION=_precision(q.dtype))
     return out
+
+
+@triton.jit
+def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, scale,
+                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # Grid: (query tile, sequence, head); a tile past its sequence's end has nothing to do.
+    tile, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    length = tl.load(cu_ptr + seq + 1) - start
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    dims = tl.arange(0, D_PAD)
+    dim_ok = dims < D
+    q_at = (start + rows).to(tl.int64)[:, None] * (H * D) + head * D + dims[None, :]
+    q = tl.load(q_ptr + q_at, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    kv_head = head // (H // HKV)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    end = length
+    if CAUSAL:
+        end = tl.minimum(length, tile * BLOCK_M + BLOCK_M)
+    for key0 in range(0, end, BLOCK_N):
+        cols = key0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        kv_ok = col_ok[:, None] & dim_ok[None, :]
+        kv_at = (start + cols).to(tl.int64)[:, None] * (HKV * D) + kv_head * D + dims[None, :]
+        k = tl.load(k_ptr + kv_at, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + kv_at, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+        ok = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None])
+        m, l, acc = _softmax_step(s, ok, v, m, l, acc, PRECISION)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + q_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def varlen_attention(q, k, v, cu_seqlens, scale, causal=False, max_seqlen=0):
+    t, h, d = q.shape
+    num_seqs = cu_seqlens.shape[0] - 1
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    if t == 0 or num_seqs == 0 or max_seqlen == 0:
+        return out
+    check(num_seqs <= MAX_GRID_YZ and h <= MAX_GRID_YZ,
+          f"the triton back-end takes at most {MAX_GRID_YZ} sequences and heads per call, got {num_seqs} and {h}")
+    d_pad = triton.next_power_of_2(d)
+    block_m, block_n = _dense_tiles(max_seqlen, d_pad, q.dtype)
+    grid = (triton.cdiv(max_seqlen, block_m), num_seqs, h)
+    _varlen_kernel[grid](q, k, v, out, cu_seqlens.to(torch.int32).contiguous(), scale, H=h, HKV=k.shape[1], D=d,
+                         D_PAD=d_pad, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype))
+    return out

@@ -7,6 +7,7 @@ A new family adds its task's translator here (and an engine); no front-end chang
 """
 
 from .base import Caller, Outcome, TensorSignature, Translator, Unsupported
+from .embedding import EmbeddingTranslator
 from .image import ImageTranslator
 from .tensor import TensorTranslator
 from .text import TextTranslator
@@ -19,7 +20,7 @@ def register(translator: Translator) -> None:
     _BY_TASK[translator.task] = translator
 
 
-for _translator in (TextTranslator(), ImageTranslator(), TensorTranslator()):
+for _translator in (TextTranslator(), ImageTranslator(), TensorTranslator(), EmbeddingTranslator()):
     register(_translator)
 
 

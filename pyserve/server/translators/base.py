@@ -11,6 +11,8 @@ Operations, grouped by the protocols that share them:
   `streams_images` says whether previews can be streamed.
 - text (OpenAI completions and chat, msgpack `generate` and `chat`): `text` is True; the routes
   themselves live in openai_api.py and msgpack_server.py, since only text models take them.
+- encoders (OpenAI embeddings, /v1/rerank, /v1/score): `embedding_request` and `score_request`
+  tokenize inputs into an engine request, `vectors_of` reads its answer.
 - metrics: `outcome` sums up a finished request for /metrics, whatever protocol carried it.
 """
 
@@ -102,6 +104,25 @@ class Translator:
     def image_extras(self, request, out) -> dict:
         """Fields an images answer carries besides the images: the seeds used, one per image."""
         return {}
+
+    # -- encoders ----------------------------------------------------------------------------
+
+    def embedding_request(self, model, inputs: list, fields: Mapping) -> Any:
+        """The engine request for embeddings of `inputs` (strings or token-id lists); a blocking
+        call (it tokenizes): the routes run it in a worker thread."""
+        raise Unsupported(model, "embeddings")
+
+    def score_request(self, model, pairs: list[tuple[str, str]], fields: Mapping) -> Any:
+        """The engine request for relevance scores of (query, document) pairs; blocking, as above."""
+        raise Unsupported(model, "relevance scores (rerank, score)")
+
+    def vectors_of(self, out) -> np.ndarray:
+        """[inputs, dimensions] fp32: the vectors of a finished embeddings request."""
+        raise NotImplementedError
+
+    def scores_of(self, request, out) -> list[float]:
+        """Each pair's relevance, from a finished `score_request`."""
+        raise NotImplementedError
 
     def failure(self, out) -> ClientError:
         """The error a request's failed output answers with."""

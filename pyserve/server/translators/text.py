@@ -66,6 +66,10 @@ class TextTranslator(Translator):
     def infer_extras(self, out) -> dict:
         return {"usage": adapters.usage([out])}
 
+    def embedding_request(self, model, inputs: list, fields: Mapping):
+        raise InvalidParameter("model", f"{model.name!r} is a text-generation model: it serves embeddings only "
+                                        f"when started with --task embed")
+
     def failure(self, out) -> ClientError:
         """The request's own fault (a constraint that cannot go on) as a 4xx naming its field, the
         model's as a 500."""
