@@ -21,7 +21,7 @@ import uvicorn
 from ..engine.driver import EngineDriver
 from ..finetune.runner import job_runner
 from ..store import DataDir
-from .app import build_app
+from .app import background, build_app
 from .config import ServerConfig
 from .connections import guarded_http_protocol
 from .fine_tuning_jobs import FineTuningJobs
@@ -73,11 +73,11 @@ class _HTTPServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def _run(http: _HTTPServer, fine_tuning: FineTuningJobs, models: ModelRegistry, config: ServerConfig,
-               bound: dict) -> None:
+async def _run(http: _HTTPServer, services: list, models: ModelRegistry, config: ServerConfig, bound: dict) -> None:
     for name, path in config.lora_adapters:
         await models.load_lora(name, path)
-    await fine_tuning.start()
+    for service in services:
+        await service.start()
     tcp = MsgpackServer(models, config.access, config.allowed_image_hosts, config.max_connections,
                         config.header_seconds) if config.msgpack_port is not None else None
     if tcp is not None:
@@ -96,7 +96,8 @@ async def _run(http: _HTTPServer, fine_tuning: FineTuningJobs, models: ModelRegi
             log.info("the drain time is over: ending the requests still open")
             models.end_open_requests("the server is shutting down")
             await asyncio.wait(still_open)
-        await fine_tuning.stop()
+        for service in services:
+            await service.stop()
         serving.result()
 
 
@@ -125,8 +126,8 @@ class RunningServer:
         self.models.shutdown(ENGINE_STOP_SECONDS)
 
 
-def _http_server(models: ModelRegistry, config: ServerConfig,
-                 handle_signals: bool) -> tuple[_HTTPServer, FineTuningJobs]:
+def _http_server(models: ModelRegistry, config: ServerConfig, handle_signals: bool) -> tuple[_HTTPServer, list]:
+    """uvicorn over the app, and the app's background services."""
     data = DataDir(config.data_dir or None)
     fine_tuning = FineTuningJobs(data, models, job_runner(config.finetune_threads, config.finetune_ray_address),
                                  config.model_dirs, config.finetune_jobs)
@@ -137,7 +138,7 @@ def _http_server(models: ModelRegistry, config: ServerConfig,
                                       lifespan="off",
                                       timeout_graceful_shutdown=config.drain_seconds + ANSWER_SECONDS,
                                       ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile),
-                       handle_signals), fine_tuning
+                       handle_signals), background(app)
 
 
 def start_in_thread(drivers: dict[str, EngineDriver], config: ServerConfig | None = None,
@@ -145,9 +146,9 @@ def start_in_thread(drivers: dict[str, EngineDriver], config: ServerConfig | Non
     """Serve in a background thread; by default on free loopback ports, quietly."""
     config = config or ServerConfig(port=0, msgpack_port=0, log_level="warning")
     models = ModelRegistry(drivers, loader)
-    http, fine_tuning = _http_server(models, config, handle_signals=False)
+    http, services = _http_server(models, config, handle_signals=False)
     bound: dict = {}
-    thread = threading.Thread(target=lambda: asyncio.run(_run(http, fine_tuning, models, config, bound)),
+    thread = threading.Thread(target=lambda: asyncio.run(_run(http, services, models, config, bound)),
                               name="pyserve-servers", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -164,14 +165,14 @@ def serve(drivers: dict[str, EngineDriver], config: ServerConfig, loader: Loader
         log.warning("serving on %s with no API key: anyone who can reach this address can use every model and "
                     "the operations routes (pass --api-key and --admin-api-key)", config.host)
     models = ModelRegistry(drivers, loader)
-    http, fine_tuning = _http_server(models, config, handle_signals=True)
+    http, services = _http_server(models, config, handle_signals=True)
     scheme = "https" if config.tls else "http"
     base = f"{scheme}://{config.host}:{config.port}"
     print(f"pyserve: serving {', '.join(drivers)}: OpenAI API on {base}/v1, KServe V2 on {base}/v2"
           + (f", msgpack{' over TLS' if config.tls else ''} on {config.host}:{config.msgpack_port}"
              if config.msgpack_port is not None else ""), flush=True)
     try:
-        asyncio.run(_run(http, fine_tuning, models, config, {}))
+        asyncio.run(_run(http, services, models, config, {}))
     finally:
         models.shutdown(ENGINE_STOP_SECONDS)
     log.info("pyserve stopped")

@@ -18,9 +18,10 @@ from starlette.routing import Route
 from ..errors import ClientError
 from ..store import DataDir
 from . import (feedback, kserve, openai_api, openai_embeddings, openai_files, openai_fine_tuning, openai_images,
-               openai_responses, stored_completions)
+               openai_responses, stored_completions, vector_stores)
 from .auth import AccessPolicy
 from .fine_tuning_jobs import FineTuningJobs
+from .retrieval import Retrieval
 from .metrics import Metrics
 from .middleware import Guard
 from .vision_inputs import ImageFetcher
@@ -56,6 +57,11 @@ async def repository_unload(request: Request) -> Response:
     return JSONResponse({})
 
 
+def background(app: Starlette) -> list:
+    """The app's background services, each with async start() and stop()."""
+    return [app.state.fine_tuning, app.state.retrieval]
+
+
 async def on_client_error(request: Request, exc: ClientError) -> Response:
     log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
     return error_response(request.url.path, exc)
@@ -87,7 +93,8 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
     `data` keeps stored completions, responses, files, feedback and fine-tuning jobs (None: in
     memory); `store_all` stores every chat completion that does not say `store: false`; records
     older than `store_days` are deleted at start. `fine_tuning` runs the jobs (None: jobs are
-    refused); its `start()` is the caller's, on the server's event loop."""
+    refused). The background services (`background(app)`: fine-tuning jobs, vector-store
+    indexing) are started and stopped by the caller, on the server's event loop."""
     app = Starlette(routes=[
         Route("/health", health),
         Route("/metrics", prometheus),
@@ -102,6 +109,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
         *openai_responses.routes,
         *openai_files.routes,
         *openai_fine_tuning.routes,
+        *vector_stores.routes,
         *kserve.routes,
     ], middleware=[Middleware(Guard, policy=policy or AccessPolicy(), admin_routes=admin_routes)], exception_handlers={
         ClientError: on_client_error, ClientGone: on_client_gone, HTTPException: on_http_error,
@@ -111,6 +119,7 @@ def build_app(models: ModelRegistry, policy: AccessPolicy | None = None, image_h
     app.state.data = data or DataDir(None)
     app.state.store_all = store_all
     app.state.fine_tuning = fine_tuning or FineTuningJobs(app.state.data, models, runner=None)
+    app.state.retrieval = Retrieval(app.state.data, models)
     if store_days is not None:
         cutoff = time.time() - store_days * 86400
         expired = app.state.data.completions.expire(cutoff) + app.state.data.responses.expire(cutoff)

@@ -17,10 +17,12 @@ from .feedback import Feedback, FeedbackStore
 from .files import FileStore, StoredFile
 from .fine_tuning import Checkpoint, FineTuningJob, FineTuningStore
 from .responses import ResponseStore, StoredResponse
+from .vector_stores import VectorStore, VectorStoreFile, VectorStores
 
 __all__ = ["Checkpoint", "CompletionStore", "DataDir", "Database", "Feedback", "FeedbackStore", "FileStore", "FineTuningJob",
            "FineTuningStore", "ResponseStore",
-           "StoredCompletion", "StoredFile", "StoredResponse", "default_data_dir"]
+           "StoredCompletion", "StoredFile", "StoredResponse", "VectorStore", "VectorStoreFile", "VectorStores",
+           "default_data_dir"]
 
 
 def default_data_dir() -> Path:
@@ -32,7 +34,7 @@ def default_data_dir() -> Path:
 class DataDir:
     """The server's data directory: `pyserve.sqlite3` and its stores (stored chat completions,
     responses, uploaded files under `files/`, feedback, fine-tuning jobs with their adapters under
-    `fine_tuning/`). None keeps the records in memory and the files in a temporary folder (tests,
+    `fine_tuning/`, vector stores with their ANN indexes under `vector_stores/`). None keeps the records in memory and the files in a temporary folder (tests,
     and servers started from code without one)."""
 
     def __init__(self, path: str | Path | None):
@@ -49,6 +51,7 @@ class DataDir:
         self.feedback = FeedbackStore(self.database)
         self.fine_tuning = FineTuningStore(self.database)
         self.adapters = root / "fine_tuning"  # a folder per job: its checkpoints and final adapter
+        self.vector_stores = VectorStores(self.database, root / "vector_stores")
 
     def close(self) -> None:
         self.database.close()

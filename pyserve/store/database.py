@@ -43,6 +43,17 @@ MIGRATIONS: list[str] = [
         id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
         model TEXT NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL);
        CREATE INDEX fine_tuning_checkpoints_by_job ON fine_tuning_checkpoints (job_id);""",
+    # 6: vector stores, their files and the files' chunks, with a full-text index of the chunks (BM25)
+    """CREATE TABLE vector_stores (
+        id TEXT PRIMARY KEY, tenant TEXT, created_at INTEGER NOT NULL, store TEXT NOT NULL);
+       CREATE TABLE vector_store_files (
+        store_id TEXT NOT NULL, file_id TEXT NOT NULL, created_at INTEGER NOT NULL, status TEXT NOT NULL,
+        record TEXT NOT NULL, PRIMARY KEY (store_id, file_id));
+       CREATE TABLE chunks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, store_id TEXT NOT NULL, file_id TEXT NOT NULL, position INTEGER NOT NULL,
+        text TEXT NOT NULL, tokens INTEGER NOT NULL);
+       CREATE INDEX chunks_by_file ON chunks (store_id, file_id);
+       CREATE VIRTUAL TABLE chunks_text USING fts5(text, content='chunks', content_rowid='id')""",
 ]
 
 
