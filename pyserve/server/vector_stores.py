@@ -12,6 +12,7 @@ Example (with the demo server running):
 """
 
 import asyncio
+import importlib.util
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,6 +41,9 @@ async def _store(request: Request) -> VectorStore:
 
 
 async def create(request: Request) -> Response:
+    if importlib.util.find_spec("hnswlib") is None:
+        raise ClientError('vector stores need the retrieval extra on the server: pip install "pyserve[retrieval]"',
+                          status=501)
     body = await json_body(request)
     retrieval = request.app.state.retrieval
     name = body.get("name") or ""
