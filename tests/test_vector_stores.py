@@ -219,3 +219,64 @@ def test_stores_and_their_indexes_outlive_a_restart(tmp_path):
         after = client.vector_stores.search(store.id, query="hello pyserve")
     assert [(r.file_id, r.score, r.content[0].text) for r in after.data] == \
         [(r.file_id, r.score, r.content[0].text) for r in before.data]
+
+
+@pytest.fixture(scope="module")
+def grounded(tmp_path_factory):
+    """A chat model and an embedding model behind one server, and a store of two files."""
+    from pyserve import LLM
+    from pyserve.engine import EngineDriver, load_engine
+    from pyserve.engine.llm import AsyncLLMEngine
+    from pyserve.server import start_in_thread
+    from tiny_models import make_model
+    root = tmp_path_factory.mktemp("grounded")
+    server = start_in_thread({"chat": AsyncLLMEngine(LLM(make_model(root / "llm", "llama"), device="cpu").engine),
+                              "embedder": EngineDriver(load_engine(make_sentence_transformer(root / "st"),
+                                                                   device="cpu"))})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    store = client.vector_stores.create(name="kb", file_ids=[upload(client, "hello.txt", HELLO.encode()),
+                                                             upload(client, "fox.txt", FOX[:45].encode())])
+    indexed(client, store.id)
+    try:
+        yield client, store.id
+    finally:
+        server.stop()
+
+
+def test_a_grounded_chat_answers_from_its_sources_and_returns_them(grounded):
+    client, store_id = grounded
+    question = [{"role": "user", "content": "hello pyserve"}]
+    retrieval = {"vector_store_ids": [store_id], "max_num_results": 2}
+    answer = client.chat.completions.create(model="chat", messages=question, max_tokens=8, temperature=0,
+                                            extra_body={"retrieval": retrieval})
+    sources = answer.model_extra["sources"]
+    found = client.vector_stores.search(store_id, query="hello pyserve", max_num_results=2).data
+    assert [(s["filename"], s["text"]) for s in sources] == [(r.filename, r.content[0].text) for r in found]
+    context = "\n\n".join(f"[{n}] {s['filename']}: {s['text']}" for n, s in enumerate(sources, start=1))
+    by_hand = client.chat.completions.create(model="chat", max_tokens=8, temperature=0, messages=[{
+        "role": "user", "content": f"Sources:\n{context}\n\nAnswer from the sources above.\n\nhello pyserve"}])
+    assert answer.choices[0].message.content == by_hand.choices[0].message.content
+    stream = client.chat.completions.create(model="chat", messages=question, max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"retrieval": retrieval})
+    chunks = list(stream)
+    assert chunks[0].model_extra["sources"] == sources
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == by_hand.choices[0].message.content
+
+    response = client.responses.create(model="chat", input="hello pyserve", max_output_tokens=8, temperature=0,
+                                       tools=[{"type": "file_search", "vector_store_ids": [store_id],
+                                               "max_num_results": 2}])
+    call, message = response.output[0], response.output[1]
+    assert call.type == "file_search_call" and call.queries == ["hello pyserve"]
+    assert [r.filename for r in call.results] == [s["filename"] for s in sources]
+    assert response.output_text == by_hand.choices[0].message.content
+
+
+def test_a_grounded_chat_names_a_bad_store(grounded):
+    client, _ = grounded
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       extra_body={"retrieval": {"vector_store_ids": ["vs_nope"]}})
+    assert caught.value.body["param"] == "retrieval.vector_store_ids"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="chat", input="hi", tools=[{"type": "file_search", "vector_store_ids": []}])
+    assert caught.value.body["param"] == "tools"

@@ -20,6 +20,7 @@ from ..errors import ClientError, InvalidParameter
 from ..engine.llm import StructuredOutput
 from . import adapters, stored_completions, tool_calls, translators
 from .models import ServedModel
+from .records import tenant_of
 from .tool_calls import CallFormat
 from .responses import error_body, json_body, unless_client_leaves
 
@@ -90,6 +91,7 @@ class ChatJob:
     prompt: list[int]
     images: list
     calls: CallFormat | None  # how tool calls are parsed out of the reply; None without tools
+    sources: list | None = None  # a grounded chat's sources (pyserve.server.retrieval.SearchResult)
 
 
 async def prepare_chat(request: Request, body: dict) -> ChatJob:
@@ -99,8 +101,10 @@ async def prepare_chat(request: Request, body: dict) -> ChatJob:
     params = adapters.sampling_params(body, chat=True)
     tools = tool_calls.tools_of(body)
     choice = tool_calls.choice_of(body, tools)
-    ids, images = await adapters.chat_prompt(model, adapters.chat_messages(body.get("messages")), tools or None,
-                                             request.app.state.images)
+    messages, sources = adapters.chat_messages(body.get("messages")), None
+    if body.get("retrieval") is not None:  # pyserve's grounded chat: sources from vector stores
+        messages, sources = await request.app.state.retrieval.ground(tenant_of(request), body["retrieval"], messages)
+    ids, images = await adapters.chat_prompt(model, messages, tools or None, request.app.state.images)
     calls = None
     if tools and choice != "none":
         calls = tool_calls.call_format(model.tokenizer)
@@ -112,14 +116,20 @@ async def prepare_chat(request: Request, body: dict) -> ChatJob:
             parallel = choice == "required" and adapters.get_field(body, "parallel_tool_calls", True)
             params = replace(params, structured=StructuredOutput(grammar=calls.grammar(chosen, parallel),
                                                                  field="tool_choice"))
-    return ChatJob(model, params, ids, images, calls)
+    return ChatJob(model, params, ids, images, calls, sources)
 
 
 async def chat_completions(request: Request) -> Response:
     body = await json_body(request)
     job = await prepare_chat(request, body)
     return await _respond(request, body, job.model, [job.prompt], job.params, chat=True, calls=job.calls,
-                          images=job.images)
+                          images=job.images, sources=job.sources)
+
+
+def source_body(result) -> dict:
+    """A grounded chat's source, beside the answer: which file, which chunk, how relevant."""
+    return {"file_id": result.file_id, "filename": result.filename, "chunk_id": result.chunk_id,
+            "score": result.score, "text": result.text}
 
 
 async def start(request: Request, body: dict, rid: str, model: ServedModel, prompts: list[list[int]], params,
@@ -137,7 +147,7 @@ async def start(request: Request, body: dict, rid: str, model: ServedModel, prom
 
 async def _respond(request: Request, body: dict, model: ServedModel, prompts: list[list[int]], params,
                    chat: bool, echo: list[str] | None = None, calls: CallFormat | None = None,
-                   images: list | None = None) -> Response:
+                   images: list | None = None, sources: list | None = None) -> Response:
     stream_opt = adapters.get_field(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -152,7 +162,7 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
         async def store_when_done(outs):  # a streamed completion is stored once it has finished
             await stored_completions.store(request, body, chat_body(rid, model, outs, params.n, calls))
         return StreamingResponse(_sse(rid, model, merged, params.n, chat, include_usage, echo, calls,
-                                      store_when_done if keep else None), media_type="text/event-stream")
+                                      store_when_done if keep else None, sources), media_type="text/event-stream")
     try:
         await unless_client_leaves(request, merged.drain())
     finally:
@@ -162,6 +172,8 @@ async def _respond(request: Request, body: dict, model: ServedModel, prompts: li
         raise translators.for_model(model).failure(failed)
     if chat:
         completion = chat_body(rid, model, merged.last, params.n, calls)
+        if sources is not None:
+            completion["sources"] = [source_body(r) for r in sources]
         if keep:
             await stored_completions.store(request, body, completion)
         return JSONResponse(completion)
@@ -226,9 +238,14 @@ class Merged:
 
 
 async def _sse(rid: str, model: ServedModel, merged: Merged, n: int, chat: bool, include_usage: bool,
-               echo: list[str] | None = None, calls: CallFormat | None = None, on_done=None):
+               echo: list[str] | None = None, calls: CallFormat | None = None, on_done=None,
+               sources: list | None = None):
     kind = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
+    if sources is not None:  # a grounded chat's sources come first, in a chunk of their own
+        first = {"id": rid, "object": kind, "created": created, "model": model.name, "choices": [],
+                 "sources": [source_body(r) for r in sources]}
+        yield f"data: {json.dumps(first)}\n\n"
     sent: dict[int, int] = {}  # characters of each choice's text sent
     scored_tokens: dict[int, int] = {}  # tokens of each choice whose logprobs were sent
     tool_streams: dict[int, ToolCallStream] = {}

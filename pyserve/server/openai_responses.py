@@ -131,8 +131,10 @@ def _chat_tools(tools) -> list[dict] | None:
         raise InvalidParameter("tools", "must be a list")
     out = []
     for i, tool in enumerate(tools):
+        if isinstance(tool, dict) and tool.get("type") == "file_search":
+            continue  # becomes the chat's retrieval (chat_body)
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise InvalidParameter("tools", f"tools[{i}]: only function tools are served here")
+            raise InvalidParameter("tools", f"tools[{i}]: only function and file_search tools are served here")
         out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
                                                                          "strict") if k in tool}})
     return out
@@ -178,6 +180,12 @@ def chat_body(body: dict, messages: list[dict]) -> dict:
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
+    searches = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "file_search"]
+    if len(searches) > 1:
+        raise InvalidParameter("tools", "one file_search tool at most")
+    if searches:  # the file_search tool: retrieval from its vector stores before answering
+        chat["retrieval"] = {k: searches[0][k] for k in ("vector_store_ids", "max_num_results", "filters",
+                                                         "ranking_options") if k in searches[0]}
     return chat
 
 
@@ -186,6 +194,13 @@ def chat_body(body: dict, messages: list[dict]) -> dict:
 def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
     return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+
+def file_search_item(query: str, sources: list) -> dict:
+    """The file_search tool's call, with what it found (as `include=["file_search_call.results"]` asks)."""
+    return {"type": "file_search_call", "id": _id("fs"), "status": "completed", "queries": [query],
+            "results": [{"file_id": r.file_id, "filename": r.filename, "score": r.score, "text": r.text,
+                         "attributes": r.attributes} for r in sources]}
 
 
 def call_item(call, item_id: str | None = None) -> dict:
@@ -264,7 +279,7 @@ async def create_response(request: Request) -> Response:
     try:
         job = await prepare_chat(request, chat)
     except InvalidParameter as exc:  # named as the Responses API names the field
-        name = FIELD_NAMES.get(exc.field, exc.field)
+        name = "tools" if (exc.field or "").startswith("retrieval.") else FIELD_NAMES.get(exc.field, exc.field)
         raise InvalidParameter(name, exc.message.split(": ", 1)[-1]) from None
     turn = Turn(body, job.model.name, items, tenant_of(request))
     merged = await start(request, chat, turn.id, job.model, [job.prompt], job.params, job.images)
@@ -277,8 +292,19 @@ async def create_response(request: Request) -> Response:
     out = merged.last[0]
     if out.error:
         raise translators.for_model(job.model).failure(out)
-    return JSONResponse(await turn.finish(request, out, output_items(out.outputs[0].text, job.calls,
-                                                                     status_of(out))))
+    output = output_items(out.outputs[0].text, job.calls, status_of(out))
+    if job.sources is not None:
+        output = [file_search_item(_last_user_text(items), job.sources)] + output
+    return JSONResponse(await turn.finish(request, out, output))
+
+
+def _last_user_text(items: list[dict]) -> str:
+    for item in reversed(items):
+        if item.get("role") == "user":
+            content = item.get("content")
+            return content if isinstance(content, str) else " ".join(
+                p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
 
 
 async def retrieve_response(request: Request) -> Response:

@@ -26,6 +26,8 @@ EMBED_BATCH = 256  # chunks in one engine request
 CANDIDATES = 100  # each ranking's depth before fusion
 RERANK_DEPTH = 20  # fused results a reranker reorders
 RANKERS = ("auto", "default-2024-11-15", "hybrid", "dense", "keyword")
+MAX_RESULTS = 50
+GROUNDING_RESULTS = 5  # sources a grounded chat puts in its prompt unless asked for another number
 
 
 @dataclass
@@ -197,3 +199,52 @@ class Retrieval:
         for result, score in zip(results, translator.scores_of(request, out)):
             result.score = score
         return sorted(results, key=lambda r: -r.score)
+
+    # -- grounded chat
+
+    async def ground(self, tenant: str | None, spec, messages: list[dict]) -> tuple[list[dict], list[SearchResult]]:
+        """A chat's messages with the sources found for its last user turn put before that turn's
+        text, and the sources: `spec` is the chat's `retrieval` ({"vector_store_ids": [...],
+        "max_num_results": k, and search's "filters" and "ranking_options"})."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("vector_store_ids"), list) \
+                or not spec["vector_store_ids"] or not all(isinstance(i, str) for i in spec["vector_store_ids"]):
+            raise InvalidParameter("retrieval.vector_store_ids", "must be a non-empty list of vector store ids")
+        options = search_options({"max_num_results": GROUNDING_RESULTS, **spec}, "retrieval.")
+        last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None)
+        if last is None or not isinstance(messages[last].get("content"), str) or not messages[last]["content"].strip():
+            raise InvalidParameter("messages", "a grounded chat needs a user turn with text to search for")
+        question = messages[last]["content"]
+        found = []
+        for store_id in dict.fromkeys(spec["vector_store_ids"]):
+            try:
+                store = await asyncio.to_thread(self.data.vector_stores.get, store_id, tenant)
+            except ClientError:
+                raise InvalidParameter("retrieval.vector_store_ids", f"no vector store has id {store_id!r}") from None
+            found += await self.search(store, question, **options)
+        sources = sorted(found, key=lambda r: -r.score)[:options["max_results"]]
+        if not sources:
+            return messages, []
+        context = "\n\n".join(f"[{n}] {r.filename}: {r.text}" for n, r in enumerate(sources, start=1))
+        grounded = dict(messages[last], content=f"Sources:\n{context}\n\nAnswer from the sources above.\n\n{question}")
+        return messages[:last] + [grounded] + messages[last + 1:], sources
+
+
+def search_options(body: dict, prefix: str = "") -> dict:
+    """`Retrieval.search`'s keyword arguments from a request's fields (OpenAI names), checked;
+    `prefix` is where the fields sit in the request, for the errors."""
+    max_results = body.get("max_num_results", 10)
+    if not isinstance(max_results, int) or isinstance(max_results, bool) or not 1 <= max_results <= MAX_RESULTS:
+        raise InvalidParameter(f"{prefix}max_num_results", f"must be an integer from 1 to {MAX_RESULTS}")
+    filters = body.get("filters")
+    if filters is not None:
+        ranking.check_filter(filters)
+    options = body.get("ranking_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidParameter(f"{prefix}ranking_options", "must be an object")
+    ranker = options.get("ranker", "auto")
+    if ranker not in RANKERS:
+        raise InvalidParameter(f"{prefix}ranking_options.ranker", f"must be one of {', '.join(RANKERS)}")
+    threshold = options.get("score_threshold", 0.0)
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise InvalidParameter(f"{prefix}ranking_options.score_threshold", "must be a number from 0 to 1")
+    return {"max_results": max_results, "filters": filters, "ranker": ranker, "score_threshold": float(threshold)}

@@ -20,15 +20,13 @@ from starlette.routing import Route
 
 from ..errors import ClientError, InvalidParameter, NotFound
 from ..store import VectorStore, VectorStoreFile
-from ..store import ranking
 from . import adapters
 from .records import by_path, int_param, page, tenant_of
 from .responses import json_body
-from .retrieval import RANKERS
+from .retrieval import search_options
 
 ATTACHABLE = ("assistants", "user_data")
 MAX_ATTRIBUTES = 16
-MAX_RESULTS = 50
 
 
 def _body(request: Request, store: VectorStore) -> dict:
@@ -174,26 +172,6 @@ async def delete_file(request: Request) -> Response:
     await asyncio.to_thread(request.app.state.data.vector_stores.file, store.id, file_id)  # 404 when not attached
     await asyncio.to_thread(request.app.state.data.vector_stores.delete_file, store.id, file_id)
     return JSONResponse({"id": file_id, "object": "vector_store.file.deleted", "deleted": True})
-
-
-def search_options(body: dict) -> dict:
-    """search's keyword arguments from a request's fields (OpenAI names), checked."""
-    max_results = body.get("max_num_results", 10)
-    if not isinstance(max_results, int) or isinstance(max_results, bool) or not 1 <= max_results <= MAX_RESULTS:
-        raise InvalidParameter("max_num_results", f"must be an integer from 1 to {MAX_RESULTS}")
-    filters = body.get("filters")
-    if filters is not None:
-        ranking.check_filter(filters)
-    options = body.get("ranking_options") or {}
-    if not isinstance(options, dict):
-        raise InvalidParameter("ranking_options", "must be an object")
-    ranker = options.get("ranker", "auto")
-    if ranker not in RANKERS:
-        raise InvalidParameter("ranking_options.ranker", f"must be one of {', '.join(RANKERS)}")
-    threshold = options.get("score_threshold", 0.0)
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
-        raise InvalidParameter("ranking_options.score_threshold", "must be a number from 0 to 1")
-    return {"max_results": max_results, "filters": filters, "ranker": ranker, "score_threshold": float(threshold)}
 
 
 async def search(request: Request) -> Response:
