@@ -65,18 +65,25 @@ class Tokenizer:
                      truncate_to: int | None = None) -> tuple[list[int], list[int]]:
         """An encoder's input: token ids of a text (or of a pair: a cross-encoder's query and
         document) with the tokenizer's special tokens, and each token's type (0: first text, 1:
-        the pair's second). `truncate_to` cuts the text (a pair's second text first) so the whole
-        fits in that many tokens, special tokens kept, as transformers' truncation does."""
+        the pair's second). `truncate_to` cuts the text (of a pair, the longer text a token at a
+        time) so the whole fits in that many tokens, special tokens kept, as transformers'
+        default truncation does."""
         first = self.backend.encode(text, add_special_tokens=False)
         second = None if pair is None else self.backend.encode(pair, add_special_tokens=False)
         if truncate_to is not None:
-            room = truncate_to - self.backend.num_special_tokens_to_add(pair is not None)
-            if second is not None:
-                if len(second.ids) > max(0, room - len(first.ids)):
-                    second.truncate(max(1, room - len(first.ids)))
-                room -= len(second.ids)
-            if len(first.ids) > max(1, room):
-                first.truncate(max(1, room))
+            room = max(1 if second is None else 2, truncate_to - self.backend.num_special_tokens_to_add(pair is not None))
+            if second is None:
+                if len(first.ids) > room:
+                    first.truncate(room)
+            else:  # transformers' longest_first: a token off the longer text until both fit
+                keep_first, keep_second = len(first.ids), len(second.ids)
+                while keep_first + keep_second > room:
+                    if keep_first >= keep_second:
+                        keep_first -= 1
+                    else:
+                        keep_second -= 1
+                first.truncate(keep_first)
+                second.truncate(keep_second)
         encoding = self.backend.post_process(first, second)
         return encoding.ids, encoding.type_ids
 

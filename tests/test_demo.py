@@ -5,6 +5,9 @@ import base64
 import io
 import json
 import random
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,16 @@ from conftest import cli_server
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 DIRS = demo_model_dirs()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _example(path: str):
+    """A script of examples/ as a module (they are not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / "examples" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +62,67 @@ def test_text_model_perplexity_beats_a_unigram_model_3x():
     model_ppl = model_perplexity(model, held, context=256)
     print(f"held-out perplexity {model_ppl:.1f}, unigram {unigram:.1f}: {unigram / model_ppl:.1f}x better")
     assert unigram / model_ppl >= 3
+
+
+def test_the_demo_embedder_finds_held_out_documents_and_equals_sentence_transformers():
+    """Held-out documents (never trained on): a question about each, or its first sentence, finds
+    it among all of them by the committed embedder, served by pyserve as sentence-transformers
+    computes it."""
+    from sentence_transformers import SentenceTransformer
+
+    from pyserve.demo.train_embedder import pairs
+    from pyserve.engine.embedding import EncodeRequest
+    held = pairs({k: v for k, v in python_docs().items() if is_held_out(k)}, random.Random(1))
+    engine = load_engine(DIRS["pydoc-embed"], device="cpu")
+    tokenizer = engine.model.tokenizer
+    limit = engine.model.spec.max_model_len
+
+    def vectors(texts):
+        engine.add("r", EncodeRequest([tokenizer.encode_input(t, truncate_to=limit)[0] for t in texts]))
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        return outs[-1].vectors
+    queries, documents = vectors([q for q, _ in held]), vectors([d for _, d in held])
+    recall = float(((queries @ documents.T).argmax(1) == np.arange(len(held))).mean())
+    print(f"held-out recall@1 {recall:.3f} among {len(held)} documents (chance {1 / len(held):.4f})")
+    assert recall >= 20 / len(held)  # at least 20x chance
+    reference = SentenceTransformer(str(DIRS["pydoc-embed"]), device="cpu", model_kwargs={"dtype": torch.float32}
+                                    ).encode([q for q, _ in held[:8]])
+    np.testing.assert_allclose(queries[:8], reference, atol=1e-5)
+
+
+def test_the_demo_reranker_prefers_the_right_document():
+    """Held-out pairs: the committed cross-encoder scores a question's own document above the
+    document sharing most words with the question, more often than not; pyserve's scores equal
+    transformers' logits."""
+    import transformers
+
+    from pyserve.demo.train_embedder import encode, overlap_negative, pairs
+    from pyserve.engine.embedding import EncodeRequest
+    held = pairs({k: v for k, v in python_docs().items() if is_held_out(k)}, random.Random(1))
+    rng = random.Random(0)
+    documents = [d for _, d in held]
+    words = [set(re.findall(r"\w+", d.lower())) for d in documents]
+    engine = load_engine(DIRS["pydoc-rerank"], device="cpu")
+    tokenizer, limit = engine.model.tokenizer, engine.model.spec.max_model_len
+    rows = [(q, documents[i]) for i, (q, _) in enumerate(held)]
+    rows += [(q, documents[overlap_negative(q, documents, words, i, rng)]) for i, (q, _) in enumerate(held)]
+    encoded = [tokenizer.encode_input(q, d, truncate_to=limit) for q, d in rows]
+    engine.add("r", EncodeRequest([ids for ids, _ in encoded], [types for _, types in encoded]))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    scores = outs[-1].vectors[:, 0]
+    accuracy = float((scores[:len(held)] > scores[len(held):]).mean())
+    print(f"held-out: the right document scores higher in {accuracy:.1%} of {len(held)} pairs")
+    assert accuracy >= 0.65  # a coin: 0.5
+    model = transformers.BertForSequenceClassification.from_pretrained(DIRS["pydoc-rerank"],
+                                                                       dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(DIRS["pydoc-rerank"]))
+    with torch.no_grad():
+        want = model(**encode(hf_tokenizer, [q for q, _ in rows[:8]], [d for _, d in rows[:8]])).logits[:, 0]
+    np.testing.assert_allclose(scores[:8], want.numpy(), atol=1e-4)
 
 
 def test_text_to_image_draws_the_digit_the_prompt_names(classifier):
@@ -105,6 +179,20 @@ def test_pyserve_serve_with_no_arguments_serves_every_demo_model():
         chat = client.chat.completions.create(model="pydoc-chat", max_tokens=24, seed=1,
                                               messages=[{"role": "user", "content": "Tell me about json.dumps."}])
         assert chat.choices[0].message.content.strip()
+        docs = python_docs()  # a vector store of two documents, searched with the demo embedder and reranker
+        ids = [client.files.create(file=(f"{name}.txt", io.BytesIO(docs[name].encode())), purpose="assistants").id
+               for name in ("json.dumps", "shutil.copy")]
+        store = client.vector_stores.create(name="docs", file_ids=ids, extra_body={"reranker": "pydoc-rerank"})
+        while client.vector_stores.retrieve(store.id).file_counts.in_progress:
+            time.sleep(0.1)
+        found = client.vector_stores.search(store.id, query="Serialize an object to a JSON formatted string")
+        assert found.data[0].filename == "json.dumps.txt"
+        # the README's retrieval example, as written: the project's docs/ folder, a grounded question
+        example = _example("retrieval/ask_docs.py")
+        asked = example.main([str(ROOT / "docs"), "How are the KV cache blocks paged and freed?",
+                              "--base-url", url + "/v1"])
+        assert asked["answer"].strip() and asked["sources"]
+        assert {s["filename"] for s in asked["sources"]} <= {p.name for p in (ROOT / "docs").rglob("*.md")}
         for model, prompt in (("digits-sd", "the digit three"), ("digits-gan", "three"), ("digits-vae", "")):
             image = client.images.generate(model=model, prompt=prompt, n=1, extra_body={"seed": 3}).data[0]
             assert Image.open(io.BytesIO(base64.b64decode(image.b64_json))).size == (32, 32)
@@ -130,6 +218,8 @@ def test_pyserve_serve_with_no_arguments_serves_every_demo_model():
             latents = tensor_from_wire(c.infer("digits-vae", {"images": np.repeat(digit, 3, axis=-1)})
                                        ["outputs"]["latents"])
             assert latents.shape == (1, 4, 8, 8)
+            embedded = c.infer("pydoc-embed", {"text": np.array([b"json.dumps"], dtype=object)})
+            assert tensor_from_wire(embedded["outputs"]["embedding"]).shape == (1, 192)
             forecast = c.infer("seasonal-forecaster", {"history": seasonal_series(1, 48, seed=7),
                                                        "seed": np.array([1])})
             assert tensor_from_wire(forecast["outputs"]["quantiles"]).shape == (1, 3, 12)

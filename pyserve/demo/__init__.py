@@ -7,6 +7,7 @@ formats); the `train_*` modules beside this one made them:
     python -m pyserve.demo.train_digits        # digits-sd (and its vae/, digits-vae)
     python -m pyserve.demo.train_gan           # digits-gan
     python -m pyserve.demo.train_forecaster    # seasonal-forecaster
+    python -m pyserve.demo.train_embedder      # pydoc-embed (--reranker: pydoc-rerank)
 
 Training needs the `demo` extra (transformers, diffusers, scikit-learn); serving the image models
 needs the `diffusion` extra.
@@ -23,6 +24,8 @@ DEMO_MODELS = {
     "digits-vae": "digits-sd/vae",
     "digits-gan": "digits-gan",
     "seasonal-forecaster": "seasonal-forecaster",
+    "pydoc-embed": "pydoc-embed",
+    "pydoc-rerank": "pydoc-rerank",
 }
 
 
