@@ -124,9 +124,11 @@ def _serve(args) -> int:
 
     def load(name: str) -> EngineDriver:
         text = registry.for_model(known[name]).task == TEXT_GENERATION  # KeyError: unknown
+        embed = text and args.task == "embed"
         engine = load_engine(known[name], registry=registry, device=args.device, dtype=dtype,
-                             quantization=args.quantization if text else None,
-                             tensor_parallel_size=args.tensor_parallel_size if text else 1,
+                             task="embed" if embed else None,
+                             quantization=args.quantization if text and not embed else None,
+                             tensor_parallel_size=args.tensor_parallel_size if text and not embed else 1,
                              kv_cache_memory=int(args.kv_cache_memory_gib * 2**30), max_num_seqs=args.max_num_seqs,
                              max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
                              kv_cache_dtype=args.kv_cache_dtype, **batching)
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="store every chat completion that does not ask `store: false` (default: those asking "
                         "`store: true`)")
     s.add_argument("--store-days", type=float, default=None, help="delete stored completions older than this")
+    s.add_argument("--task", default="generate", choices=["generate", "embed"],
+                   help="what text-generation models serve: generate (default) or embed (/v1/embeddings, "
+                        "the last token's hidden state, normalised)")
     s.add_argument("--finetune-jobs", type=int, default=1,
                    help="fine-tuning jobs that train at once, each in a worker process (default: 1)")
     s.add_argument("--finetune-threads", type=int, default=None,

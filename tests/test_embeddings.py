@@ -4,7 +4,6 @@ by a token budget and shares steps between requests; the routes speak what the `
 (base64 by default), LangChain and Cohere/Jina/vLLM-style clients send; KServe V2 and msgpack
 infer go through the same translator; bad input is a 400 naming the field."""
 
-import base64
 import json
 import urllib.error
 import urllib.request
@@ -247,3 +246,28 @@ def test_truncate_prompt_tokens_cuts_as_sentence_transformers_does(served, clien
     got = client.embeddings.create(model="embedder", input=text, extra_body={"truncate_prompt_tokens": 12})
     np.testing.assert_allclose(got.data[0].embedding, reference.encode(text), atol=1e-5)
     assert got.usage.prompt_tokens == 12
+
+
+def test_a_decoder_started_with_task_embed_serves_last_token_embeddings(tmp_path):
+    """--task embed: a Llama's last token's final hidden state, normalised, as transformers' model
+    computes it; over /v1/embeddings like any embedding model."""
+    from transformers import AutoModel
+
+    from pyserve.server import start_in_thread
+    from tiny_models import make_model
+    model_dir = make_model(tmp_path / "llm", "llama")
+    engine = load_engine(model_dir, device="cpu", task="embed")
+    texts = ["Hello world", "Once upon a time there was a tiny model.", "café"]
+    ids = [engine.model.tokenizer.encode_input(t)[0] for t in texts]
+    got = engine_vectors(engine, ids)
+    reference = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = torch.stack([reference(torch.tensor([i])).last_hidden_state[0, -1] for i in ids])
+    np.testing.assert_allclose(got, torch.nn.functional.normalize(want, dim=-1).numpy(), atol=1e-5)
+    server = start_in_thread({"decoder": EngineDriver(engine)})
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        served = client.embeddings.create(model="decoder", input=texts)
+        np.testing.assert_allclose([d.embedding for d in served.data], got, atol=1e-6)
+    finally:
+        server.stop()

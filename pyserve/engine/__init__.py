@@ -60,13 +60,21 @@ def build_engine(task: str, model: Any, **options) -> Engine:
 
 def load_engine(model_dir: str | Path, *, registry: PluginRegistry | None = None,
                 plugin_dirs: list[str] | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                quantization: str | None = None, tensor_parallel_size: int = 1, **options) -> Engine:
+                quantization: str | None = None, tensor_parallel_size: int = 1, task: str | None = None,
+                **options) -> Engine:
     """Find the plugin for model_dir, load the model (packing its weights when `quantization` is
     bf16, int8 or int4; None keeps the checkpoint's own: packed for a Q8_0/Q4_0 GGUF file), and
     build the engine for its task. `tensor_parallel_size` > 1 splits a text model over that many
-    ranks (pyserve.parallel)."""
+    ranks (pyserve.parallel). `task="embed"` serves a text-generation model as an embedder
+    (last-token pooling, `embedding.DecoderEmbedder`)."""
     registry = registry or PluginRegistry.discover(plugin_dirs)
     plugin = registry.for_model(model_dir)
+    if task == "embed" and plugin.task == TEXT_GENERATION:
+        from .embedding.decoder import DecoderEmbedder
+        model = plugin.load(Path(model_dir), device=device or default_device(), dtype=dtype)
+        return build_engine(EMBEDDING, DecoderEmbedder(model), **options)
+    if task not in (None, "auto", "generate", "embed") or (task == "embed" and plugin.task != EMBEDDING):
+        raise ValueError(f"{Path(model_dir).name}: task {task!r} does not fit a {plugin.task} model")
     if tensor_parallel_size > 1:
         if plugin.task != TEXT_GENERATION:
             raise ValueError(f"{Path(model_dir).name}: tensor parallelism serves text-generation models only")
