@@ -7,6 +7,7 @@ finished models again, queues the queued jobs again, and fails those that were r
 """
 
 import asyncio
+import importlib.util
 import logging
 import re
 import time
@@ -87,6 +88,9 @@ class FineTuningJobs:
         fault is a ClientError naming the field, and leaves no job behind."""
         if self.runner is None:
             raise ClientError("this server does not run fine-tuning jobs", "model")
+        if importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None:
+            raise ClientError('fine-tuning needs the finetune extra on the server: pip install "pyserve[finetune]"',
+                              status=501)
         if not isinstance(body, dict):
             raise InvalidParameter("body", "must be a JSON object")
         model = self._base_model(body.get("model"))
