@@ -250,6 +250,19 @@ def test_the_config_reads_openais_shape_and_the_extensions():
             "target_modules": ["embed_tokens"]}}})
 
 
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_a_restart_serves_finished_models_again_and_fails_the_running_job(tiny_llama_dir, tmp_path):
     with cli_server(tiny_llama_dir, "--data-dir", str(tmp_path), "--finetune-threads", "1") as (proc, url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -262,8 +275,16 @@ def test_a_restart_serves_finished_models_again_and_fails_the_running_job(tiny_l
         running = client.fine_tuning.jobs.create(model="tiny", training_file=training, method={
             "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1000, "batch_size": 1}}})
         wait_for(client, running.id, statuses=("running",))
+        workers = children(proc.pid)
+        assert workers, "the job trains in a worker process"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 30  # the orphaned worker notices and stops within a step
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        alive = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:120]) for pid in workers
+                 if Path(f"/proc/{pid}").exists()]
+        assert not alive, f"the worker outlived its server: {alive}"
     with cli_server(tiny_llama_dir, "--data-dir", str(tmp_path)) as (_, url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         served = {m.id: m.model_extra.get("parent") for m in client.models.list()}

@@ -101,10 +101,18 @@ def _work(spec: TrainingSpec, events, stop, threads: int | None, niceness: int) 
         os.nice(niceness)  # serving comes first on a shared machine
     if threads:
         torch.set_num_threads(threads)
+    parent = os.getppid()
+
+    def orphaned() -> bool:  # the server died (SIGKILL): nobody reads the events any more
+        return os.getppid() != parent
+
     try:
-        result = train(spec, report=events.put, cancelled=stop.is_set)
+        result = train(spec, report=events.put, cancelled=lambda: orphaned() or stop.is_set())
         events.put(TrainingEvent("succeeded", data=asdict(result)))
     except Cancelled:
         events.put(TrainingEvent("cancelled"))
     except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the server goes on
         events.put(TrainingEvent("failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        if orphaned():  # exit now: flushing the queue into a pipe nobody reads would wait forever
+            events.cancel_join_thread()
