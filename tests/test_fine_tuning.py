@@ -250,6 +250,13 @@ def test_the_config_reads_openais_shape_and_the_extensions():
             "target_modules": ["embed_tokens"]}}})
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it has ended
+        return b""
+
+
 def children(pid: int) -> list[int]:
     """Processes whose parent is `pid` (Linux's /proc)."""
     found = []
@@ -275,15 +282,18 @@ def test_a_restart_serves_finished_models_again_and_fails_the_running_job(tiny_l
         running = client.fine_tuning.jobs.create(model="tiny", training_file=training, method={
             "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1000, "batch_size": 1}}})
         wait_for(client, running.id, statuses=("running",))
-        workers = children(proc.pid)
-        assert workers, "the job trains in a worker process"
+        deadline = time.monotonic() + 30
+        while not (workers := [pid for pid in children(proc.pid)  # trainers, not the resource tracker
+                               if b"spawn_main" in cmdline(pid)]):
+            assert time.monotonic() < deadline, "the job never started its worker process"
+            time.sleep(0.1)
+        time.sleep(3.0)  # into its training steps
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30  # the orphaned worker notices and stops within a step
         while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        alive = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:120]) for pid in workers
-                 if Path(f"/proc/{pid}").exists()]
+        alive = [(pid, cmdline(pid)[:120]) for pid in workers if Path(f"/proc/{pid}").exists()]
         assert not alive, f"the worker outlived its server: {alive}"
     with cli_server(tiny_llama_dir, "--data-dir", str(tmp_path)) as (_, url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

@@ -115,4 +115,4 @@ def _work(spec: TrainingSpec, events, stop, threads: int | None, niceness: int) 
         events.put(TrainingEvent("failed", f"{type(exc).__name__}: {exc}"))
     finally:
         if orphaned():  # exit now: flushing the queue into a pipe nobody reads would wait forever
-            events.cancel_join_thread()
+            os._exit(0)

@@ -25,6 +25,7 @@ log = logging.getLogger("pyserve.msgpack")
 AUTH_TIMEOUT = 10.0  # seconds an unauthenticated connection may stay open
 AUTH_FRAME_BYTES = 64 * 2**10  # the largest frame taken before authentication
 MIN_BYTES_PER_SECOND = 2**20  # past the frame time, a frame's rest must come at least this fast
+RECEIVE_GRACE_SECONDS = 0.1  # at a drain, for frames already received to be read and answered
 
 
 class Connection:
@@ -280,6 +281,9 @@ class MsgpackServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        # Frames already received but not yet read (a loop that was busy when the signal came) are
+        # read now and answered: their requests start, or are refused with a 503 frame, not cut off.
+        await asyncio.sleep(RECEIVE_GRACE_SECONDS)
         open_tasks = [t for c in self.connections for t in c.tasks.values()]
         if open_tasks:
             log.info("draining %d msgpack request(s)", len(open_tasks))
