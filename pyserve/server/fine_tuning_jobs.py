@@ -23,7 +23,7 @@ from ..store import Checkpoint, DataDir, FineTuningJob
 from ..store.fine_tuning import ACTIVE, FINAL
 from ..tasks import TEXT_GENERATION
 from . import adapters
-from .models import ModelRegistry
+from .models import ModelRegistry, ServedModel
 
 log = logging.getLogger("pyserve.finetune")
 
@@ -93,13 +93,12 @@ class FineTuningJobs:
                               status=501)
         if not isinstance(body, dict):
             raise InvalidParameter("body", "must be a JSON object")
-        model = self._base_model(body.get("model"))
+        served = self._base_model(body.get("model"))
         config = TrainingConfig.from_request(body.get("method"), body.get("hyperparameters"), body.get("seed"))
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", suffix)):
             raise InvalidParameter("suffix", f"must be 1 to {MAX_SUFFIX} letters, digits, '.', '_' or '-'")
         metadata = adapters.metadata(body.get("metadata"))
-        served = self.models.get(model)
         paths = {}
         for name in ("training_file", "validation_file"):
             file_id = body.get(name)
@@ -111,7 +110,7 @@ class FineTuningJobs:
         if len(active) >= MAX_ACTIVE_PER_KEY:
             raise ClientError(f"this API key has {len(active)} fine-tuning jobs queued or running, the most it may "
                               f"have; wait for one to finish or cancel one", status=429)
-        job = FineTuningJob(model, body["training_file"], config.method_object(), "",
+        job = FineTuningJob(served.name, body["training_file"], config.method_object(), "",
                             validation_file=body.get("validation_file"), suffix=suffix, seed=config.seed,
                             metadata=metadata, tenant=tenant)
         job.output_dir = str(self.data.adapters / job.id)
@@ -127,7 +126,7 @@ class FineTuningJobs:
         store.save(job)
         store.add_event(job.id, "Fine-tuning job queued")
 
-    def _base_model(self, name) -> str:
+    def _base_model(self, name) -> ServedModel:
         if not isinstance(name, str) or not name:
             raise InvalidParameter("model", "must be the name of a served text model")
         try:
@@ -144,7 +143,7 @@ class FineTuningJobs:
         if base_dir is None or not (Path(base_dir) / "config.json").is_file():
             raise InvalidParameter("model", f"{name!r} cannot be fine-tuned: it was not loaded from a Hugging Face "
                                             f"model directory this server knows")
-        return name
+        return model
 
     def _file_path(self, file_id, tenant: str | None, name: str) -> str:
         if not isinstance(file_id, str) or not file_id:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from ..errors import InvalidParameter
 from . import translators
 from .models import ServedModel
+from .translators.embedding import unit_rows
 from .responses import json_body, unless_client_leaves
 
 ENCODING_FORMATS = ("float", "base64")
@@ -41,8 +42,7 @@ async def embeddings(request: Request) -> Response:
     out = await _run(request, model, translator, engine_request)
     vectors = translator.vectors_of(out)
     if dimensions is not None:  # Matryoshka: the leading dimensions, unit length again
-        vectors = vectors[:, :dimensions]
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        vectors = unit_rows(vectors[:, :dimensions])
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64"
              else v.astype(np.float32).tolist()} for i, v in enumerate(vectors)]

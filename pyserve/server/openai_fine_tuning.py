@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .records import by_path, int_param, metadata_filter, page, tenant_of
+from .records import by_path, int_param, metadata_filter, page, page_after, tenant_of
 from .responses import json_body
 
 
@@ -52,12 +52,8 @@ async def events(request: Request) -> Response:
 
 async def checkpoints(request: Request) -> Response:
     job = await by_path(request, request.app.state.data.fine_tuning.get, "job_id")
-    found = [c.body() for c in await asyncio.to_thread(request.app.state.data.fine_tuning.checkpoints, job.id)]
-    after = request.query_params.get("after")
-    if after is not None:
-        found = found[next((i + 1 for i, c in enumerate(found) if c["id"] == after), len(found)):]
-    limit = int_param(request, "limit", 10)
-    return JSONResponse(page(found[:limit], len(found) > limit))
+    found = await asyncio.to_thread(request.app.state.data.fine_tuning.checkpoints, job.id)
+    return JSONResponse(page_after(request, [c.body() for c in found], default_limit=10))
 
 
 routes = [

@@ -38,6 +38,16 @@ def page(items: list[dict], has_more: bool = False) -> dict:
             "last_id": items[-1]["id"] if items else None, "has_more": has_more}
 
 
+def page_after(request: Request, items: list[dict], default_limit: int = 20) -> dict:
+    """A list page of record bodies already in order: those after the one whose id is the
+    `after` query parameter, at most `limit` of them."""
+    after = request.query_params.get("after")
+    if after is not None:
+        items = items[next((i + 1 for i, item in enumerate(items) if item["id"] == after), len(items)):]
+    limit = int_param(request, "limit", default_limit)
+    return page(items[:limit], len(items) > limit)
+
+
 async def by_path(request: Request, lookup: Callable[[str, str | None], Any], param: str) -> Any:
     """lookup(the path parameter `param`, the caller's tenant), in a worker thread."""
     return await asyncio.to_thread(lookup, request.path_params[param], tenant_of(request))

@@ -17,6 +17,7 @@ from ..store import documents, ranking
 from ..tasks import EMBED, SCORE
 from . import translators
 from .models import ModelRegistry, ServedModel
+from .translators.embedding import unit_rows
 
 log = logging.getLogger("pyserve.retrieval")
 
@@ -157,7 +158,7 @@ class Retrieval:
                 raise translator.failure(out)
             parts.append(translator.vectors_of(out))
         vectors = np.concatenate(parts) if parts else np.zeros((0, model.driver.info.encoder.dimensions), np.float32)
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return unit_rows(vectors)
 
     # -- search
 

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from ..errors import ClientError, InvalidParameter, NotFound
 from ..store import VectorStore, VectorStoreFile
 from . import adapters
-from .records import by_path, int_param, page, tenant_of
+from .records import by_path, int_param, page, page_after, tenant_of
 from .responses import json_body
 from .retrieval import search_options
 
@@ -141,10 +141,7 @@ async def list_files(request: Request) -> Response:
     store = await _store(request)
     status = request.query_params.get("filter")
     records = await asyncio.to_thread(request.app.state.data.vector_stores.files, store.id, status)
-    after, limit = request.query_params.get("after"), int_param(request, "limit", 20)
-    if after is not None:
-        records = records[next((i + 1 for i, r in enumerate(records) if r.file_id == after), len(records)):]
-    return JSONResponse(page([r.body() for r in records[:limit]], len(records) > limit))
+    return JSONResponse(page_after(request, [r.body() for r in records]))
 
 
 async def retrieve_file(request: Request) -> Response:

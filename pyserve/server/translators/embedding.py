@@ -85,7 +85,7 @@ class EmbeddingTranslator(Translator):
         """Cosines of the pairs' vectors, or a cross-encoder's sigmoid of its first logit (as
         sentence-transformers' CrossEncoder gives a one-label model's score)."""
         if isinstance(request, PairedRequest):
-            unit = out.vectors / np.maximum(np.linalg.norm(out.vectors, axis=1, keepdims=True), 1e-12)
+            unit = unit_rows(out.vectors)
             return [float(unit[a] @ unit[b]) for a, b in request.pairs]
         return [float(s) for s in 1.0 / (1.0 + np.exp(-out.vectors[:, 0].astype(np.float64)))]
 
@@ -125,6 +125,11 @@ class EmbeddingTranslator(Translator):
 
     def infer_extras(self, out) -> dict:
         return {"usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}}
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _texts(tensors: Tensors, name: str) -> list[str]:
